@@ -1,0 +1,346 @@
+"""Loss configuration: every choice of the GRPO family in one frozen dataclass, plus named presets.
+
+A preset is a function returning a :class:`LossConfig`, registered under a name with
+:func:`register_preset`. ``LossConfig.preset(name, **overrides)`` looks it up and applies
+overrides by field name. Peer-exact presets (``trl.*``, ``verl.*``, ``oat.*``) live in
+:mod:`drgrpo.peers` and register themselves the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Surrogate = Literal["ppo", "cispo", "sapo"]
+RatioLevel = Literal["token", "sequence"]
+KLKind = Literal["k1", "k2", "k3", "low_var_kl", "abs"]
+Aggregation = Literal[
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+    "token-sum",
+    "token-sum-norm",
+]
+AdvantageStd = Literal["group", "batch", "none"]
+SingletonAdvantage = Literal["zero", "reward"]
+NanRewards = Literal["error", "ignore"]
+
+SURROGATES: tuple[str, ...] = ("ppo", "cispo", "sapo")
+RATIO_LEVELS: tuple[str, ...] = ("token", "sequence")
+KL_KINDS: tuple[str, ...] = ("k1", "k2", "k3", "low_var_kl", "abs")
+AGGREGATIONS: tuple[str, ...] = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+    "token-sum",
+    "token-sum-norm",
+)
+ADVANTAGE_STDS: tuple[str, ...] = ("group", "batch", "none")
+NAN_REWARDS: tuple[str, ...] = ("error", "ignore")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Every choice that distinguishes GRPO, Dr. GRPO, DAPO, BNPO, GSPO, CISPO and SAPO.
+
+    The defaults are the Dr. GRPO paper's objective except for ``max_completion_length``,
+    which has no universal value (use ``LossConfig.preset("dr_grpo", max_completion_length=L)``).
+    """
+
+    surrogate: Surrogate = "ppo"
+    """Per-token surrogate: ``"ppo"`` clipped ratio, ``"cispo"`` clipped stop-grad weight on log-prob, ``"sapo"`` soft gate."""
+    ratio_level: RatioLevel = "token"
+    """``"token"``: r = exp(logp - old_logp) per token; ``"sequence"`` (GSPO): s_i = exp(mean_t(logp - old_logp)) per completion."""
+    clip_low: float | None = 0.2
+    """Lower clip range eps_low: the ratio is clipped below at 1 - eps_low (``None``: no lower clip, CISPO only)."""
+    clip_high: float = 0.2
+    """Upper clip range eps_high: the ratio is clipped above at 1 + eps_high (DAPO's clip-higher: 0.28)."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 (verl ``clip_ratio_c``): for A < 0 the per-token loss is capped at -c*A."""
+    delta: float | None = None
+    """Two-sided clip (TRL ``delta``): the unclipped ratio is clamped above at delta (> 1 + clip_high)."""
+    cispo_cap: float | None = None
+    """CISPO upper cap on the stop-grad ratio weight; ``None`` means 1 + clip_high."""
+    sapo_tau_pos: float = 1.0
+    """SAPO gate temperature for A > 0."""
+    sapo_tau_neg: float = 1.05
+    """SAPO gate temperature for A <= 0."""
+    kl: KLKind = "k3"
+    """KL estimator per token: k1 = logp - ref, k2 = (logp - ref)^2 / 2, k3 = exp(ref - logp) - (ref - logp) - 1, ``low_var_kl`` = clamped k3 (verl), ``abs`` = |logp - ref|."""
+    beta: float = 0.0
+    """KL coefficient: the per-token loss gets + beta * kl (0 disables the penalty and needs no reference)."""
+    kl_importance_weight: bool = False
+    """Multiply the per-token KL by the (unclipped, differentiable) importance ratio before adding it (TRL's ``use_bias_correction_kl``, on by default there; DeepSeek-V3.2)."""
+    aggregation: Aggregation = "seq-mean-token-sum-norm"
+    """How per-token losses become one number; see :func:`drgrpo.aggregation.token_weights`."""
+    max_completion_length: int | None = None
+    """The constant L of ``seq-mean-token-sum-norm`` (Dr. GRPO: the generation budget); for ``token-sum-norm``, ``None`` means the padded width T of each call (verl's default)."""
+    forced_aggregation: Aggregation | None = None
+    """If set, used instead of ``aggregation`` (verl's ``gspo`` and ``sapo`` loss modes always aggregate with ``seq-mean-token-mean``, whatever ``loss_agg_mode`` says)."""
+    advantage_std: AdvantageStd = "none"
+    """Advantage scaling: divide r - mean_group(r) by the ``"group"`` std, the ``"batch"`` std, or ``"none"`` (Dr. GRPO)."""
+    std_unbiased: bool = True
+    """Use the unbiased std (ddof=1) rather than the population std (ddof=0)."""
+    std_eps: float = 0.0
+    """Added to the std before dividing (TRL 1e-4, verl 1e-6, oat 1e-8)."""
+    std_zero_threshold: float | None = None
+    """If set, a group (or batch) whose std is below this gets advantage 0 everywhere (the specification's 1e-8 rule)."""
+    singleton_advantage: SingletonAdvantage = "zero"
+    """Advantage of a group of one completion: ``"zero"`` (r - mean = 0), or ``"reward"`` (verl: mean 0 and std 1, so A = r / (1 + std_eps), or r without the std)."""
+    nan_rewards: NanRewards = "error"
+    """``"error"``: a NaN reward raises; ``"ignore"`` (TRL): NaN rewards are left out of the statistics and get advantage 0."""
+    per_call_normalization: bool = False
+    """True for peer presets whose denominators are defined per call (per micro-batch); they refuse a step normalizer."""
+    name: str | None = None
+    """The preset this config came from (informational)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("surrogate", self.surrogate, SURROGATES)
+        _check_choice("ratio_level", self.ratio_level, RATIO_LEVELS)
+        _check_choice("kl", self.kl, KL_KINDS)
+        _check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        _check_choice("advantage_std", self.advantage_std, ADVANTAGE_STDS)
+        _check_choice("nan_rewards", self.nan_rewards, NAN_REWARDS)
+        if self.forced_aggregation is not None:
+            _check_choice("forced_aggregation", self.forced_aggregation, AGGREGATIONS)
+        _check_choice("singleton_advantage", self.singleton_advantage, ("zero", "reward"))
+        if self.clip_low is not None:
+            _check_nonnegative("clip_low", self.clip_low)
+        elif self.surrogate != "cispo":
+            raise ValueError(
+                f"clip_low=None (no lower clip) is only meaningful for surrogate='cispo', got surrogate={self.surrogate!r}"
+            )
+        _check_finite("clip_high", self.clip_high)
+        if self.clip_high <= 0:
+            raise ValueError(f"clip_high must be positive, got {self.clip_high}")
+        if self.dual_clip is not None:
+            _check_finite("dual_clip", self.dual_clip)
+            if self.dual_clip <= 1:
+                raise ValueError(f"dual_clip must be > 1 (verl clip_ratio_c, typically 3), got {self.dual_clip}")
+        if self.delta is not None:
+            _check_finite("delta", self.delta)
+            if self.delta <= 1 + self.clip_high:
+                raise ValueError(
+                    f"delta must be > 1 + clip_high = {1 + self.clip_high}, got {self.delta}"
+                )
+        if self.cispo_cap is not None:
+            _check_finite("cispo_cap", self.cispo_cap)
+            if self.cispo_cap <= 0:
+                raise ValueError(f"cispo_cap must be positive, got {self.cispo_cap}")
+        for field in ("sapo_tau_pos", "sapo_tau_neg"):
+            value = getattr(self, field)
+            _check_finite(field, value)
+            if value <= 0:
+                raise ValueError(f"{field} must be positive, got {value}")
+        _check_nonnegative("beta", self.beta)
+        _check_nonnegative("std_eps", self.std_eps)
+        if self.std_zero_threshold is not None:
+            _check_nonnegative("std_zero_threshold", self.std_zero_threshold)
+        if self.max_completion_length is not None:
+            if isinstance(self.max_completion_length, bool) or not isinstance(self.max_completion_length, int):
+                raise TypeError(
+                    f"max_completion_length must be an int, got {type(self.max_completion_length).__name__}"
+                )
+            if self.max_completion_length < 1:
+                raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+
+    @property
+    def epsilon_low(self) -> float:
+        """Alias of ``clip_low`` under TRL's name (0 when there is no lower clip)."""
+        return 0.0 if self.clip_low is None else self.clip_low
+
+    def replace(self, **overrides: Any) -> LossConfig:
+        """A copy with the given fields replaced (unknown names raise a ValueError listing the fields)."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            valid = ", ".join(f.name for f in dataclasses.fields(self))
+            raise ValueError(f"unknown LossConfig field(s) {unknown}; valid fields: {valid}")
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> LossConfig:
+        """The named preset with ``overrides`` applied, e.g. ``LossConfig.preset("dr_grpo", max_completion_length=512)``.
+
+        Raises ValueError for an unknown name (listing the valid names) and for ``dr_grpo``
+        without ``max_completion_length``.
+        """
+        if name not in _PRESETS:
+            _load_peer_presets()
+        if name not in _PRESETS:
+            raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(preset_names())}")
+        config = _PRESETS[name]().replace(**overrides)
+        if config.aggregation == "seq-mean-token-sum-norm" and config.max_completion_length is None:
+            raise ValueError(
+                f"preset {name!r} uses aggregation 'seq-mean-token-sum-norm', which divides by a constant L: "
+                "pass max_completion_length=L (Dr. GRPO uses the generation budget, e.g. the max new tokens)"
+            )
+        return config
+
+
+# --------------------------------------------------------------------------- registry
+
+_PRESETS: dict[str, Callable[[], LossConfig]] = {}
+
+
+def register_preset(name: str) -> Callable[[Callable[[], LossConfig]], Callable[[], LossConfig]]:
+    """Decorator registering a zero-argument function that returns a :class:`LossConfig` under ``name``."""
+
+    def decorator(fn: Callable[[], LossConfig]) -> Callable[[], LossConfig]:
+        if name in _PRESETS:
+            raise ValueError(f"a preset named {name!r} is already registered")
+        _PRESETS[name] = fn
+        return fn
+
+    return decorator
+
+
+def preset_names() -> list[str]:
+    """All registered preset names, sorted (peer presets included)."""
+    _load_peer_presets()
+    return sorted(_PRESETS)
+
+
+def _load_peer_presets() -> None:
+    try:
+        import drgrpo.peers  # noqa: F401  (registers trl.*, verl.*, oat.* on import)
+    except ImportError:
+        pass
+
+
+# --------------------------------------------------------------------------- core presets
+
+
+@register_preset("dr_grpo")
+def _dr_grpo() -> LossConfig:
+    # Liu et al. 2025 (arXiv 2503.20783), Dr. GRPO:
+    #   Modification 1: remove the length bias -> divide by a constant L, not by |o_i|.
+    #   Modification 2: remove the difficulty bias -> no std division of the advantage.
+    # beta = 0, eps = 0.2 as in the paper's runs.
+    return LossConfig(
+        aggregation="seq-mean-token-sum-norm", advantage_std="none", beta=0.0, name="dr_grpo"
+    )
+
+
+@register_preset("grpo")
+def _grpo() -> LossConfig:
+    # Shao et al. 2024 (DeepSeekMath, arXiv 2402.03300): group std, per-response 1/|o_i|, k3 KL.
+    return LossConfig(
+        aggregation="seq-mean-token-mean",
+        advantage_std="group",
+        std_unbiased=True,
+        std_eps=1e-8,
+        kl="k3",
+        beta=0.04,
+        name="grpo",
+    )
+
+
+@register_preset("dapo")
+def _dapo() -> LossConfig:
+    # Yu et al. 2025 (arXiv 2503.14476): clip-higher 0.2/0.28, token-level mean, no KL.
+    return LossConfig(
+        aggregation="token-mean",
+        advantage_std="group",
+        std_eps=1e-8,
+        clip_low=0.2,
+        clip_high=0.28,
+        beta=0.0,
+        name="dapo",
+    )
+
+
+@register_preset("bnpo")
+def _bnpo() -> LossConfig:
+    # Batch-normalised policy optimisation: GRPO advantages, token-level mean over the batch.
+    return LossConfig(
+        aggregation="token-mean", advantage_std="group", std_eps=1e-8, beta=0.0, name="bnpo"
+    )
+
+
+@register_preset("gspo")
+def _gspo() -> LossConfig:
+    # Zheng et al. 2025 (arXiv 2507.18071): sequence-level ratio exp(mean_t log r_t), tiny clip range.
+    return LossConfig(
+        ratio_level="sequence",
+        clip_low=3e-4,
+        clip_high=4e-4,
+        aggregation="seq-mean-token-mean",
+        advantage_std="group",
+        std_eps=1e-8,
+        beta=0.0,
+        name="gspo",
+    )
+
+
+@register_preset("cispo")
+def _cispo() -> LossConfig:
+    # MiniMax-M1 (arXiv 2506.13585): REINFORCE with a clipped, stop-gradient IS weight; upper cap only.
+    return LossConfig(
+        surrogate="cispo",
+        clip_low=None,
+        clip_high=4.0,
+        aggregation="token-mean",
+        advantage_std="group",
+        std_eps=1e-8,
+        beta=0.0,
+        name="cispo",
+    )
+
+
+@register_preset("sapo")
+def _sapo() -> LossConfig:
+    # Soft adaptive policy optimisation (arXiv 2511.20347): sigmoid gate instead of a hard clip.
+    return LossConfig(
+        surrogate="sapo",
+        sapo_tau_pos=1.0,
+        sapo_tau_neg=1.05,
+        aggregation="token-mean",
+        advantage_std="group",
+        std_eps=1e-8,
+        beta=0.0,
+        name="sapo",
+    )
+
+
+@register_preset("seed")
+def _seed() -> LossConfig:
+    # The specification (shared/seed): population std, all-zero advantages when std < 1e-8,
+    # PPO clip 0.2, k1 KL with beta 0.04, mean over completions. With one token per completion,
+    # policy_loss under this preset equals drgrpo.dr_grpo_objective.
+    return LossConfig(
+        aggregation="seq-mean-token-mean",
+        advantage_std="group",
+        std_unbiased=False,
+        std_eps=0.0,
+        std_zero_threshold=1e-8,
+        kl="k1",
+        beta=0.04,
+        name="seed",
+    )
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_choice(field: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{field} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _check_finite(field: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{field} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{field} must be finite, got {value}")
+
+
+def _check_nonnegative(field: str, value: object) -> None:
+    _check_finite(field, value)
+    assert isinstance(value, (int, float))
+    if value < 0:
+        raise ValueError(f"{field} must be >= 0, got {value}")

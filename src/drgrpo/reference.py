@@ -1,0 +1,212 @@
+"""A float64 numpy oracle for every formula in the library, written for clarity, not speed.
+
+Plain loops over completions and tokens, scalar ``math`` where possible: no code is shared
+with the PyTorch implementation, which the tests check against these functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from drgrpo.config import LossConfig
+
+
+# --------------------------------------------------------------------------- advantages
+def group_advantages(
+    rewards: ArrayLike,
+    group_size: int,
+    *,
+    std: str = "none",
+    unbiased: bool = True,
+    eps: float = 0.0,
+    zero_threshold: float | None = None,
+    nan_rewards: str = "error",
+) -> np.ndarray:
+    """``A_i = (r_i - mean_group) / (std + eps)`` (or no division), one group at a time."""
+    r = np.asarray(rewards, dtype=np.float64)
+    n = len(r)
+    assert n % group_size == 0
+    if nan_rewards == "error":
+        assert not np.isnan(r).any()
+    ddof = 1 if unbiased else 0
+
+    def spread(values: list[float]) -> float:
+        if len(values) <= ddof:
+            return 0.0
+        mu = sum(values) / len(values)
+        return math.sqrt(sum((v - mu) ** 2 for v in values) / (len(values) - ddof))
+
+    batch_std = spread([v for v in r if not math.isnan(v)])
+    out = np.zeros(n)
+    for start in range(0, n, group_size):
+        group = [v for v in r[start : start + group_size] if not math.isnan(v)]
+        mean = sum(group) / len(group) if group else 0.0
+        s = spread(group) if std == "group" else batch_std
+        for i in range(start, start + group_size):
+            if math.isnan(r[i]):
+                continue  # unscorable: advantage 0
+            centered = r[i] - mean
+            if std == "none":
+                out[i] = centered
+            elif zero_threshold is not None and s < zero_threshold:
+                out[i] = 0.0
+            elif s + eps == 0:
+                out[i] = 0.0
+            else:
+                out[i] = centered / (s + eps)
+    return out
+
+
+def config_advantages(rewards: ArrayLike, group_size: int, config: LossConfig) -> np.ndarray:
+    """:func:`group_advantages` with the fields of a LossConfig."""
+    return group_advantages(
+        rewards,
+        group_size,
+        std=config.advantage_std,
+        unbiased=config.std_unbiased,
+        eps=config.std_eps,
+        zero_threshold=config.std_zero_threshold,
+        nan_rewards=config.nan_rewards,
+    )
+
+
+# --------------------------------------------------------------------------- per-token terms
+def kl(logp: float, ref: float, kind: str) -> float:
+    """One token's KL estimate; ``d = logp - ref``."""
+    d = logp - ref
+    if kind == "k1":
+        return d
+    if kind == "k2":
+        return d * d / 2
+    if kind == "k3":
+        return math.exp(-d) + d - 1
+    if kind == "low_var_kl":
+        x = min(max(-d, -20.0), 20.0)
+        return min(max(math.exp(x) - x - 1, -10.0), 10.0)
+    if kind == "abs":
+        return abs(d)
+    raise ValueError(kind)
+
+
+def ppo_token_loss(
+    ratio: float, adv: float, clip_low: float, clip_high: float, dual_clip: float | None, delta: float | None
+) -> float:
+    """``-min(r A, clip(r) A)``, with TRL's two-sided ``delta`` and verl's dual clip."""
+    clipped = min(max(ratio, 1 - clip_low), 1 + clip_high)
+    unclipped = ratio if delta is None else min(ratio, delta)
+    loss = -min(unclipped * adv, clipped * adv)
+    if dual_clip is not None and adv < 0:
+        loss = min(loss, -dual_clip * adv)
+    return loss
+
+
+def cispo_token_loss(ratio: float, adv: float, logp: float, clip_low: float | None, cap: float) -> float:
+    """``-sg(clip(r, 1 - eps_low, cap)) A logp`` (the value; the weight carries no gradient)."""
+    weight = min(ratio, cap)
+    if clip_low is not None:
+        weight = max(weight, 1 - clip_low)
+    return -weight * adv * logp
+
+
+def sapo_token_loss(ratio: float, adv: float, tau_pos: float, tau_neg: float) -> float:
+    """``-(4/tau) sigmoid(tau (r - 1)) A``."""
+    tau = tau_pos if adv > 0 else tau_neg
+    return -(4 / tau) / (1 + math.exp(-tau * (ratio - 1))) * adv
+
+
+# --------------------------------------------------------------------------- aggregation
+def aggregate(
+    per_token: np.ndarray,
+    mask: np.ndarray,
+    aggregation: str,
+    length: int | None = None,
+    *,
+    num_tokens: float | None = None,
+    num_sequences: float | None = None,
+) -> float:
+    """One number from per-token losses ``(B, T)``; counts default to this batch's own."""
+    b, t = per_token.shape
+    real = [[mask[i][j] != 0 for j in range(t)] for i in range(b)]
+    row_sums = [sum(per_token[i][j] for j in range(t) if real[i][j]) for i in range(b)]
+    row_lengths = [sum(real[i]) for i in range(b)]
+    if num_tokens is None:
+        num_tokens = max(sum(row_lengths), 1)
+    if num_sequences is None:
+        num_sequences = b
+    if aggregation == "token-mean":
+        return sum(row_sums) / num_tokens
+    if aggregation == "seq-mean-token-mean":
+        return sum(s / max(n, 1) for s, n in zip(row_sums, row_lengths)) / num_sequences
+    if aggregation == "seq-mean-token-sum-norm":
+        assert length is not None
+        return sum(row_sums) / (num_sequences * length)
+    if aggregation == "seq-mean-token-sum":
+        return sum(row_sums) / num_sequences
+    if aggregation == "token-sum":
+        return sum(row_sums)
+    raise ValueError(aggregation)
+
+
+# --------------------------------------------------------------------------- the whole loss
+def per_token_losses(
+    logp: ArrayLike,
+    old_logp: ArrayLike | None,
+    advantages: ArrayLike,
+    mask: ArrayLike,
+    config: LossConfig,
+    ref_logp: ArrayLike | None = None,
+) -> np.ndarray:
+    """The per-token loss ``(B, T)`` (0 on padding)."""
+    lp = np.asarray(logp, dtype=np.float64)
+    old = lp if old_logp is None else np.asarray(old_logp, dtype=np.float64)
+    ref = None if ref_logp is None else np.asarray(ref_logp, dtype=np.float64)
+    adv = np.asarray(advantages, dtype=np.float64)
+    m = np.asarray(mask, dtype=np.float64)
+    b, t = lp.shape
+    out = np.zeros((b, t))
+    for i in range(b):
+        tokens = [j for j in range(t) if m[i, j] != 0]
+        if config.ratio_level == "sequence":
+            seq_log_ratio = sum(lp[i, j] - old[i, j] for j in tokens) / max(len(tokens), 1)
+        for j in tokens:
+            log_ratio = seq_log_ratio if config.ratio_level == "sequence" else lp[i, j] - old[i, j]
+            ratio = math.exp(log_ratio)
+            if config.surrogate == "ppo":
+                assert config.clip_low is not None
+                loss = ppo_token_loss(ratio, adv[i], config.clip_low, config.clip_high, config.dual_clip, config.delta)
+            elif config.surrogate == "cispo":
+                cap = config.cispo_cap if config.cispo_cap is not None else 1 + config.clip_high
+                loss = cispo_token_loss(ratio, adv[i], lp[i, j], config.clip_low, cap)
+            else:
+                loss = sapo_token_loss(ratio, adv[i], config.sapo_tau_pos, config.sapo_tau_neg)
+            if config.beta != 0:
+                assert ref is not None
+                loss += config.beta * kl(lp[i, j], ref[i, j], config.kl)
+            out[i, j] = loss
+    return out
+
+
+def policy_loss(
+    logp: ArrayLike,
+    old_logp: ArrayLike | None,
+    advantages: ArrayLike,
+    mask: ArrayLike,
+    config: LossConfig,
+    ref_logp: ArrayLike | None = None,
+    *,
+    num_tokens: float | None = None,
+    num_sequences: float | None = None,
+) -> float:
+    """The aggregated loss of one batch, float64."""
+    per_token = per_token_losses(logp, old_logp, advantages, mask, config, ref_logp)
+    return aggregate(
+        per_token,
+        np.asarray(mask),
+        config.aggregation,
+        config.max_completion_length,
+        num_tokens=num_tokens,
+        num_sequences=num_sequences,
+    )

@@ -1,0 +1,134 @@
+"""The specified function against the specification's own formula, and the paper's variant."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from drgrpo import LossConfig, dr_grpo_objective, dr_grpo_paper_objective, group_advantages, policy_loss
+from drgrpo import reference as ref
+
+
+def spec_formula(lp, lp_old, lp_ref, rewards, epsilon=0.2, beta=0.04):
+    """The specification (shared/seed), transcribed line by line: the oracle for bit-exactness."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    lp, lp_old, lp_ref = (np.asarray(x, dtype=np.float64) for x in (lp, lp_old, lp_ref))
+    g = len(rewards)
+    mean_r = np.mean(rewards)
+    std_r = np.std(rewards)
+    adv = np.zeros(g) if std_r < 1e-8 else (rewards - mean_r) / std_r
+    ratio = np.exp(lp - lp_old)
+    obj = np.mean(np.minimum(ratio * adv, np.clip(ratio, 1 - epsilon, 1 + epsilon) * adv))
+    return float(-(obj - beta * np.mean(lp - lp_ref)))
+
+
+finite = st.floats(-30, 0, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def groups(draw):
+    g = draw(st.integers(1, 16))
+    lp = draw(st.lists(finite, min_size=g, max_size=g))
+    shift = draw(st.lists(st.floats(-8, 8), min_size=g, max_size=g))  # large log-ratios too
+    lp_ref = draw(st.lists(finite, min_size=g, max_size=g))
+    kind = draw(st.sampled_from(["binary", "equal", "real"]))
+    if kind == "binary":
+        rewards = draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=g, max_size=g))
+    elif kind == "equal":
+        rewards = [draw(st.floats(-5, 5))] * g
+    else:
+        rewards = draw(st.lists(st.floats(-10, 10), min_size=g, max_size=g))
+    lp_old = [a - s for a, s in zip(lp, shift)]
+    eps = draw(st.sampled_from([0.0, 0.1, 0.2, 0.28]))
+    beta = draw(st.sampled_from([0.0, 0.04, 0.5]))
+    return lp, lp_old, lp_ref, rewards, eps, beta
+
+
+@settings(max_examples=400, deadline=None)
+@given(groups())
+def test_matches_specification_to_the_last_bits(case):
+    lp, lp_old, lp_ref, rewards, eps, beta = case
+    expected = spec_formula(lp, lp_old, lp_ref, rewards, eps, beta)
+    got = dr_grpo_objective(lp, lp_old, lp_ref, rewards, epsilon=eps, beta=beta)
+    assert isinstance(got, float)
+    assert got == pytest.approx(expected, rel=1e-15, abs=1e-15)
+    # numpy arrays in, same number out
+    arrays = [np.asarray(x) for x in (lp, lp_old, lp_ref, rewards)]
+    assert dr_grpo_objective(*arrays, epsilon=eps, beta=beta) == got
+
+
+def test_equal_rewards_leave_only_the_kl_term():
+    lp, lp_ref = [-1.0, -2.0, -0.5], [-1.5, -2.0, -1.0]
+    got = dr_grpo_objective(lp, [-3.0, -1.0, 0.0], lp_ref, [1.0, 1.0, 1.0], beta=0.04)
+    assert got == pytest.approx(0.04 * ((0.5 + 0.0 + 0.5) / 3), rel=1e-15)
+
+
+def test_hand_computed_group_of_two():
+    # rewards (1, 0): mean 0.5, population std 0.5 -> A = (+1, -1).
+    # ratios e^0.5 = 1.6487 (clipped to 1.2 for A = +1), e^-0.1 = 0.9048 (inside the clip range).
+    lp, lp_old, lp_ref = [-0.5, -1.1], [-1.0, -1.0], [-0.7, -1.0]
+    surrogate = (min(math.exp(0.5), 1.2) * 1 + math.exp(-0.1) * -1) / 2
+    kl = ((-0.5 + 0.7) + (-1.1 + 1.0)) / 2
+    assert dr_grpo_objective(lp, lp_old, lp_ref, [1, 0]) == pytest.approx(-(surrogate - 0.04 * kl), rel=1e-14)
+
+
+@settings(max_examples=100, deadline=None)
+@given(groups())
+def test_seed_preset_with_one_token_per_completion_equals_the_spec(case):
+    lp, lp_old, lp_ref, rewards, eps, beta = case
+    assume(eps > 0)  # LossConfig needs clip_high > 0; eps = 0 is covered by the test above
+    config = LossConfig.preset("seed", clip_low=eps, clip_high=eps, beta=beta)
+    t = lambda x: torch.tensor(x, dtype=torch.float64).unsqueeze(1)  # (G, 1)  # noqa: E731
+    adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), len(rewards), config)
+    out = policy_loss(t(lp), t(lp_old), adv, torch.ones(len(rewards), 1), config, ref_logp=t(lp_ref))
+    expected = spec_formula(lp, lp_old, lp_ref, rewards, eps, beta)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+@settings(max_examples=100, deadline=None)
+@given(groups())
+def test_paper_objective_has_no_std_division(case):
+    lp, lp_old, lp_ref, rewards, eps, beta = case
+    assume(eps > 0)
+    g = len(rewards)
+    config = LossConfig(clip_low=eps, clip_high=eps, kl="k1", beta=beta, max_completion_length=1)
+    per_token = ref.per_token_losses(
+        np.reshape(lp, (g, 1)), np.reshape(lp_old, (g, 1)), np.asarray(rewards) - np.mean(rewards),
+        np.ones((g, 1)), config, np.reshape(lp_ref, (g, 1)),
+    )
+    expected = float(per_token.mean())
+    got = dr_grpo_paper_objective(lp, lp_old, lp_ref, rewards, epsilon=eps, beta=beta)
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_paper_objective_differs_from_spec_when_std_is_not_one():
+    args = ([-0.5, -1.1, -2.0], [-0.6, -1.0, -2.0], [-0.5, -1.0, -2.0], [3.0, 0.0, 0.0])
+    assert dr_grpo_paper_objective(*args, beta=0.04) != pytest.approx(dr_grpo_objective(*args), rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"rewards": [[1.0, 0.0]]}, ValueError, "rewards must be 1-D"),
+        ({"log_probs": [0.0]}, ValueError, "log_probs must have length G=2"),
+        ({"ref_log_probs": [0.0, 0.0, 0.0]}, ValueError, "ref_log_probs must have length G=2"),
+        ({"log_probs": [0.0, float("nan")]}, ValueError, "log_probs has a non-finite value nan at position 1"),
+        ({"rewards": [float("inf"), 0.0]}, ValueError, "rewards has a non-finite value inf at position 0"),
+        ({"rewards": []}, ValueError, "rewards must hold at least one completion"),
+        ({"epsilon": -0.1}, ValueError, "epsilon must be >= 0"),
+        ({"beta": -1.0}, ValueError, "beta must be >= 0"),
+        ({"beta": "0.1"}, TypeError, "beta must be a finite number"),
+        ({"log_probs": "ab"}, TypeError, "log_probs must be a 1-D list or numpy array"),
+        ({"rewards": ["a", "b"]}, TypeError, "rewards must hold numbers"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(kwargs, error, words):
+    args = {"log_probs": [-1.0, -2.0], "log_probs_old": [-1.0, -2.0], "ref_log_probs": [-1.0, -2.0], "rewards": [1.0, 0.0]}
+    args.update(kwargs)
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
+        dr_grpo_objective(**args)
