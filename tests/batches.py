@@ -44,6 +44,4 @@ def random_batch(
         rewards = torch.randn(b, generator=g, dtype=torch.float64)
     # Padding holds garbage on purpose: the loss must ignore it.
     logp = torch.where(mask.bool(), logp, torch.full_like(logp, 123.0))
-    return Batch(
-        logp.to(dtype), old_logp.to(dtype), ref_logp.to(dtype), rewards.to(dtype), mask.to(dtype), group_size
-    )
+    return Batch(logp.to(dtype), old_logp.to(dtype), ref_logp.to(dtype), rewards.to(dtype), mask.to(dtype), group_size)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from batches import random_batch
 
+from batches import random_batch
 from drgrpo import LossConfig, group_advantages, kl_penalty, policy_loss
 from drgrpo.config import AGGREGATIONS, KL_KINDS
 
@@ -23,8 +23,9 @@ def _gradcheck(config: LossConfig, batch, use_ref: bool) -> None:
     adv = group_advantages(batch.rewards, batch.group_size, config)
 
     def f(logp):
-        return policy_loss(logp, batch.old_logp, adv, batch.mask, config,
-                           ref_logp=batch.ref_logp if use_ref else None).loss
+        return policy_loss(
+            logp, batch.old_logp, adv, batch.mask, config, ref_logp=batch.ref_logp if use_ref else None
+        ).loss
 
     logp = batch.logp.clone().requires_grad_()
     assert torch.autograd.gradcheck(f, (logp,), eps=1e-6, atol=1e-8, rtol=1e-6)
@@ -129,8 +130,9 @@ def test_bf16_gradient_is_float32_accurate():
     grads = []
     for dtype in (torch.bfloat16, torch.float64):
         logp = batch.logp.to(dtype).requires_grad_()
-        out = policy_loss(logp, batch.old_logp.to(dtype), adv.to(dtype), batch.mask, config,
-                          ref_logp=batch.ref_logp.to(dtype))
+        out = policy_loss(
+            logp, batch.old_logp.to(dtype), adv.to(dtype), batch.mask, config, ref_logp=batch.ref_logp.to(dtype)
+        )
         grads.append(torch.autograd.grad(out.loss, logp)[0].double())
     # the bf16 path upcasts to float32; its gradient is rounded to bf16 on the way back (8 bits of mantissa)
     torch.testing.assert_close(grads[0], grads[1], rtol=2**-7, atol=1e-6)

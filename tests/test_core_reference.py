@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from batches import random_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from batches import random_batch
 from drgrpo import LossConfig, group_advantages, kl_penalty, policy_loss
 from drgrpo import reference as ref
 from drgrpo.config import AGGREGATIONS, KL_KINDS
@@ -73,7 +73,12 @@ def test_half_precision_inputs_are_computed_in_float32(half, name):
 def test_surrogate_ratio_level_and_kl_combinations(surrogate, ratio_level, kl):
     batch = random_batch(seed=5, ratio_scale=1.0, empty_rows=2)
     config = LossConfig(
-        surrogate=surrogate, ratio_level=ratio_level, kl=kl, beta=0.3, clip_low=0.2, clip_high=0.28,
+        surrogate=surrogate,
+        ratio_level=ratio_level,
+        kl=kl,
+        beta=0.3,
+        clip_low=0.2,
+        clip_high=0.28,
         aggregation="seq-mean-token-mean",
     )
     adv = group_advantages(batch.rewards, batch.group_size, config)
@@ -108,8 +113,9 @@ def test_fully_masked_batch_gives_zero_loss_and_gradient():
     logp = batch.logp.clone().requires_grad_()
     for name in CORE_PRESETS:
         config = preset(name, beta=0.1)
-        out = policy_loss(logp, batch.old_logp, batch.rewards, torch.zeros_like(batch.mask), config,
-                          ref_logp=batch.ref_logp)
+        out = policy_loss(
+            logp, batch.old_logp, batch.rewards, torch.zeros_like(batch.mask), config, ref_logp=batch.ref_logp
+        )
         (grad,) = torch.autograd.grad(out.loss, logp)
         assert out.loss.item() == 0.0 and torch.count_nonzero(grad) == 0
         assert out.metrics["num_tokens"].item() == 0
@@ -120,7 +126,9 @@ def test_metrics_against_hand_counts():
     logp = torch.tensor([[0.5, 0.0], [-0.5, 0.0]], dtype=torch.float64)
     old = torch.zeros(2, 2, dtype=torch.float64)
     mask = torch.tensor([[1, 1], [1, 0]])
-    out = policy_loss(logp, old, torch.tensor([1.0, -1.0], dtype=torch.float64), mask, LossConfig(aggregation="token-mean"))
+    out = policy_loss(
+        logp, old, torch.tensor([1.0, -1.0], dtype=torch.float64), mask, LossConfig(aggregation="token-mean")
+    )
     m = out.metrics
     assert m["clip_frac_high"].item() == pytest.approx(1 / 3)  # r = 1.65 > 1.2 with A > 0
     assert m["clip_frac_low"].item() == pytest.approx(1 / 3)  # r = 0.61 < 0.8 with A < 0

@@ -83,7 +83,7 @@ def test_seed_preset_with_one_token_per_completion_equals_the_spec(case):
     lp, lp_old, lp_ref, rewards, eps, beta = case
     assume(eps > 0)  # LossConfig needs clip_high > 0; eps = 0 is covered by the test above
     config = LossConfig.preset("seed", clip_low=eps, clip_high=eps, beta=beta)
-    t = lambda x: torch.tensor(x, dtype=torch.float64).unsqueeze(1)  # (G, 1)  # noqa: E731
+    t = lambda x: torch.tensor(x, dtype=torch.float64).unsqueeze(1)  # (G, 1)
     adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), len(rewards), config)
     out = policy_loss(t(lp), t(lp_old), adv, torch.ones(len(rewards), 1), config, ref_logp=t(lp_ref))
     expected = spec_formula(lp, lp_old, lp_ref, rewards, eps, beta)
@@ -98,8 +98,12 @@ def test_paper_objective_has_no_std_division(case):
     g = len(rewards)
     config = LossConfig(clip_low=eps, clip_high=eps, kl="k1", beta=beta, max_completion_length=1)
     per_token = ref.per_token_losses(
-        np.reshape(lp, (g, 1)), np.reshape(lp_old, (g, 1)), np.asarray(rewards) - np.mean(rewards),
-        np.ones((g, 1)), config, np.reshape(lp_ref, (g, 1)),
+        np.reshape(lp, (g, 1)),
+        np.reshape(lp_old, (g, 1)),
+        np.asarray(rewards) - np.mean(rewards),
+        np.ones((g, 1)),
+        config,
+        np.reshape(lp_ref, (g, 1)),
     )
     expected = float(per_token.mean())
     got = dr_grpo_paper_objective(lp, lp_old, lp_ref, rewards, epsilon=eps, beta=beta)
@@ -128,7 +132,12 @@ def test_paper_objective_differs_from_spec_when_std_is_not_one():
     ],
 )
 def test_bad_input_raises_a_clear_error(kwargs, error, words):
-    args = {"log_probs": [-1.0, -2.0], "log_probs_old": [-1.0, -2.0], "ref_log_probs": [-1.0, -2.0], "rewards": [1.0, 0.0]}
+    args = {
+        "log_probs": [-1.0, -2.0],
+        "log_probs_old": [-1.0, -2.0],
+        "ref_log_probs": [-1.0, -2.0],
+        "rewards": [1.0, 0.0],
+    }
     args.update(kwargs)
     with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
         dr_grpo_objective(**args)

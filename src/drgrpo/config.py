@@ -8,6 +8,7 @@ overrides by field name. Peer-exact presets (``trl.*``, ``verl.*``, ``oat.*``) l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -125,9 +126,7 @@ class LossConfig:
         if self.delta is not None:
             _check_finite("delta", self.delta)
             if self.delta <= 1 + self.clip_high:
-                raise ValueError(
-                    f"delta must be > 1 + clip_high = {1 + self.clip_high}, got {self.delta}"
-                )
+                raise ValueError(f"delta must be > 1 + clip_high = {1 + self.clip_high}, got {self.delta}")
         if self.cispo_cap is not None:
             _check_finite("cispo_cap", self.cispo_cap)
             if self.cispo_cap <= 0:
@@ -206,10 +205,8 @@ def preset_names() -> list[str]:
 
 
 def _load_peer_presets() -> None:
-    try:
+    with contextlib.suppress(ImportError):
         import drgrpo.peers  # noqa: F401  (registers trl.*, verl.*, oat.* on import)
-    except ImportError:
-        pass
 
 
 # --------------------------------------------------------------------------- core presets
@@ -221,9 +218,7 @@ def _dr_grpo() -> LossConfig:
     #   Modification 1: remove the length bias -> divide by a constant L, not by |o_i|.
     #   Modification 2: remove the difficulty bias -> no std division of the advantage.
     # beta = 0, eps = 0.2 as in the paper's runs.
-    return LossConfig(
-        aggregation="seq-mean-token-sum-norm", advantage_std="none", beta=0.0, name="dr_grpo"
-    )
+    return LossConfig(aggregation="seq-mean-token-sum-norm", advantage_std="none", beta=0.0, name="dr_grpo")
 
 
 @register_preset("grpo")
@@ -257,9 +252,7 @@ def _dapo() -> LossConfig:
 @register_preset("bnpo")
 def _bnpo() -> LossConfig:
     # Batch-normalised policy optimisation: GRPO advantages, token-level mean over the batch.
-    return LossConfig(
-        aggregation="token-mean", advantage_std="group", std_eps=1e-8, beta=0.0, name="bnpo"
-    )
+    return LossConfig(aggregation="token-mean", advantage_std="group", std_eps=1e-8, beta=0.0, name="bnpo")
 
 
 @register_preset("gspo")

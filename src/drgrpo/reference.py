@@ -24,8 +24,12 @@ def group_advantages(
     eps: float = 0.0,
     zero_threshold: float | None = None,
     nan_rewards: str = "error",
+    singleton: str = "zero",
 ) -> np.ndarray:
-    """``A_i = (r_i - mean_group) / (std + eps)`` (or no division), one group at a time."""
+    """``A_i = (r_i - mean_group) / (std + eps)`` (or no division), one group at a time.
+
+    ``singleton="reward"`` (verl): a group of one has mean 0 and std 1, so ``A = r / (1 + eps)`` (``r`` without std).
+    """
     r = np.asarray(rewards, dtype=np.float64)
     n = len(r)
     assert n % group_size == 0
@@ -49,11 +53,11 @@ def group_advantages(
             if math.isnan(r[i]):
                 continue  # unscorable: advantage 0
             centered = r[i] - mean
-            if std == "none":
+            if group_size == 1 and singleton == "reward":
+                out[i] = r[i] if std == "none" else r[i] / (1.0 + eps)
+            elif std == "none":
                 out[i] = centered
-            elif zero_threshold is not None and s < zero_threshold:
-                out[i] = 0.0
-            elif s + eps == 0:
+            elif (zero_threshold is not None and s < zero_threshold) or s + eps == 0:
                 out[i] = 0.0
             else:
                 out[i] = centered / (s + eps)
@@ -70,6 +74,7 @@ def config_advantages(rewards: ArrayLike, group_size: int, config: LossConfig) -
         eps=config.std_eps,
         zero_threshold=config.std_zero_threshold,
         nan_rewards=config.nan_rewards,
+        singleton=config.singleton_advantage,
     )
 
 
@@ -147,6 +152,8 @@ def aggregate(
         return sum(row_sums) / num_sequences
     if aggregation == "token-sum":
         return sum(row_sums)
+    if aggregation == "token-sum-norm":  # verl's "seq-mean-token-sum-norm": L defaults to the padded width
+        return sum(row_sums) / (length if length is not None else t)
     raise ValueError(aggregation)
 
 
@@ -184,7 +191,8 @@ def per_token_losses(
                 loss = sapo_token_loss(ratio, adv[i], config.sapo_tau_pos, config.sapo_tau_neg)
             if config.beta != 0:
                 assert ref is not None
-                loss += config.beta * kl(lp[i, j], ref[i, j], config.kl)
+                weight = ratio if config.kl_importance_weight else 1.0  # TRL's use_bias_correction_kl
+                loss += config.beta * weight * kl(lp[i, j], ref[i, j], config.kl)
             out[i, j] = loss
     return out
 
@@ -205,7 +213,7 @@ def policy_loss(
     return aggregate(
         per_token,
         np.asarray(mask),
-        config.aggregation,
+        config.forced_aggregation or config.aggregation,
         config.max_completion_length,
         num_tokens=num_tokens,
         num_sequences=num_sequences,

@@ -58,7 +58,10 @@ def ppo_clip(
 
 
 def cispo(ratio: Tensor, adv: Tensor, logp: Tensor, clip_low: float | None, cap: float) -> Surrogate:
-    r"""CISPO (MiniMax-M1): ``-sg(clip(r, 1-eps_low, cap)) A logp``: every token keeps a gradient, only its weight is clipped."""
+    r"""CISPO (MiniMax-M1): ``-sg(clip(r, 1-eps_low, cap)) A logp``.
+
+    Every token keeps a gradient; only its weight is clipped.
+    """
     low = None if clip_low is None else 1 - clip_low
     weight = ratio.clamp(min=low, max=cap).detach()
     loss = -weight * adv * logp

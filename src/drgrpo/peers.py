@@ -1,0 +1,250 @@
+r"""Presets named after the peers' own options, so that the same name gives the same numbers.
+
+Users move between frameworks; ``LossConfig.preset("trl.dr_grpo")`` is the loss TRL computes for
+``GRPOConfig(loss_type="dr_grpo")`` with TRL's defaults, quirks included. Overrides use the
+:class:`~drgrpo.config.LossConfig` field names (``aggregation=``, ``max_completion_length=`` for the
+constant L, ``clip_low=``, ``clip_high=``, ``dual_clip=``, ``beta=``, ``cispo_cap=``)::
+
+    LossConfig.preset("trl.dapo", clip_high=0.28)       # TRL epsilon_high=0.28
+    LossConfig.preset("verl.dr_grpo", max_completion_length=4096)   # verl loss_scale_factor=4096
+
+Each preset states the peer version it was checked against; ``tests/peers/`` runs TRL's and
+Liger-Kernel's own code on random ragged batches and compares loss and gradient. The quirks
+reproduced on purpose (they are the peers' behaviour, not ours):
+
+TRL 1.16 (``trl.<loss_type>``)
+    * ``epsilon_high`` defaults to ``epsilon`` = 0.2 (so ``trl.dapo`` is *not* clip-higher unless
+      asked); advantages ``(r - mean_group) / (std + 1e-4)`` with the unbiased std (``scale_rewards``
+      "group"; "batch" keeps the group mean and uses the batch std); NaN rewards ignored, NaN
+      advantages set to 0.
+    * ``dr_grpo`` divides by the micro-batch's completions times ``max_completion_length`` (512).
+    * ``bnpo`` divides by the micro-batch's own token count (never a step's), ``dapo``/``cispo`` by the
+      generation batch's token count (pass a :class:`~drgrpo.normalizer.StepNormalizer`).
+    * ``cispo`` caps the stop-gradient ratio at ``epsilon_high`` itself, not ``1 + epsilon_high``, with
+      no lower bound; TRL's default ``epsilon_high`` = 0.2 caps it at 0.2 (TRL recommends 5.0): pass
+      ``cispo_cap=``.
+    * with ``beta > 0`` the k3 KL is multiplied by the importance ratio (``use_bias_correction_kl=True``).
+
+verl (``verl.<loss_mode>``, ``verl.grpo``, ``verl.dr_grpo``; formulas from ``core_algos.py``)
+    * advantages ``(r - mean_group) / (std + 1e-6)``, unbiased std; a group of one gets mean 0, std 1;
+      ``verl.dr_grpo`` is ``norm_adv_by_std_in_grpo=False``.
+    * ``vanilla``: dual clip with ``clip_ratio_c`` = 3; ``loss_agg_mode`` "token-mean".
+    * its ``seq-mean-token-sum-norm`` is ``sum_{i,t} l m / L`` (no mean over sequences) with L the padded
+      width of the call unless ``loss_scale_factor`` is set: our ``token-sum-norm``.
+    * ``gspo`` and ``sapo`` aggregate with ``seq-mean-token-mean`` whatever ``loss_agg_mode`` says.
+    * ``cispo`` clips the stop-gradient ratio on both sides, ``[1 - low, 1 + high]``.
+    * not reproduced: the stability clamps of the log-ratio (``[-20, 20]``; ``<= 10`` for gspo), which
+      change nothing unless ``|log r|`` exceeds them, and the KL term of gspo/sapo, which verl
+      aggregates with ``loss_agg_mode`` while ``forced_aggregation`` applies to both terms here.
+
+oat (``oat.grpo``, ``oat.drgrpo``; the Dr. GRPO authors' framework)
+    * ``grpo``: ``(r - mean_group) / (std + 1e-8)``, unbiased std, per-response mean;
+      ``drgrpo``: no std, ``sum_t l m / generate_max_length`` (512 by default) averaged over completions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drgrpo.config import LossConfig, register_preset
+
+__all__ = ["PEER_PRESETS", "PEER_VERSIONS"]
+
+PEER_VERSIONS: dict[str, str] = {
+    "trl": "trl 1.16.0 (trl/trainer/grpo_trainer.py, GRPOTrainer._compute_loss)",
+    "verl": "verl main with agg_loss(..., loss_scale_factor) (verl/trainer/ppo/core_algos.py; formulas, not installed)",
+    "oat": "oat main (oat/algorithms/ppo.py, PPOLearner.learning_step)",
+}
+"""The peer code each family of presets was checked against."""
+
+# ----------------------------------------------------------------------------------------- TRL
+# GRPOConfig defaults: epsilon=0.2, epsilon_high=None -> epsilon, beta=0.0, scale_rewards="group",
+# max_completion_length=512, sapo temperatures 1.0 / 1.05, use_bias_correction_kl=True.
+_TRL_ADVANTAGES: dict[str, Any] = dict(
+    advantage_std="group", std_unbiased=True, std_eps=1e-4, nan_rewards="ignore", kl="k3", kl_importance_weight=True
+)
+
+
+@register_preset("trl.grpo")
+def _trl_grpo() -> LossConfig:
+    # loss = mean_i (sum_t l m / |o_i|): the length-biased per-response mean.
+    return LossConfig(aggregation="seq-mean-token-mean", beta=0.0, name="trl.grpo", **_TRL_ADVANTAGES)
+
+
+@register_preset("trl.bnpo")
+def _trl_bnpo() -> LossConfig:
+    # loss = sum l m / sum m over THIS micro-batch: refuses a step normaliser on purpose.
+    return LossConfig(
+        aggregation="token-mean", beta=0.0, per_call_normalization=True, name="trl.bnpo", **_TRL_ADVANTAGES
+    )
+
+
+@register_preset("trl.dr_grpo")
+def _trl_dr_grpo() -> LossConfig:
+    # loss = sum l m / (B_micro * max_completion_length), WITH TRL's std scaling (scale_rewards="group"
+    # is TRL's default for every loss type); the paper's Dr. GRPO also drops it: scale_rewards="none"
+    # is advantage_std="none".
+    return LossConfig(
+        aggregation="seq-mean-token-sum-norm",
+        max_completion_length=512,
+        beta=0.0,
+        name="trl.dr_grpo",
+        **_TRL_ADVANTAGES,
+    )
+
+
+@register_preset("trl.dapo")
+def _trl_dapo() -> LossConfig:
+    # loss = sum l m / (tokens of the whole generation batch / processes): token-mean over the step.
+    # TRL does not turn on clip-higher for loss_type="dapo": pass clip_high=0.28 (epsilon_high).
+    return LossConfig(aggregation="token-mean", beta=0.0, name="trl.dapo", **_TRL_ADVANTAGES)
+
+
+@register_preset("trl.cispo")
+def _trl_cispo() -> LossConfig:
+    # l = -sg(min(r, epsilon_high)) A logp: the cap is epsilon_high itself (default 0.2!), no lower bound.
+    return LossConfig(
+        surrogate="cispo",
+        clip_low=None,
+        cispo_cap=0.2,
+        aggregation="token-mean",
+        beta=0.0,
+        name="trl.cispo",
+        **_TRL_ADVANTAGES,
+    )
+
+
+@register_preset("trl.sapo")
+def _trl_sapo() -> LossConfig:
+    # l = -(4/tau) sigmoid(tau (r - 1)) A, tau = 1.0 if A > 0 else 1.05; per-response mean like "grpo".
+    return LossConfig(
+        surrogate="sapo",
+        sapo_tau_pos=1.0,
+        sapo_tau_neg=1.05,
+        aggregation="seq-mean-token-mean",
+        beta=0.0,
+        name="trl.sapo",
+        **_TRL_ADVANTAGES,
+    )
+
+
+# ---------------------------------------------------------------------------------------- verl
+# ActorConfig defaults: clip_ratio(_low/_high)=0.2, clip_ratio_c=3.0, loss_agg_mode="token-mean",
+# loss_scale_factor=None, tau_pos=1.0, tau_neg=1.05, use_kl_loss=False (kl_loss_coef=0.001,
+# kl_loss_type="low_var_kl"). compute_grpo_outcome_advantage: epsilon=1e-6, torch.std (unbiased).
+_VERL_ADVANTAGES: dict[str, Any] = dict(
+    advantage_std="group", std_unbiased=True, std_eps=1e-6, singleton_advantage="reward", kl="low_var_kl"
+)
+
+
+@register_preset("verl.vanilla")
+def _verl_vanilla() -> LossConfig:
+    # PPO clip plus dual clip: for A < 0 the loss is capped at -3 A.
+    return LossConfig(dual_clip=3.0, aggregation="token-mean", beta=0.0, name="verl.vanilla", **_VERL_ADVANTAGES)
+
+
+@register_preset("verl.grpo")
+def _verl_grpo() -> LossConfig:
+    # adv_estimator=grpo with loss_mode=vanilla and verl's defaults (what verl's GRPO recipes start from).
+    return LossConfig(dual_clip=3.0, aggregation="token-mean", beta=0.0, name="verl.grpo", **_VERL_ADVANTAGES)
+
+
+@register_preset("verl.dr_grpo")
+def _verl_dr_grpo() -> LossConfig:
+    # verl's Dr. GRPO recipe: norm_adv_by_std_in_grpo=False, loss_agg_mode="seq-mean-token-sum-norm",
+    # which verl computes as sum_{i,t} l m / loss_scale_factor (no mean over sequences), the factor
+    # defaulting to the padded width of each micro-batch: per call by definition.
+    return LossConfig(
+        dual_clip=3.0,
+        aggregation="token-sum-norm",
+        max_completion_length=None,
+        beta=0.0,
+        per_call_normalization=True,
+        name="verl.dr_grpo",
+        **{**_VERL_ADVANTAGES, "advantage_std": "none"},
+    )
+
+
+@register_preset("verl.gspo")
+def _verl_gspo() -> LossConfig:
+    # Sequence ratio exp(mean_t log r_t), PPO clip on it (verl's default 0.2; the GSPO recipe passes
+    # clip_low=3e-4, clip_high=4e-4), aggregation forced to seq-mean-token-mean; no dual clip.
+    return LossConfig(
+        ratio_level="sequence",
+        aggregation="seq-mean-token-mean",
+        forced_aggregation="seq-mean-token-mean",
+        beta=0.0,
+        name="verl.gspo",
+        **_VERL_ADVANTAGES,
+    )
+
+
+@register_preset("verl.cispo")
+def _verl_cispo() -> LossConfig:
+    # l = -sg(clip(r, 1 - 0.2, 1 + 0.2)) A logp: two-sided, unlike TRL's cap-only CISPO.
+    return LossConfig(surrogate="cispo", aggregation="token-mean", beta=0.0, name="verl.cispo", **_VERL_ADVANTAGES)
+
+
+@register_preset("verl.sapo")
+def _verl_sapo() -> LossConfig:
+    return LossConfig(
+        surrogate="sapo",
+        sapo_tau_pos=1.0,
+        sapo_tau_neg=1.05,
+        aggregation="seq-mean-token-mean",
+        forced_aggregation="seq-mean-token-mean",
+        beta=0.0,
+        name="verl.sapo",
+        **_VERL_ADVANTAGES,
+    )
+
+
+# ----------------------------------------------------------------------------------------- oat
+# OATArgs/PPOArgs defaults: cliprange=0.2, generate_max_length=512, beta=0.1 (the Dr. GRPO recipes of
+# understand-r1-zero pass --beta 0, used here), k3 KL, torch.std (unbiased) + 1e-8 for "grpo".
+
+
+@register_preset("oat.grpo")
+def _oat_grpo() -> LossConfig:
+    return LossConfig(
+        aggregation="seq-mean-token-mean",
+        advantage_std="group",
+        std_unbiased=True,
+        std_eps=1e-8,
+        kl="k3",
+        beta=0.0,
+        name="oat.grpo",
+    )
+
+
+@register_preset("oat.drgrpo")
+def _oat_drgrpo() -> LossConfig:
+    # Modification 1: masked_sum(l, m, axis=1) / generate_max_length, then the mean over completions.
+    # Modification 2: advantages r - mean_group(r), no std.
+    return LossConfig(
+        aggregation="seq-mean-token-sum-norm",
+        max_completion_length=512,
+        advantage_std="none",
+        kl="k3",
+        beta=0.0,
+        name="oat.drgrpo",
+    )
+
+
+PEER_PRESETS: tuple[str, ...] = (
+    "trl.grpo",
+    "trl.bnpo",
+    "trl.dr_grpo",
+    "trl.dapo",
+    "trl.cispo",
+    "trl.sapo",
+    "verl.vanilla",
+    "verl.grpo",
+    "verl.dr_grpo",
+    "verl.gspo",
+    "verl.cispo",
+    "verl.sapo",
+    "oat.grpo",
+    "oat.drgrpo",
+)
+"""Every preset this module registers."""

@@ -1,0 +1,36 @@
+"""Peer-parity tests: record the largest difference measured per preset and print it at the end.
+
+``pytest tests/peers -q`` ends with a table "preset | peer | quantity | largest |difference|", the
+numbers quoted in the README's parity table.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+
+_LARGEST: dict[tuple[str, str, str], float] = defaultdict(float)
+
+
+def _record(preset: str, peer: str, quantity: str, ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """Store max |ours - theirs| under (preset, peer, quantity) and return it."""
+    diff = (ours.detach().double() - theirs.detach().double()).abs()
+    value = float(diff.max()) if diff.numel() else 0.0
+    key = (preset, peer, quantity)
+    _LARGEST[key] = max(_LARGEST[key], value)
+    return value
+
+
+@pytest.fixture
+def record():
+    return _record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _LARGEST:
+        return
+    terminalreporter.section("peer parity: largest |difference| measured")
+    for (preset, peer, quantity), value in sorted(_LARGEST.items()):
+        terminalreporter.write_line(f"{preset:<14} {peer:<22} {quantity:<22} {value:.2e}")
