@@ -7,6 +7,7 @@ N = B*T tokens, V vocabulary size, H hidden size, L the constant length normalis
 from drgrpo.advantages import group_advantages
 from drgrpo.aggregation import token_weights
 from drgrpo.config import LossConfig, preset_names, register_preset
+from drgrpo.distributed import global_group_advantages
 from drgrpo.kl import kl_penalty
 from drgrpo.loss import LossOutput, PerTokenLoss, per_token_loss, policy_loss
 from drgrpo.normalizer import StepNormalizer
@@ -22,6 +23,7 @@ __all__ = [
     "__version__",
     "dr_grpo_objective",
     "dr_grpo_paper_objective",
+    "global_group_advantages",
     "group_advantages",
     "kl_penalty",
     "per_token_loss",

@@ -67,13 +67,19 @@ _TRL_ADVANTAGES: dict[str, Any] = dict(
 
 @register_preset("trl.grpo")
 def _trl_grpo() -> LossConfig:
-    # loss = mean_i (sum_t l m / |o_i|): the length-biased per-response mean.
-    return LossConfig(aggregation="seq-mean-token-mean", beta=0.0, name="trl.grpo", **_TRL_ADVANTAGES)
+    """TRL ``loss_type="grpo"``: ``mean_i (sum_t l m / |o_i|)`` over each micro-batch (per call: refuses a normaliser)."""
+    return LossConfig(
+        aggregation="seq-mean-token-mean",
+        beta=0.0,
+        per_call_normalization=True,
+        name="trl.grpo",
+        **_TRL_ADVANTAGES,
+    )
 
 
 @register_preset("trl.bnpo")
 def _trl_bnpo() -> LossConfig:
-    # loss = sum l m / sum m over THIS micro-batch: refuses a step normaliser on purpose.
+    """TRL ``loss_type="bnpo"``: ``sum l m / sum m`` over each micro-batch (per call: refuses a normaliser)."""
     return LossConfig(
         aggregation="token-mean", beta=0.0, per_call_normalization=True, name="trl.bnpo", **_TRL_ADVANTAGES
     )
@@ -81,6 +87,7 @@ def _trl_bnpo() -> LossConfig:
 
 @register_preset("trl.dr_grpo")
 def _trl_dr_grpo() -> LossConfig:
+    """TRL ``loss_type="dr_grpo"``: ``sum l m / (B_micro * L)`` per micro-batch (per call: refuses a normaliser)."""
     # loss = sum l m / (B_micro * max_completion_length), WITH TRL's std scaling (scale_rewards="group"
     # is TRL's default for every loss type); the paper's Dr. GRPO also drops it: scale_rewards="none"
     # is advantage_std="none".
@@ -88,6 +95,7 @@ def _trl_dr_grpo() -> LossConfig:
         aggregation="seq-mean-token-sum-norm",
         max_completion_length=512,
         beta=0.0,
+        per_call_normalization=True,
         name="trl.dr_grpo",
         **_TRL_ADVANTAGES,
     )
@@ -151,6 +159,7 @@ def _verl_grpo() -> LossConfig:
 
 @register_preset("verl.dr_grpo")
 def _verl_dr_grpo() -> LossConfig:
+    """verl's Dr. GRPO recipe: ``sum_{i,t} l m / L``, L the padded width of each call (per call: refuses a normaliser)."""
     # verl's Dr. GRPO recipe: norm_adv_by_std_in_grpo=False, loss_agg_mode="seq-mean-token-sum-norm",
     # which verl computes as sum_{i,t} l m / loss_scale_factor (no mean over sequences), the factor
     # defaulting to the padded width of each micro-batch: per call by definition.
