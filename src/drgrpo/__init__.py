@@ -8,6 +8,7 @@ from drgrpo.advantages import group_advantages
 from drgrpo.aggregation import token_weights
 from drgrpo.config import LossConfig, preset_names, register_preset
 from drgrpo.distributed import global_group_advantages
+from drgrpo.fused import FusedPolicyLoss, chunked_logprobs, fused_policy_loss
 from drgrpo.kl import kl_penalty
 from drgrpo.loss import LossOutput, PerTokenLoss, per_token_loss, policy_loss
 from drgrpo.normalizer import StepNormalizer
@@ -16,13 +17,16 @@ from drgrpo.spec import dr_grpo_objective, dr_grpo_paper_objective
 __version__ = "0.1.0"
 
 __all__ = [
+    "FusedPolicyLoss",
     "LossConfig",
     "LossOutput",
     "PerTokenLoss",
     "StepNormalizer",
     "__version__",
+    "chunked_logprobs",
     "dr_grpo_objective",
     "dr_grpo_paper_objective",
+    "fused_policy_loss",
     "global_group_advantages",
     "group_advantages",
     "kl_penalty",

@@ -1,0 +1,582 @@
+r"""The policy loss straight from hidden states, without ever holding the ``(N, V)`` logits.
+
+Notation: B completions, T tokens, N = B*T, H hidden size, V vocabulary, tau the sampling temperature,
+``h (B, T, H)`` the last hidden states, ``W (V, H)`` (and ``b (V,)``) the output layer, ``y (B, T)`` the
+sampled tokens. The logits path computes::
+
+    z    = (h W^T + b) / tau                      # (N, V): 2.5 GB in float32 at N = 4096, V = 151936
+    logp = log_softmax(z)[y]                      # (B, T)
+    loss = policy_loss(logp, old_logp, A, mask, config)
+
+:func:`fused_policy_loss` returns the same loss, metrics and gradients for ``h``, ``W`` and ``b`` while
+holding only one chunk of rows of ``z`` at a time (extra memory ``O(chunk_size * V)``, not ``O(N * V)``).
+
+Why one pass is enough
+----------------------
+Every aggregation is linear in the per-token loss ``l`` with weights ``w`` that do not depend on ``logp``
+(:func:`drgrpo.token_weights`), and ``l_n`` depends only on ``logp_n`` (token-level ratio) or on its row's
+``logp`` (sequence-level ratio, GSPO). With ``g_n = d(sum_m w_m l_m) / d logp_n``, ``a_n = g_n / tau`` and
+``p_n = softmax(z_n)``::
+
+    d loss / d z_n = g_n (onehot(y_n) - p_n) = -g_n d_n,      d_n = p_n - onehot(y_n)
+    dh_n = -a_n d_n W                                         # matmul 2: D W        (chunk, V) x (V, H)
+    dW   = -sum_n a_n d_n^T h_n                               # matmul 3: D^T (a h)  (V, chunk) x (chunk, H)
+    db   = -sum_n a_n d_n
+
+so each chunk is done in one visit: ``z_c = h_c W^T`` (matmul 1, bias and 1/tau folded in), an in-place
+log-softmax, ``logp_c`` gathered, then ``g_c`` from the cheap per-token loss of the chunk's rows
+(:func:`drgrpo.loss.per_token_loss` and autograd on ``chunk`` numbers, not on logits), then
+``D = exp(.) - onehot`` in place in the same buffer and matmuls 2 and 3 (``dW`` accumulated in place with
+``addmm``). Total work: the three ``N x H x V`` products of the logits path and no recomputation
+(Liger-Kernel recomputes the logits in its backward: four products); only real (mask = 1) tokens are
+computed, so padding costs nothing.
+
+The gradients are computed during the forward call and kept (``dh (B, T, H)`` in the input dtype, ``dW``
+and ``db`` accumulated in float32); ``backward`` hands them over, scaled by the incoming gradient, without a
+copy. A second backward through a retained graph (``retain_graph=True``, gradcheck) recomputes them.
+
+No vocabulary chunking: a chunk holds all V columns of its rows, because the softmax needs the row's
+normaliser before any column of ``D`` exists; splitting V with an online logsumexp would need a second
+``h W^T`` (four products, 1.33x the floor). The buffer is bounded instead by shrinking the rows per
+chunk as V grows (:func:`default_chunk_size`): at V = 151936 the measured peak is under 10% of the
+logits path's.
+
+Sequence-level ratios (``config.ratio_level == "sequence"``, GSPO) couple the tokens of a row, so chunks
+are made of whole rows. If one row has more real tokens than ``chunk_size``, the call falls back to two
+passes (``logp`` of every token first, then ``g`` for all tokens, then the gradient pass): four products
+instead of three, same memory bound.
+
+The loss value and the metrics are :func:`drgrpo.policy_loss` evaluated on the detached per-token log-probs
+(``N`` numbers), so they are those of the logits path; the log-probs are returned in ``LossOutput.logp``
+(0 on padding) for logging or as the next step's ``old_logp``.
+
+Precision: float32 and float64 inputs match the logits path to rounding (1e-6 relative in float32).
+bf16/fp16 inputs: the three products run in the input dtype, the logits are upcast to float32 for the
+log-softmax, ``logp`` and the loss are float32, and ``dW``/``db`` are accumulated in float32 and cast to
+the parameter dtype at the end. Against a float32 logits path on the same (bf16-rounded) inputs, the
+loss agrees to 2e-3 relative and the gradients to 3e-2 relative in norm (tests/test_fused.py), like the
+bf16 logits path. With a clipped surrogate, bf16 rounding of ``logp`` can also move a ratio across the
+clip boundary, which changes that token's gradient in any bf16 implementation.
+
+No gradient flows to ``advantages``, ``old_logp`` or ``ref_logp`` (data, as in every trainer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from drgrpo.aggregation import token_weights
+from drgrpo.config import LossConfig
+from drgrpo.loss import LossOutput, compute_dtype, per_token_loss, policy_loss, validate_inputs
+
+if TYPE_CHECKING:
+    from drgrpo.normalizer import StepNormalizer
+
+__all__ = ["FusedPolicyLoss", "chunked_logprobs", "default_chunk_size", "fused_policy_loss"]
+
+# Rows per chunk. Each chunk reads W twice and reads and writes the float32 dW once, so fewer, taller
+# chunks are faster (work per byte moved grows with the rows, not with V); measured with
+# benchmarks/fused.py on 2 AMD EPYC (Zen 5) cores, time / matmul floor at N = 2048, H = 512:
+#   V = 32000:  256 rows 1.34x, 512 rows 1.18x, 1024 rows 1.13x
+#   V = 151936: 128 rows 1.29x, 256 rows 1.14x, 512 rows 1.08x
+# The float32 buffer (rows x V) is capped at 320 MiB, so the extra memory stays O(chunk x V) with a
+# constant that does not grow with N.
+_CHUNK_BYTES = 320 * 2**20
+_MIN_CHUNK = 64
+_MAX_CHUNK = 1024
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk when ``chunk_size=None``: 1024, or fewer (a multiple of 64) to keep the float32
+    logits buffer under 320 MiB (512 rows at V = 151936)."""
+    rows = _CHUNK_BYTES // (4 * max(int(vocab_size), 1)) // 64 * 64
+    return int(min(_MAX_CHUNK, max(_MIN_CHUNK, rows)))
+
+
+# --------------------------------------------------------------------------- the chunk kernels
+
+
+@dataclass
+class _Problem:
+    """Everything one fused call needs besides the differentiable tensors (built by :func:`fused_policy_loss`)."""
+
+    target_ids: Tensor  # (N,) int64
+    mask: Tensor  # (B, T) as given
+    advantages: Tensor  # (B,)
+    config: LossConfig
+    old_logp: Tensor | None  # (B, T)
+    ref_logp: Tensor | None  # (B, T)
+    normalizer: Any  # StepNormalizer | None
+    temperature: float
+    chunk_size: int
+    need_dh: bool
+    need_dw: bool
+    need_db: bool
+    metrics: dict[str, Tensor] | None = None
+    logp: Tensor | None = None  # (B, T) output, detached
+
+
+class _Chunker:
+    """Computes one chunk of real tokens: logits, log-softmax in place, and the three-product gradients."""
+
+    def __init__(self, h2d: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, tau: float, rows: int):
+        self.h2d, self.weight, self.bias, self.targets, self.tau = h2d, weight, bias, targets, tau
+        self.cdt = weight.dtype  # the products run in the input dtype
+        self.adt = compute_dtype(weight.dtype)  # softmax / logp / accumulation dtype
+        v = weight.shape[0]
+        self.z = torch.empty(rows, v, dtype=self.adt, device=weight.device)  # (chunk, V): the only big buffer
+        # Half precision: the product is written in the input dtype, then upcast into z (and z is cast back
+        # down for products 2 and 3).
+        self.z_low = torch.empty(rows, v, dtype=self.cdt, device=weight.device) if self.cdt != self.adt else None
+        # CPU's log-softmax kernel works row by row and may write over its input; elsewhere use a second buffer.
+        self.inplace = weight.device.type == "cpu"
+        self.bias_scaled = None if bias is None else (bias / tau if tau != 1.0 else bias)
+        self.dw_fresh = True  # dW is allocated uninitialised; the first product writes it
+        self.dw_low: Tensor | None = None  # half precision: product 3's output before the float32 accumulation
+
+    def log_softmax(self, pos: Tensor | slice) -> tuple[Tensor, Tensor, Tensor]:
+        """Rows ``pos`` of the flat hidden states (index tensor, or a slice when contiguous: no copy)
+        -> (log_softmax(z) (n, V) in adt, h_c (n, H), y_c (n,))."""
+        h_c = self.h2d[pos]  # (n, H)
+        y_c = self.targets[pos]  # (n,)
+        n = h_c.shape[0]
+        h_s = h_c * (1.0 / self.tau) if self.tau != 1.0 else h_c  # fold 1/tau into the small operand
+        out = self.z[:n] if self.z_low is None else self.z_low[:n]
+        if self.bias_scaled is None:
+            torch.mm(h_s, self.weight.t(), out=out)  # matmul 1: (n, H) x (H, V)
+        else:
+            torch.addmm(self.bias_scaled, h_s, self.weight.t(), out=out)
+        z = self.z[:n]
+        if self.z_low is not None:
+            z.copy_(out)
+        if self.inplace:
+            torch.ops.aten._log_softmax.out(z, 1, False, out=z)
+        else:
+            z = torch.log_softmax(z, dim=1)
+        return z, h_c, y_c
+
+    def grads(
+        self,
+        z: Tensor,
+        h_c: Tensor,
+        y_c: Tensor,
+        g: Tensor,
+        dh: Tensor | None,
+        pos: Tensor | slice,
+        dw: Tensor | None,
+        db: Tensor | None,
+    ) -> None:
+        """Given log_softmax ``z`` (n, V) and ``g = dloss/dlogp`` (n,), add this chunk's dh, dW, db."""
+        n = z.shape[0]
+        a = g / self.tau  # (n,)
+        # d = p - onehot(y) in place: the onehot term rides along in the products (no scatter into dW).
+        d = z.exp_()
+        d[torch.arange(n, device=d.device), y_c] -= 1.0
+        d_mm = d
+        if self.z_low is not None and (dh is not None or dw is not None):
+            d_mm = self.z_low[:n]
+            d_mm.copy_(d)
+        if dh is not None:
+            # dh_n = a_n (W[y_n] - p_n W) = -a_n (d_n W)
+            if isinstance(pos, slice):
+                q = torch.mm(d_mm, self.weight, out=dh[pos])  # matmul 2: (n, V) x (V, H), written in place
+                q.mul_((-a)[:, None])
+            else:
+                q = torch.mm(d_mm, self.weight)
+                dh[pos] = (q.to(self.adt) * (-a)[:, None]).to(dh.dtype)
+        if dw is not None:
+            ah = h_c.to(self.adt) * a[:, None]  # (n, H)
+            beta = 0.0 if self.dw_fresh else 1.0  # first chunk overwrites the uninitialised buffer (no zero fill)
+            if self.z_low is None:
+                torch.addmm(dw, d_mm.t(), ah, beta=beta, alpha=-1.0, out=dw)  # matmul 3: (V, n) x (n, H)
+            else:  # half precision: product in the input dtype, accumulated in float32
+                if self.dw_low is None:
+                    self.dw_low = torch.empty_like(self.weight)
+                torch.mm(d_mm.t(), ah.to(self.cdt), out=self.dw_low)
+                if self.dw_fresh:
+                    torch.mul(self.dw_low, -1.0, out=dw)
+                else:
+                    dw.sub_(self.dw_low)
+            self.dw_fresh = False
+        if db is not None:
+            db.addmv_(d.t(), a, alpha=-1.0)
+
+
+def _chunks_of(counts: list[int], limit: int, whole_rows: bool) -> list[tuple[int, int]] | None:
+    """Ranges [start, end) over the real tokens (row-major). Whole rows when ``whole_rows``; None if a row
+    alone is longer than ``limit`` (then the caller uses two passes)."""
+    total = sum(counts)
+    if not whole_rows:
+        return [(s, min(s + limit, total)) for s in range(0, total, limit)]
+    ranges: list[tuple[int, int]] = []
+    start = end = 0
+    for c in counts:
+        if c > limit:
+            return None
+        if end + c - start > limit:
+            ranges.append((start, end))
+            start = end
+        end += c
+    if end > start:
+        ranges.append((start, end))
+    return ranges
+
+
+def _run(problem: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Any, Any, Any]:
+    """The whole fused computation: returns (loss, dh, dW, db); sets problem.logp and problem.metrics."""
+    cfg = problem.config
+    b, t, hdim = hidden.shape
+    adt = compute_dtype(weight.dtype)
+    device = hidden.device
+    h2d = hidden.reshape(b * t, hdim)
+    if not h2d.is_contiguous():
+        h2d = h2d.contiguous()
+    real = problem.mask.bool()
+    counts = real.sum(1).tolist()  # one device sync
+    pos_all = real.reshape(-1).nonzero().squeeze(1)  # (n_real,) row-major flat positions
+    pos_cpu = pos_all.cpu()
+    rows_cpu = (pos_cpu // t).tolist() if pos_cpu.numel() else []
+    weights = token_weights(problem.mask.to(adt), cfg, problem.normalizer)  # (B, T), constant in logp
+    row_coupled = cfg.ratio_level != "token"
+    ranges = _chunks_of(counts, problem.chunk_size, whole_rows=row_coupled)
+    two_pass = ranges is None
+    if two_pass:
+        ranges = _chunks_of(counts, problem.chunk_size, whole_rows=False)
+    assert ranges is not None
+
+    chunker = _Chunker(
+        h2d, weight, bias, problem.target_ids, problem.temperature, max((e - s for s, e in ranges), default=0)
+    )
+    logp_flat = torch.zeros(b * t, dtype=adt, device=device)
+    dh = torch.zeros(b * t, hdim, dtype=hidden.dtype, device=device) if problem.need_dh else None
+    dw = torch.empty(weight.shape, dtype=adt, device=device) if problem.need_dw else None
+    db = torch.zeros(weight.shape[0], dtype=adt, device=device) if problem.need_db and bias is not None else None
+    need_grad = dh is not None or dw is not None or db is not None
+
+    def rows_at(s: int, e: int) -> Tensor | slice:
+        """Flat positions of real tokens s..e-1: a slice when contiguous (all-real rows), else an index tensor."""
+        first, last = int(pos_cpu[s]), int(pos_cpu[e - 1])
+        return slice(first, last + 1) if last - first == e - s - 1 else pos_all[s:e]
+
+    def chunk_grad(s: int, e: int, logp_c: Tensor) -> Tensor:
+        """g = d(sum_n w_n l_n)/d logp_n for real tokens s..e-1 (rows r0..r1 only; rows never interact)."""
+        r0, r1 = rows_cpu[s], rows_cpu[e - 1]
+        pos = pos_all[s:e]
+        rr, cc = pos // t - r0, pos % t
+        sub = slice(r0, r1 + 1)
+        sel = torch.zeros(r1 + 1 - r0, t, dtype=torch.bool, device=device)
+        sel[rr, cc] = True  # for whole-row chunks this is exactly mask[sub]
+        with torch.enable_grad():
+            leaf = logp_c.detach().requires_grad_(True)
+            lp = torch.zeros(r1 + 1 - r0, t, dtype=adt, device=device).index_put((rr, cc), leaf)
+            terms = per_token_loss(
+                lp,
+                None if problem.old_logp is None else problem.old_logp[sub],
+                problem.advantages[sub],
+                sel,
+                cfg,
+                None if problem.ref_logp is None else problem.ref_logp[sub],
+            )
+            (g,) = torch.autograd.grad((terms.loss * weights[sub]).sum(), leaf)
+        return g
+
+    if two_pass and need_grad:
+        # Pass 1 (sequence-level ratio, a row longer than a chunk): logp of every real token, no gradient.
+        for s, e in ranges:
+            pos = rows_at(s, e)
+            z, _, y_c = chunker.log_softmax(pos)
+            logp_flat[pos] = z.gather(1, y_c[:, None]).squeeze(1)
+        g_all = chunk_grad(0, pos_all.numel(), logp_flat[pos_all]) if pos_all.numel() else None
+    for s, e in ranges:
+        pos = rows_at(s, e)
+        z, h_c, y_c = chunker.log_softmax(pos)
+        logp_c = z.gather(1, y_c[:, None]).squeeze(1)  # (n,)
+        logp_flat[pos] = logp_c
+        if need_grad:
+            g = g_all[s:e] if two_pass else chunk_grad(s, e, logp_c)  # type: ignore[index]
+            chunker.grads(z, h_c, y_c, g, dh, pos, dw, db)
+
+    if dw is not None and chunker.dw_fresh:  # no real token at all
+        dw.zero_()
+    logp = logp_flat.reshape(b, t)
+    out = policy_loss(
+        logp,
+        problem.old_logp,
+        problem.advantages,
+        problem.mask,
+        cfg,
+        ref_logp=problem.ref_logp,
+        normalizer=problem.normalizer,
+        validate=False,
+    )
+    problem.logp, problem.metrics = logp, out.metrics
+    return (
+        out.loss,
+        None if dh is None else dh.reshape(b, t, hdim),
+        None if dw is None else dw.to(weight.dtype),
+        None if db is None or bias is None else db.to(bias.dtype),
+    )
+
+
+class _FusedLinearPolicyLoss(torch.autograd.Function):
+    """Forward does everything (loss and gradients); backward hands the stored gradients over, scaled."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, problem: _Problem) -> Tensor:  # type: ignore[override]
+        loss, dh, dw, db = _run(problem, hidden, weight, bias)
+        ctx.grads = (dh, dw, db)
+        ctx.problem = problem
+        ctx.save_for_backward(hidden, weight, bias)  # only for a second backward through a retained graph
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if ctx.grads is not None:
+            # Hand the tensors over (no reference kept): autograd then makes dW the weight's .grad without a copy.
+            (dh, dw, db), ctx.grads = ctx.grads, None
+        else:  # a second backward through a retained graph (e.g. gradcheck): recompute
+            hidden, weight, bias = ctx.saved_tensors
+            with torch.no_grad():
+                _, dh, dw, db = _run(ctx.problem, hidden, weight, bias)
+        if not ctx.needs_input_grad[0]:
+            dh = None
+        # Skip the multiply for the usual loss.backward() (grad 1); a CPU comparison costs no device sync.
+        if not (grad_loss.device.type == "cpu" and bool(grad_loss == 1)):
+            dh, dw, db = (None if x is None else x * grad_loss.to(x.dtype) for x in (dh, dw, db))
+        return dh, dw, db, None
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def fused_policy_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    target_ids: Tensor,
+    mask: Tensor,
+    advantages: Tensor,
+    config: LossConfig,
+    *,
+    old_logp: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    normalizer: StepNormalizer | None = None,
+) -> LossOutput:
+    r"""``policy_loss(log_softmax((hidden @ weight.T + bias) / temperature)[target_ids], ...)`` without the logits.
+
+    Args:
+        hidden: ``(B, T, H)`` last hidden states of the completion tokens (float32, float64, bf16 or fp16).
+        weight: ``(V, H)`` output layer (``lm_head.weight``), same dtype and device as ``hidden``.
+        target_ids: ``(B, T)`` integer ids of the sampled tokens, in ``[0, V)`` where ``mask`` is 1
+            (padding may hold anything, e.g. -100).
+        mask: ``(B, T)`` 0/1: 1 on real completion tokens. Padding is skipped (costs nothing).
+        advantages: ``(B,)`` one advantage per completion.
+        config: a :class:`~drgrpo.config.LossConfig`; every surrogate, ratio level, KL and aggregation works.
+        old_logp: ``(B, T)`` log-probs of the sampling policy, or ``None`` (on-policy: ratio 1, gradient flows).
+        ref_logp: ``(B, T)`` reference log-probs; required when ``config.beta > 0``.
+        bias: ``(V,)`` output-layer bias, or ``None``.
+        temperature: the sampling temperature ``tau > 0``; logits are divided by it.
+        chunk_size: real tokens per chunk (extra memory ``~ chunk_size * V`` floats);
+            ``None`` uses :func:`default_chunk_size`. Sequence-level configs chunk by whole rows.
+        normalizer: a :class:`~drgrpo.normalizer.StepNormalizer` for split-invariant aggregation.
+
+    Returns:
+        :class:`~drgrpo.loss.LossOutput`: ``loss`` (scalar, float32 for half-precision inputs; backward gives
+        gradients for ``hidden``, ``weight`` and ``bias``), ``metrics`` as :func:`~drgrpo.policy_loss`, and
+        ``logp`` ``(B, T)`` detached per-token log-probs (0 on padding).
+    """
+    _check_inputs(hidden, weight, target_ids, mask, advantages, bias, temperature, chunk_size)
+    b, t, _ = hidden.shape
+    adt = compute_dtype(weight.dtype)
+    validate_inputs(torch.zeros(b, t, dtype=adt, device=hidden.device), old_logp, advantages, mask, config, ref_logp)
+    grad_on = torch.is_grad_enabled()
+    problem = _Problem(
+        target_ids=target_ids.reshape(-1).long(),
+        mask=mask,
+        advantages=advantages,
+        config=config,
+        old_logp=None if old_logp is None else old_logp.detach(),
+        ref_logp=None if ref_logp is None else ref_logp.detach(),
+        normalizer=normalizer,
+        temperature=float(temperature),
+        chunk_size=int(chunk_size) if chunk_size is not None else default_chunk_size(weight.shape[0]),
+        need_dh=grad_on and hidden.requires_grad,
+        need_dw=grad_on and weight.requires_grad,
+        need_db=grad_on and bias is not None and bias.requires_grad,
+    )
+    loss = _FusedLinearPolicyLoss.apply(hidden, weight, bias, problem)
+    assert problem.metrics is not None
+    return LossOutput(loss=loss, metrics=problem.metrics, logp=problem.logp)
+
+
+@torch.no_grad()
+def chunked_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    target_ids: Tensor,
+    mask: Tensor | None = None,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``log_softmax((hidden @ weight.T + bias) / temperature)[target_ids]`` ``(B, T)``, chunked, no gradient.
+
+    For ``old_logp`` / ``ref_logp`` from a frozen model without the ``(N, V)`` logits. Positions where
+    ``mask`` is 0 are not computed (0 in the result); ``mask=None`` computes every position.
+    """
+    if mask is None and isinstance(hidden, Tensor) and hidden.dim() == 3:
+        mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+    _check_inputs(hidden, weight, target_ids, mask, None, bias, temperature, chunk_size)
+    assert mask is not None
+    b, t = hidden.shape[:2]
+    rows = int(chunk_size) if chunk_size is not None else default_chunk_size(weight.shape[0])
+    h2d = hidden.reshape(b * t, -1)
+    pos_all = mask.bool().reshape(-1).nonzero().squeeze(1)
+    chunker = _Chunker(h2d, weight, bias, target_ids.reshape(-1).long(), float(temperature), min(rows, pos_all.numel()))
+    logp = torch.zeros(b * t, dtype=chunker.adt, device=hidden.device)
+    for s in range(0, pos_all.numel(), rows):
+        pos = pos_all[s : s + rows]
+        z, _, y_c = chunker.log_softmax(pos)
+        logp[pos] = z.gather(1, y_c[:, None]).squeeze(1)
+    return logp.reshape(b, t)
+
+
+class FusedPolicyLoss(nn.Module):
+    """:func:`fused_policy_loss` as a module for trainers that own the output layer.
+
+    It holds the loss configuration, the chunk size and the temperature, and reads the weight (and bias)
+    of the ``nn.Linear`` output layer it is given at each call, so the layer's parameters get the gradients::
+
+        loss_fn = FusedPolicyLoss(LossConfig.preset("dr_grpo", max_completion_length=L))
+        hidden = model.model(input_ids).last_hidden_state[:, prompt_len - 1 : -1]   # (B, T, H)
+        out = loss_fn(hidden, model.lm_head, completion_ids, completion_mask, advantages, old_logp=old_logp)
+        out.loss.backward()
+    """
+
+    def __init__(self, config: LossConfig, *, temperature: float = 1.0, chunk_size: int | None = None) -> None:
+        super().__init__()
+        if not isinstance(config, LossConfig):
+            raise TypeError(f"config must be a LossConfig, got {type(config).__name__}")
+        _check_scalars(temperature, chunk_size)
+        self.config = config
+        self.temperature = float(temperature)
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        hidden: Tensor,
+        lm_head: nn.Linear | Tensor,
+        target_ids: Tensor,
+        mask: Tensor,
+        advantages: Tensor,
+        *,
+        old_logp: Tensor | None = None,
+        ref_logp: Tensor | None = None,
+        normalizer: StepNormalizer | None = None,
+    ) -> LossOutput:
+        """``lm_head``: the output ``nn.Linear`` (its bias is used if it has one) or a ``(V, H)`` weight."""
+        if isinstance(lm_head, nn.Linear):
+            weight, bias = lm_head.weight, lm_head.bias
+        elif isinstance(lm_head, Tensor):
+            weight, bias = lm_head, None
+        else:
+            raise TypeError(f"lm_head must be an nn.Linear or a (V, H) weight tensor, got {type(lm_head).__name__}")
+        return fused_policy_loss(
+            hidden,
+            weight,
+            target_ids,
+            mask,
+            advantages,
+            self.config,
+            old_logp=old_logp,
+            ref_logp=ref_logp,
+            bias=bias,
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
+            normalizer=normalizer,
+        )
+
+    def extra_repr(self) -> str:
+        return f"config={self.config.name or 'custom'}, temperature={self.temperature}, chunk_size={self.chunk_size}"
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _check_scalars(temperature: float, chunk_size: int | None) -> None:
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 (real tokens per chunk), got {chunk_size}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+
+
+def _check_inputs(
+    hidden: Any,
+    weight: Any,
+    target_ids: Any,
+    mask: Any,
+    advantages: Any,
+    bias: Any,
+    temperature: float,
+    chunk_size: int | None,
+) -> None:
+    """Errors that name the argument, what it got and what was expected."""
+    _check_scalars(temperature, chunk_size)
+    for name, x in (("hidden", hidden), ("weight", weight), ("target_ids", target_ids), ("mask", mask)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (B, T, H), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (V, H) like nn.Linear(H, V).weight, got shape {tuple(weight.shape)}")
+    b, t, h = hidden.shape
+    v = weight.shape[0]
+    if weight.shape[1] != h:
+        hint = " (did you pass weight.T?)" if weight.shape[0] == h else ""
+        raise ValueError(
+            f"hidden size mismatch: hidden is (B, T, H) = {tuple(hidden.shape)} but weight is (V, H) = "
+            f"{tuple(weight.shape)}; expected weight.shape[1] == {h}{hint}"
+        )
+    if not hidden.is_floating_point() or not weight.is_floating_point():
+        raise TypeError(f"hidden and weight must be floating point, got {hidden.dtype} and {weight.dtype}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"hidden is {hidden.dtype} but weight is {weight.dtype}: the products need one dtype; cast one, "
+            f"e.g. hidden.to(weight.dtype) (bf16 weights: keep hidden in bf16, the softmax runs in float32)"
+        )
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (v,):
+            raise ValueError(f"bias must have shape (V,) = ({v},), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias is {bias.dtype} but weight is {weight.dtype}; cast the bias to {weight.dtype}")
+    for name, x in (("weight", weight), ("target_ids", target_ids), ("mask", mask), ("bias", bias)):
+        if x is not None and x.device != hidden.device:
+            raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}; move them to one device")
+    if tuple(target_ids.shape) != (b, t):
+        raise ValueError(f"target_ids must have shape (B, T) = {(b, t)}, got {tuple(target_ids.shape)}")
+    if target_ids.is_floating_point() or target_ids.dtype == torch.bool or target_ids.is_complex():
+        raise TypeError(f"target_ids must be an integer tensor, got dtype {target_ids.dtype}")
+    if tuple(mask.shape) != (b, t):
+        raise ValueError(f"mask must have shape (B, T) = {(b, t)}, got {tuple(mask.shape)}")
+    if isinstance(advantages, Tensor) and tuple(advantages.shape) != (b,):
+        raise ValueError(f"advantages must have shape (B,) = ({b},), got {tuple(advantages.shape)}")
+    bad = ((target_ids < 0) | (target_ids >= v)) & mask.bool()
+    if bool(bad.any()):
+        first = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
+        raise ValueError(
+            f"target_ids must be in [0, V) = [0, {v}) where mask is 1, got {int(target_ids[first])} at position {first}"
+        )

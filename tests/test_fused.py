@@ -1,0 +1,359 @@
+"""drgrpo.fused against the logits path: loss, metrics, log-probs and the gradients of hidden, weight, bias.
+
+The logits path is ``policy_loss(log_softmax((h W^T + b) / tau)[y])`` with autograd; small sizes only.
+Odd sizes on purpose: V = 37 (prime), T = 9 with chunks of 4 or 5 (T is not a multiple), ragged masks,
+an empty row, padding targets = -100 (must be ignored).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from drgrpo import LossConfig, StepNormalizer, policy_loss
+from drgrpo.config import AGGREGATIONS
+from drgrpo.fused import FusedPolicyLoss, chunked_logprobs, default_chunk_size, fused_policy_loss
+
+CORE_PRESETS = ("dr_grpo", "grpo", "dapo", "bnpo", "gspo", "cispo", "sapo", "seed")
+L = 12  # the constant of seq-mean-token-sum-norm
+
+
+def preset(name: str, **overrides) -> LossConfig:
+    return LossConfig.preset(name, max_completion_length=L, **overrides)
+
+
+def make(b=6, t=9, h=8, v=37, *, dtype=torch.float64, seed=0, bias=True, empty_row=True, tau=0.7):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, h, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, h, generator=g, dtype=torch.float64) * 0.6).to(dtype).requires_grad_(True)
+    b_ = (torch.randn(v, generator=g, dtype=torch.float64) * 0.3).to(dtype).requires_grad_(True) if bias else None
+    target = torch.randint(0, v, (b, t), generator=g)
+    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    lengths[0] = t
+    if empty_row:
+        lengths[2] = 0
+    mask = (torch.arange(t)[None] < lengths[:, None]).to(torch.float64)
+    target = torch.where(mask.bool(), target, torch.full_like(target, -100))  # padding ids are garbage
+    adv = torch.randn(b, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        lp = logits_logp(hidden.double(), weight.double(), target, None if b_ is None else b_.double(), tau)
+    old = lp + 0.15 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    ref = lp + 0.15 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    return dict(hidden=hidden, weight=weight, bias=b_, target=target, mask=mask, adv=adv, old=old, ref=ref, tau=tau)
+
+
+def logits_logp(hidden, weight, target, bias, tau):
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    lp = torch.log_softmax((z / tau).to(torch.promote_types(z.dtype, torch.float32)), dim=-1)
+    return lp.gather(-1, target.clamp_min(0)[..., None]).squeeze(-1)
+
+
+def params(d):
+    return [p for p in (d["hidden"], d["weight"], d["bias"]) if p is not None and p.requires_grad]
+
+
+def both(d, config, *, chunk_size=5, old=True, ref=True, normalizer=None):
+    """(logits-path output, its grads), (fused output, its grads)."""
+    lp = logits_logp(d["hidden"], d["weight"], d["target"], d["bias"], d["tau"])
+    kw = dict(ref_logp=d["ref"] if ref else None, normalizer=normalizer)
+    ref_out = policy_loss(lp, d["old"] if old else None, d["adv"], d["mask"], config, **kw)
+    ref_grads = torch.autograd.grad(ref_out.loss, params(d))
+    out = fused_policy_loss(
+        d["hidden"], d["weight"], d["target"], d["mask"], d["adv"], config,
+        old_logp=d["old"] if old else None, bias=d["bias"], temperature=d["tau"], chunk_size=chunk_size, **kw,
+    )  # fmt: skip
+    grads = torch.autograd.grad(out.loss, params(d))
+    return (ref_out, ref_grads, lp.detach()), (out, grads)
+
+
+def assert_close(a, b, rtol, what):
+    scale = b.abs().max().clamp_min(1e-30)
+    err = ((a.double() - b.double()).abs().max() / scale).item()
+    assert err <= rtol, f"{what}: max relative error {err:.2e} > {rtol:.0e}"
+
+
+def check(d, config, rtol, **kw):
+    (ref_out, ref_grads, lp), (out, grads) = both(d, config, **kw)
+    assert out.loss.shape == ()
+    assert_close(out.loss, ref_out.loss, rtol, "loss")
+    for name, a, b in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert_close(a, b, rtol, f"d loss / d {name}")
+    m = d["mask"].bool()
+    assert out.logp.shape == d["mask"].shape
+    assert_close(out.logp[m], lp[m].to(out.logp.dtype), rtol, "logp")
+    assert (out.logp[~m] == 0).all()
+    assert set(out.metrics) == set(ref_out.metrics)
+    for k in ref_out.metrics:  # absolute for values below 1: kl_mean of nearby log-probs cancels
+        err = (out.metrics[k].double() - ref_out.metrics[k].double()).abs().item()
+        assert err <= rtol * max(1.0, ref_out.metrics[k].abs().item()), f"metric {k}: error {err:.2e}"
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("name", CORE_PRESETS)
+def test_every_core_preset_float64(name):
+    # KL with ref_logp (used by grpo and seed, beta 0.04), temperature 0.7, bias, ragged + empty rows
+    check(make(seed=1), preset(name), 1e-10)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_every_aggregation_float64(aggregation, ratio_level):
+    config = preset("dapo", aggregation=aggregation, ratio_level=ratio_level, beta=0.02, kl="k3")
+    check(make(seed=2), config, 1e-10)
+
+
+@pytest.mark.parametrize("name", ["dapo", "gspo", "grpo"])
+def test_float32_one_in_a_million(name):
+    check(make(seed=3, dtype=torch.float32), preset(name), 1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 9, 10, 1000])
+def test_chunk_sizes_agree(chunk_size):
+    # T = 9: chunks of 4 or 5 straddle rows; 1 and 1000 are the extremes
+    check(make(seed=4), preset("dapo"), 1e-10, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("chunk_size", [3, 9, 40])
+def test_sequence_level_chunks_of_whole_rows_or_two_passes(chunk_size):
+    # GSPO couples a row: rows of up to 9 tokens fit chunks of 9 or 40 (one pass), not 3 (two passes)
+    check(make(seed=5), preset("gspo", clip_low=0.05, clip_high=0.05), 1e-10, chunk_size=chunk_size)
+
+
+def test_on_policy_old_logp_none():
+    check(make(seed=6), preset("grpo"), 1e-10, old=False)
+
+
+def test_no_bias_temperature_one_and_no_empty_row():
+    d = make(seed=7, bias=False, empty_row=False, tau=1.0)
+    check(d, preset("dr_grpo"), 1e-10)
+
+
+def test_non_contiguous_hidden_and_bool_mask():
+    # hidden as a trainer slices it from the model output: (B, T + 2, H)[:, 1:-1] is not contiguous
+    d = make(seed=17)
+    big = torch.randn(6, 11, 8, dtype=torch.float64, requires_grad=True)
+    d["hidden"] = big[:, 1:-1]
+    assert not d["hidden"].is_contiguous()
+    d["mask"] = d["mask"].bool()
+    (_, ref_grads, _), (_, grads) = both(d, preset("dapo"), chunk_size=4)
+    assert_close(grads[0], ref_grads[0], 1e-10, "dh of a strided hidden")
+    assert_close(grads[1], ref_grads[1], 1e-10, "dW of a strided hidden")
+
+
+def test_step_normalizer():
+    d = make(seed=8)
+    norm = StepNormalizer(num_tokens=40.0, num_sequences=16.0, max_completion_length=20, world_size=2)
+    check(d, preset("dapo"), 1e-10, normalizer=norm)
+    check(d, preset("dr_grpo"), 1e-10, normalizer=norm)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bfloat16_documented_tolerance(seed):
+    # bf16 inputs against a float32 logits path on the same (bf16-rounded) inputs. On-policy (ratio 1) so
+    # that no token crosses a clip boundary because of rounding (that changes any bf16 path's gradient).
+    d16 = make(seed=seed, h=64, v=301, dtype=torch.bfloat16, tau=0.9)
+    d32 = {k: (v.detach().float().requires_grad_(True) if k in ("hidden", "weight", "bias") else v)
+           for k, v in d16.items()}  # fmt: skip
+    config = preset("grpo")  # with the k3 KL (beta 0.04)
+    (ref_out, ref_grads, _), _ = both(d32, config, old=False)
+    out = fused_policy_loss(
+        d16["hidden"], d16["weight"], d16["target"], d16["mask"], d16["adv"], config,
+        ref_logp=d16["ref"], bias=d16["bias"], temperature=d16["tau"], chunk_size=5,
+    )  # fmt: skip
+    assert out.loss.dtype == torch.float32 and out.logp.dtype == torch.float32
+    grads = torch.autograd.grad(out.loss, params(d16))
+    assert abs(out.loss.item() - ref_out.loss.item()) <= 2e-3 * abs(ref_out.loss.item())
+    for a, b in zip(grads, ref_grads):
+        assert a.dtype == torch.bfloat16
+        rel = ((a.float() - b).norm() / b.norm()).item()
+        assert rel <= 3e-2, f"bf16 gradient relative error {rel:.2e}"
+
+
+def test_gradcheck_float64():
+    d = make(b=3, t=3, h=2, v=5, seed=10)
+    for config in (preset("dapo"), preset("gspo", clip_low=0.5, clip_high=0.5), preset("seed")):
+
+        def f(hidden, weight, bias, config=config):
+            return fused_policy_loss(
+                hidden, weight, d["target"], d["mask"], d["adv"], config,
+                old_logp=d["old"], ref_logp=d["ref"], bias=bias, temperature=d["tau"], chunk_size=2,
+            ).loss  # fmt: skip
+
+        assert torch.autograd.gradcheck(f, (d["hidden"], d["weight"], d["bias"]))
+
+
+# --------------------------------------------------------------------------- autograd plumbing
+
+
+def test_backward_scales_by_upstream_gradient_and_accumulates():
+    d = make(seed=11)
+    config = preset("dapo")
+    (_, ref_grads, _), _ = both(d, config)
+    out = fused_policy_loss(d["hidden"], d["weight"], d["target"], d["mask"], d["adv"], config,
+                            old_logp=d["old"], bias=d["bias"], temperature=d["tau"], chunk_size=4,
+                            ref_logp=d["ref"])  # fmt: skip
+    (2.5 * out.loss + 1.0).backward(retain_graph=True)
+    assert_close(d["weight"].grad, 2.5 * ref_grads[1], 1e-10, "scaled dW")
+    assert_close(d["hidden"].grad, 2.5 * ref_grads[0], 1e-10, "scaled dh")
+    d["weight"].grad = None
+    out.loss.backward()  # the graph was retained: a second backward gives the same gradients again
+    assert_close(d["weight"].grad, ref_grads[1], 1e-10, "dW of a second backward")
+
+
+def test_frozen_weight_and_no_grad():
+    d = make(seed=12)
+    d["weight"].requires_grad_(False)
+    d["bias"] = None
+    config = preset("dapo")
+    (ref_out, ref_grads, _), (out, grads) = both(d, config)
+    assert len(grads) == 1
+    assert_close(grads[0], ref_grads[0], 1e-10, "dh with a frozen lm_head")
+    with torch.no_grad():
+        out = fused_policy_loss(d["hidden"], d["weight"], d["target"], d["mask"], d["adv"], config,
+                                old_logp=d["old"], temperature=d["tau"])  # fmt: skip
+    assert not out.loss.requires_grad
+    assert_close(out.loss, ref_out.loss, 1e-10, "loss under no_grad")
+
+
+def test_all_padding_gives_zero_loss_and_gradients():
+    d = make(seed=13)
+    d["mask"] = torch.zeros_like(d["mask"])
+    out = fused_policy_loss(d["hidden"], d["weight"], d["target"], d["mask"], d["adv"], preset("dapo"),
+                            old_logp=d["old"], bias=d["bias"])  # fmt: skip
+    out.loss.backward()
+    assert out.loss.item() == 0
+    assert (d["weight"].grad == 0).all() and (d["hidden"].grad == 0).all() and (d["bias"].grad == 0).all()
+
+
+def test_module_wrapper_reads_the_output_layer():
+    torch.manual_seed(0)
+    lm_head = nn.Linear(8, 37, bias=True, dtype=torch.float64)
+    d = make(seed=14, h=8, v=37)
+    d["weight"], d["bias"] = lm_head.weight, lm_head.bias
+    config = preset("grpo")
+    (_, ref_grads, _), _ = both(d, config)
+    loss_fn = FusedPolicyLoss(config, temperature=d["tau"], chunk_size=4)
+    assert "chunk_size=4" in repr(loss_fn)
+    out = loss_fn(d["hidden"], lm_head, d["target"], d["mask"], d["adv"], old_logp=d["old"], ref_logp=d["ref"])
+    out.loss.backward()
+    assert_close(lm_head.weight.grad, ref_grads[1], 1e-10, "lm_head.weight.grad")
+    assert_close(lm_head.bias.grad, ref_grads[2], 1e-10, "lm_head.bias.grad")
+    assert_close(d["hidden"].grad, ref_grads[0], 1e-10, "hidden.grad")
+    # a bare weight tensor works too (no bias)
+    out = loss_fn(d["hidden"].detach(), lm_head.weight.detach(), d["target"], d["mask"], d["adv"], ref_logp=d["ref"])
+    assert out.loss.shape == ()
+
+
+def test_chunked_logprobs():
+    d = make(seed=15)
+    lp = logits_logp(d["hidden"], d["weight"], d["target"], d["bias"], d["tau"]).detach()
+    got = chunked_logprobs(d["hidden"], d["weight"], d["target"], d["mask"], bias=d["bias"], temperature=d["tau"],
+                           chunk_size=4)  # fmt: skip
+    m = d["mask"].bool()
+    assert_close(got[m], lp[m], 1e-12, "chunked_logprobs")
+    assert (got[~m] == 0).all()
+    full = chunked_logprobs(d["hidden"], d["weight"], d["target"].clamp_min(0), bias=d["bias"], temperature=d["tau"])
+    assert_close(full, lp, 1e-12, "chunked_logprobs without mask")
+
+
+def test_default_chunk_size():
+    assert default_chunk_size(32000) == 1024
+    assert default_chunk_size(151936) == 512  # float32 buffer capped at 320 MiB
+    assert default_chunk_size(10**7) == 64
+    for v in (1000, 50257, 151936, 262144):
+        assert default_chunk_size(v) * v * 4 <= 320 * 2**20 or default_chunk_size(v) == 64
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def call(d, **overrides):
+    kw = dict(hidden=d["hidden"], weight=d["weight"], target_ids=d["target"], mask=d["mask"], advantages=d["adv"],
+              config=preset("dapo"))  # fmt: skip
+    kw.update(overrides)
+    return fused_policy_loss(**kw)
+
+
+def test_error_hidden_weight_size_mismatch():
+    d = make()
+    with pytest.raises(ValueError, match=r"hidden size mismatch.*weight.shape\[1\] == 8"):
+        call(d, weight=torch.randn(37, 9, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"did you pass weight\.T"):
+        call(d, weight=torch.randn(8, 37, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"hidden must be \(B, T, H\)"):
+        call(d, hidden=d["hidden"].reshape(-1, 8))
+
+
+def test_error_target_ids_out_of_range():
+    d = make()
+    bad = d["target"].clone()
+    bad[0, 0] = 37
+    with pytest.raises(ValueError, match=r"target_ids must be in \[0, V\) = \[0, 37\).*got 37 at position \(0, 0\)"):
+        call(d, target_ids=bad)
+    bad[0, 0] = -1
+    with pytest.raises(ValueError, match="got -1"):
+        call(d, target_ids=bad)
+    with pytest.raises(TypeError, match="integer"):
+        call(d, target_ids=d["target"].double())
+
+
+def test_error_mixed_dtypes():
+    d = make()
+    with pytest.raises(TypeError, match=r"hidden is torch\.float32 but weight is torch\.float64"):
+        call(d, hidden=d["hidden"].float())
+    with pytest.raises(TypeError, match=r"bias is torch\.float32"):
+        call(d, bias=torch.zeros(37))
+
+
+def test_error_chunk_size_and_temperature():
+    d = make()
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+            call(d, chunk_size=bad)
+    with pytest.raises(TypeError, match="chunk_size must be an int"):
+        call(d, chunk_size=2.5)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        call(d, temperature=0.0)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        FusedPolicyLoss(preset("dapo"), chunk_size=0)
+
+
+def test_error_shapes_and_missing_ref():
+    d = make()
+    with pytest.raises(ValueError, match="mask must have shape"):
+        call(d, mask=d["mask"][:, :-1])
+    with pytest.raises(ValueError, match="advantages must have shape"):
+        call(d, advantages=d["adv"][:-1])
+    with pytest.raises(ValueError, match="bias must have shape"):
+        call(d, bias=torch.zeros(36, dtype=torch.float64))
+    with pytest.raises(ValueError, match="needs ref_logp"):
+        call(d, config=preset("grpo"))
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu(dtype):
+    d = make(seed=16, h=64, v=1001, dtype=dtype)
+    config = preset("grpo")
+    kw = dict(old_logp=d["old"], ref_logp=d["ref"], temperature=d["tau"], chunk_size=7)
+    cpu = fused_policy_loss(d["hidden"], d["weight"], d["target"], d["mask"], d["adv"], config, bias=d["bias"], **kw)
+    cpu_grads = torch.autograd.grad(cpu.loss, params(d))
+    dc = {k: (v.detach().cuda().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+          for k, v in d.items()}  # fmt: skip
+    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    gpu = fused_policy_loss(dc["hidden"], dc["weight"], dc["target"], dc["mask"], dc["adv"], config, bias=dc["bias"],
+                            **kw)  # fmt: skip
+    gpu_grads = torch.autograd.grad(gpu.loss, params(dc))
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert abs(gpu.loss.item() - cpu.loss.item()) <= tol * abs(cpu.loss.item())
+    for a, b in zip(gpu_grads, cpu_grads):
+        assert ((a.cpu().float() - b.float()).norm() / b.float().norm()).item() <= tol
