@@ -1,0 +1,5 @@
+"""``python -m drgrpo`` (and ``torchrun -m drgrpo``): the ``drgrpo`` command line."""
+
+from drgrpo.cli import main
+
+raise SystemExit(main())

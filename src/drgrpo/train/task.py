@@ -1,0 +1,155 @@
+r"""The built-in verifiable task: integer addition with an exact-match reward.
+
+A prompt is two zero-padded operands written digit by digit, so every prompt has the same
+number of tokens (no padding inside a batch of prompts)::
+
+    prompt      "3 7 + 0 5 ="
+    completion  "4 2 . . ."          (then the end-of-sequence token)
+
+The completion is the decimal digits of the sum and zero or more *working* tokens ``"."``,
+after the answer by default (``work_position="after"``) or before it (``"before"``). The
+working tokens carry no information, so the length of a completion can vary independently
+of its correctness. (Placed before the answer they also give the model extra positions to
+compute in, "pause tokens", so RL learns to use them all and length then correlates with
+correctness; after the answer they are pure length.) That is what the Dr. GRPO
+length-bias experiment needs: under GRPO's per-sequence ``1/|o_i|`` a long wrong answer
+is penalised less per token than a short one, so the length of *incorrect* completions
+can drift while the length of correct ones does not (Liu et al. 2025, arXiv 2503.20783).
+
+Train and held-out splits are disjoint sets of operand pairs drawn from one seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+WORK_TOKEN = "."
+"""The working token: filler a completion may emit before its answer."""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The built-in addition task."""
+
+    max_operand: int = 49
+    """Operands are drawn from ``0..max_operand`` inclusive."""
+    max_work: int = 4
+    """The warm-start data put ``0..max_work`` working tokens in each completion (uniformly)."""
+    work_position: str = "after"
+    """Where working tokens go: "after" the answer (pure length) or "before" it (also extra compute)."""
+    num_eval: int = 200
+    """Size of the held-out split (operand pairs never seen in training)."""
+    seed: int = 1234
+    """Seed of the train/held-out split (independent of the training seed)."""
+
+    def __post_init__(self) -> None:
+        if self.max_operand < 1:
+            raise ValueError(f"TaskConfig.max_operand must be >= 1, got {self.max_operand}")
+        if self.work_position not in ("before", "after"):
+            raise ValueError(f"TaskConfig.work_position must be 'before' or 'after', got {self.work_position!r}")
+        if self.max_work < 0:
+            raise ValueError(f"TaskConfig.max_work must be >= 0, got {self.max_work}")
+        pairs = (self.max_operand + 1) ** 2
+        if not 0 < self.num_eval < pairs:
+            raise ValueError(
+                f"TaskConfig.num_eval must be in 1..{pairs - 1} (there are {pairs} operand pairs), "
+                f"got {self.num_eval}"
+            )
+
+    @property
+    def width(self) -> int:
+        """Digits per operand in a prompt (operands are zero-padded to this width)."""
+        return len(str(self.max_operand))
+
+    @property
+    def max_answer_tokens(self) -> int:
+        """Digits of the largest answer."""
+        return len(str(2 * self.max_operand))
+
+
+def _digits(n: int, width: int | None = None) -> str:
+    s = str(n) if width is None else str(n).zfill(width)
+    return " ".join(s)
+
+
+def make_example(a: int, b: int, config: TaskConfig) -> dict[str, Any]:
+    """One example: ``{"prompt", "answer", "a", "b"}`` (the answer as a decimal string)."""
+    w = config.width
+    return {"prompt": f"{_digits(a, w)} + {_digits(b, w)} =", "answer": str(a + b), "a": a, "b": b}
+
+
+def make_splits(config: TaskConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """All operand pairs, shuffled with ``config.seed``, split into (train, held-out)."""
+    pairs = [(a, b) for a in range(config.max_operand + 1) for b in range(config.max_operand + 1)]
+    random.Random(config.seed).shuffle(pairs)
+    held_out = [make_example(a, b, config) for a, b in pairs[: config.num_eval]]
+    train = [make_example(a, b, config) for a, b in pairs[config.num_eval :]]
+    return train, held_out
+
+
+def format_completion(answer: str, num_work: int, work_position: str = "after") -> str:
+    """The completion text: ``answer``'s digits and ``num_work`` working tokens (after or before it)."""
+    work, digits = [WORK_TOKEN] * num_work, list(answer)
+    return " ".join(digits + work if work_position == "after" else work + digits)
+
+
+def parse_answer(completion: str) -> str | None:
+    """The answer of a completion, or ``None`` if it is not ``[.]* digits [.]*``.
+
+    Working tokens may come before or after the answer (not inside it). Tokens are
+    whitespace-separated; the digits may be split over several tokens (``"4 2"`` and
+    ``"42"`` both read as ``"42"``).
+    """
+    tokens = completion.split()
+    lo, hi = 0, len(tokens)
+    while lo < hi and tokens[lo] == WORK_TOKEN:
+        lo += 1
+    while hi > lo and tokens[hi - 1] == WORK_TOKEN:
+        hi -= 1
+    digits = tokens[lo:hi]
+    if not digits or not all(t.isascii() and t.isdigit() for t in digits):
+        return None
+    return "".join(digits)
+
+
+def count_work(completion: str) -> int:
+    """Number of working tokens in a completion."""
+    return sum(t == WORK_TOKEN for t in completion.split())
+
+
+def exact_match(completion: str, example: dict[str, Any]) -> float:
+    """Reward: 1.0 if the completion's answer equals ``example["answer"]``, else 0.0.
+
+    Working tokens around the answer are allowed and ignored; anything else (a missing
+    answer, a stray symbol, a working token inside the number, a leading zero the true
+    answer lacks) scores 0.
+    """
+    return 1.0 if parse_answer(completion) == str(example["answer"]) else 0.0
+
+
+def sft_pairs(
+    examples: list[dict[str, Any]], config: TaskConfig, rng: random.Random
+) -> Iterator[tuple[str, str]]:
+    """Endless (prompt, completion) pairs for the warm start, with a random working length."""
+    while True:
+        ex = examples[rng.randrange(len(examples))]
+        yield ex["prompt"], format_completion(ex["answer"], rng.randint(0, config.max_work), config.work_position)
+
+
+def write_jsonl(examples: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write examples as JSON lines (the dataset format ``drgrpo train --dataset`` reads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for ex in examples:
+            f.write(json.dumps(ex) + "\n")
+    return path
+
+
+def task_config_dict(config: TaskConfig) -> dict[str, Any]:
+    return asdict(config)

@@ -1,0 +1,77 @@
+r"""A tiny Hugging Face causal LM and tokenizer built locally: no download, ever.
+
+The default run takes the same code path as a real model: the tokenizer is a
+``transformers.PreTrainedTokenizerFast`` wrapping a ``tokenizers`` word-level vocabulary,
+and the model is a ``transformers.LlamaForCausalLM`` built from a config. Both are saved
+with ``save_pretrained`` and loaded back with the ``Auto*`` classes like any local model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from drgrpo.train.task import WORK_TOKEN
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+VOCAB: tuple[str, ...] = (PAD, BOS, EOS, UNK, *"0123456789", "+", "-", "=", WORK_TOKEN)
+"""The whole vocabulary of the built-in task (V = 18)."""
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Shape of the built-in Llama-style model."""
+
+    hidden_size: int = 64
+    """Width H of the residual stream."""
+    num_layers: int = 2
+    """Number of transformer blocks."""
+    num_heads: int = 4
+    """Attention heads per block (head size H / num_heads)."""
+    intermediate_size: int = 256
+    """Width of the SwiGLU MLP."""
+    max_positions: int = 64
+    """Longest sequence (prompt + completion) the model accepts."""
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A whitespace-separated word-level tokenizer over :data:`VOCAB`.
+
+    Encoding adds nothing (prompts are plain text); ``<bos>`` is unused by the task,
+    ``<eos>`` ends a completion, ``<pad>`` pads a batch.
+    """
+    vocab = {tok: i for i, tok in enumerate(VOCAB)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
+    )
+    tok.padding_side = "left"  # generation appends on the right
+    return tok
+
+
+def build_model(config: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
+    """A randomly initialised ``LlamaForCausalLM`` of the given shape (float32)."""
+    hf_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        max_position_embeddings=config.max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(hf_config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
