@@ -16,11 +16,39 @@ from drgrpo.cli import build_parser, main, train_config_from_args
 from drgrpo.train import TrainConfig
 
 TINY = [
-    "--tiny-hidden-size", "16", "--tiny-num-layers", "1", "--tiny-num-heads", "2", "--tiny-intermediate-size", "32",
-    "--task-max-operand", "9", "--task-num-eval", "20", "--task-max-work", "2",
-    "--warm-start-steps", "20", "--warm-start-batch-size", "16", "--warm-start-lr", "0.01",
-    "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "5", "--micro-batch-size", "8",
-    "--eval-size", "8", "--lr", "0.01", "--no-progress",
+    "--tiny-hidden-size",
+    "16",
+    "--tiny-num-layers",
+    "1",
+    "--tiny-num-heads",
+    "2",
+    "--tiny-intermediate-size",
+    "32",
+    "--task-max-operand",
+    "9",
+    "--task-num-eval",
+    "20",
+    "--task-max-work",
+    "2",
+    "--warm-start-steps",
+    "20",
+    "--warm-start-batch-size",
+    "16",
+    "--warm-start-lr",
+    "0.01",
+    "--prompts-per-step",
+    "4",
+    "--group-size",
+    "4",
+    "--max-new-tokens",
+    "5",
+    "--micro-batch-size",
+    "8",
+    "--eval-size",
+    "8",
+    "--lr",
+    "0.01",
+    "--no-progress",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -46,8 +74,19 @@ def test_cli_smoke_train_eval_plot(tmp_path: Path) -> None:
     assert [r["step"] for r in steps] == [1, 2]
     assert all(r["eval/num_prompts"] == 8 for r in evals)
     for r in steps:
-        for key in ("reward", "accuracy", "length", "length_correct", "length_incorrect", "kl", "clip_frac_low",
-                    "clip_frac_high", "grad_norm", "tokens_per_s", "loss"):
+        for key in (
+            "reward",
+            "accuracy",
+            "length",
+            "length_correct",
+            "length_incorrect",
+            "kl",
+            "clip_frac_low",
+            "clip_frac_high",
+            "grad_norm",
+            "tokens_per_s",
+            "loss",
+        ):
             assert key in r, key
         assert 1 <= r["length"] <= 5
     ckpt = run / "checkpoints" / "step_000002"
@@ -72,9 +111,23 @@ def test_cli_smoke_train_eval_plot(tmp_path: Path) -> None:
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "drgrpo", "train", "--output-dir", str(run), "--steps", "100000", "--eval-every", "0",
-         *TINY],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        [
+            sys.executable,
+            "-m",
+            "drgrpo",
+            "train",
+            "--output-dir",
+            str(run),
+            "--steps",
+            "100000",
+            "--eval-every",
+            "0",
+            *TINY,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
     )
     metrics = run / "metrics.jsonl"
     try:
@@ -130,9 +183,31 @@ def test_dataset_without_prompt_field(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_flags_map_to_config_fields() -> None:
     ns = build_parser().parse_args(
-        ["train", "--loss", "dapo", "--clip-high", "0.3", "--beta", "0.01", "--kl", "k1", "--lr", "1e-4",
-         "--no-ref-kl", "--task-max-operand", "20", "--tiny-hidden-size", "32", "--reward", "a:b", "--reward", "c:d",
-         "--reward-weights", "1", "0.5"]
+        [
+            "train",
+            "--loss",
+            "dapo",
+            "--clip-high",
+            "0.3",
+            "--beta",
+            "0.01",
+            "--kl",
+            "k1",
+            "--lr",
+            "1e-4",
+            "--no-ref-kl",
+            "--task-max-operand",
+            "20",
+            "--tiny-hidden-size",
+            "32",
+            "--reward",
+            "a:b",
+            "--reward",
+            "c:d",
+            "--reward-weights",
+            "1",
+            "0.5",
+        ]
     )
     cfg = train_config_from_args(ns)
     assert isinstance(cfg, TrainConfig)
@@ -144,6 +219,20 @@ def test_flags_map_to_config_fields() -> None:
     assert (lc.clip_high, lc.beta, lc.kl, lc.aggregation) == (0.3, 0.01, "k1", "token-mean")
     # every TrainConfig field is documented in --help
     help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()  # type: ignore[union-attr]
-    for flag in ("--group-size", "--max-new-tokens", "--ppo-epochs", "--micro-batch-size", "--temperature", "--top-p",
-                 "--grad-clip", "--seed", "--device", "--dtype", "--fused", "--resume", "--clip-low", "--aggregation"):
+    for flag in (
+        "--group-size",
+        "--max-new-tokens",
+        "--ppo-epochs",
+        "--micro-batch-size",
+        "--temperature",
+        "--top-p",
+        "--grad-clip",
+        "--seed",
+        "--device",
+        "--dtype",
+        "--fused",
+        "--resume",
+        "--clip-low",
+        "--aggregation",
+    ):
         assert flag in help_text, flag

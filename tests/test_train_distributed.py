@@ -23,14 +23,35 @@ def test_two_processes(tmp_path: Path) -> None:
     path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "drgrpo", "train", "--output-dir", str(run), "--steps", "3", "--eval-every", "3",
-        "--checkpoint-every", "1", "--ppo-epochs", "2", *TINY, "--micro-batch-size", "4",
-        "--reward", "dense_reward:shorter",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "drgrpo",
+        "train",
+        "--output-dir",
+        str(run),
+        "--steps",
+        "3",
+        "--eval-every",
+        "3",
+        "--checkpoint-every",
+        "1",
+        "--ppo-epochs",
+        "2",
+        *TINY,
+        "--micro-batch-size",
+        "4",
+        "--reward",
+        "dense_reward:shorter",
     ]
     # own session: on a timeout the whole process group (torchrun and both workers) is killed, no orphans
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     try:
         _, err = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:

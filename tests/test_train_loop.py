@@ -23,8 +23,19 @@ TINY_WARM = WarmStartConfig(steps=20, batch_size=16, lr=1e-2, model=TINY_MODEL)
 
 def tiny(out: Path, **kw) -> TrainConfig:
     base = dict(
-        output_dir=str(out), steps=6, prompts_per_step=4, group_size=4, max_new_tokens=5, micro_batch_size=8,
-        lr=1e-2, eval_every=0, eval_size=8, checkpoint_every=0, progress=False, task=TINY_TASK, warm_start=TINY_WARM,
+        output_dir=str(out),
+        steps=6,
+        prompts_per_step=4,
+        group_size=4,
+        max_new_tokens=5,
+        micro_batch_size=8,
+        lr=1e-2,
+        eval_every=0,
+        eval_size=8,
+        checkpoint_every=0,
+        progress=False,
+        task=TINY_TASK,
+        warm_start=TINY_WARM,
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -80,13 +91,13 @@ def test_checkpoint_contents(tmp_path: Path) -> None:
     assert set(rng) >= {"python", "numpy", "torch"}
 
 
-FLAKY = '''
+FLAKY = """
 CALLS = {"n": 0}
 def flaky(completion, example):
     CALLS["n"] += 1
     return float("nan") if CALLS["n"] > LIMIT else 1.0
 LIMIT = 0
-'''
+"""
 
 
 def test_reward_failure_keeps_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,9 +119,17 @@ def test_real_model_path_with_reference_kl(tmp_path: Path) -> None:
     write_jsonl([{"prompt": e["prompt"], "answer": e["answer"]} for e in train_ex], tmp_path / "train.jsonl")
     write_jsonl(held, tmp_path / "held.jsonl")
     cfg = tiny(
-        tmp_path / "run", steps=3, model=str(model_dir), dataset=str(tmp_path / "train.jsonl"),
-        eval_dataset=str(tmp_path / "held.jsonl"), eval_every=3, rewards=("drgrpo.train.task:exact_match",),
-        loss="grpo", loss_overrides=(("beta", 0.04),), ppo_epochs=1, micro_batch_size=4,
+        tmp_path / "run",
+        steps=3,
+        model=str(model_dir),
+        dataset=str(tmp_path / "train.jsonl"),
+        eval_dataset=str(tmp_path / "held.jsonl"),
+        eval_every=3,
+        rewards=("drgrpo.train.task:exact_match",),
+        loss="grpo",
+        loss_overrides=(("beta", 0.04),),
+        ppo_epochs=1,
+        micro_batch_size=4,
     )
     result = train(cfg)
     rows = steps_of(tmp_path / "run")

@@ -88,14 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     from drgrpo.train.tiny import TinyModelConfig
 
     parser = argparse.ArgumentParser(
-        prog="drgrpo", description="Dr. GRPO and the GRPO family: train, evaluate, plot.",
+        prog="drgrpo",
+        description="Dr. GRPO and the GRPO family: train, evaluate, plot.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     # ---- train
     tr = sub.add_parser(
-        "train", help="train with Dr. GRPO (or any GRPO-family loss)",
+        "train",
+        help="train with Dr. GRPO (or any GRPO-family loss)",
         description=(
             "Without --model: build a tiny Llama-style model locally, warm-start it on the built-in addition task, "
             "then run Dr. GRPO on it (about 2 minutes on a 2-core CPU). With --model PATH: any local Hugging Face "
@@ -105,13 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     run = tr.add_argument_group("run")
     _add_fields(run, TrainConfig, "", "train.", _TRAIN_SKIP)
     run.add_argument(
-        "--reward", dest="train.rewards", action="append", default=argparse.SUPPRESS, metavar="MODULE:FUNCTION",
+        "--reward",
+        dest="train.rewards",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="MODULE:FUNCTION",
         help="a reward callable (completion: str, example: dict) -> float; repeat for several. The first is the "
         "correctness reward behind 'accuracy'. Default: drgrpo.train.task:exact_match (the built-in task).",
     )
     run.add_argument(
-        "--reward-weights", dest="train.reward_weights", nargs="+", type=float, default=argparse.SUPPRESS,
-        metavar="W", help="one weight per --reward (default: 1 each)",
+        "--reward-weights",
+        dest="train.reward_weights",
+        nargs="+",
+        type=float,
+        default=argparse.SUPPRESS,
+        metavar="W",
+        help="one weight per --reward (default: 1 each)",
     )
     loss = tr.add_argument_group(
         "loss", f"--loss picks a preset ({', '.join(preset_names())}); these flags override its fields."
@@ -125,19 +136,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- eval
     ev = sub.add_parser(
-        "eval", help="held-out accuracy and lengths of a checkpoint or local model",
+        "eval",
+        help="held-out accuracy and lengths of a checkpoint or local model",
         description="Evaluate --model (e.g. DIR/checkpoints/step_000120) on the held-out split it was trained "
         "with (the built-in task by default) or on --eval-dataset.",
     )
     ev.add_argument("--model", required=True, help="checkpoint or local Hugging Face model directory")
-    for name in ("eval_dataset", "prompt_field", "max_new_tokens", "eval_size", "eval_temperature", "top_p",
-                 "device", "dtype", "seed"):
+    for name in (
+        "eval_dataset",
+        "prompt_field",
+        "max_new_tokens",
+        "eval_size",
+        "eval_temperature",
+        "top_p",
+        "device",
+        "dtype",
+        "seed",
+    ):
         f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
         typ = {"int": int, "float": float}.get(str(f.type), str)
-        ev.add_argument(_flag("", name), dest="train." + name, type=typ, default=argparse.SUPPRESS,
-                        help=field_docs(TrainConfig).get(name, ""))
-    ev.add_argument("--reward", dest="train.rewards", action="append", default=argparse.SUPPRESS,
-                    metavar="MODULE:FUNCTION", help="reward callables (default: those of the checkpoint's run)")
+        ev.add_argument(
+            _flag("", name),
+            dest="train." + name,
+            type=typ,
+            default=argparse.SUPPRESS,
+            help=field_docs(TrainConfig).get(name, ""),
+        )
+    ev.add_argument(
+        "--reward",
+        dest="train.rewards",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="MODULE:FUNCTION",
+        help="reward callables (default: those of the checkpoint's run)",
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     # ---- plot
@@ -152,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         compare_module = None  # type: ignore[assignment]
     if compare_module is not None:
         cp = sub.add_parser(
-            "compare", help="train once per loss and seed from one warm start; plot lengths of correct vs incorrect",
+            "compare",
+            help="train once per loss and seed from one warm start; plot lengths of correct vs incorrect",
         )
         compare_module.add_arguments(cp)
     return parser

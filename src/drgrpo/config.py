@@ -212,6 +212,10 @@ def _load_peer_presets() -> None:
 # --------------------------------------------------------------------------- core presets
 
 
+GROUP_STD: dict[str, Any] = dict(advantage_std="group", std_unbiased=True, std_eps=1e-8)
+"""GRPO's advantage scaling, ``(r - mean_group) / (std_unbiased + 1e-8)``, shared by the core presets that keep it."""
+
+
 @register_preset("dr_grpo")
 def _dr_grpo() -> LossConfig:
     # Liu et al. 2025 (arXiv 2503.20783), Dr. GRPO:
@@ -226,9 +230,7 @@ def _grpo() -> LossConfig:
     # Shao et al. 2024 (DeepSeekMath, arXiv 2402.03300): group std, per-response 1/|o_i|, k3 KL.
     return LossConfig(
         aggregation="seq-mean-token-mean",
-        advantage_std="group",
-        std_unbiased=True,
-        std_eps=1e-8,
+        **GROUP_STD,
         kl="k3",
         beta=0.04,
         name="grpo",
@@ -240,8 +242,7 @@ def _dapo() -> LossConfig:
     # Yu et al. 2025 (arXiv 2503.14476): clip-higher 0.2/0.28, token-level mean, no KL.
     return LossConfig(
         aggregation="token-mean",
-        advantage_std="group",
-        std_eps=1e-8,
+        **GROUP_STD,
         clip_low=0.2,
         clip_high=0.28,
         beta=0.0,
@@ -252,7 +253,7 @@ def _dapo() -> LossConfig:
 @register_preset("bnpo")
 def _bnpo() -> LossConfig:
     # Batch-normalised policy optimisation: GRPO advantages, token-level mean over the batch.
-    return LossConfig(aggregation="token-mean", advantage_std="group", std_eps=1e-8, beta=0.0, name="bnpo")
+    return LossConfig(aggregation="token-mean", beta=0.0, name="bnpo", **GROUP_STD)
 
 
 @register_preset("gspo")
@@ -263,8 +264,7 @@ def _gspo() -> LossConfig:
         clip_low=3e-4,
         clip_high=4e-4,
         aggregation="seq-mean-token-mean",
-        advantage_std="group",
-        std_eps=1e-8,
+        **GROUP_STD,
         beta=0.0,
         name="gspo",
     )
@@ -278,8 +278,7 @@ def _cispo() -> LossConfig:
         clip_low=None,
         clip_high=4.0,
         aggregation="token-mean",
-        advantage_std="group",
-        std_eps=1e-8,
+        **GROUP_STD,
         beta=0.0,
         name="cispo",
     )
@@ -293,8 +292,7 @@ def _sapo() -> LossConfig:
         sapo_tau_pos=1.0,
         sapo_tau_neg=1.05,
         aggregation="token-mean",
-        advantage_std="group",
-        std_eps=1e-8,
+        **GROUP_STD,
         beta=0.0,
         name="sapo",
     )

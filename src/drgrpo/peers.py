@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from drgrpo.config import LossConfig, register_preset
+from drgrpo.config import GROUP_STD, LossConfig, register_preset
 
 __all__ = ["PEER_PRESETS", "PEER_VERSIONS"]
 
@@ -67,7 +67,10 @@ _TRL_ADVANTAGES: dict[str, Any] = dict(
 
 @register_preset("trl.grpo")
 def _trl_grpo() -> LossConfig:
-    """TRL ``loss_type="grpo"``: ``mean_i (sum_t l m / |o_i|)`` over each micro-batch (per call: refuses a normaliser)."""
+    """TRL ``loss_type="grpo"``: ``mean_i (sum_t l m / |o_i|)`` over each micro-batch.
+
+    Per call by definition: refuses a step normaliser.
+    """
     return LossConfig(
         aggregation="seq-mean-token-mean",
         beta=0.0,
@@ -159,7 +162,10 @@ def _verl_grpo() -> LossConfig:
 
 @register_preset("verl.dr_grpo")
 def _verl_dr_grpo() -> LossConfig:
-    """verl's Dr. GRPO recipe: ``sum_{i,t} l m / L``, L the padded width of each call (per call: refuses a normaliser)."""
+    """verl's Dr. GRPO recipe: ``sum_{i,t} l m / L``, L the padded width of each call.
+
+    Per call by definition: refuses a step normaliser.
+    """
     # verl's Dr. GRPO recipe: norm_adv_by_std_in_grpo=False, loss_agg_mode="seq-mean-token-sum-norm",
     # which verl computes as sum_{i,t} l m / loss_scale_factor (no mean over sequences), the factor
     # defaulting to the padded width of each micro-batch: per call by definition.
@@ -215,15 +221,7 @@ def _verl_sapo() -> LossConfig:
 
 @register_preset("oat.grpo")
 def _oat_grpo() -> LossConfig:
-    return LossConfig(
-        aggregation="seq-mean-token-mean",
-        advantage_std="group",
-        std_unbiased=True,
-        std_eps=1e-8,
-        kl="k3",
-        beta=0.0,
-        name="oat.grpo",
-    )
+    return LossConfig(aggregation="seq-mean-token-mean", kl="k3", beta=0.0, name="oat.grpo", **GROUP_STD)
 
 
 @register_preset("oat.drgrpo")

@@ -78,8 +78,13 @@ def evaluate(
             chunk = idx[lo : lo + batch_prompts]
             exs = [examples[i] for i in chunk]
             roll = generate(
-                model, tokenizer, prompt_texts([e[config.prompt_field] for e in exs], tokenizer), 1,
-                max_new_tokens=config.max_new_tokens, temperature=temp, top_p=config.top_p,
+                model,
+                tokenizer,
+                prompt_texts([e[config.prompt_field] for e in exs], tokenizer),
+                1,
+                max_new_tokens=config.max_new_tokens,
+                temperature=temp,
+                top_p=config.top_p,
                 chat=chat,
             )
             totals, firsts = rewards(roll.texts, exs, chunk)

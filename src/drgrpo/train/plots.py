@@ -13,8 +13,15 @@ from typing import Any
 
 PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
     ("reward", "reward (train batch)", (("reward", "mean reward"),)),
-    ("accuracy", "accuracy", (("eval/accuracy", "held-out, greedy"), ("eval_sampled/accuracy", "held-out, sampled"),
-                              ("accuracy", "train batch, sampled"))),
+    (
+        "accuracy",
+        "accuracy",
+        (
+            ("eval/accuracy", "held-out, greedy"),
+            ("eval_sampled/accuracy", "held-out, sampled"),
+            ("accuracy", "train batch, sampled"),
+        ),
+    ),
     ("lengths", "completion length (tokens)", (("length_correct", "correct"), ("length_incorrect", "incorrect"))),
     ("loss", "loss", (("loss", "policy loss"),)),
     ("kl", "KL(policy || reference)", (("kl", "k3 estimate per token"),)),

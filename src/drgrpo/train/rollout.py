@@ -44,7 +44,10 @@ class Rollout:
 
     def rows(self, idx: slice) -> Rollout:
         return Rollout(
-            self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx], self.completion_mask[idx],
+            self.prompt_ids[idx],
+            self.prompt_mask[idx],
+            self.completion_ids[idx],
+            self.completion_mask[idx],
             self.texts[idx],
         )
 

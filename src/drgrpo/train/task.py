@@ -57,8 +57,7 @@ class TaskConfig:
         pairs = (self.max_operand + 1) ** 2
         if not 0 < self.num_eval < pairs:
             raise ValueError(
-                f"TaskConfig.num_eval must be in 1..{pairs - 1} (there are {pairs} operand pairs), "
-                f"got {self.num_eval}"
+                f"TaskConfig.num_eval must be in 1..{pairs - 1} (there are {pairs} operand pairs), got {self.num_eval}"
             )
 
     @property
@@ -132,9 +131,7 @@ def exact_match(completion: str, example: dict[str, Any]) -> float:
     return 1.0 if parse_answer(completion) == str(example["answer"]) else 0.0
 
 
-def sft_pairs(
-    examples: list[dict[str, Any]], config: TaskConfig, rng: random.Random
-) -> Iterator[tuple[str, str]]:
+def sft_pairs(examples: list[dict[str, Any]], config: TaskConfig, rng: random.Random) -> Iterator[tuple[str, str]]:
     """Endless (prompt, completion) pairs for the warm start, with a random working length."""
     while True:
         ex = examples[rng.randrange(len(examples))]

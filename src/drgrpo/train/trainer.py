@@ -147,7 +147,10 @@ class _Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
-                TextColumn("[bold]drgrpo"), BarColumn(bar_width=16), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("[bold]drgrpo"),
+                BarColumn(bar_width=16),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
                 TextColumn("{task.description}"),
             )
             self.task = self.bar.add_task("", total=total, completed=start)
@@ -161,7 +164,8 @@ class _Progress:
             return "-" if x is None else format(x, fmt)
 
         self.bar.update(
-            self.task, advance=1,
+            self.task,
+            advance=1,
             description=(
                 f"reward {f(m['reward'], '.2f')} acc {f(acc, '.2f')} "
                 f"len right/wrong {f(m['length_correct'], '.1f')}/{f(m['length_incorrect'], '.1f')} "
@@ -241,9 +245,7 @@ def train(config: TrainConfig) -> TrainResult:
     model.train()
     needs_ref = loss_config.beta > 0 or config.ref_kl
     ref_model = _load_model(init_path, config, device).eval().requires_grad_(False) if needs_ref else None
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
     if ckpt is not None:
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
         rng = load_rng(ckpt, rank)
@@ -282,8 +284,17 @@ def train(config: TrainConfig) -> TrainResult:
             return
         ev = {"step": step, **evaluate(model, tokenizer, eval_examples, rewards, config)}
         if config.eval_sampled:  # also at the rollout temperature: the expected reward RL maximises
-            ev.update(evaluate(model, tokenizer, eval_examples, rewards, config, temperature=config.temperature,
-                               prefix="eval_sampled/"))
+            ev.update(
+                evaluate(
+                    model,
+                    tokenizer,
+                    eval_examples,
+                    rewards,
+                    config,
+                    temperature=config.temperature,
+                    prefix="eval_sampled/",
+                )
+            )
         log(ev)
         result.evals.append(ev)
         progress.print(f"step {step}: held-out accuracy {ev['eval/accuracy']:.3f} ({ev['eval/num_prompts']} prompts)")
@@ -295,7 +306,14 @@ def train(config: TrainConfig) -> TrainResult:
             dist.all_gather_object(states, rng_state())
         if rank == 0:
             result.checkpoint = save_checkpoint(
-                out_dir / "checkpoints", step, model, tokenizer, optimizer, config, loss_config, states,
+                out_dir / "checkpoints",
+                step,
+                model,
+                tokenizer,
+                optimizer,
+                config,
+                loss_config,
+                states,
                 extra={"init_model": str(Path(init_path).resolve()), "world_size": world},
             )
         if dist.is_initialized():
@@ -319,8 +337,13 @@ def train(config: TrainConfig) -> TrainResult:
                 mine = order[rank * prompts_local : (rank + 1) * prompts_local]
                 examples = [train_examples[i] for i in mine]
                 batch: Rollout = generate(
-                    model, tokenizer, prompt_texts([e[config.prompt_field] for e in examples], tokenizer), G,
-                    max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+                    model,
+                    tokenizer,
+                    prompt_texts([e[config.prompt_field] for e in examples], tokenizer),
+                    G,
+                    max_new_tokens=config.max_new_tokens,
+                    temperature=config.temperature,
+                    top_p=config.top_p,
                     chat=chat,
                 )  # B = prompts_local * G rows, prompt i's completions in rows i*G .. i*G+G-1
 
@@ -358,12 +381,29 @@ def train(config: TrainConfig) -> TrainResult:
                         sync = k == len(micro) - 1 or world == 1  # DDP all-reduces gradients once per step
                         with contextlib.nullcontext() if sync else policy.no_sync():
                             if config.fused:
-                                out = _fused_loss(fused_policy_loss, policy, model, mb, old[k], adv[s], loss_config,
-                                                  ref[k], normalizer, config.temperature)
+                                out = _fused_loss(
+                                    fused_policy_loss,
+                                    policy,
+                                    model,
+                                    mb,
+                                    old[k],
+                                    adv[s],
+                                    loss_config,
+                                    ref[k],
+                                    normalizer,
+                                    config.temperature,
+                                )
                             else:
                                 logp = token_logp(policy, mb, config.temperature)  # (b, T)
-                                out = policy_loss(logp, old[k], adv[s], mb.completion_mask, loss_config,
-                                                  ref_logp=ref[k], normalizer=normalizer)
+                                out = policy_loss(
+                                    logp,
+                                    old[k],
+                                    adv[s],
+                                    mb.completion_mask,
+                                    loss_config,
+                                    ref_logp=ref[k],
+                                    normalizer=normalizer,
+                                )
                             out.loss.backward()
                         loss_sum += out.loss.item()
                         n_tok = float(out.metrics["num_tokens"])
@@ -386,8 +426,16 @@ def train(config: TrainConfig) -> TrainResult:
                 groups = reward.view(-1, G)
                 flat = float((groups.max(-1).values == groups.min(-1).values).sum())  # groups with no signal
                 sums = _sum_across(
-                    [sum(totals), sum(t * t for t in totals), sum(firsts), float(B), flat, loss_sum,
-                     *(stats.values()), *length_stats(lengths, correct)],
+                    [
+                        sum(totals),
+                        sum(t * t for t in totals),
+                        sum(firsts),
+                        float(B),
+                        flat,
+                        loss_sum,
+                        *(stats.values()),
+                        *length_stats(lengths, correct),
+                    ],
                     device,
                 )
                 r_sum, r_sq, f_sum, n, flat, l_sum, clo, chi, rat, kl, len_sum, len_n, lc, nc, li, ni = sums
@@ -442,14 +490,30 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _fused_loss(
-    fused_fn: Any, policy: Any, model: Any, mb: Rollout, old_logp: Any, adv: torch.Tensor, loss_config: Any,
-    ref_logp: Any, normalizer: StepNormalizer, temperature: float,
+    fused_fn: Any,
+    policy: Any,
+    model: Any,
+    mb: Rollout,
+    old_logp: Any,
+    adv: torch.Tensor,
+    loss_config: Any,
+    ref_logp: Any,
+    normalizer: StepNormalizer,
+    temperature: float,
 ) -> Any:
     """The policy loss from the last hidden states and the output layer, never holding (b, T, V) logits."""
     hidden = completion_hidden(policy, mb)  # (b, T, H), through DDP's forward
     head = model.get_output_embeddings()  # (V, H) weight (tied to the embedding in many models)
     return fused_fn(
-        hidden, head.weight, mb.completion_ids, mb.completion_mask, adv, loss_config,
-        old_logp=old_logp, ref_logp=ref_logp, bias=getattr(head, "bias", None), temperature=temperature,
+        hidden,
+        head.weight,
+        mb.completion_ids,
+        mb.completion_mask,
+        adv,
+        loss_config,
+        old_logp=old_logp,
+        ref_logp=ref_logp,
+        bias=getattr(head, "bias", None),
+        temperature=temperature,
         normalizer=normalizer,
     )

@@ -54,9 +54,7 @@ def _batch(pairs: list[tuple[str, str]], tokenizer: Any) -> tuple[torch.Tensor, 
     return ids, attn, lab
 
 
-def warm_start(
-    out_dir: str | Path, config: Any, task: TaskConfig, *, log: Any = None, force: bool = False
-) -> Path:
+def warm_start(out_dir: str | Path, config: Any, task: TaskConfig, *, log: Any = None, force: bool = False) -> Path:
     """Build the tiny model, train it supervised for ``config.steps`` and save it to ``out_dir``.
 
     Args:
@@ -109,10 +107,7 @@ def warm_start(
     summary = {"steps": step, "probe_accuracy": accuracy, "final_loss": loss_value, "seconds": seconds}
     marker.write_text(json.dumps({"spec": spec, **summary}, indent=2))
     if log:
-        log(
-            f"warm start: {step} supervised steps in {seconds:.1f}s, train-probe accuracy {accuracy:.2f} "
-            f"-> {out_dir}"
-        )
+        log(f"warm start: {step} supervised steps in {seconds:.1f}s, train-probe accuracy {accuracy:.2f} -> {out_dir}")
     return out_dir
 
 

@@ -1,0 +1,122 @@
+"""drgrpo compare: the summary statistics against hand-computed values, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from drgrpo.compare import (
+    CompareConfig,
+    load_metrics,
+    mean_spread,
+    moving_average,
+    render_report,
+    summary_rows,
+    tail_mean,
+)
+
+
+def test_moving_average_skips_undefined_values():
+    got = moving_average([None, 1.0, 3.0, None, 5.0, 7.0], window=2)
+    assert math.isnan(got[0])
+    assert got[1:] == [1.0, 2.0, 2.0, 4.0, 6.0]
+
+
+def test_tail_mean_and_spread_by_hand():
+    values = [10.0] * 8 + [1.0, None]  # last 20% = the last two entries; None is left out
+    assert tail_mean(values) == 1.0
+    assert mean_spread([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std of 1, 2, 3 is 1
+    assert mean_spread([4.0]) == (4.0, 0.0)
+    assert mean_spread([math.nan, 2.0, 4.0])[0] == 3.0
+
+
+def _write_run(path, length_incorrect, accuracy):
+    path.mkdir(parents=True)
+    with open(path / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"step": 0, "eval/accuracy": accuracy[0]}) + "\n")
+        for step, li in enumerate(length_incorrect, start=1):
+            row = {"step": step, "reward": 0.5, "length_correct": 4.0, "length_incorrect": li}
+            f.write(json.dumps(row) + "\n")
+        f.write(json.dumps({"step": len(length_incorrect), "eval/accuracy": accuracy[1]}) + "\n")
+
+
+def test_summary_table_from_hand_written_metrics(tmp_path):
+    # Two seeds of one loss: incorrect lengths ramp 4 -> 13 (seed 0) and stay at 4 (seed 1).
+    _write_run(tmp_path / "s0", [4.0 + i for i in range(10)], (0.2, 0.6))
+    _write_run(tmp_path / "s1", [4.0] * 10, (0.4, 0.8))
+    curves = {"grpo": [load_metrics(tmp_path / "s0"), load_metrics(tmp_path / "s1")]}
+    assert curves["grpo"][0].eval_steps == [0, 10]
+    (row,) = summary_rows(curves)
+    assert row["acc_first"] == pytest.approx((0.3, math.sqrt(0.02)))
+    assert row["acc_last"] == pytest.approx((0.7, math.sqrt(0.02)))
+    # final = mean of the last 2 of 10 steps: seed 0 (12 + 13) / 2 = 12.5, seed 1 4.0
+    assert row["len_incorrect"] == pytest.approx((8.25, math.sqrt(2 * 4.25**2)))
+    assert row["len_correct"] == (4.0, 0.0)
+    text = render_report(
+        CompareConfig(losses=("grpo",), seeds=2),
+        _Base(),
+        curves,
+        {k: tmp_path / f"{k}.png" for k in ("all", "reward", "eval_accuracy", "length_correct", "length_incorrect")},
+        60.0,
+    )
+    assert "| `grpo` | 0.300 ± 0.141 | 0.700 ± 0.141 |" in text
+    assert "| 8.25 ± 6.01 |" in text
+
+
+class _Base:
+    steps, prompts_per_step, group_size, max_new_tokens, temperature, lr = 10, 4, 8, 8, 1.0, 1e-3
+
+    class task:
+        max_work, work_position = 4, "after"
+
+    def replace(self, **_):
+        return self
+
+
+def test_bad_settings_fail_before_any_work():
+    with pytest.raises(ValueError, match="unknown loss preset"):
+        CompareConfig(losses=("grpo", "drgrpo"))
+    with pytest.raises(ValueError, match="seeds must be >= 1"):
+        CompareConfig(seeds=0)
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_tiny(tmp_path):
+    out = tmp_path / "cmp"
+    code = "import sys; from drgrpo.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = [
+        "compare",
+        "--output-dir",
+        str(out),
+        "--seeds",
+        "2",
+        "--steps",
+        "3",
+        "--prompts-per-step",
+        "4",
+        "--group-size",
+        "4",
+        "--jobs",
+        "2",
+        "--warm-start-steps",
+        "10",
+    ]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for loss in ("grpo", "dr_grpo"):
+        for seed in (0, 1):
+            run = load_metrics(out / "runs" / loss / f"seed{seed}")
+            assert run.steps == [1, 2, 3]
+    # the same warm start and data: step-0 held-out accuracy is identical across losses and seeds
+    first = {
+        load_metrics(out / "runs" / loss / f"seed{s}").eval_accuracy[0] for loss in ("grpo", "dr_grpo") for s in (0, 1)
+    }
+    assert len(first) == 1
+    report = (out / "report.md").read_text()
+    assert "| `grpo` |" in report and "| `dr_grpo` |" in report
+    for name in ("compare.png", "reward.png", "eval_accuracy.png", "length_correct.png", "length_incorrect.png"):
+        assert (out / name).stat().st_size > 1000
