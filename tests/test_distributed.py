@@ -9,6 +9,7 @@ oracle is the single-process gradient of the whole batch's loss, computed in the
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import sys
 import time
@@ -39,7 +40,7 @@ from test_split import (
 GROUP_SIZE = 3
 GROUPS_PER_PROCESS = {2: [3, 1], 3: [1, 3, 2]}  # uneven on purpose
 MICRO_SIZES = {1: [3], 2: [1, 5], 3: [4, 3, 2]}  # rows of each micro-batch, by a process's number of groups
-TIMEOUT_S = 120
+TIMEOUT_S = 600  # a hang, not slowness, is what this catches: each run takes seconds
 
 
 def configs() -> dict[str, LossConfig]:
@@ -130,11 +131,12 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
 
 def run_processes(world_size: int, tmp_path: Path) -> list[dict]:
     init_file = tmp_path / "rendezvous"  # file:// rendezvous: no port to pick, nothing to collide with
-    # On Linux, fork: the children inherit the imported torch (and torch._dynamo, which DDP imports lazily,
-    # ~3 s per process otherwise). They set one intra-op thread first thing, as DataLoader workers do.
-    method = "fork" if sys.platform == "linux" else "spawn"
-    if method == "fork":
-        import torch._dynamo
+    # On Linux, forkserver: children are forked from a clean server that has imported torch (and
+    # torch._dynamo, which DDP imports lazily: ~3 s per process otherwise) but never ran a parallel op.
+    # A plain fork of this pytest process can hang: its OpenMP thread pool is already running.
+    method = "forkserver" if sys.platform == "linux" else "spawn"
+    if method == "forkserver":
+        multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "drgrpo"])
     context = mp.start_processes(
         _worker, args=(world_size, str(init_file), str(tmp_path)), nprocs=world_size, join=False, start_method=method
     )
