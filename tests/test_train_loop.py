@@ -162,3 +162,12 @@ def test_fused_loss_path_matches_logits_path(tmp_path: Path, monkeypatch: pytest
     for a, b in zip(lp, lf, strict=True):
         assert a["reward"] == b["reward"]  # same rollouts: same weights before each step
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4, abs_tol=1e-6)
+
+
+def test_per_micro_batch_peer_preset_trains(tmp_path: Path) -> None:
+    # trl.bnpo normalises each micro-batch by its own token count (TRL's definition): the trainer must run it
+    # without a step normaliser, which the preset refuses. 16 completions in 4 micro-batches of 4.
+    result = train(tiny(tmp_path / "bnpo", steps=2, loss="trl.bnpo", micro_batch_size=4))
+    assert result.step == 2
+    rows = steps_of(tmp_path / "bnpo")
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)

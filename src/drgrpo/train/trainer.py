@@ -360,8 +360,13 @@ def train(config: TrainConfig) -> TrainResult:
                 # ---------------------------------------------------------------- loss
                 B = len(totals)
                 micro = [slice(i, min(i + config.micro_batch_size, B)) for i in range(0, B, config.micro_batch_size)]
-                # ONE normaliser for the step: global token and sequence counts, all micro-batches, all processes
-                normalizer = StepNormalizer.from_masks([batch.completion_mask[s] for s in micro], loss_config)
+                # ONE normaliser for the step: global token and sequence counts, all micro-batches, all processes.
+                # Peer presets defined per micro-batch (trl.grpo, trl.bnpo, ...) keep their definition: no normaliser.
+                normalizer = (
+                    None
+                    if loss_config.per_call_normalization
+                    else StepNormalizer.from_masks([batch.completion_mask[s] for s in micro], loss_config)
+                )
                 with torch.no_grad():
                     # pi_old: the sampling policy. With one epoch it equals the current policy (ratio 1).
                     old: list[torch.Tensor | None] = [None] * len(micro)
