@@ -503,7 +503,7 @@ def _fused_loss(
     adv: torch.Tensor,
     loss_config: Any,
     ref_logp: Any,
-    normalizer: StepNormalizer,
+    normalizer: StepNormalizer | None,
     temperature: float,
 ) -> Any:
     """The policy loss from the last hidden states and the output layer, never holding (b, T, V) logits."""
