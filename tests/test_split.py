@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from drgrpo import LossConfig, StepNormalizer, group_advantages, policy_loss, reference
+from drgrpo import LossConfig, StepNormalizer, group_advantages, policy_loss, reference, token_weights
 from drgrpo.config import AGGREGATIONS
 
 HIDDEN, VOCAB = 4, 7
@@ -320,6 +320,17 @@ def test_from_masks_needs_a_constant_length(aggregation: str) -> None:
     # token-sum-norm without L divides by each call's padded width: per-call by definition.
     with pytest.raises(ValueError, match="max_completion_length"):
         StepNormalizer.from_masks([torch.ones(2, 2)], LossConfig(aggregation=aggregation))
+
+
+@pytest.mark.parametrize("aggregation", ["seq-mean-token-sum-norm", "token-sum-norm"])
+def test_hand_built_normalizer_needs_a_constant_length_too(aggregation: str) -> None:
+    # the same refusal as from_masks, at the one place that divides (token_weights)
+    norm = StepNormalizer(num_tokens=4.0, num_sequences=2.0)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        token_weights(torch.ones(2, 2), LossConfig(aggregation=aggregation), norm)
+    weights = token_weights(torch.ones(2, 2), LossConfig(aggregation=aggregation, max_completion_length=5), norm)
+    expected = 1 / (2 * 5) if aggregation == "seq-mean-token-sum-norm" else 1 / 5
+    torch.testing.assert_close(weights, torch.full((2, 2), expected))
 
 
 def test_normalizer_fields_are_validated() -> None:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from drgrpo.aggregation import check_step_normalizable
 from drgrpo.config import LossConfig
 from drgrpo.distributed import all_reduce_sum, distributed_world_size
 
@@ -102,23 +103,7 @@ class StepNormalizer:
         """
         if not isinstance(config, LossConfig):
             raise TypeError(f"config must be a LossConfig, got {type(config).__name__}")
-        if config.per_call_normalization:
-            raise ValueError(
-                f"preset {config.name!r} normalises per call (per micro-batch) by definition, so it has no "
-                "step-wide normaliser; use the equivalent split-invariant core preset (e.g. 'dr_grpo', 'dapo')"
-            )
-        aggregation = config.forced_aggregation or config.aggregation
-        if aggregation == "seq-mean-token-sum-norm" and config.max_completion_length is None:
-            raise ValueError(
-                "aggregation 'seq-mean-token-sum-norm' divides by a constant L: set the config's "
-                "max_completion_length (Dr. GRPO uses the generation budget)"
-            )
-        if aggregation == "token-sum-norm" and config.max_completion_length is None:
-            raise ValueError(
-                "aggregation 'token-sum-norm' without max_completion_length divides by each call's padded width "
-                "(verl's default), which differs between micro-batches: that is per-call by definition. "
-                "Set max_completion_length=L for a constant, split-invariant L"
-            )
+        check_step_normalizable(config, config.max_completion_length)
         mask_list = [masks] if isinstance(masks, Tensor) else list(masks)
         if not mask_list:
             raise ValueError("masks is empty: pass this process's micro-batch masks for the step, a list of (B_k, T_k)")
