@@ -30,15 +30,15 @@ def check_shape(name: str, x: Tensor, expected: tuple[int, ...], expected_text: 
 
 def check_finite(name: str, x: Tensor) -> None:
     """Raise if ``x`` holds NaN or inf, naming the first bad position."""
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
-        first = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
-        raise ValueError(f"{name} has a non-finite value {x[first].item()} at position {first}")
+    _raise_at_first_bad(name, x, ~torch.isfinite(x))
 
 
 def check_finite_where(name: str, x: Tensor, mask: Tensor) -> None:
     """Like :func:`check_finite`, but only where ``mask`` is 1 (padding may hold anything)."""
-    bad = ~torch.isfinite(x) & mask.bool()
+    _raise_at_first_bad(name, x, ~torch.isfinite(x) & mask.bool())
+
+
+def _raise_at_first_bad(name: str, x: Tensor, bad: Tensor) -> None:
     if bool(bad.any()):
         first = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
         raise ValueError(f"{name} has a non-finite value {x[first].item()} at position {first}")
