@@ -9,16 +9,17 @@ oracle is the single-process gradient of the whole batch's loss, computed in the
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
+import faulthandler
 import os
+import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from drgrpo import LossConfig, StepNormalizer, group_advantages, policy_loss
 from drgrpo.config import AGGREGATIONS
@@ -40,7 +41,8 @@ from test_split import (
 GROUP_SIZE = 3
 GROUPS_PER_PROCESS = {2: [3, 1], 3: [1, 3, 2]}  # uneven on purpose
 MICRO_SIZES = {1: [3], 2: [1, 5], 3: [4, 3, 2]}  # rows of each micro-batch, by a process's number of groups
-TIMEOUT_S = 600  # a hang, not slowness, is what this catches: each run takes seconds
+TIMEOUT_S = 300  # a hang, not slowness, is what this catches: each run takes seconds
+RANK_TIMEOUT_S = 240  # a stuck rank dumps its stacks after this long, before the parent gives up
 
 
 def configs() -> dict[str, LossConfig]:
@@ -72,7 +74,15 @@ def process_rows(world_size: int, rank: int) -> slice:
 
 def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    faulthandler.enable()  # a crash leaves its Python stack in the log
+    faulthandler.dump_traceback_later(RANK_TIMEOUT_S, exit=True)  # and so does a hang
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=RANK_TIMEOUT_S // 2),  # a lost peer raises instead of blocking forever
+    )
     try:
         results: dict[str, dict] = {}
         num_groups = sum(GROUPS_PER_PROCESS[world_size])
@@ -129,26 +139,63 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _main(argv: list[str]) -> None:
+    """Entry point of one rank's interpreter: ``rank world_size init_file out_dir``.
+
+    It leaves through ``os._exit`` once its results are saved, as ``multiprocessing`` children do:
+    gloo's worker threads can still hold tensors when the interpreter finalises, and a rank then
+    aborted at exit ("terminate called without an active exception") after its work was done and
+    saved, in 3 of about 100 runs here.
+    """
+    _worker(int(argv[0]), int(argv[1]), argv[2], argv[3])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run_processes(world_size: int, tmp_path: Path) -> list[dict]:
-    init_file = tmp_path / "rendezvous"  # file:// rendezvous: no port to pick, nothing to collide with
-    # On Linux, forkserver: children are forked from a clean server that has imported torch (and
-    # torch._dynamo, which DDP imports lazily: ~3 s per process otherwise) but never ran a parallel op.
-    # A plain fork of this pytest process can hang: its OpenMP thread pool is already running.
-    method = "forkserver" if sys.platform == "linux" else "spawn"
-    if method == "forkserver":
-        multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "drgrpo"])
-    context = mp.start_processes(
-        _worker, args=(world_size, str(init_file), str(tmp_path)), nprocs=world_size, join=False, start_method=method
-    )
+    """Start ``world_size`` fresh interpreters running ``_worker``; return what each saved.
+
+    Each rank is its own ``python`` process (not a fork of this pytest process, whose OpenMP and
+    OpenBLAS thread pools are already running, nor of a forkserver that has imported them), pinned
+    to one thread and to the loopback interface, with a file rendezvous: no port to pick. A rank
+    that is stuck dumps every thread's Python stack to its log before the parent kills it, and the
+    failure message carries each rank's log.
+    """
+    init_file = tmp_path / "rendezvous"
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        **({"GLOO_SOCKET_IFNAME": "lo"} if sys.platform == "linux" else {}),
+        "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]),
+    }
+    code = "import sys, test_distributed; test_distributed._main(sys.argv[1:])"
+    logs = [tmp_path / f"rank{rank}.log" for rank in range(world_size)]
+    processes = []
+    for rank in range(world_size):
+        command = [sys.executable, "-c", code, str(rank), str(world_size), str(init_file), str(tmp_path)]
+        with open(logs[rank], "wb") as log:
+            processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + TIMEOUT_S
     try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world_size} gloo processes did not finish within {TIMEOUT_S} s")
+        for process in processes:
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+    except subprocess.TimeoutExpired:
+        pass
     finally:
-        for process in context.processes:
-            if process.is_alive():
+        for process in processes:
+            if process.poll() is None:
                 process.kill()
+                process.wait()
+    failed = [rank for rank, process in enumerate(processes) if process.returncode != 0]
+    if failed:
+        report = "\n".join(f"--- rank {r} (exit {processes[r].returncode}):\n{logs[r].read_text()}" for r in failed)
+        pytest.fail(
+            f"{world_size} gloo processes: ranks {failed} failed or did not finish within {TIMEOUT_S} s\n{report}"
+        )
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
 
 

@@ -29,6 +29,7 @@ RL on it: the very same code path as a real local Hugging Face model.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -211,7 +212,8 @@ def train(config: TrainConfig) -> TrainResult:
         torch.set_num_threads(config.threads or 1)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    owns_group = world > 1 and not dist.is_initialized()  # launched by torchrun: we start it, we end it
+    if owns_group:
         dist.init_process_group("nccl" if config.device.startswith("cuda") else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -490,6 +492,12 @@ def train(config: TrainConfig) -> TrainResult:
             log_file.close()
         if writer is not None:
             writer.close()
+        if owns_group and dist.is_initialized():
+            # DDP's reducer holds the group and sits in reference cycles: free it now, not at interpreter exit,
+            # where gloo's threads releasing tensors can abort a finished run
+            del policy
+            gc.collect()
+            dist.destroy_process_group()
     result.seconds = time.perf_counter() - t_start
     return result
 
