@@ -89,6 +89,11 @@ def test_cli_smoke_train_eval_plot(tmp_path: Path) -> None:
         ):
             assert key in r, key
         assert 1 <= r["length"] <= 5
+        # truncated rows are exactly 5 tokens long, the others at least 1: a bound on the mean length
+        assert 0 <= r["frac_truncated"] <= 1
+        assert r["length"] >= 5 * r["frac_truncated"] + 1 * (1 - r["frac_truncated"]) - 1e-9
+        assert (r["frac_truncated"] * 16).is_integer()  # 4 prompts x G = 4 completions
+    assert all(0 <= r["eval/frac_truncated"] <= 1 for r in evals)
     ckpt = run / "checkpoints" / "step_000002"
     assert (ckpt / "model.safetensors").is_file()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000002"

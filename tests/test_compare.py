@@ -34,20 +34,21 @@ def test_tail_mean_and_spread_by_hand():
     assert mean_spread([math.nan, 2.0, 4.0])[0] == 3.0
 
 
-def _write_run(path, length_incorrect, accuracy):
+def _write_run(path, length_incorrect, accuracy, truncated=0.0):
     path.mkdir(parents=True)
     with open(path / "metrics.jsonl", "w") as f:
         f.write(json.dumps({"step": 0, "eval/accuracy": accuracy[0]}) + "\n")
         for step, li in enumerate(length_incorrect, start=1):
             row = {"step": step, "reward": 0.5, "length_correct": 4.0, "length_incorrect": li}
+            row["frac_truncated"] = truncated * step
             f.write(json.dumps(row) + "\n")
         f.write(json.dumps({"step": len(length_incorrect), "eval/accuracy": accuracy[1]}) + "\n")
 
 
 def test_summary_table_from_hand_written_metrics(tmp_path):
     # Two seeds of one loss: incorrect lengths ramp 4 -> 13 (seed 0) and stay at 4 (seed 1).
-    _write_run(tmp_path / "s0", [4.0 + i for i in range(10)], (0.2, 0.6))
-    _write_run(tmp_path / "s1", [4.0] * 10, (0.4, 0.8))
+    _write_run(tmp_path / "s0", [4.0 + i for i in range(10)], (0.2, 0.6), truncated=0.01)
+    _write_run(tmp_path / "s1", [4.0] * 10, (0.4, 0.8), truncated=0.03)
     curves = {"grpo": [load_metrics(tmp_path / "s0"), load_metrics(tmp_path / "s1")]}
     assert curves["grpo"][0].eval_steps == [0, 10]
     (row,) = summary_rows(curves)
@@ -56,6 +57,8 @@ def test_summary_table_from_hand_written_metrics(tmp_path):
     # final = mean of the last 2 of 10 steps: seed 0 (12 + 13) / 2 = 12.5, seed 1 4.0
     assert row["len_incorrect"] == pytest.approx((8.25, math.sqrt(2 * 4.25**2)))
     assert row["len_correct"] == (4.0, 0.0)
+    # truncated share on steps 9 and 10: seed 0 (0.09 + 0.10) / 2 = 0.095, seed 1 (0.27 + 0.30) / 2 = 0.285
+    assert row["truncated"] == pytest.approx((0.19, math.sqrt(2 * 0.095**2)))
     text = render_report(
         CompareConfig(losses=("grpo",), seeds=2),
         _Base(),
@@ -64,7 +67,7 @@ def test_summary_table_from_hand_written_metrics(tmp_path):
         60.0,
     )
     assert "| `grpo` | 0.300 ± 0.141 | 0.700 ± 0.141 |" in text
-    assert "| 8.25 ± 6.01 |" in text
+    assert "| 8.25 ± 6.01 | 0.190 ± 0.134 |" in text
 
 
 class _Base:

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from drgrpo.train.data import RewardError, Rewards, call_reward, load_jsonl, load_reward
-from drgrpo.train.rollout import completion_mask, prompt_texts
+from drgrpo.train.rollout import completion_mask, prompt_texts, truncated_rows
 from drgrpo.train.task import TaskConfig, count_work, exact_match, format_completion, make_splits, parse_answer
 from drgrpo.train.tiny import VOCAB, build_tokenizer
 
@@ -111,6 +111,10 @@ def test_completion_mask_keeps_first_eos() -> None:
     ids = torch.tensor([[5, 6, eos, pad], [5, eos, 7, eos], [5, 6, 7, 8]])
     expected = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
     assert torch.equal(completion_mask(ids, [eos]), expected)
+    # only the last row never ended: the budget cut it off
+    assert truncated_rows(ids, [eos]).tolist() == [False, False, True]
+    # a second end-of-sequence id counts too (generation configs often list several)
+    assert truncated_rows(ids, [eos, 8]).tolist() == [False, False, False]
 
 
 def test_prompt_texts_uses_chat_template() -> None:

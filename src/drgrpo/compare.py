@@ -132,6 +132,7 @@ class RunCurves:
     length_incorrect: list[float | None]
     eval_steps: list[int]
     eval_accuracy: list[float]
+    frac_truncated: list[float | None] = field(default_factory=list)  # share cut off at the token budget
 
 
 def load_metrics(path: Path) -> RunCurves:
@@ -150,6 +151,7 @@ def load_metrics(path: Path) -> RunCurves:
                 curves.reward.append(row["reward"])
                 curves.length_correct.append(row.get("length_correct"))
                 curves.length_incorrect.append(row.get("length_incorrect"))
+                curves.frac_truncated.append(row.get("frac_truncated"))
     return curves
 
 
@@ -240,6 +242,7 @@ def summary_rows(curves: dict[str, list[RunCurves]]) -> list[dict[str, Any]]:
                 "len_correct": mean_spread([tail_mean(r.length_correct) for r in runs]),
                 "len_incorrect_first": mean_spread([tail_mean(r.length_incorrect[:10], 1.0) for r in runs]),
                 "len_incorrect": mean_spread([tail_mean(r.length_incorrect) for r in runs]),
+                "truncated": mean_spread([tail_mean(r.frac_truncated) for r in runs]),
             }
         )
     return rows
@@ -268,16 +271,17 @@ def render_report(
         "",
         "Lengths are in tokens (the end-of-sequence token included) of the rollout completions; 'first' is the",
         "mean over the first 10 RL steps, 'final' over the last 20% of steps; each cell is mean ± std over seeds.",
+        "'truncated final' is the share of rollout completions cut off at max_new_tokens, over the same steps.",
         "",
         "| loss | held-out acc. first | held-out acc. last | len. correct first | len. correct final "
-        "| len. incorrect first | len. incorrect final |",
-        "|---|---|---|---|---|---|---|",
+        "| len. incorrect first | len. incorrect final | truncated final |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in summary_rows(curves):
         lines.append(
             f"| `{row['loss']}` | {_fmt(row['acc_first'], 3)} | {_fmt(row['acc_last'], 3)} | "
             f"{_fmt(row['len_correct_first'])} | {_fmt(row['len_correct'])} | "
-            f"{_fmt(row['len_incorrect_first'])} | {_fmt(row['len_incorrect'])} |"
+            f"{_fmt(row['len_incorrect_first'])} | {_fmt(row['len_incorrect'])} | {_fmt(row['truncated'], 3)} |"
         )
     lines += ["", f"![all panels]({plots['all'].name})", ""]
     for key, title in PANELS:

@@ -64,12 +64,13 @@ def evaluate(
     With several processes each evaluates its share and the sums are all-reduced.
     ``accuracy`` is the mean of the first reward (the correctness reward, expected in [0, 1]);
     a completion counts as correct when that reward is >= 0.5. Lengths count completion
-    tokens, the end-of-sequence token included.
+    tokens, the end-of-sequence token included; ``frac_truncated`` is the share of completions
+    with no end-of-sequence token within ``max_new_tokens``.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
     idx = list(range(rank, len(examples), world))
-    sums = [0.0] * 9  # total reward, first reward, count, then length_stats
+    sums = [0.0] * 10  # total reward, first reward, count, truncated, then length_stats
     chat = bool(getattr(tokenizer, "chat_template", None))
     temp = config.eval_temperature if temperature is None else temperature
     with torch.random.fork_rng(devices=[]):  # sampling here never disturbs the training RNG
@@ -89,15 +90,16 @@ def evaluate(
             )
             totals, firsts = rewards(roll.texts, exs, chunk)
             stats = length_stats(roll.lengths.tolist(), [r >= 0.5 for r in firsts])
-            part = [sum(totals), sum(firsts), len(exs), *stats]
+            part = [sum(totals), sum(firsts), len(exs), float(roll.truncated.sum()), *stats]
             sums = [a + b for a, b in zip(sums, part, strict=True)]
-    total, first, n, len_sum, len_n, lc, nc, li, ni = _sum_across(sums, device)
+    total, first, n, cut, len_sum, len_n, lc, nc, li, ni = _sum_across(sums, device)
     return {
         f"{prefix}accuracy": _mean(first, n),
         f"{prefix}reward": _mean(total, n),
         f"{prefix}length": _mean(len_sum, len_n),
         f"{prefix}length_correct": _mean(lc, nc),
         f"{prefix}length_incorrect": _mean(li, ni),
+        f"{prefix}frac_truncated": _mean(cut, n),
         f"{prefix}num_prompts": int(n),
     }
 

@@ -5,6 +5,7 @@ Shapes (B completions = prompts x G, P prompt tokens, T completion tokens)::
     prompt_ids        (B, P)   left-padded, so every completion starts at column P
     completion_ids    (B, T)   right-padded after the first end-of-sequence token
     completion_mask   (B, T)   1 on real completion tokens, the end-of-sequence token included
+    truncated         (B,)     True where no end-of-sequence token came within max_new_tokens
 
 Log-probs are those of ``softmax(logits / temperature)``: the distribution the tokens were
 sampled from (``temperature=1`` is the model's own distribution).
@@ -29,6 +30,7 @@ class Rollout:
     completion_ids: Tensor  # (B, T)
     completion_mask: Tensor  # (B, T)
     texts: list[str]  # B decoded completions (special tokens removed)
+    truncated: Tensor  # (B,) bool: stopped by the token budget, not by an end-of-sequence token
 
     @property
     def input_ids(self) -> Tensor:  # (B, P + T)
@@ -49,6 +51,7 @@ class Rollout:
             self.completion_ids[idx],
             self.completion_mask[idx],
             self.texts[idx],
+            self.truncated[idx],
         )
 
 
@@ -66,9 +69,18 @@ def prompt_texts(prompts: Sequence[str | list[dict[str, Any]]], tokenizer: Any) 
     return out
 
 
+def _is_eos(completion_ids: Tensor, eos_token_ids: Sequence[int]) -> Tensor:  # (B, T) bool
+    return torch.isin(completion_ids, torch.tensor(list(eos_token_ids), device=completion_ids.device))
+
+
+def truncated_rows(completion_ids: Tensor, eos_token_ids: Sequence[int]) -> Tensor:
+    """``(B,)`` bool: rows with no end-of-sequence token, i.e. cut off by the token budget."""
+    return ~_is_eos(completion_ids, eos_token_ids).any(-1)
+
+
 def completion_mask(completion_ids: Tensor, eos_token_ids: Sequence[int]) -> Tensor:
     """``(B, T)`` mask: 1 up to and including the first end-of-sequence token of each row."""
-    is_eos = torch.isin(completion_ids, torch.tensor(list(eos_token_ids), device=completion_ids.device))
+    is_eos = _is_eos(completion_ids, eos_token_ids)
     # tokens strictly after the first EOS: cumulative count of EOS before them is >= 1
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     return (~after_eos).long()
@@ -116,9 +128,10 @@ def generate(
     model.train(was_training)
     completion_ids = out[:, prompt_ids.shape[1] :]  # (B, T), T <= max_new_tokens
     mask = completion_mask(completion_ids, eos_ids)  # (B, T)
+    truncated = truncated_rows(completion_ids, eos_ids)  # (B,)
     completion_ids = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, texts)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, texts, truncated)
 
 
 def _forward(model: Any, batch: Rollout, **kwargs: Any) -> Any:

@@ -439,13 +439,14 @@ def train(config: TrainConfig) -> TrainResult:
                         sum(firsts),
                         float(B),
                         flat,
+                        float(batch.truncated.sum()),
                         loss_sum,
                         *(stats.values()),
                         *length_stats(lengths, correct),
                     ],
                     device,
                 )
-                r_sum, r_sq, f_sum, n, flat, l_sum, clo, chi, rat, kl, len_sum, len_n, lc, nc, li, ni = sums
+                r_sum, r_sq, f_sum, n, flat, cut, l_sum, clo, chi, rat, kl, len_sum, len_n, lc, nc, li, ni = sums
                 dt = time.perf_counter() - t0
                 m = {
                     "step": step,
@@ -457,6 +458,7 @@ def train(config: TrainConfig) -> TrainResult:
                     "length": len_sum / len_n,
                     "length_correct": _mean(lc, nc),
                     "length_incorrect": _mean(li, ni),
+                    "frac_truncated": cut / n,
                     "kl": kl / len_sum if ref_model is not None else None,
                     "clip_frac_low": clo / len_sum,
                     "clip_frac_high": chi / len_sum,
