@@ -123,3 +123,65 @@ def test_cli_end_to_end_tiny(tmp_path):
     assert "| `grpo` |" in report and "| `dr_grpo` |" in report
     for name in ("compare.png", "reward.png", "eval_accuracy.png", "length_correct.png", "length_incorrect.png"):
         assert (out / name).stat().st_size > 1000
+
+
+def test_model_dataset_and_reward_flags_reach_every_run():
+    from drgrpo.cli import build_parser
+    from drgrpo.compare import config_from_args
+
+    data = ["--dataset", "d.jsonl", "--eval-dataset", "e.jsonl"]
+    rewards = ["--reward", "pkg.mod:right", "--reward", "pkg.mod:short"]
+    args = build_parser().parse_args(["compare", "--model", "m", *data, *rewards, "--steps", "7"])
+    overrides = dict(config_from_args(args).train_overrides)
+    assert overrides == {
+        "model": "m",
+        "dataset": "d.jsonl",
+        "eval_dataset": "e.jsonl",
+        "rewards": ("pkg.mod:right", "pkg.mod:short"),
+        "steps": 7,
+    }
+
+
+def test_a_missing_model_directory_fails_before_any_run(tmp_path):
+    from drgrpo.compare import compare
+
+    config = CompareConfig(output_dir=str(tmp_path / "cmp"), train_overrides=(("model", str(tmp_path / "none")),))
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        compare(config)
+    assert not (tmp_path / "cmp" / "runs").exists()
+
+
+@pytest.mark.slow
+def test_compare_from_a_local_model(tmp_path):
+    # every run starts from the given model (no warm start is made): its held-out accuracy at step 0 is
+    # the model's own, as `drgrpo eval` computes it in this process, for every loss and seed
+    from drgrpo.compare import compare
+    from drgrpo.train import TaskConfig, TinyModelConfig, TrainConfig, WarmStartConfig
+    from drgrpo.train.evaluation import evaluate_model
+    from drgrpo.train.warmstart import warm_start
+
+    task = TaskConfig(max_operand=9, max_work=2, num_eval=20, seed=3)
+    tiny = TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_positions=32)
+    model_dir = warm_start(tmp_path / "model", WarmStartConfig(steps=20, batch_size=16, lr=1e-2, model=tiny), task)
+    settings = dict(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=5, eval_every=2, task=task)
+    out = tmp_path / "cmp"
+    compare(
+        CompareConfig(
+            output_dir=str(out),
+            seeds=2,
+            jobs=2,
+            train_overrides=(("model", str(model_dir)), *settings.items(), ("eval_size", 8), ("lr", 1e-2)),
+        )
+    )
+    assert not (out / "warm_start").exists()
+    expected = evaluate_model(model_dir, TrainConfig(eval_size=8, **settings))["eval/accuracy"]
+    for loss in ("grpo", "dr_grpo"):
+        for seed in (0, 1):
+            run = load_metrics(out / "runs" / loss / f"seed{seed}")
+            assert run.steps == [1, 2] and run.eval_steps == [0, 2]
+            assert run.eval_accuracy[0] == expected
+            state = json.loads(
+                (out / "runs" / loss / f"seed{seed}" / "checkpoints" / "step_000002" / "trainer_state.json").read_text()
+            )
+            assert state["init_model"] == str(model_dir.resolve())
+    assert f"initial policy {model_dir}" in (out / "report.md").read_text()

@@ -66,7 +66,11 @@ def run_dir(out: Path, loss: str, seed: int) -> Path:
 
 
 def compare(config: CompareConfig) -> Path:
-    """Run every (loss, seed) from one warm start and write ``report.md`` and plots; returns the report path."""
+    """Run every (loss, seed) from one initial policy and write ``report.md`` and plots; returns the report path.
+
+    The initial policy is the built-in warm start, or the local Hugging Face model given as the
+    ``model`` train override (then with the ``dataset`` and ``rewards`` overrides, if any).
+    """
     from drgrpo.train.config import TrainConfig
     from drgrpo.train.warmstart import warm_start
 
@@ -75,9 +79,15 @@ def compare(config: CompareConfig) -> Path:
     base = TrainConfig(output_dir=str(out), progress=False, threads=1).replace(**dict(config.train_overrides))
     started = time.time()
 
-    # ---- one warm start for every run (cached: a rerun with the same settings reuses it)
-    warm_dir = out / "warm_start"
-    warm_start(str(warm_dir), base.warm_start, base.task, log=print)
+    # ---- one initial policy for every run: a local model, or one warm start (cached: a rerun reuses it)
+    if base.model is not None:
+        from drgrpo.train.trainer import _check_model_dir
+
+        _check_model_dir(base.model)
+        init = str(base.model)
+    else:
+        init = str(out / "warm_start")
+        warm_start(init, base.warm_start, base.task, log=print)
 
     # ---- one RL run per (loss, seed), same data order and sampling seeds across losses
     runs = []
@@ -88,7 +98,7 @@ def compare(config: CompareConfig) -> Path:
             runs.append(
                 base.replace(
                     output_dir=str(run_dir(out, loss, seed)),
-                    model=str(warm_dir),
+                    model=init,
                     loss=loss,
                     loss_overrides=tuple(overrides.items()),
                     seed=seed,
@@ -260,10 +270,15 @@ def render_report(
     lines = [
         "# GRPO vs Dr. GRPO: lengths of correct and incorrect completions",
         "",
-        f"{len(config.losses)} losses x {config.seeds} seeds from one warm start, {seconds / 60:.1f} min in all.",
+        f"{len(config.losses)} losses x {config.seeds} seeds from one initial policy, {seconds / 60:.1f} min in all.",
         f"Settings: steps={run.steps}, prompts_per_step={run.prompts_per_step}, group_size={run.group_size}, "
         f"max_new_tokens={run.max_new_tokens} (Dr. GRPO's L), temperature={run.temperature}, lr={run.lr}, "
-        f"beta={config.beta}, warm-start working tokens 0..{run.task.max_work} {run.task.work_position} the answer.",
+        f"beta={config.beta}, "
+        + (
+            f"initial policy {run.model}, data {run.dataset or 'the built-in task'}."
+            if getattr(run, "model", None)
+            else f"warm-start working tokens 0..{run.task.max_work} {run.task.work_position} the answer."
+        ),
     ]
     if config.extra:
         lines.append("Notes: " + ", ".join(f"{k}={v}" for k, v in config.extra.items()))
@@ -303,6 +318,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient for every loss (default 0).")
     parser.add_argument("--jobs", type=int, default=0, help="Runs in parallel, one thread each (0: CPU cores, max 4).")
     parser.add_argument("--window", type=int, default=10, help="Moving-average window of the per-step curves.")
+    parser.add_argument(
+        "--model", default=None, help="Local Hugging Face causal LM directory to start every run from (no warm start)."
+    )
+    parser.add_argument("--dataset", default=None, help="Training prompts (JSONL) instead of the built-in task.")
+    parser.add_argument("--eval-dataset", default=None, help="Held-out prompts (JSONL) for the evaluations.")
+    parser.add_argument(
+        "--reward",
+        action="append",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="Reward callable (repeatable); the first is the correctness reward behind 'accuracy'.",
+    )
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the trainer's).")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="Generation budget = Dr. GRPO's L.")
     parser.add_argument("--group-size", type=int, default=None, help="Completions per prompt (G).")
@@ -328,9 +355,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
     overrides = {
         name: getattr(args, name)
-        for name in ("steps", "max_new_tokens", "group_size", "prompts_per_step", "lr", "temperature", "eval_every")
+        for name in (
+            "model",
+            "dataset",
+            "eval_dataset",
+            "steps",
+            "max_new_tokens",
+            "group_size",
+            "prompts_per_step",
+            "lr",
+            "temperature",
+            "eval_every",
+        )
         if getattr(args, name) is not None
     }
+    if args.reward:
+        overrides["rewards"] = tuple(args.reward)
     if args.warm_start_steps is not None:
         from drgrpo.train.config import WarmStartConfig
 
