@@ -23,9 +23,27 @@ def _record(preset: str, peer: str, quantity: str, ours: torch.Tensor, theirs: t
     return value
 
 
+def _assert_close(
+    preset: str, peer: str, quantity: str, ours: object, expected: object, rtol: float = 1e-13, atol: float = 1e-15
+) -> None:
+    """Assert ours == expected (a hand-derived value) in float64, recording the difference like ``record``."""
+    ours_t = torch.as_tensor(ours, dtype=torch.float64)
+    expected_t = torch.as_tensor(expected, dtype=torch.float64)
+    _record(preset, peer, quantity, ours_t, expected_t)
+    torch.testing.assert_close(ours_t, expected_t, rtol=rtol, atol=atol)
+
+
+class _Recorder:
+    """The ``record`` fixture: ``record(preset, peer, quantity, ours, theirs)`` stores the difference;
+    ``record.assert_close(...)`` also asserts it against a hand-derived value."""
+
+    __call__ = staticmethod(_record)
+    assert_close = staticmethod(_assert_close)
+
+
 @pytest.fixture
-def record():
-    return _record
+def record() -> _Recorder:
+    return _Recorder()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

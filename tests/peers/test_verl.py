@@ -25,10 +25,7 @@ PEER = "verl (hand-derived)"
 
 def check(record, preset, quantity, ours, expected, rtol=1e-13):
     """Assert ours == expected (hand-derived) and record the difference for the parity table."""
-    ours_t = torch.as_tensor(ours, dtype=F64)
-    expected_t = torch.as_tensor(expected, dtype=F64)
-    record(preset, PEER, quantity, ours_t, expected_t)
-    torch.testing.assert_close(ours_t, expected_t, rtol=rtol, atol=1e-15)
+    record.assert_close(preset, PEER, quantity, ours, expected, rtol=rtol)
 
 
 def run(config, logp, old, adv, mask, ref=None):
