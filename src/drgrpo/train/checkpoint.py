@@ -28,6 +28,11 @@ import torch
 STATE_FILE = "trainer_state.json"
 
 
+def derive_seed(*parts: int) -> int:
+    """One 32-bit seed from several integers (run seed, step, rank, ...), well mixed by numpy's SeedSequence."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "python": random.getstate(),

@@ -14,16 +14,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from drgrpo.train.checkpoint import derive_seed
 from drgrpo.train.config import TrainConfig
 from drgrpo.train.data import Example, Rewards, load_jsonl
 from drgrpo.train.rollout import generate, prompt_texts
 from drgrpo.train.task import TaskConfig, make_splits
-
-
-def _seed(*parts: int) -> None:
-    import numpy as np
-
-    torch.manual_seed(int(np.random.SeedSequence(list(parts)).generate_state(1)[0]))
 
 
 def _sum_across(values: list[float], device: torch.device) -> list[float]:
@@ -74,7 +69,7 @@ def evaluate(
     chat = bool(getattr(tokenizer, "chat_template", None))
     temp = config.eval_temperature if temperature is None else temperature
     with torch.random.fork_rng(devices=[]):  # sampling here never disturbs the training RNG
-        _seed(config.seed, 7919, rank)
+        torch.manual_seed(derive_seed(config.seed, 7919, rank))
         for lo in range(0, len(idx), batch_prompts):
             chunk = idx[lo : lo + batch_prompts]
             exs = [examples[i] for i in chunk]

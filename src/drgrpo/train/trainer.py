@@ -49,7 +49,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from drgrpo.distributed import global_group_advantages
 from drgrpo.loss import policy_loss
 from drgrpo.normalizer import StepNormalizer
-from drgrpo.train.checkpoint import find_checkpoint, load_rng, read_state, rng_state, save_checkpoint, set_rng_state
+from drgrpo.train.checkpoint import (
+    derive_seed,
+    find_checkpoint,
+    load_rng,
+    read_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from drgrpo.train.config import TrainConfig
 from drgrpo.train.data import Rewards, load_jsonl
 from drgrpo.train.evaluation import _mean, _sum_across, evaluate, length_stats
@@ -83,7 +91,7 @@ class TrainResult:
 
 def _seed_everything(*parts: int) -> None:
     """Reseed python, numpy and torch from ``parts`` (each step reseeds, so resume is exact)."""
-    seed = int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+    seed = derive_seed(*parts)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
