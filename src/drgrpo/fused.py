@@ -72,6 +72,7 @@ from torch import Tensor, nn
 from drgrpo.aggregation import token_weights
 from drgrpo.config import LossConfig
 from drgrpo.loss import LossOutput, compute_dtype, per_token_loss, policy_loss, validate_inputs
+from drgrpo.validation import check_shape
 
 if TYPE_CHECKING:
     from drgrpo.normalizer import StepNormalizer
@@ -391,7 +392,7 @@ def fused_policy_loss(
         gradients for ``hidden``, ``weight`` and ``bias``), ``metrics`` as :func:`~drgrpo.policy_loss`, and
         ``logp`` ``(B, T)`` detached per-token log-probs (0 on padding).
     """
-    _check_inputs(hidden, weight, target_ids, mask, advantages, bias, temperature, chunk_size)
+    _check_inputs(hidden, weight, target_ids, mask, bias, temperature, chunk_size)
     b, t, _ = hidden.shape
     adt = compute_dtype(weight.dtype)
     validate_inputs(torch.zeros(b, t, dtype=adt, device=hidden.device), old_logp, advantages, mask, config, ref_logp)
@@ -433,7 +434,7 @@ def chunked_logprobs(
     """
     if mask is None and isinstance(hidden, Tensor) and hidden.dim() == 3:
         mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-    _check_inputs(hidden, weight, target_ids, mask, None, bias, temperature, chunk_size)
+    _check_inputs(hidden, weight, target_ids, mask, bias, temperature, chunk_size)
     assert mask is not None
     b, t = hidden.shape[:2]
     rows = int(chunk_size) if chunk_size is not None else default_chunk_size(weight.shape[0])
@@ -527,12 +528,11 @@ def _check_inputs(
     weight: Any,
     target_ids: Any,
     mask: Any,
-    advantages: Any,
     bias: Any,
     temperature: float,
     chunk_size: int | None,
 ) -> None:
-    """Errors that name the argument, what it got and what was expected."""
+    """Errors that name the argument, what it got and what was expected (the loss inputs: ``validate_inputs``)."""
     _check_scalars(temperature, chunk_size)
     for name, x in (("hidden", hidden), ("weight", weight), ("target_ids", target_ids), ("mask", mask)):
         if not isinstance(x, Tensor):
@@ -566,14 +566,10 @@ def _check_inputs(
     for name, x in (("weight", weight), ("target_ids", target_ids), ("mask", mask), ("bias", bias)):
         if x is not None and x.device != hidden.device:
             raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}; move them to one device")
-    if tuple(target_ids.shape) != (b, t):
-        raise ValueError(f"target_ids must have shape (B, T) = {(b, t)}, got {tuple(target_ids.shape)}")
+    check_shape("target_ids", target_ids, (b, t), "(B, T)")
     if target_ids.is_floating_point() or target_ids.dtype == torch.bool or target_ids.is_complex():
         raise TypeError(f"target_ids must be an integer tensor, got dtype {target_ids.dtype}")
-    if tuple(mask.shape) != (b, t):
-        raise ValueError(f"mask must have shape (B, T) = {(b, t)}, got {tuple(mask.shape)}")
-    if isinstance(advantages, Tensor) and tuple(advantages.shape) != (b,):
-        raise ValueError(f"advantages must have shape (B,) = ({b},), got {tuple(advantages.shape)}")
+    check_shape("mask", mask, (b, t), "(B, T)")  # advantages: checked by validate_inputs
     bad = ((target_ids < 0) | (target_ids >= v)) & mask.bool()
     if bool(bad.any()):
         first = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
