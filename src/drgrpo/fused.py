@@ -559,8 +559,7 @@ def _check_inputs(
     if bias is not None:
         if not isinstance(bias, Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (v,):
-            raise ValueError(f"bias must have shape (V,) = ({v},), got {tuple(bias.shape)}")
+        check_shape("bias", bias, (v,), "(V,)")
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias is {bias.dtype} but weight is {weight.dtype}; cast the bias to {weight.dtype}")
     for name, x in (("weight", weight), ("target_ids", target_ids), ("mask", mask), ("bias", bias)):
