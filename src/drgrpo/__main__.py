@@ -1,5 +1,5 @@
 """``python -m drgrpo`` (and ``torchrun -m drgrpo``): the ``drgrpo`` command line."""
 
-from drgrpo.cli import main
+from drgrpo.train.cli import main
 
 raise SystemExit(main())

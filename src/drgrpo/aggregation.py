@@ -24,39 +24,10 @@ and processes; then ``w`` is also multiplied by the world size to undo DDP's gra
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import Tensor
 
 from drgrpo.config import LossConfig
-
-if TYPE_CHECKING:
-    from drgrpo.normalizer import StepNormalizer
-
-
-def check_step_normalizable(config: LossConfig, length: int | None) -> None:
-    """Raise unless ``config`` can be normalised by one optimizer step's counts with the constant ``length``.
-
-    Refused: presets defined per call (``per_call_normalization``), ``seq-mean-token-sum-norm`` without L, and
-    ``token-sum-norm`` without L (it would divide by each call's padded width, which differs between calls).
-    """
-    if config.per_call_normalization:
-        raise ValueError(
-            f"preset {config.name!r} normalises per call (per micro-batch) by definition, so it has no "
-            "step-wide normaliser; use the equivalent split-invariant core preset (e.g. 'dr_grpo', 'dapo')"
-        )
-    aggregation = config.forced_aggregation or config.aggregation
-    if aggregation == "seq-mean-token-sum-norm" and length is None:
-        raise ValueError(
-            "aggregation 'seq-mean-token-sum-norm' divides by a constant L: set the config's "
-            "max_completion_length (Dr. GRPO uses the generation budget)"
-        )
-    if aggregation == "token-sum-norm" and length is None:
-        raise ValueError(
-            "aggregation 'token-sum-norm' without max_completion_length divides by each call's padded width "
-            "(verl's default), which differs between micro-batches: that is per-call by definition. "
-            "Set max_completion_length=L for a constant, split-invariant L"
-        )
+from drgrpo.normalizer import StepNormalizer, check_step_normalizable
 
 
 def token_weights(mask: Tensor, config: LossConfig, normalizer: StepNormalizer | None = None) -> Tensor:

@@ -46,7 +46,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from drgrpo.config import GROUP_STD, LossConfig, register_preset
+from drgrpo.config import LossConfig, register_preset
+from drgrpo.presets import GROUP_STD
 
 __all__ = ["PEER_PRESETS", "PEER_VERSIONS"]
 

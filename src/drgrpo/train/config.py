@@ -1,6 +1,6 @@
 """Configuration of a training run: small frozen dataclasses, one docstring per field.
 
-The CLI (:mod:`drgrpo.cli`) exposes every field as a kebab-case flag whose help text is
+The CLI (:mod:`drgrpo.train.cli`) exposes every field as a kebab-case flag whose help text is
 the field's docstring, so ``drgrpo train --help`` and this file never disagree.
 """
 

@@ -17,28 +17,10 @@ import torch.distributed as dist
 from drgrpo.train.checkpoint import derive_seed
 from drgrpo.train.config import TrainConfig
 from drgrpo.train.data import Example, Rewards, load_jsonl
+from drgrpo.train.metrics import length_stats, mean_or_none, sum_across_processes
+from drgrpo.train.model import check_model_dir, load_model, load_tokenizer
 from drgrpo.train.rollout import generate, prompt_texts
 from drgrpo.train.task import TaskConfig, make_splits
-
-
-def _sum_across(values: list[float], device: torch.device) -> list[float]:
-    """Sum a list of floats over processes (one all_reduce); the list itself on one process."""
-    if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _mean(total: float, count: float) -> float | None:
-    return total / count if count > 0 else None
-
-
-def length_stats(lengths: list[float], correct: list[bool]) -> list[float]:
-    """[sum len, n, sum len correct, n correct, sum len incorrect, n incorrect], to be summed across processes."""
-    lc = [n for n, c in zip(lengths, correct, strict=True) if c]
-    li = [n for n, c in zip(lengths, correct, strict=True) if not c]
-    return [sum(lengths), len(lengths), sum(lc), len(lc), sum(li), len(li)]
 
 
 @torch.no_grad()
@@ -87,14 +69,14 @@ def evaluate(
             stats = length_stats(roll.lengths.tolist(), [r >= 0.5 for r in firsts])
             part = [sum(totals), sum(firsts), len(exs), float(roll.truncated.sum()), *stats]
             sums = [a + b for a, b in zip(sums, part, strict=True)]
-    total, first, n, cut, len_sum, len_n, lc, nc, li, ni = _sum_across(sums, device)
+    total, first, n, cut, len_sum, len_n, lc, nc, li, ni = sum_across_processes(sums, device)
     return {
-        f"{prefix}accuracy": _mean(first, n),
-        f"{prefix}reward": _mean(total, n),
-        f"{prefix}length": _mean(len_sum, len_n),
-        f"{prefix}length_correct": _mean(lc, nc),
-        f"{prefix}length_incorrect": _mean(li, ni),
-        f"{prefix}frac_truncated": _mean(cut, n),
+        f"{prefix}accuracy": mean_or_none(first, n),
+        f"{prefix}reward": mean_or_none(total, n),
+        f"{prefix}length": mean_or_none(len_sum, len_n),
+        f"{prefix}length_correct": mean_or_none(lc, nc),
+        f"{prefix}length_incorrect": mean_or_none(li, ni),
+        f"{prefix}frac_truncated": mean_or_none(cut, n),
         f"{prefix}num_prompts": int(n),
     }
 
@@ -117,9 +99,7 @@ def evaluate_model(model_dir: str | Path, config: TrainConfig | None = None) -> 
     ``config`` supplies the dataset, rewards and generation settings; by default the ones the
     checkpoint was trained with (the built-in held-out split for the default run).
     """
-    from drgrpo.train.trainer import _check_model_dir, _load_model, _load_tokenizer
-
-    _check_model_dir(str(model_dir))
+    check_model_dir(str(model_dir))
     config = config or saved_train_config(model_dir) or TrainConfig()
     rewards = Rewards.from_specs(config.rewards, config.reward_weights)
     if config.eval_dataset:
@@ -133,6 +113,6 @@ def evaluate_model(model_dir: str | Path, config: TrainConfig | None = None) -> 
         torch.use_deterministic_algorithms(True)
     if config.threads or config.model is None:  # as in training: 1 thread for the built-in tiny model
         torch.set_num_threads(config.threads or 1)
-    tokenizer = _load_tokenizer(model_dir)
-    model = _load_model(model_dir, config, torch.device(config.device)).eval()
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, config.dtype, torch.device(config.device)).eval()
     return {"model": str(model_dir), **evaluate(model, tokenizer, examples, rewards, config)}

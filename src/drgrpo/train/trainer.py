@@ -44,7 +44,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drgrpo.distributed import global_group_advantages
 from drgrpo.loss import policy_loss
@@ -60,7 +59,9 @@ from drgrpo.train.checkpoint import (
 )
 from drgrpo.train.config import TrainConfig
 from drgrpo.train.data import Rewards, load_jsonl
-from drgrpo.train.evaluation import _mean, _sum_across, evaluate, length_stats
+from drgrpo.train.evaluation import evaluate
+from drgrpo.train.metrics import length_stats, mean_or_none, sum_across_processes
+from drgrpo.train.model import check_model_dir, load_model, load_tokenizer
 from drgrpo.train.rollout import Rollout, completion_hidden, generate, prompt_texts, token_logp
 from drgrpo.train.task import make_splits
 from drgrpo.train.warmstart import warm_start
@@ -95,30 +96,6 @@ def _seed_everything(*parts: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _load_model(path: str | Path, config: TrainConfig, device: torch.device) -> Any:
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.dtype))
-    return model.to(device)
-
-
-def _load_tokenizer(path: str | Path) -> Any:
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"  # generation appends on the right: prompts end in the same column
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _check_model_dir(path: str) -> None:
-    p = Path(path)
-    if not p.is_dir():
-        raise FileNotFoundError(f"--model {path!r} is not a directory (expected a local Hugging Face model directory)")
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--model {path!r} has no config.json: expected a local Hugging Face model directory "
-            "(config.json, weights, tokenizer files), e.g. one written by save_pretrained"
-        )
 
 
 class _StopFlag:
@@ -202,7 +179,7 @@ def train(config: TrainConfig) -> TrainResult:
     loss_config = config.loss_config()  # unknown preset / bad override: ValueError listing the valid ones
     rewards = Rewards.from_specs(config.rewards, config.reward_weights)  # import errors now, not at step 1
     if config.model is not None:
-        _check_model_dir(config.model)
+        check_model_dir(config.model)
     if config.dataset is not None:
         train_examples = load_jsonl(config.dataset, config.prompt_field)
         eval_examples = load_jsonl(config.eval_dataset, config.prompt_field) if config.eval_dataset else []
@@ -250,11 +227,11 @@ def train(config: TrainConfig) -> TrainResult:
                 warm_start(init_path, config.warm_start, config.task, log=print if config.progress else None)
             if dist.is_initialized():
                 dist.barrier()
-    tokenizer = _load_tokenizer(ckpt or init_path)
-    model = _load_model(ckpt or init_path, config, device)
+    tokenizer = load_tokenizer(ckpt or init_path)
+    model = load_model(ckpt or init_path, config.dtype, device)
     model.train()
     needs_ref = loss_config.beta > 0 or config.ref_kl
-    ref_model = _load_model(init_path, config, device).eval().requires_grad_(False) if needs_ref else None
+    ref_model = load_model(init_path, config.dtype, device).eval().requires_grad_(False) if needs_ref else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
     if ckpt is not None:
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
@@ -440,7 +417,7 @@ def train(config: TrainConfig) -> TrainResult:
                 correct = [r >= 0.5 for r in firsts]
                 groups = reward.view(-1, G)
                 flat = float((groups.max(-1).values == groups.min(-1).values).sum())  # groups with no signal
-                sums = _sum_across(
+                sums = sum_across_processes(
                     [
                         sum(totals),
                         sum(t * t for t in totals),
@@ -464,8 +441,8 @@ def train(config: TrainConfig) -> TrainResult:
                     "frac_groups_no_signal": flat / (n / G),
                     "loss": l_sum / world,
                     "length": len_sum / len_n,
-                    "length_correct": _mean(lc, nc),
-                    "length_incorrect": _mean(li, ni),
+                    "length_correct": mean_or_none(lc, nc),
+                    "length_incorrect": mean_or_none(li, ni),
                     "frac_truncated": cut / n,
                     "kl": kl / len_sum if ref_model is not None else None,
                     "clip_frac_low": clo / len_sum,

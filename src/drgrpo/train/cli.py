@@ -177,17 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir", help="a drgrpo train output directory")
     pl.add_argument("--smooth", type=int, default=5, help="moving-average window of per-step curves (default: 5)")
 
-    # ---- compare (issue 7: the length-bias experiment), when drgrpo.compare is present
-    try:
-        from drgrpo import compare as compare_module
-    except ImportError:
-        compare_module = None  # type: ignore[assignment]
-    if compare_module is not None:
-        cp = sub.add_parser(
-            "compare",
-            help="train once per loss and seed from one warm start; plot lengths of correct vs incorrect",
-        )
-        compare_module.add_arguments(cp)
+    # ---- compare: the length-bias experiment
+    from drgrpo.train import compare as compare_module
+
+    cp = sub.add_parser(
+        "compare",
+        help="train once per loss and seed from one warm start; plot lengths of correct vs incorrect",
+    )
+    compare_module.add_arguments(cp)
     return parser
 
 
@@ -265,9 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "eval":
             from drgrpo.train.config import TrainConfig
             from drgrpo.train.evaluation import evaluate_model, saved_train_config
-            from drgrpo.train.trainer import _check_model_dir
+            from drgrpo.train.model import check_model_dir
 
-            _check_model_dir(ns.model)
+            check_model_dir(ns.model)
             base = saved_train_config(ns.model) or TrainConfig()
             given = _split(ns).get("train", {})
             if "rewards" in given:
@@ -281,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"{k:24s} {_fmt(v)}")
             return 0
         if ns.command == "compare":
-            from drgrpo.compare import compare, config_from_args
+            from drgrpo.train.compare import compare, config_from_args
 
             print(compare(config_from_args(ns)))
             return 0

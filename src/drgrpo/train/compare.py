@@ -81,9 +81,9 @@ def compare(config: CompareConfig) -> Path:
 
     # ---- one initial policy for every run: a local model, or one warm start (cached: a rerun reuses it)
     if base.model is not None:
-        from drgrpo.train.trainer import _check_model_dir
+        from drgrpo.train.model import check_model_dir
 
-        _check_model_dir(base.model)
+        check_model_dir(base.model)
         init = str(base.model)
     else:
         init = str(out / "warm_start")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from drgrpo.cli import build_parser, main, train_config_from_args
 from drgrpo.train import TrainConfig
+from drgrpo.train.cli import build_parser, main, train_config_from_args
 
 TINY = [
     "--tiny-hidden-size",

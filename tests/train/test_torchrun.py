@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-
 from test_cli import TINY  # the same tiny flags as the single-process smoke test
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from drgrpo.compare import (
+from drgrpo.train.compare import (
     CompareConfig,
     load_metrics,
     mean_spread,
@@ -90,7 +90,7 @@ def test_bad_settings_fail_before_any_work():
 @pytest.mark.slow
 def test_cli_end_to_end_tiny(tmp_path):
     out = tmp_path / "cmp"
-    code = "import sys; from drgrpo.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from drgrpo.train.cli import main; sys.exit(main(sys.argv[1:]))"
     args = [
         "compare",
         "--output-dir",
@@ -126,8 +126,8 @@ def test_cli_end_to_end_tiny(tmp_path):
 
 
 def test_model_dataset_and_reward_flags_reach_every_run():
-    from drgrpo.cli import build_parser
-    from drgrpo.compare import config_from_args
+    from drgrpo.train.cli import build_parser
+    from drgrpo.train.compare import config_from_args
 
     data = ["--dataset", "d.jsonl", "--eval-dataset", "e.jsonl"]
     rewards = ["--reward", "pkg.mod:right", "--reward", "pkg.mod:short"]
@@ -143,7 +143,7 @@ def test_model_dataset_and_reward_flags_reach_every_run():
 
 
 def test_a_missing_model_directory_fails_before_any_run(tmp_path):
-    from drgrpo.compare import compare
+    from drgrpo.train.compare import compare
 
     config = CompareConfig(output_dir=str(tmp_path / "cmp"), train_overrides=(("model", str(tmp_path / "none")),))
     with pytest.raises(FileNotFoundError, match="is not a directory"):
@@ -157,8 +157,8 @@ def test_compare_from_a_local_model(tmp_path):
     # the model's own, as `drgrpo eval` computes it in this process, for every loss and seed
     import torch
 
-    from drgrpo.compare import compare
     from drgrpo.train import TaskConfig, TinyModelConfig, TrainConfig, WarmStartConfig
+    from drgrpo.train.compare import compare
     from drgrpo.train.evaluation import evaluate_model
     from drgrpo.train.warmstart import warm_start
 

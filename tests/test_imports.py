@@ -1,0 +1,160 @@
+"""The package's import structure: no cycles, no private names across modules, a light ``import drgrpo``.
+
+The imports are read from the source with ``ast`` (every ``import`` statement, at any depth: inside
+functions and ``TYPE_CHECKING`` blocks too), so a cycle hidden behind a lazy import still fails.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+PACKAGE = SRC / "drgrpo"
+
+# The library core may import only these third-party packages; the rest lives under these subpackages.
+CORE_THIRD_PARTY = {"numpy", "torch"}
+EXTRA_SUBPACKAGES = ("drgrpo.train", "drgrpo.integrations")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports_of(path: Path, name: str, known: set[str]) -> list[tuple[str, list[str], int]]:
+    """(imported module, names taken from it, line) for every import statement in the file."""
+    is_package = path.name == "__init__.py"
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, [], node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative import: resolve against this module's package
+                base = name.split(".") if is_package else name.split(".")[:-1]
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            names = [alias.name for alias in node.names]
+            # "from pkg import submodule" imports the submodule
+            subs = [n for n in names if f"{target}.{n}" in known]
+            out += [(f"{target}.{n}", [], node.lineno) for n in subs]
+            rest = [n for n in names if n not in subs]
+            if rest:
+                out.append((target, rest, node.lineno))
+    return out
+
+
+def internal_graph() -> dict[str, set[str]]:
+    mods = modules()
+    known = set(mods)
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for name, path in mods.items():
+        for target, _, _ in imports_of(path, name, known):
+            if target in known and target != name:
+                graph[name].add(target)
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return components
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    # the oracle itself can fail: a three-module ring and a self-contained pair are found, a chain is not
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"e"}, "e": set(), "f": {"g"}, "g": {"f"}}
+    assert find_cycles(graph) == [["a", "b", "c"], ["f", "g"]]
+
+
+def test_src_has_no_import_cycles():
+    cycles = find_cycles(internal_graph())
+    assert not cycles, (
+        "import cycles in src/ (modules that import each other, directly or through others): "
+        + "; ".join(" <-> ".join(c) for c in cycles)
+    )
+
+
+def test_no_module_imports_another_modules_private_names():
+    mods = modules()
+    offenders = []
+    for name, path in mods.items():
+        for target, names, line in imports_of(path, name, set(mods)):
+            if target.startswith("drgrpo") and target != name:
+                offenders += [
+                    f"{path.relative_to(SRC)}:{line} takes {n} from {target}" for n in names if n.startswith("_")
+                ]
+    assert not offenders, "private names imported across modules:\n" + "\n".join(offenders)
+
+
+def test_core_modules_import_only_numpy_and_torch():
+    stdlib = set(sys.stdlib_module_names)
+    mods = modules()
+    offenders = []
+    for name, path in mods.items():
+        if name.startswith(EXTRA_SUBPACKAGES) or name == "drgrpo.__main__":
+            continue
+        for target, _, line in imports_of(path, name, set(mods)):
+            top = target.split(".")[0]
+            if top not in stdlib and top != "drgrpo" and top not in CORE_THIRD_PARTY:
+                offenders.append(f"{path.relative_to(SRC)}:{line} imports {target}")
+            if any(target == sub or target.startswith(sub + ".") for sub in EXTRA_SUBPACKAGES):
+                offenders.append(f"{path.relative_to(SRC)}:{line} imports {target} (needs an extra)")
+    assert not offenders, "the core must need only numpy and torch:\n" + "\n".join(offenders)
+
+
+@pytest.mark.parametrize("extra_module", ["transformers", "tokenizers", "safetensors", "matplotlib", "rich", "trl"])
+def test_import_drgrpo_loads_no_extra(extra_module):
+    code = f"import sys, drgrpo; drgrpo.LossConfig.preset('dapo'); print({extra_module!r} in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_every_public_name_imports():
+    import drgrpo
+
+    missing = [n for n in drgrpo.__all__ if not hasattr(drgrpo, n)]
+    assert not missing
+    # the registry is complete after import drgrpo: core and peer presets both
+    assert {"dr_grpo", "grpo", "dapo", "trl.dr_grpo", "verl.grpo", "oat.drgrpo"} <= set(drgrpo.preset_names())
