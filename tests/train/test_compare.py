@@ -126,26 +126,33 @@ def test_cli_end_to_end_tiny(tmp_path):
 
 
 def test_model_dataset_and_reward_flags_reach_every_run():
-    from drgrpo.train.cli import build_parser
-    from drgrpo.train.compare import config_from_args
+    from drgrpo.train import TrainConfig
+    from drgrpo.train.cli import build_parser, compare_config_from_args
 
     data = ["--dataset", "d.jsonl", "--eval-dataset", "e.jsonl"]
     rewards = ["--reward", "pkg.mod:right", "--reward", "pkg.mod:short"]
     args = build_parser().parse_args(["compare", "--model", "m", *data, *rewards, "--steps", "7"])
-    overrides = dict(config_from_args(args).train_overrides)
-    assert overrides == {
-        "model": "m",
-        "dataset": "d.jsonl",
-        "eval_dataset": "e.jsonl",
-        "rewards": ("pkg.mod:right", "pkg.mod:short"),
-        "steps": 7,
-    }
+    config = compare_config_from_args(args)
+    # every run's TrainConfig: compare's defaults (no progress bar, one thread) plus exactly the flags given
+    assert config.train == TrainConfig(
+        progress=False,
+        threads=1,
+        model="m",
+        dataset="d.jsonl",
+        eval_dataset="e.jsonl",
+        rewards=("pkg.mod:right", "pkg.mod:short"),
+        steps=7,
+    )
+    assert config.losses == ("grpo", "dr_grpo")
+    comma = compare_config_from_args(build_parser().parse_args(["compare", "--losses", "dapo,gspo", "--beta", "0.1"]))
+    assert comma.losses == ("dapo", "gspo") and comma.beta == 0.1
 
 
 def test_a_missing_model_directory_fails_before_any_run(tmp_path):
+    from drgrpo.train import TrainConfig
     from drgrpo.train.compare import compare
 
-    config = CompareConfig(output_dir=str(tmp_path / "cmp"), train_overrides=(("model", str(tmp_path / "none")),))
+    config = CompareConfig(output_dir=str(tmp_path / "cmp"), train=TrainConfig(model=str(tmp_path / "none")))
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         compare(config)
     assert not (tmp_path / "cmp" / "runs").exists()
@@ -172,7 +179,7 @@ def test_compare_from_a_local_model(tmp_path):
             output_dir=str(out),
             seeds=2,
             jobs=2,
-            train_overrides=(("model", str(model_dir)), *settings.items(), ("eval_size", 8), ("lr", 1e-2)),
+            train=TrainConfig(model=str(model_dir), **settings, eval_size=8, lr=1e-2, progress=False, threads=1),
         )
     )
     assert not (out / "warm_start").exists()

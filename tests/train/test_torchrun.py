@@ -13,11 +13,20 @@ import torch
 from safetensors.torch import load_file
 from test_cli import TINY  # the same tiny flags as the single-process smoke test
 
+from drgrpo.train.task import TaskConfig, make_splits
+
 
 def test_two_processes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     # a dense reward (shorter is better) so that every group has a signal even for an untrained tiny model
-    reward = "def shorter(completion, example):\n    return -len(completion.split())\n"
+    # it also records, per process, the prompts it scored: the ranks' shares of every step must be disjoint
+    reward = (
+        "import json, os\n"
+        "def shorter(completion, example):\n"
+        f"    with open(os.path.join({str(tmp_path)!r}, 'seen_' + os.environ['RANK']), 'a') as f:\n"
+        "        f.write(json.dumps(example['prompt']) + '\\n')\n"
+        "    return -len(completion.split())\n"
+    )
     (tmp_path / "dense_reward.py").write_text(reward)
     path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
@@ -68,10 +77,16 @@ def test_two_processes(tmp_path: Path) -> None:
     ckpt = run / "checkpoints" / "step_000003"
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 3
-    assert (ckpt / "rng_rank0.pt").is_file() and (ckpt / "rng_rank1.pt").is_file()
-    r0 = torch.load(ckpt / "rng_rank0.pt", weights_only=False)["torch"]
-    r1 = torch.load(ckpt / "rng_rank1.pt", weights_only=False)["torch"]
-    assert not torch.equal(r0, r1)  # the ranks sampled different completions
+    # each rank scored its own prompts: 2 prompts x G = 4 completions per step, 3 steps, and evaluations
+    # (4 held-out prompts per rank, greedy and sampled, at steps 0 and 3); the training prompts are disjoint
+    seen = [(tmp_path / f"seen_{rank}").read_text().splitlines() for rank in (0, 1)]
+    held_out = {json.dumps(e["prompt"]) for e in make_splits(TaskConfig(max_operand=9, max_work=2, num_eval=20))[1]}
+    train_seen = [[p for p in lines if p not in held_out] for lines in seen]
+    assert len(train_seen[0]) == len(train_seen[1]) == 3 * 2 * 4
+    for step in range(3):
+        share = [set(lines[step * 8 : (step + 1) * 8]) for lines in train_seen]
+        assert len(share[0]) == len(share[1]) == 2 and not share[0] & share[1]
+    assert not list(ckpt.glob("rng_*"))  # no random-number state: every step reseeds from (seed, step, rank)
     # RL moved the weights away from the warm start (gradients were synchronised: the run would deadlock
     # or the replicas would diverge otherwise; DDP checks parameter shapes at construction)
     w0 = load_file(str(run / "warm_start" / "model.safetensors"))

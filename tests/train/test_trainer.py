@@ -85,10 +85,13 @@ def test_checkpoint_contents(tmp_path: Path) -> None:
     assert TrainConfig.from_dict(state["train_config"]) == tiny(tmp_path, steps=2, checkpoint_every=1)
     assert state["loss_config"]["aggregation"] == "seq-mean-token-sum-norm"
     assert state["loss_config"]["max_completion_length"] == 5  # L = max_new_tokens
-    for f in ("model.safetensors", "optimizer.pt", "rng_rank0.pt", "config.json", "tokenizer.json"):
+    for f in ("model.safetensors", "optimizer.pt", "config.json", "tokenizer.json"):
         assert (result.checkpoint / f).is_file(), f
-    rng = torch.load(result.checkpoint / "rng_rank0.pt", weights_only=False)
-    assert set(rng) >= {"python", "numpy", "torch"}
+    # one resume mechanism: every step reseeds from (seed, step, rank), so no random-number state is saved,
+    # and nothing in a checkpoint needs unpickling: the optimizer state loads with weights_only=True
+    assert not list(result.checkpoint.glob("rng_*"))
+    optimizer_state = torch.load(result.checkpoint / "optimizer.pt", weights_only=True)
+    assert set(optimizer_state) == {"state", "param_groups"} and optimizer_state["state"]
 
 
 FLAKY = """
@@ -112,8 +115,12 @@ def test_reward_failure_keeps_last_checkpoint(tmp_path: Path, monkeypatch: pytes
     assert weights(ckpt)  # loadable
 
 
-def test_real_model_path_with_reference_kl(tmp_path: Path) -> None:
-    # a local HF model directory + a JSONL dataset + reward by name, GRPO with a KL penalty
+def test_real_model_path_with_reference_kl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a local HF model directory + a JSONL dataset + rewards by name, GRPO with a KL penalty. The second reward
+    # (shorter is better, weight 0.1) gives every group a signal, so the policy moves from step 1 on whatever
+    # the sampled answers; the first (exact match) stays the accuracy.
+    (tmp_path / "dense.py").write_text("def shorter(completion, example):\n    return -len(completion.split())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     model_dir = warm_start(tmp_path / "model", TINY_WARM, TINY_TASK)
     train_ex, held = make_splits(TINY_TASK)
     write_jsonl([{"prompt": e["prompt"], "answer": e["answer"]} for e in train_ex], tmp_path / "train.jsonl")
@@ -125,7 +132,8 @@ def test_real_model_path_with_reference_kl(tmp_path: Path) -> None:
         dataset=str(tmp_path / "train.jsonl"),
         eval_dataset=str(tmp_path / "held.jsonl"),
         eval_every=3,
-        rewards=("drgrpo.train.task:exact_match",),
+        rewards=("drgrpo.train.task:exact_match", "dense:shorter"),
+        reward_weights=(1.0, 0.1),
         loss="grpo",
         loss_overrides=(("beta", 0.04),),
         ppo_epochs=1,

@@ -3,7 +3,7 @@
 Import cost: this package needs the ``train`` extra (transformers, tokenizers, safetensors).
 """
 
-from drgrpo.train.config import TrainConfig, WarmStartConfig
+from drgrpo.train.config import EvalConfig, TrainConfig, WarmStartConfig
 from drgrpo.train.data import RewardError, Rewards, load_jsonl, load_reward
 from drgrpo.train.evaluation import evaluate, evaluate_model
 from drgrpo.train.plots import plot_run
@@ -13,6 +13,7 @@ from drgrpo.train.trainer import TrainResult, train
 from drgrpo.train.warmstart import warm_start
 
 __all__ = [
+    "EvalConfig",
     "RewardError",
     "Rewards",
     "TaskConfig",

@@ -1,286 +1,145 @@
-"""The ``drgrpo`` command line: ``train``, ``eval`` and ``plot``.
+"""The ``drgrpo`` command line: ``train``, ``eval``, ``compare`` and ``plot``.
 
-Every flag of ``drgrpo train`` is generated from a dataclass field (kebab-case name, the field's
-docstring as help), so the CLI and :class:`drgrpo.train.TrainConfig` cannot drift apart:
+The flags of ``train``, ``eval`` and ``compare`` are generated from their configuration dataclasses
+(:class:`~drgrpo.train.config.TrainConfig` with :class:`~drgrpo.LossConfig`,
+:class:`~drgrpo.train.config.EvalConfig`, :class:`~drgrpo.train.compare.CompareConfig`) by one builder
+(:mod:`drgrpo.train.flags`): kebab-case names, the field docstrings as help. Each also reads
+``--config FILE`` (YAML or TOML, keys = flag names), overridden by the flags given::
 
     drgrpo train --output-dir runs/default                  # built-in task and model, about 2 minutes on CPU
     drgrpo train --model PATH --dataset train.jsonl --reward mymod:correct --loss grpo --beta 0.0
-    drgrpo train --resume runs/default --steps 200          # continue exactly where it stopped
-    drgrpo eval --model runs/default/checkpoints/step_000120
+    drgrpo train --config runs/default/config.yaml --output-dir runs/again   # rerun a run
+    drgrpo train --resume runs/default --steps 400          # continue exactly where it stopped
+    drgrpo eval --model runs/default                        # its latest checkpoint
     drgrpo plot runs/default                                # runs/default/plots/*.png
     torchrun --nproc-per-node 2 -m drgrpo train ...         # DDP (gloo on CPU)
+
+Exit codes: 0 done, 2 a configuration error (one line, before any work), 1 a failure during training
+(after the last completed step was saved), 130 stopped by SIGINT/SIGTERM (after a checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
-import itertools
 import json
+import os
 import sys
-import textwrap
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# Flags that are not plain fields, or fields not exposed as flags.
-_TRAIN_SKIP = {"loss_overrides", "task", "warm_start", "rewards", "reward_weights"}
-_LOSS_SKIP = {"name", "max_completion_length_", "per_call_normalization"}
+from drgrpo.config import LossConfig, preset_names
+from drgrpo.train.checkpoint import find_checkpoint, read_state
+from drgrpo.train.compare import CompareConfig
+from drgrpo.train.config import EvalConfig, TrainConfig
+from drgrpo.train.data import RewardError
+from drgrpo.train.flags import add_flags, given, nested_replace, parse_with_config
 
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (parsed from its source)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in itertools.pairwise(body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def _flag(prefix: str, name: str) -> str:
-    return "--" + (prefix + name).replace("_", "-")
-
-
-def _add_fields(
-    parser: argparse._ArgumentGroup, cls: type, prefix: str, dest_prefix: str, skip: set[str], default_text: str = ""
-) -> None:
-    """One flag per dataclass field; values land in ``dest_prefix + name`` only when given (SUPPRESS)."""
-    from drgrpo.train.config import parse_value
-
-    docs = field_docs(cls)
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        if f.name in skip or dataclasses.is_dataclass(getattr(defaults, f.name)):
-            continue
-        default = getattr(defaults, f.name)
-        help_text = f"{docs.get(f.name, '')} (default: {default_text or default})".replace("%", "%%")
-        kwargs: dict[str, Any] = {"dest": dest_prefix + f.name, "default": argparse.SUPPRESS, "help": help_text}
-        ann = str(f.type)
-        if ann == "bool":
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif ann == "int":
-            kwargs["type"] = int
-        elif ann == "float":
-            kwargs["type"] = float
-        elif ann in ("str", "str | None"):
-            kwargs["type"] = str
-        else:  # Literal choices, optional numbers: a Python literal or a bare word
-            kwargs["type"] = parse_value
-        if "action" not in kwargs:
-            kwargs.setdefault("metavar", f.name.upper())
-        parser.add_argument(_flag(prefix, f.name), **kwargs)
+LOSS_SKIP = ("name", "per_call_normalization")
+"""LossConfig fields that are not flags: the preset's name, and a property of peer presets."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from drgrpo.config import LossConfig, preset_names
-    from drgrpo.train.config import TrainConfig, WarmStartConfig
-    from drgrpo.train.task import TaskConfig
-    from drgrpo.train.tiny import TinyModelConfig
-
     parser = argparse.ArgumentParser(
         prog="drgrpo",
-        description="Dr. GRPO and the GRPO family: train, evaluate, plot.",
+        description="Dr. GRPO and the GRPO family: train, evaluate, compare, plot.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    config_help = "YAML or TOML file of flags (keys are flag names without dashes); flags given here override it"
 
-    # ---- train
     tr = sub.add_parser(
         "train",
         help="train with Dr. GRPO (or any GRPO-family loss)",
         description=(
             "Without --model: build a tiny Llama-style model locally, warm-start it on the built-in addition task, "
             "then run Dr. GRPO on it (about 2 minutes on a 2-core CPU). With --model PATH: any local Hugging Face "
-            "causal LM. Writes OUTPUT_DIR/metrics.jsonl and OUTPUT_DIR/checkpoints/."
+            "causal LM. Writes OUTPUT_DIR/config.yaml, OUTPUT_DIR/metrics.jsonl and OUTPUT_DIR/checkpoints/."
         ),
     )
-    run = tr.add_argument_group("run")
-    _add_fields(run, TrainConfig, "", "train.", _TRAIN_SKIP)
-    run.add_argument(
-        "--reward",
-        dest="train.rewards",
-        action="append",
-        default=argparse.SUPPRESS,
-        metavar="MODULE:FUNCTION",
-        help="a reward callable (completion: str, example: dict) -> float; repeat for several. The first is the "
-        "correctness reward behind 'accuracy'. Default: drgrpo.train.task:exact_match (the built-in task).",
-    )
-    run.add_argument(
-        "--reward-weights",
-        dest="train.reward_weights",
-        nargs="+",
-        type=float,
-        default=argparse.SUPPRESS,
-        metavar="W",
-        help="one weight per --reward (default: 1 each)",
-    )
-    loss = tr.add_argument_group(
-        "loss", f"--loss picks a preset ({', '.join(preset_names())}); these flags override its fields."
-    )
-    _add_fields(loss, LossConfig, "", "loss.", _LOSS_SKIP, default_text="the --loss preset's")
-    task = tr.add_argument_group("built-in task (without --dataset)")
-    _add_fields(task, TaskConfig, "task-", "task.", set())
-    ws = tr.add_argument_group("warm start of the built-in model (without --model)")
-    _add_fields(ws, WarmStartConfig, "warm-start-", "warm_start.", set())
-    _add_fields(ws, TinyModelConfig, "tiny-", "tiny.", set())
+    tr.add_argument("--config", metavar="FILE", help=config_help)
+    add_flags(tr.add_argument_group("run"), TrainConfig, "train")
+    loss = tr.add_argument_group("loss", f"--loss picks a preset ({', '.join(preset_names())}); these override it.")
+    add_flags(loss, LossConfig, "loss", default_text="the --loss preset's", skip=LOSS_SKIP)
 
-    # ---- eval
     ev = sub.add_parser(
         "eval",
-        help="held-out accuracy and lengths of a checkpoint or local model",
-        description="Evaluate --model (e.g. DIR/checkpoints/step_000120) on the held-out split it was trained "
-        "with (the built-in task by default) or on --eval-dataset.",
+        help="held-out accuracy and lengths of a checkpoint, a run or a local model",
+        description="Evaluate --model on the held-out set it was trained with (the built-in task by default) or on "
+        "--eval-dataset. Unset flags take the values of the run that made the model.",
     )
-    ev.add_argument("--model", required=True, help="checkpoint or local Hugging Face model directory")
-    for name in (
-        "eval_dataset",
-        "prompt_field",
-        "max_new_tokens",
-        "eval_size",
-        "eval_temperature",
-        "top_p",
-        "device",
-        "dtype",
-        "seed",
-    ):
-        f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
-        typ = {"int": int, "float": float}.get(str(f.type), str)
-        ev.add_argument(
-            _flag("", name),
-            dest="train." + name,
-            type=typ,
-            default=argparse.SUPPRESS,
-            help=field_docs(TrainConfig).get(name, ""),
-        )
-    ev.add_argument(
-        "--reward",
-        dest="train.rewards",
-        action="append",
-        default=argparse.SUPPRESS,
-        metavar="MODULE:FUNCTION",
-        help="reward callables (default: those of the checkpoint's run)",
-    )
-    ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-
-    # ---- plot
-    pl = sub.add_parser("plot", help="plot a run's metrics.jsonl to DIR/plots/*.png")
-    pl.add_argument("run_dir", help="a drgrpo train output directory")
-    pl.add_argument("--smooth", type=int, default=5, help="moving-average window of per-step curves (default: 5)")
-
-    # ---- compare: the length-bias experiment
-    from drgrpo.train import compare as compare_module
+    ev.add_argument("--config", metavar="FILE", help=config_help)
+    add_flags(ev, EvalConfig, "eval")
 
     cp = sub.add_parser(
         "compare",
-        help="train once per loss and seed from one warm start; plot lengths of correct vs incorrect",
+        help="train once per loss and seed from one initial policy; plot lengths of correct vs incorrect",
+        description=(
+            "The length-bias experiment of Dr. GRPO (docs/length-bias.md): every loss trained with every seed from "
+            "one warm start (or --model), then a report of reward, accuracy and the lengths of correct and incorrect "
+            "completions. Every flag of drgrpo train applies to every run. Task variants: --task-work-position "
+            "after|before places the working tokens."
+        ),
     )
-    compare_module.add_arguments(cp)
+    cp.add_argument("--config", metavar="FILE", help=config_help)
+    add_flags(cp, CompareConfig, "compare")
+    add_flags(
+        cp.add_argument_group("loss"), LossConfig, "loss", default_text="each preset's", skip=(*LOSS_SKIP, "beta")
+    )
+
+    pl = sub.add_parser("plot", help="plot a run's metrics.jsonl to DIR/plots/*.png")
+    pl.add_argument("run_dir", help="a drgrpo train output directory")
+    pl.add_argument("--smooth", type=int, default=5, help="moving-average window of per-step curves (default: 5)")
     return parser
 
 
-def _split(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Given flags grouped by their dest prefix ('train.lr' -> {'train': {'lr': ...}})."""
-    groups: dict[str, dict[str, Any]] = {}
-    for key, value in vars(ns).items():
-        if "." in key:
-            group, name = key.split(".", 1)
-            groups.setdefault(group, {})[name] = value
-    return groups
+def with_loss_overrides(config: Any, groups: dict[str, dict[str, Any]]) -> Any:
+    """``config`` (a TrainConfig) with the loss flags given merged into its ``loss_overrides``."""
+    overrides = {**dict(config.loss_overrides), **groups.get("loss", {})}
+    return config.replace(loss_overrides=tuple(sorted(overrides.items())))
 
 
-def train_config_from_args(ns: argparse.Namespace) -> Any:
-    """The TrainConfig of ``drgrpo train``: defaults (or the resumed run's config) + the flags given."""
-    from drgrpo.train.checkpoint import find_checkpoint, read_state
-    from drgrpo.train.config import TrainConfig
-
-    given = _split(ns)
-    tr = dict(given.get("train", {}))
-    if tr.get("resume"):
-        ckpt = find_checkpoint(tr["resume"])
+def train_config_from_args(ns: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of ``drgrpo train``: the defaults (or the resumed run's config) + the flags given."""
+    groups = given(ns)
+    resume = groups.get("train", {}).get("resume")
+    if resume:
+        ckpt = find_checkpoint(resume)
         base = TrainConfig.from_dict(read_state(ckpt)["train_config"])
-        tr.setdefault("output_dir", str(ckpt.parent.parent))
+        groups["train"].setdefault("output_dir", str(ckpt.parent.parent))
     else:
         base = TrainConfig()
-    for key in ("rewards", "reward_weights"):
-        if key in tr:
-            tr[key] = tuple(tr[key])
-    overrides = dict(base.loss_overrides)
-    overrides.update(given.get("loss", {}))
-    tr["loss_overrides"] = tuple(sorted(overrides.items()))
-    if "task" in given:
-        tr["task"] = dataclasses.replace(base.task, **given["task"])
-    ws = base.warm_start
-    if "tiny" in given:
-        ws = dataclasses.replace(ws, model=dataclasses.replace(ws.model, **given["tiny"]))
-    if "warm_start" in given:
-        ws = dataclasses.replace(ws, **given["warm_start"])
-    tr["warm_start"] = ws
-    return base.replace(**tr)
+    return with_loss_overrides(nested_replace(base, groups, "train"), groups)  # type: ignore[no-any-return]
 
 
-def _fmt(x: Any) -> str:
-    return f"{x:.4g}" if isinstance(x, float) else str(x)
+def compare_config_from_args(ns: argparse.Namespace) -> CompareConfig:
+    """The CompareConfig of ``drgrpo compare``: its defaults + the flags given (train and loss flags: every run's)."""
+    groups = given(ns)
+    config: CompareConfig = nested_replace(CompareConfig(), groups, "compare")
+    return dataclasses.replace(config, train=with_loss_overrides(config.train, groups))
+
+
+def eval_config_from_args(ns: argparse.Namespace) -> EvalConfig:
+    return EvalConfig(**given(ns).get("eval", {}))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = parser.parse_args(argv)  # usage errors exit here (code 2)
+    _quiet_transformers()
     try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
-
-    try:
+        ns = parse_with_config(parser, argv)
         if ns.command == "train":
-            from drgrpo.train.trainer import train
-
-            config = train_config_from_args(ns)
-            result = train(config)
-            first = result.evals[0]["eval/accuracy"] if result.evals else None
-            last = result.evals[-1]["eval/accuracy"] if result.evals else None
-            if int(__import__("os").environ.get("RANK", "0")) == 0:
-                print(
-                    f"done: step {result.step} in {result.seconds:.1f}s"
-                    + (f", held-out accuracy {first:.3f} -> {last:.3f}" if first is not None else "")
-                    + f"; metrics {result.output_dir / 'metrics.jsonl'}; checkpoint {result.checkpoint}"
-                    + (" (interrupted)" if result.interrupted else "")
-                )
-            return 130 if result.interrupted else 0
+            return _train(train_config_from_args(ns))
         if ns.command == "eval":
-            from drgrpo.train.config import TrainConfig
-            from drgrpo.train.evaluation import evaluate_model, saved_train_config
-            from drgrpo.train.model import check_model_dir
-
-            check_model_dir(ns.model)
-            base = saved_train_config(ns.model) or TrainConfig()
-            given = _split(ns).get("train", {})
-            if "rewards" in given:
-                given["rewards"] = tuple(given["rewards"])
-                given.setdefault("reward_weights", ())
-            report = evaluate_model(ns.model, base.replace(**given))
-            if ns.json:
-                print(json.dumps(report))
-            else:
-                for k, v in report.items():
-                    print(f"{k:24s} {_fmt(v)}")
-            return 0
+            return _eval(eval_config_from_args(ns))
         if ns.command == "compare":
-            from drgrpo.train.compare import compare, config_from_args
+            from drgrpo.train.compare import compare
 
-            print(compare(config_from_args(ns)))
+            print(compare(compare_config_from_args(ns)))
             return 0
         if ns.command == "plot":
             from drgrpo.train.plots import plot_run
@@ -289,10 +148,64 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(path)
             return 0
     except (ValueError, FileNotFoundError, TypeError) as exc:
-        # configuration errors: one clear line, no traceback
-        print(f"drgrpo {ns.command}: error: {exc}", file=sys.stderr)
+        print(f"drgrpo {ns.command}: error: {exc}", file=sys.stderr)  # configuration errors: one line
         return 2
+    except (RewardError, FloatingPointError) as exc:  # a failed step (anything else: Python's own traceback)
+        return _failure(exc)
     return 1
+
+
+def _train(config: TrainConfig) -> int:
+    from drgrpo.train.trainer import train
+
+    result = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        first = result.evals[0]["eval/accuracy"] if result.evals else None
+        last = result.evals[-1]["eval/accuracy"] if result.evals else None
+        print(
+            f"done: step {result.step} in {result.seconds:.1f}s"
+            + (f", held-out accuracy {first:.3f} -> {last:.3f}" if first is not None and last is not None else "")
+            + f"; metrics {result.output_dir / 'metrics.jsonl'}; checkpoint {result.checkpoint}"
+            + (" (interrupted)" if result.interrupted else "")
+        )
+    return 130 if result.interrupted else 0
+
+
+def _eval(config: EvalConfig) -> int:
+    from drgrpo.train.checkpoint import resolve_model_dir
+    from drgrpo.train.evaluation import evaluate_model, saved_train_config
+
+    if config.model is None:
+        raise ValueError("drgrpo eval needs --model (a checkpoint, a run directory or a model directory)")
+    model_dir = resolve_model_dir(config.model)
+    report = evaluate_model(model_dir, config.train_config(saved_train_config(model_dir) or TrainConfig()))
+    if config.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key:24s} {f'{value:.4g}' if isinstance(value, float) else value}")
+    return 0
+
+
+def _failure(exc: BaseException) -> int:
+    """A failure during training: its cause in one paragraph, with the user's own traceback for a reward."""
+    cause = exc.__cause__
+    if isinstance(exc, RewardError) and cause is not None:
+        frames = traceback.extract_tb(cause.__traceback__)[1:]  # drop drgrpo's call_reward frame: the user's code
+        print("Traceback of the reward (most recent call last):", file=sys.stderr)
+        print("".join(traceback.format_list(frames)).rstrip(), file=sys.stderr)
+    print(f"drgrpo train: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return 1
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Dr. GRPO modifications: the std division of the advantage and the ``1/|o_i|`` vs
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -26,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from drgrpo.config import preset_names
+from drgrpo.train.config import TrainConfig
+
+PER_RUN = ("output_dir", "loss", "seed", "resume", "progress")
+"""TrainConfig fields that compare sets for each run itself (they are not flags of drgrpo compare)."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class CompareConfig:
     output_dir: str = "runs/compare"
     """Directory for warm_start/, runs/<loss>/seed<k>/, report.md and the plots."""
     losses: tuple[str, ...] = ("grpo", "dr_grpo")
-    """Loss presets to compare."""
+    """Loss presets to compare (space- or comma-separated)."""
     seeds: int = 3
     """Seeds per loss (0 .. seeds-1): rollout sampling and prompt order; the warm start is shared."""
     beta: float = 0.0
@@ -44,12 +47,19 @@ class CompareConfig:
     """Runs in parallel (one CPU thread each); 0: the number of CPU cores, at most 4."""
     window: int = 10
     """Steps in the moving average of the per-step rollout curves."""
-    train_overrides: tuple[tuple[str, Any], ...] = ()
-    """(field, value) overrides of drgrpo.train.TrainConfig for every run (steps, max_new_tokens, group_size, ...)."""
-    extra: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(progress=False, threads=1), metadata={"prefix": "", "skip": PER_RUN}
+    )
+    """Every run's TrainConfig (its flags are those of drgrpo train); compare sets output_dir, loss, seed per run.
+    With a `model` every run starts from that local model instead of the built-in warm start."""
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"flag": None, "via": "the Python API"})
     """Free-form notes recorded in the report (e.g. the command line)."""
 
     def __post_init__(self) -> None:
+        # "grpo,dr_grpo" (one comma-separated flag value) names two presets
+        object.__setattr__(
+            self, "losses", tuple(n.strip() for item in self.losses for n in item.split(",") if n.strip())
+        )
         if not self.losses:
             raise ValueError("losses must name at least one preset, e.g. 'grpo,dr_grpo'")
         unknown = [name for name in self.losses if name not in preset_names()]
@@ -68,22 +78,21 @@ def run_dir(out: Path, loss: str, seed: int) -> Path:
 def compare(config: CompareConfig) -> Path:
     """Run every (loss, seed) from one initial policy and write ``report.md`` and plots; returns the report path.
 
-    The initial policy is the built-in warm start, or the local Hugging Face model given as the
-    ``model`` train override (then with the ``dataset`` and ``rewards`` overrides, if any).
+    The initial policy is the built-in warm start, or the local model ``config.train.model`` (a Hugging Face
+    model directory, a run or a checkpoint; then with ``config.train``'s ``dataset`` and ``rewards``, if any).
     """
-    from drgrpo.train.config import TrainConfig
+    from drgrpo.train.checkpoint import resolve_model_dir
     from drgrpo.train.warmstart import warm_start
 
     out = Path(config.output_dir)
+    base = config.train.replace(output_dir=str(out))
+    if base.model is not None:
+        base = base.replace(model=str(resolve_model_dir(base.model)))
     out.mkdir(parents=True, exist_ok=True)
-    base = TrainConfig(output_dir=str(out), progress=False, threads=1).replace(**dict(config.train_overrides))
     started = time.time()
 
     # ---- one initial policy for every run: a local model, or one warm start (cached: a rerun reuses it)
     if base.model is not None:
-        from drgrpo.train.model import check_model_dir
-
-        check_model_dir(base.model)
         init = str(base.model)
     else:
         init = str(out / "warm_start")
@@ -303,91 +312,3 @@ def render_report(
         lines.append(f"- {title}: [{plots[key].name}]({plots[key].name})")
     lines.append("")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``drgrpo compare``."""
-    parser.add_argument(
-        "--output-dir", default="runs/compare", help="Directory for warm_start/, runs/, report.md and plots."
-    )
-    parser.add_argument("--losses", default="grpo,dr_grpo", help="Comma-separated loss presets to compare.")
-    parser.add_argument("--seeds", type=int, default=3, help="Seeds per loss (0..seeds-1).")
-    parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient for every loss (default 0).")
-    parser.add_argument("--jobs", type=int, default=0, help="Runs in parallel, one thread each (0: CPU cores, max 4).")
-    parser.add_argument("--window", type=int, default=10, help="Moving-average window of the per-step curves.")
-    parser.add_argument(
-        "--model", default=None, help="Local Hugging Face causal LM directory to start every run from (no warm start)."
-    )
-    parser.add_argument("--dataset", default=None, help="Training prompts (JSONL) instead of the built-in task.")
-    parser.add_argument("--eval-dataset", default=None, help="Held-out prompts (JSONL) for the evaluations.")
-    parser.add_argument(
-        "--reward",
-        action="append",
-        default=None,
-        metavar="MODULE:FUNCTION",
-        help="Reward callable (repeatable); the first is the correctness reward behind 'accuracy'.",
-    )
-    parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the trainer's).")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="Generation budget = Dr. GRPO's L.")
-    parser.add_argument("--group-size", type=int, default=None, help="Completions per prompt (G).")
-    parser.add_argument("--prompts-per-step", type=int, default=None, help="Prompts per RL step.")
-    parser.add_argument("--lr", type=float, default=None, help="RL learning rate.")
-    parser.add_argument("--temperature", type=float, default=None, help="Rollout sampling temperature.")
-    parser.add_argument("--eval-every", type=int, default=None, help="Held-out evaluation every this many steps.")
-    parser.add_argument("--warm-start-steps", type=int, default=None, help="At most this many warm-start steps.")
-    parser.add_argument(
-        "--max-work",
-        type=int,
-        default=None,
-        help="Warm-start completions carry 0..max-work working tokens (more: longer answers are easy to produce).",
-    )
-    parser.add_argument(
-        "--work-position",
-        choices=("after", "before"),
-        default=None,
-        help="Working tokens after the answer (pure length) or before it (rambling can hit the budget: long, wrong).",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> CompareConfig:
-    overrides = {
-        name: getattr(args, name)
-        for name in (
-            "model",
-            "dataset",
-            "eval_dataset",
-            "steps",
-            "max_new_tokens",
-            "group_size",
-            "prompts_per_step",
-            "lr",
-            "temperature",
-            "eval_every",
-        )
-        if getattr(args, name) is not None
-    }
-    if args.reward:
-        overrides["rewards"] = tuple(args.reward)
-    if args.warm_start_steps is not None:
-        from drgrpo.train.config import WarmStartConfig
-
-        overrides["warm_start"] = WarmStartConfig(steps=args.warm_start_steps)
-    task_fields = {
-        name: getattr(args, name) for name in ("max_work", "work_position") if getattr(args, name) is not None
-    }
-    if task_fields:
-        from drgrpo.train.task import TaskConfig
-
-        overrides["task"] = TaskConfig(**task_fields)
-    return CompareConfig(
-        output_dir=args.output_dir,
-        losses=tuple(name.strip() for name in args.losses.split(",") if name.strip()),
-        seeds=args.seeds,
-        beta=args.beta,
-        jobs=args.jobs,
-        window=args.window,
-        train_overrides=tuple(overrides.items()),
-    )

@@ -1,18 +1,24 @@
-"""Configuration of a training run: small frozen dataclasses, one docstring per field.
+"""Configuration of a training run (and of ``drgrpo eval``): small frozen dataclasses, one docstring per field.
 
-The CLI (:mod:`drgrpo.train.cli`) exposes every field as a kebab-case flag whose help text is
-the field's docstring, so ``drgrpo train --help`` and this file never disagree.
+The CLI (:mod:`drgrpo.train.cli`) exposes every field as a kebab-case flag whose help text is the
+field's docstring (:mod:`drgrpo.train.flags`), so ``drgrpo train --help`` and this file never
+disagree. A run writes its resolved configuration to ``OUTPUT_DIR/config.yaml``, keyed by those
+flags: ``drgrpo train --config OUTPUT_DIR/config.yaml`` reruns it.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
+
 from drgrpo.config import LossConfig
+from drgrpo.train.flags import add_flags, config_flags
 from drgrpo.train.task import TaskConfig
 from drgrpo.train.tiny import TinyModelConfig
 
@@ -35,7 +41,7 @@ class WarmStartConfig:
     """AdamW learning rate of the warm start."""
     seed: int = 0
     """Seed of the model initialisation and the warm-start data order."""
-    model: TinyModelConfig = field(default_factory=TinyModelConfig)
+    model: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"prefix": "tiny-"})
     """Shape of the built-in model."""
 
 
@@ -46,21 +52,24 @@ class TrainConfig:
     output_dir: str = "runs/default"
     """Directory for metrics.jsonl, checkpoints/, plots/ and the cached warm start."""
     model: str | None = None
-    """Local Hugging Face model directory (config + weights + tokenizer); None builds and warm-starts the tiny model."""
+    """Initial policy: a local Hugging Face model directory (config + weights + tokenizer), or a drgrpo run directory,
+    its checkpoints/latest or a checkpoint; None builds and warm-starts the tiny model."""
     dataset: str | None = None
     """JSONL training prompts (one JSON object per line); None uses the built-in addition task."""
     eval_dataset: str | None = None
     """JSONL held-out prompts for evaluation; None: the built-in held-out split (no evaluation with --dataset)."""
     prompt_field: str = "prompt"
     """Field of a dataset line holding the prompt (a string, or a list of chat messages)."""
-    rewards: tuple[str, ...] = ()
-    """Reward callables 'module:function' taking (completion, example) -> float; empty: the built-in exact match."""
+    rewards: tuple[str, ...] = field(default=(), metadata={"flag": "reward", "repeat": True})
+    """Reward callable 'module:function' taking (completion, example) -> float; repeat the flag for several. The first
+    is the correctness reward behind 'accuracy'. Empty: the built-in task's exact match."""
     reward_weights: tuple[float, ...] = ()
     """One weight per reward (default 1 each); the first reward is the correctness reward used for accuracy."""
     loss: str = "dr_grpo"
     """Loss preset name (dr_grpo, grpo, dapo, ...); LossConfig fields can be overridden with loss_overrides."""
-    loss_overrides: tuple[tuple[str, Any], ...] = ()
-    """(field, value) overrides applied to the preset; max_completion_length defaults to max_new_tokens."""
+    loss_overrides: tuple[tuple[str, Any], ...] = field(default=(), metadata={"flag": None, "via": "loss"})
+    """(field, value) overrides applied to the preset, one flag per LossConfig field; max_completion_length
+    defaults to max_new_tokens."""
     steps: int = 300
     """RL steps (one rollout batch each; ppo_epochs optimizer steps per rollout)."""
     prompts_per_step: int = 64
@@ -107,7 +116,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     """Save a checkpoint every this many steps (and at the end and on SIGINT/SIGTERM); 0: only those."""
     resume: str | None = None
-    """Output directory (or checkpoint directory) of an earlier run to continue from exactly."""
+    """An earlier run to continue exactly: its output directory, its checkpoints/latest, or a checkpoint directory."""
     ref_kl: bool = True
     """Keep a frozen reference copy of the initial model to log KL(policy || reference) even when beta = 0."""
     progress: bool = True
@@ -154,6 +163,30 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
+    def eval_due(self, step: int) -> bool:
+        """Whether step ``step`` ends with a held-out evaluation (every ``eval_every`` steps, and the last)."""
+        return bool(self.eval_every) and (step % self.eval_every == 0 or step == self.steps)
+
+    def checkpoint_due(self, step: int) -> bool:
+        """Whether step ``step`` ends with a checkpoint (every ``checkpoint_every`` steps, and the last)."""
+        return step == self.steps or bool(self.checkpoint_every and step % self.checkpoint_every == 0)
+
+    def check_world_size(self, world: int) -> None:
+        """Raise unless the step's prompts split evenly over ``world`` processes (whole groups on each)."""
+        if self.prompts_per_step % world:
+            raise ValueError(f"prompts_per_step={self.prompts_per_step} must be divisible by the {world} processes")
+
+    def apply_torch_settings(self) -> None:
+        """Deterministic algorithms (bitwise-reproducible CPU runs) and the CPU thread count."""
+        if self.deterministic:
+            torch.use_deterministic_algorithms(True)
+        if self.threads or self.model is None:  # the built-in tiny model: 1 thread (its ops are too small to split)
+            torch.set_num_threads(self.threads or 1)
+
+    def optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """AdamW over ``params`` with this run's learning rate and weight decay (betas 0.9, 0.99)."""
+        return torch.optim.AdamW(params, lr=self.lr, betas=(0.9, 0.99), weight_decay=self.weight_decay)
+
     # ---------------------------------------------------------------- (de)serialisation
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,10 +207,74 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def to_flags(self) -> dict[str, Any]:
+        """``{flag name: value}`` of every flag of ``drgrpo train`` (the loss overrides as their LossConfig flags).
 
-def parse_value(text: str) -> Any:
-    """A command-line override value: a Python literal (1, 0.2, None, True) or else the string itself."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+        Read back with ``drgrpo train --config FILE`` it gives this configuration again.
+        """
+        import argparse
+
+        flags = add_flags(argparse.ArgumentParser(add_help=False), TrainConfig, "train")
+        groups = {"train": self, "task": self.task, "warm_start": self.warm_start, "model": self.warm_start.model}
+        values = config_flags(flags, groups)
+        values.update({name.replace("_", "-"): value for name, value in self.loss_overrides})
+        return values
+
+    def write(self, out_dir: str | Path) -> Path:
+        """Write ``out_dir/config.yaml`` (creating ``out_dir``): every flag of this run, for ``--config``."""
+        import yaml
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / CONFIG_FILE
+        header = "# drgrpo train --config this-file reruns this run; keys are the flags of drgrpo train\n"
+        path.write_text(header + yaml.safe_dump(self.to_flags(), sort_keys=False))
+        return path
+
+
+CONFIG_FILE = "config.yaml"
+"""The resolved configuration a run writes into its output directory."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``drgrpo eval``: a model's held-out accuracy and lengths. Unset fields come from the run that made it."""
+
+    model: str | None = None
+    """The model to evaluate: a checkpoint, a run directory (its latest checkpoint), its checkpoints/latest, or a
+    local Hugging Face model directory (required)."""
+    eval_dataset: str | None = None
+    """JSONL held-out prompts; None: the run's own held-out set (the built-in split for the default run)."""
+    prompt_field: str | None = None
+    """Field of a dataset line holding the prompt; None: the run's."""
+    rewards: tuple[str, ...] = field(default=(), metadata={"flag": "reward", "repeat": True})
+    """Reward callable 'module:function' (repeat for several; the first is the correctness reward); empty: the run's."""
+    max_new_tokens: int | None = None
+    """Generation budget per completion; None: the run's."""
+    eval_size: int | None = None
+    """Held-out prompts to evaluate (the first ones); None: the run's."""
+    eval_temperature: float | None = None
+    """Sampling temperature (0: greedy); None: the run's (greedy by default)."""
+    top_p: float | None = None
+    """Nucleus sampling threshold; None: the run's."""
+    device: str | None = None
+    """torch device; None: the run's."""
+    dtype: str | None = None
+    """Parameter dtype (float32, bfloat16, float16); None: the run's."""
+    seed: int | None = None
+    """Seed of sampled evaluation; None: the run's."""
+    json: bool = False
+    """Print one JSON object instead of a table."""
+
+    def train_config(self, base: TrainConfig) -> TrainConfig:
+        """``base`` (the evaluated run's configuration) with the fields set here."""
+        if self.model is None:
+            raise ValueError("drgrpo eval needs --model (a checkpoint, a run directory or a model directory)")
+        changes = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("model", "json", "rewards") and getattr(self, f.name) is not None
+        }
+        if self.rewards:
+            changes.update(rewards=self.rewards, reward_weights=())
+        return base.replace(**changes)

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from drgrpo.distributed import any_process
+from drgrpo.train.seeds import prompt_rng
+from drgrpo.train.task import TaskConfig, make_splits
+
 Example = dict[str, Any]
 RewardFn = Callable[[str, Example], float]
 
@@ -53,6 +57,37 @@ def load_jsonl(path: str | Path, prompt_field: str = "prompt") -> list[Example]:
     if not examples:
         raise ValueError(f"dataset {str(path)!r} has no examples")
     return examples
+
+
+def load_examples(
+    dataset: str | None, eval_dataset: str | None, prompt_field: str, task: TaskConfig
+) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) examples: the JSONL files given, or the built-in task's splits.
+
+    With ``dataset`` and no ``eval_dataset`` there is no held-out set (an empty list).
+    """
+    if dataset is not None:
+        train = load_jsonl(dataset, prompt_field)
+        return train, load_jsonl(eval_dataset, prompt_field) if eval_dataset else []
+    train, held_out = make_splits(task)
+    return train, load_jsonl(eval_dataset, prompt_field) if eval_dataset else held_out
+
+
+def prompts_for_step(
+    examples: Sequence[Example], config: Any, step: int, rank: int, world: int
+) -> tuple[list[Example], list[int]]:
+    """This process's share of a step's prompts, and their positions in ``examples``.
+
+    Every process draws the same ``config.prompts_per_step`` positions without replacement from
+    ``(config.seed, step)`` (repeating the draw when the dataset is smaller), then takes its contiguous
+    slice of ``prompts_per_step / world``: the processes' prompts are disjoint and together the step's.
+    """
+    prompts_per_step = config.prompts_per_step
+    order = prompt_rng(config.seed, step).sample(range(len(examples)), min(prompts_per_step, len(examples)))
+    order = (order * prompts_per_step)[:prompts_per_step]  # tiny datasets: repeat the draw
+    per_process = prompts_per_step // world
+    mine = order[rank * per_process : (rank + 1) * per_process]
+    return [examples[i] for i in mine], mine
 
 
 def load_reward(spec: str) -> RewardFn:
@@ -107,6 +142,23 @@ class Rewards:
                     firsts.append(value)
             totals.append(total)
         return totals, firsts
+
+
+def score(
+    rewards: Rewards, completions: Sequence[str], examples: Sequence[Example], indices: Sequence[int]
+) -> tuple[list[float], list[float]]:
+    """``rewards(completions, examples, indices)`` agreed across processes: if any process's reward fails,
+    every process raises (the failing one its own :class:`RewardError`), so none waits forever in the
+    step's next collective operation.
+    """
+    try:
+        totals, firsts = rewards(completions, examples, indices)
+        failure: RewardError | None = None
+    except RewardError as exc:
+        failure = exc
+    if any_process(failure is not None):
+        raise failure or RewardError("a reward raised on another process (see its error); every process stopped")
+    return totals, firsts
 
 
 def call_reward(name: str, fn: RewardFn, completion: str, example: Example, index: int | None = None) -> float:

@@ -1,8 +1,8 @@
 """Held-out evaluation: accuracy and the lengths of correct and incorrect completions.
 
-:func:`evaluate` is what the trainer calls every ``eval_every`` steps; :func:`evaluate_model`
-is ``drgrpo eval --model DIR``: it loads a checkpoint (or any local model) and evaluates it on
-the built-in held-out split or a JSONL file.
+:func:`held_out_metrics` is what the trainer logs every ``eval_every`` steps; :func:`evaluate_model`
+is ``drgrpo eval --model DIR``: it loads a checkpoint (or any local model, or a run's latest
+checkpoint) and evaluates it on the held-out split it was trained with, or on a JSONL file.
 """
 
 from __future__ import annotations
@@ -14,13 +14,28 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from drgrpo.train.checkpoint import derive_seed
+from drgrpo.train.checkpoint import STATE_FILE, read_state, resolve_model_dir
 from drgrpo.train.config import TrainConfig
-from drgrpo.train.data import Example, Rewards, load_jsonl
-from drgrpo.train.metrics import length_stats, mean_or_none, sum_across_processes
-from drgrpo.train.model import check_model_dir, load_model, load_tokenizer
+from drgrpo.train.data import Example, Rewards, load_examples
+from drgrpo.train.metrics import length_sums, mean_or_none, sum_across_processes
+from drgrpo.train.model import load_model, load_tokenizer
 from drgrpo.train.rollout import generate, prompt_texts
-from drgrpo.train.task import TaskConfig, make_splits
+from drgrpo.train.seeds import EVAL_STREAM, derive_seed
+from drgrpo.train.task import TaskConfig
+from drgrpo.train.warmstart import MARKER
+
+
+def held_out_metrics(
+    model: Any, tokenizer: Any, examples: list[Example], rewards: Rewards, config: TrainConfig
+) -> dict[str, Any]:
+    """The trainer's evaluation: greedy (``eval/*``) and, with ``eval_sampled``, at the rollout temperature
+    (``eval_sampled/*``: the expected reward RL maximises), on the first ``eval_size`` examples."""
+    examples = examples[: config.eval_size]
+    metrics = evaluate(model, tokenizer, examples, rewards, config)
+    if config.eval_sampled:
+        metrics.update(evaluate(model, tokenizer, examples, rewards, config, temperature=config.temperature,
+                                prefix="eval_sampled/"))  # fmt: skip
+    return metrics
 
 
 @torch.no_grad()
@@ -47,11 +62,10 @@ def evaluate(
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
     idx = list(range(rank, len(examples), world))
-    sums = [0.0] * 10  # total reward, first reward, count, truncated, then length_stats
-    chat = bool(getattr(tokenizer, "chat_template", None))
+    local = {"reward": 0.0, "accuracy": 0.0, "truncated": 0.0, **length_sums([], [])}
     temp = config.eval_temperature if temperature is None else temperature
     with torch.random.fork_rng(devices=[]):  # sampling here never disturbs the training RNG
-        torch.manual_seed(derive_seed(config.seed, 7919, rank))
+        torch.manual_seed(derive_seed(config.seed, EVAL_STREAM, rank))
         for lo in range(0, len(idx), batch_prompts):
             chunk = idx[lo : lo + batch_prompts]
             exs = [examples[i] for i in chunk]
@@ -63,20 +77,20 @@ def evaluate(
                 max_new_tokens=config.max_new_tokens,
                 temperature=temp,
                 top_p=config.top_p,
-                chat=chat,
             )
             totals, firsts = rewards(roll.texts, exs, chunk)
-            stats = length_stats(roll.lengths.tolist(), [r >= 0.5 for r in firsts])
-            part = [sum(totals), sum(firsts), len(exs), float(roll.truncated.sum()), *stats]
-            sums = [a + b for a, b in zip(sums, part, strict=True)]
-    total, first, n, cut, len_sum, len_n, lc, nc, li, ni = sum_across_processes(sums, device)
+            part = {"reward": sum(totals), "accuracy": sum(firsts), "truncated": float(roll.truncated.sum()),
+                    **length_sums(roll.lengths.tolist(), [r >= 0.5 for r in firsts])}  # fmt: skip
+            local = {key: local[key] + part[key] for key in local}
+    s = sum_across_processes(local, device)
+    n = s["completions"]
     return {
-        f"{prefix}accuracy": mean_or_none(first, n),
-        f"{prefix}reward": mean_or_none(total, n),
-        f"{prefix}length": mean_or_none(len_sum, len_n),
-        f"{prefix}length_correct": mean_or_none(lc, nc),
-        f"{prefix}length_incorrect": mean_or_none(li, ni),
-        f"{prefix}frac_truncated": mean_or_none(cut, n),
+        f"{prefix}accuracy": mean_or_none(s["accuracy"], n),
+        f"{prefix}reward": mean_or_none(s["reward"], n),
+        f"{prefix}length": mean_or_none(s["length"], n),
+        f"{prefix}length_correct": mean_or_none(s["length_correct"], s["num_correct"]),
+        f"{prefix}length_incorrect": mean_or_none(s["length_incorrect"], s["num_incorrect"]),
+        f"{prefix}frac_truncated": mean_or_none(s["truncated"], n),
         f"{prefix}num_prompts": int(n),
     }
 
@@ -84,35 +98,29 @@ def evaluate(
 def saved_train_config(model_dir: str | Path) -> TrainConfig | None:
     """The TrainConfig stored with a checkpoint, or the task of a warm start; None for other models."""
     model_dir = Path(model_dir)
-    state = model_dir / "trainer_state.json"
-    if state.is_file():
-        return TrainConfig.from_dict(json.loads(state.read_text())["train_config"])
-    marker = model_dir / "warm_start.json"
+    if (model_dir / STATE_FILE).is_file():
+        return TrainConfig.from_dict(read_state(model_dir)["train_config"])
+    marker = model_dir / MARKER
     if marker.is_file():
         return TrainConfig(task=TaskConfig(**json.loads(marker.read_text())["spec"]["task"]))
     return None
 
 
-def evaluate_model(model_dir: str | Path, config: TrainConfig | None = None) -> dict[str, Any]:
-    """``drgrpo eval``: evaluate a local model directory (e.g. ``DIR/checkpoints/step_000120``).
+def evaluate_model(model: str | Path, config: TrainConfig | None = None) -> dict[str, Any]:
+    """``drgrpo eval``: evaluate a model on held-out prompts, one greedy (or sampled) completion each.
 
-    ``config`` supplies the dataset, rewards and generation settings; by default the ones the
-    checkpoint was trained with (the built-in held-out split for the default run).
+    ``model`` is a local Hugging Face model directory, a checkpoint, a run directory or its
+    ``checkpoints/latest`` (:func:`~drgrpo.train.checkpoint.resolve_model_dir`). ``config`` supplies the
+    dataset, rewards and generation settings; by default the ones the checkpoint was trained with (the
+    built-in held-out split for the default run).
     """
-    check_model_dir(str(model_dir))
+    model_dir = resolve_model_dir(model)
     config = config or saved_train_config(model_dir) or TrainConfig()
     rewards = Rewards.from_specs(config.rewards, config.reward_weights)
-    if config.eval_dataset:
-        examples = load_jsonl(config.eval_dataset, config.prompt_field)
-    elif config.dataset:
+    if config.dataset and not config.eval_dataset:
         raise ValueError("evaluating a model trained on --dataset needs --eval-dataset FILE.jsonl (held-out prompts)")
-    else:
-        examples = make_splits(config.task)[1]
-    examples = examples[: config.eval_size]
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True)
-    if config.threads or config.model is None:  # as in training: 1 thread for the built-in tiny model
-        torch.set_num_threads(config.threads or 1)
+    _, examples = load_examples(None, config.eval_dataset, config.prompt_field, config.task)  # never the train set
+    config.apply_torch_settings()  # as in training: deterministic, 1 thread for the built-in tiny model
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, config.dtype, torch.device(config.device)).eval()
-    return {"model": str(model_dir), **evaluate(model, tokenizer, examples, rewards, config)}
+    net = load_model(model_dir, config.dtype, torch.device(config.device)).eval()
+    return {"model": str(model_dir), **evaluate(net, tokenizer, examples[: config.eval_size], rewards, config)}

@@ -1,26 +1,17 @@
-"""Loading a policy: a local Hugging Face causal LM and its tokenizer, checked before any work."""
+"""Loading a policy: a local Hugging Face causal LM, its tokenizer, and a run's initial training state."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
-def check_model_dir(path: str | Path) -> None:
-    """Raise a FileNotFoundError unless ``path`` is a local Hugging Face model directory (with config.json)."""
-    p = Path(path)
-    if not p.is_dir():
-        raise FileNotFoundError(
-            f"--model {str(path)!r} is not a directory (expected a local Hugging Face model directory)"
-        )
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--model {str(path)!r} has no config.json: expected a local Hugging Face model directory "
-            "(config.json, weights, tokenizer files), e.g. one written by save_pretrained"
-        )
+from drgrpo.train.checkpoint import load_optimizer_state, read_state
+from drgrpo.train.update import TrainState
 
 
 def load_model(path: str | Path, dtype: str, device: torch.device) -> Any:
@@ -36,3 +27,46 @@ def load_tokenizer(path: str | Path) -> Any:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def initial_policy_dir(
+    model: Path | None, resume_from: Path | None, out_dir: Path, warm_start: Callable[[Path], Any]
+) -> Path:
+    """The initial policy of a run (the reference of its KL): the resumed run's, ``model``, or a warm start.
+
+    ``model`` is already resolved to a model directory (:func:`drgrpo.train.checkpoint.resolve_model_dir`).
+    A resumed run whose initial model moved with its run directory (``RUN/warm_start``) is found there.
+    ``warm_start(path)`` builds the warm-started tiny model at ``path`` (rank 0 only, then a barrier).
+    """
+    if resume_from is not None:
+        init = Path(read_state(resume_from)["init_model"])
+        moved = resume_from.parent.parent / "warm_start"
+        return moved if not init.is_dir() and moved.is_dir() else init
+    if model is not None:
+        return model
+    path = out_dir / "warm_start"
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        warm_start(path)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def load_train_state(
+    weights_dir: Path, init_dir: Path, config: Any, device: torch.device, needs_reference: bool,
+    resume_from: Path | None,
+) -> TrainState:  # fmt: skip
+    """The policy (from ``weights_dir``: a checkpoint or the initial model), its tokenizer, the optimizer
+    (``config.optimizer``, its state from ``resume_from``), the frozen reference (from ``init_dir``, only if
+    ``needs_reference``) and the DDP wrapper under several processes. ``state.step`` is the resumed step (or 0).
+    """
+    tokenizer = load_tokenizer(weights_dir)
+    model = load_model(weights_dir, config.dtype, device).train()
+    optimizer = config.optimizer(model.parameters())
+    step = 0
+    if resume_from is not None:
+        optimizer.load_state_dict(load_optimizer_state(resume_from, device))
+        step = int(read_state(resume_from)["step"])
+    ref = load_model(init_dir, config.dtype, device).eval().requires_grad_(False) if needs_reference else None
+    policy = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
+    return TrainState(model=model, policy=policy, optimizer=optimizer, tokenizer=tokenizer, ref_model=ref, step=step)

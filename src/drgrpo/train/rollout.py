@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from drgrpo.fused import chunked_logprobs
+
 
 @dataclass
 class Rollout:
@@ -96,13 +98,16 @@ def generate(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    chat: bool = False,
+    chat: bool | None = None,
 ) -> Rollout:
     """Sample ``group_size`` completions for each prompt (greedy when ``temperature == 0``).
 
     ``prompts`` are already templated strings (see :func:`prompt_texts`); rows come out grouped:
-    prompt 0's G completions first, then prompt 1's, and so on.
+    prompt 0's G completions first, then prompt 1's, and so on. ``chat`` (default: whether the tokenizer
+    has a chat template) leaves out the tokenizer's special tokens, which the template already holds.
     """
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
     device = next(model.parameters()).device
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=not chat)
     prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0).to(device)  # (B, P)
@@ -161,3 +166,25 @@ def completion_hidden(model: Any, batch: Rollout) -> Tensor:
     P, T = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
     out = _forward(model, batch, output_hidden_states=True, logits_to_keep=1)
     return out.hidden_states[-1][:, P - 1 : P - 1 + T]  # (B, T, H)
+
+
+def output_layer(model: Any) -> tuple[Tensor, Tensor | None]:
+    """The output layer's weight ``(V, H)`` and bias ``(V,)`` or None (the weight is often tied to the embedding)."""
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+@torch.no_grad()
+def completion_logp(model: Any, batch: Rollout, temperature: float, fused: bool) -> Tensor:
+    """Log-probs ``(B, T)`` of the completion tokens without gradient (old or reference log-probs).
+
+    ``fused=True`` goes through the last hidden states and :func:`drgrpo.chunked_logprobs`, so no
+    ``(B, T, V)`` logits are ever built (0 on padding); otherwise through the full logits.
+    """
+    if not fused:
+        return token_logp(model, batch, temperature)
+    weight, bias = output_layer(model)
+    hidden = completion_hidden(model, batch)  # (B, T, H)
+    return chunked_logprobs(
+        hidden, weight, batch.completion_ids, batch.completion_mask, bias=bias, temperature=temperature
+    )
