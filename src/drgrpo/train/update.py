@@ -94,9 +94,12 @@ def policy_update(
         step: the RL step (1-based), for the learning-rate schedule and error messages.
 
     Raises:
+        ValueError: for ``beta > 0`` without a reference model.
         FloatingPointError: when the gradient norm is not finite (checked before the optimizer step, on the
             gradients all processes share, so every process raises at the same point).
     """
+    if loss_config.beta > 0 and state.ref_model is None:
+        raise ValueError(f"loss beta={loss_config.beta} > 0 needs a reference model (state.ref_model is None)")
     micro = micro_batches(batch.completion_ids.shape[0], config.micro_batch_size)
     masks = [batch.completion_mask[s] for s in micro]
     per_call = loss_config.per_call_normalization
