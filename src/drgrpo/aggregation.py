@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from drgrpo.config import LossConfig
+from drgrpo.config import LossConfig, check_constant_length
 from drgrpo.normalizer import StepNormalizer, check_step_normalizable
 
 
@@ -57,11 +57,8 @@ def token_weights(mask: Tensor, config: LossConfig, normalizer: StepNormalizer |
     elif agg == "seq-mean-token-mean":
         w = m / (m.sum(-1, keepdim=True).clamp_min(1) * num_sequences)
     elif agg == "seq-mean-token-sum-norm":
-        if length is None:
-            raise ValueError(
-                "aggregation 'seq-mean-token-sum-norm' divides by a constant L: set max_completion_length "
-                "(Dr. GRPO uses the generation budget)"
-            )
+        check_constant_length(agg, length)
+        assert length is not None
         w = m / (num_sequences * length)
     elif agg == "seq-mean-token-sum":
         w = m / num_sequences

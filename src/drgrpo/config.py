@@ -172,11 +172,9 @@ class LossConfig:
         if name not in _PRESETS:
             raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(preset_names())}")
         config = _PRESETS[name]().replace(**overrides)
-        if config.aggregation == "seq-mean-token-sum-norm" and config.max_completion_length is None:
-            raise ValueError(
-                f"preset {name!r} uses aggregation 'seq-mean-token-sum-norm', which divides by a constant L: "
-                "pass max_completion_length=L (Dr. GRPO uses the generation budget, e.g. the max new tokens)"
-            )
+        check_constant_length(
+            config.forced_aggregation or config.aggregation, config.max_completion_length, f"preset {name!r}: "
+        )
         return config
 
 
@@ -204,6 +202,18 @@ def preset_names() -> list[str]:
 
 
 # --------------------------------------------------------------------------- checks
+
+
+def check_constant_length(aggregation: str, length: int | None, where: str = "") -> None:
+    """The one "needs L" rule: ``seq-mean-token-sum-norm`` divides by a constant L, so ``length`` must be set.
+
+    ``where`` prefixes the message (e.g. the preset's name). Used by presets, step normalisers and the loss.
+    """
+    if aggregation == "seq-mean-token-sum-norm" and length is None:
+        raise ValueError(
+            f"{where}aggregation 'seq-mean-token-sum-norm' divides by a constant L: set max_completion_length "
+            "(pass max_completion_length=L; Dr. GRPO uses the generation budget, e.g. the max new tokens)"
+        )
 
 
 def _check_choice(field: str, value: object, choices: tuple[str, ...]) -> None:

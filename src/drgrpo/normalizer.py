@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from drgrpo.config import LossConfig
+from drgrpo.config import LossConfig, check_constant_length
 from drgrpo.distributed import all_reduce_sum, distributed_world_size
 
 
@@ -54,11 +54,7 @@ def check_step_normalizable(config: LossConfig, length: int | None) -> None:
             "step-wide normaliser; use the equivalent split-invariant core preset (e.g. 'dr_grpo', 'dapo')"
         )
     aggregation = config.forced_aggregation or config.aggregation
-    if aggregation == "seq-mean-token-sum-norm" and length is None:
-        raise ValueError(
-            "aggregation 'seq-mean-token-sum-norm' divides by a constant L: set the config's "
-            "max_completion_length (Dr. GRPO uses the generation budget)"
-        )
+    check_constant_length(aggregation, length)
     if aggregation == "token-sum-norm" and length is None:
         raise ValueError(
             "aggregation 'token-sum-norm' without max_completion_length divides by each call's padded width "

@@ -99,7 +99,7 @@ def _sapo() -> LossConfig:
 
 @register_preset("seed")
 def _seed() -> LossConfig:
-    # The specification (shared/seed): population std, all-zero advantages when std < 1e-8,
+    # The specification (docs/specification.md): population std, all-zero advantages when std < 1e-8,
     # PPO clip 0.2, k1 KL with beta 0.04, mean over completions. With one token per completion,
     # policy_loss under this preset equals drgrpo.dr_grpo_objective.
     return LossConfig(

@@ -1,4 +1,4 @@
-"""The specified function (``shared/seed``), exactly, and the Dr. GRPO paper's objective beside it.
+"""The specified function (docs/specification.md), exactly, and the Dr. GRPO paper's objective beside it.
 
 Both take one group of G completions with *sequence-level* log-probs (one number per completion)
 and return the negated objective as a Python float, in float64 numpy.
