@@ -24,7 +24,7 @@ import torch.distributed as dist
 from drgrpo import LossConfig, StepNormalizer, group_advantages, policy_loss
 from drgrpo.config import AGGREGATIONS
 from drgrpo.distributed import global_group_advantages
-from test_split import (
+from test_normalizer import (
     L,
     Micro,
     Step,

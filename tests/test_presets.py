@@ -13,7 +13,7 @@ from drgrpo import LossConfig
 CORE = {"dr_grpo", "grpo", "dapo", "bnpo", "gspo", "cispo", "sapo", "seed"}
 
 
-def test_core_presets_are_registered():
+def test_presets_are_registered():
     assert set(drgrpo.preset_names()) >= CORE
 
 

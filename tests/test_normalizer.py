@@ -1,4 +1,5 @@
-"""Split invariance (docs/design.md, "Splitting a step"): K uneven micro-batches with a StepNormalizer give the whole batch's gradient.
+"""Split invariance (docs/design.md, section 6): K uneven micro-batches with a StepNormalizer give the whole
+batch's gradient.
 
 The oracles are independent of the machinery under test: the gradient of the whole batch's loss
 (one ``policy_loss`` call with its own counts, no normalizer) and the float64 numpy reference
