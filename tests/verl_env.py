@@ -25,6 +25,9 @@ SETUP = "bash scripts/setup.sh train,peers,dev,verl (or only the verl environmen
 
 _CACHE: dict[str, Any] = {}
 
+MEASURED: list[str] = []
+"""Lines the verl tests report at the end of the session (``tests/integrations/conftest.py`` prints them)."""
+
 
 def live() -> dict:
     """The runner's results (a dict of tensors and strings); fails the calling test if they cannot be had."""

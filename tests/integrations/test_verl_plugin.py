@@ -16,18 +16,24 @@ import torch
 
 from drgrpo.config import LossConfig, preset_config, preset_names
 from drgrpo.loss import policy_loss
-from verl_env import ROOT, live
+from verl_env import MEASURED, ROOT, live
 
 VERL_DEFAULTS = {"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.2, "clip_ratio_c": 3.0}
+VERL_KL = {"k1": "k1", "kl": "k1", "k3": "low_var_kl", "low_var_kl": "low_var_kl"}  # verl's k3 is clamped
 
 
 def expected_config(preset: str, settings: dict) -> LossConfig:
-    """The settings table: verl's clip ratios, dual clip (token-level PPO), taus and L; the rest from the preset."""
+    """The settings table: verl's clip ratios, dual clip (token-level PPO), taus and L; the rest from the preset.
+
+    The policy loss has beta 0; verl's own KL term (use_kl_loss) is added to the oracle as beta * kl.
+    """
     s = {**VERL_DEFAULTS, **settings}
     low = s["clip_ratio"] if s["clip_ratio_low"] is None else s["clip_ratio_low"]
     high = s["clip_ratio"] if s["clip_ratio_high"] is None else s["clip_ratio_high"]
     base = preset_config(preset)
     overrides = {"clip_low": low, "clip_high": high, "beta": 0.0}
+    if s.get("use_kl_loss"):
+        overrides.update(beta=s["kl_loss_coef"], kl=VERL_KL[s["kl_loss_type"]])
     overrides.update(sapo_tau_pos=s.get("tau_pos", 1.0), sapo_tau_neg=s.get("tau_neg", 1.05))
     if base.surrogate == "ppo" and base.ratio_level == "token":
         overrides["dual_clip"] = s["clip_ratio_c"]
@@ -38,7 +44,8 @@ def expected_config(preset: str, settings: dict) -> LossConfig:
 
 def whole_batch(batch: dict, config: LossConfig):
     logp = batch["logp"].clone().requires_grad_()
-    out = policy_loss(logp, batch["old"], batch["adv"], batch["mask"], config)
+    ref = batch["ref"] if config.beta > 0 else None
+    out = policy_loss(logp, batch["old"], batch["adv"], batch["mask"], config, ref_logp=ref)
     out.loss.backward()
     return out.loss.detach(), logp.grad
 
@@ -85,6 +92,7 @@ def test_import_without_verl_says_how_to_install():
         "grpo_no_dual_clip",
         "dr_grpo_clip_ratio",
         "oat_drgrpo_default_L",
+        "grpo_with_verl_kl",
     ],
 )
 def test_micro_batches_on_every_rank_give_the_mini_batch_gradient(case):
@@ -110,7 +118,8 @@ def test_the_split_cases_differ_from_each_other():
     def grad_of(case):
         return whole_batch(batch, expected_config(*split["cases"][case]))[1]
 
-    for a, b in (("sapo", "sapo_taus"), ("grpo", "grpo_no_dual_clip"), ("dr_grpo", "dr_grpo_clip_ratio")):
+    pairs = ("sapo", "sapo_taus"), ("grpo", "grpo_no_dual_clip"), ("dr_grpo", "dr_grpo_clip_ratio")
+    for a, b in (*pairs, ("grpo", "grpo_with_verl_kl")):
         assert float((grad_of(a) - grad_of(b)).abs().max()) > 1e-4, (a, b)
 
 
@@ -129,6 +138,23 @@ def test_same_numbers_as_verl_vanilla_with_rollout_correction():
             assert ours["metrics"][name] == pytest.approx(theirs["metrics"][name], rel=1e-6, abs=1e-12), name
     assert block["vanilla"]["metrics"]["actor/pg_clipfrac"] > 0
     assert float((block["vanilla"]["grad"] - block["vanilla_plain"]["grad"]).abs().max()) > 1e-3  # weights matter
+
+
+def test_gspo_against_verl_gspo_with_rollout_correction():
+    # Same aggregation, same loss. Without IS weights the same gradient too. With per-token weights rho the
+    # gradients differ in form: verl's gspo is GSPO-token (token t of completion i gets w rho_t (-A s_i)),
+    # drgrpo's sequence ratio spreads the row's weighted sum evenly over its tokens (mean_t' w rho_t' (-A s_i)
+    # on each); each completion's summed gradient is the same.
+    block = live()["rollout_correction"]
+    mask = block["batch"]["mask"]
+    plain_ours, plain_verl = block["drgrpo.gspo_plain"], block["gspo_plain"]
+    torch.testing.assert_close(plain_ours["loss"], plain_verl["loss"], rtol=1e-14, atol=0)
+    torch.testing.assert_close(plain_ours["grad"], plain_verl["grad"], rtol=1e-13, atol=1e-17)
+    ours, theirs = block["drgrpo.gspo"], block["gspo"]
+    torch.testing.assert_close(ours["loss"], theirs["loss"], rtol=1e-14, atol=0)
+    torch.testing.assert_close(ours["grad"].sum(-1), theirs["grad"].sum(-1), rtol=1e-13, atol=1e-17)
+    per_token = (ours["grad"] - theirs["grad"]).abs() * mask
+    assert float(per_token.max()) > 1e-3 * float(theirs["grad"].abs().max())  # the forms do differ per token
 
 
 def padding_runs() -> tuple[dict, list[dict], torch.Tensor]:
@@ -159,10 +185,18 @@ def test_verl_builtin_dr_grpo_without_loss_scale_factor_follows_the_padding():
     assert len(default) == 4
     for run in default:
         error = relative_error(run, grad)
+        layout = "own longest completion" if run["trimmed"] else "the budget 16"
+        MEASURED.append(
+            f"verl vanilla, seq-mean-token-sum-norm, no loss_scale_factor, {run['ranks']} rank(s), micro-batches "
+            f"padded to {layout} (widths {run['widths']}): |g - g_whole| / |g_whole| = {error:.3f}"
+        )
         if run["trimmed"]:
             assert len(set(run["widths"])) > 1 and error > 0.05, (run["widths"], error)
         else:
             assert set(run["widths"]) == {16} and error < 1e-12
+        # the whole mechanism: micro-batch k's gradient is the objective's times budget / its padded width T_k
+        for (lo, hi), width in zip(run["rows"], run["widths"]):
+            torch.testing.assert_close(run["grad"][lo:hi], grad[lo:hi] * 16 / width, rtol=1e-12, atol=1e-16)
 
 
 # --------------------------------------------------------------------------- errors verl users see

@@ -144,7 +144,7 @@ def test_per_call_fallback_leaves_empty_completions_out_of_the_count():
         torch.testing.assert_close(grad * factor, case["grad"], rtol=1e-13, atol=1e-16)
 
 
-def test_verl_seq_mean_token_sum_norm_is_a_mean_over_completions():
+def test_verl_seq_mean_token_sum_norm_is_a_mean_over_completions(record):
     # verl 0.9.1 settles verl.dr_grpo: sum_{i,t} l m / (N_seq L), not the sum / L of verl <= 0.7
     block = live()["builtin"][0]
     batch, info = block["batch"], block["info"]
@@ -156,7 +156,9 @@ def test_verl_seq_mean_token_sum_norm_is_a_mean_over_completions():
     as_sum = LossConfig.preset("verl.vanilla", aggregation="token-sum-norm", max_completion_length=20)
     as_mean = LossConfig.preset("verl.dr_grpo", max_completion_length=20)
     norm = normalizer_of(info, 20)
-    torch.testing.assert_close(ours(batch, as_mean, norm)[0], case["loss"], rtol=1e-13, atol=0)
+    loss, grad = ours(batch, as_mean, norm)
+    check(record, "verl.dr_grpo", "loss (fp64)", loss, case["loss"])
+    check(record, "verl.dr_grpo", "d/dlogp (fp64)", grad, case["grad"])
     ratio = float(ours(batch, as_sum, norm)[0] / case["loss"])
     assert ratio == pytest.approx(info["global_batch_size"], rel=1e-12)  # the old preset: N_seq times too large
 

@@ -131,7 +131,9 @@ def rows_of(batch: dict, lo: int, hi: int, trimmed: bool = True) -> dict:
     return {k: (v[lo:hi, :width] if v.dim() == 2 else v[lo:hi]) for k, v in batch.items()}
 
 
-def split_run(cfg_factory, batch: dict, ranks: int, micro: int, seed: int, trimmed: bool = True) -> dict:
+def split_run(
+    cfg_factory, batch: dict, ranks: int, micro: int, seed: int, trimmed: bool = True, kl: bool = False
+) -> dict:
     """The mini-batch over ``ranks`` simulated data-parallel ranks, ``micro`` uneven micro-batches each.
 
     Every micro-batch goes through ``ppo_loss`` with the mini-batch's global counts; each rank's
@@ -141,15 +143,16 @@ def split_run(cfg_factory, batch: dict, ranks: int, micro: int, seed: int, trimm
     rows, width = batch["mask"].shape
     info = {"dp_size": ranks, "batch_num_tokens": int(batch["mask"].sum()), "global_batch_size": rows}
     grad = torch.zeros(rows, width, dtype=F64)
-    losses, widths = [], []
+    losses, widths, spans = [], [], []
     for r_lo, r_hi in split_rows(rows, ranks, g) if ranks > 1 else [(0, rows)]:
         for lo, hi in split_rows(r_hi - r_lo, micro, g):
             mb = rows_of(batch, r_lo + lo, r_lo + hi, trimmed)
-            out = call_ppo_loss(cfg_factory(), mb, info)
+            out = call_ppo_loss(cfg_factory(), mb, info, kl=kl)
             grad[r_lo + lo : r_lo + hi, : mb["mask"].shape[1]] += out["grad"] / ranks
             losses.append(float(out["loss"]))
             widths.append(mb["mask"].shape[1])
-    return {"grad": grad, "losses": losses, "widths": widths}
+            spans.append((r_lo + lo, r_lo + hi))
+    return {"grad": grad, "losses": losses, "widths": widths, "rows": spans}
 
 
 # --------------------------------------------------------------------------- checks
@@ -221,9 +224,10 @@ def per_call_fallback() -> dict:
 
 
 def rollout_correction() -> dict:
-    """verl's vanilla and drgrpo's bnpo (token-mean PPO, dual clip) through ppo_loss with rollout IS weights."""
+    """verl vanilla vs drgrpo.bnpo, verl gspo vs drgrpo.gspo, through ppo_loss with and without rollout IS weights."""
     batch = ragged(8, 6, seed=4)
     info = {"dp_size": 2, "batch_num_tokens": int(batch["mask"].sum()) + 11, "global_batch_size": 8 + 5}
+    gspo = actor_config("gspo", loss_agg_mode="seq-mean-token-mean")
     return {
         "batch": batch,
         "info": info,
@@ -231,6 +235,11 @@ def rollout_correction() -> dict:
         "drgrpo.bnpo": call_ppo_loss(actor_config("drgrpo.bnpo"), batch, info, is_weights=True),
         "vanilla_plain": call_ppo_loss(actor_config("vanilla"), batch, info),
         "drgrpo.bnpo_plain": call_ppo_loss(actor_config("drgrpo.bnpo"), batch, info),
+        # GSPO: verl's gspo and drgrpo.gspo with the same aggregation, with and without IS weights
+        "gspo": call_ppo_loss(gspo, batch, info, is_weights=True),
+        "drgrpo.gspo": call_ppo_loss(actor_config("drgrpo.gspo"), batch, info, is_weights=True),
+        "gspo_plain": call_ppo_loss(gspo, batch, info),
+        "drgrpo.gspo_plain": call_ppo_loss(actor_config("drgrpo.gspo"), batch, info),
     }
 
 
@@ -257,6 +266,11 @@ SPLIT_CASES = {
         },
     ),
     "oat_drgrpo_default_L": ("oat.drgrpo", {}),
+    # grpo's k3 KL (beta 0.04) through verl's own KL settings, aggregated like the preset's surrogate
+    "grpo_with_verl_kl": (
+        "grpo",
+        {"use_kl_loss": True, "kl_loss_coef": 0.04, "kl_loss_type": "k3", "loss_agg_mode": "seq-mean-token-mean"},
+    ),
 }
 
 
@@ -268,7 +282,8 @@ def plugin_split() -> dict:
         for ranks in (1, 2):
             for micro in (1, 3):
                 factory = lambda p=preset, s=settings: actor_config(f"drgrpo.{p}", **s)
-                run = split_run(factory, batch, ranks, micro, seed=100 * ranks + micro)
+                kl = bool(settings.get("use_kl_loss"))
+                run = split_run(factory, batch, ranks, micro, seed=100 * ranks + micro, kl=kl)
                 out["runs"].append({"case": case, "ranks": ranks, "micro": micro, **run})
     return out
 

@@ -36,9 +36,14 @@ verl ``actor_rollout_ref.actor.`` setting       drgrpo ``LossConfig`` field
 
 Ignored: ``loss_agg_mode`` (the preset's aggregation is the loss; verl's KL and entropy terms still use
 ``loss_agg_mode``) and the preset's ``beta`` (the KL term is verl's own: ``use_kl_loss``, ``kl_loss_coef``,
-``kl_loss_type``, added outside the policy loss). Advantages come from verl's estimator
+``kl_loss_type``, added outside the policy loss). A preset's KL term through verl: ``use_kl_loss=True``,
+``kl_loss_coef=beta``, ``kl_loss_type`` = the preset's estimator (verl's ``k3`` is the clamped
+``low_var_kl``), and ``loss_agg_mode`` = the preset's aggregation, so the KL term has the same weights
+(``grpo``: 0.04, ``k3``, ``seq-mean-token-mean``). Advantages come from verl's estimator
 (``algorithm.adv_estimator=grpo`` with ``norm_adv_by_std_in_grpo=False`` is Dr. GRPO's ``r - mean``) and
-must be one value per completion.
+must be one value per completion. With rollout correction weights, the sequence-ratio presets (``gspo``)
+give each completion the same summed gradient as verl's ``gspo`` but spread it evenly over its tokens
+(GSPO), where verl puts each token's weight on that token (GSPO-token).
 """
 
 from __future__ import annotations
