@@ -110,6 +110,16 @@ def test_micro_batches_on_every_rank_give_the_mini_batch_gradient(case):
     assert float(grad.abs().max()) > 1e-5  # 1e-10 is a tight tolerance for these gradients
 
 
+def test_completions_without_tokens_count_as_completions():
+    # verl's global_batch_size counts every completion of the mini-batch, as drgrpo's N_seq does
+    block = live()["split"]["empty_rows"]
+    batch = block["batch"]
+    assert int((batch["mask"].sum(-1) == 0).sum()) == 3
+    for run in block["runs"]:
+        _, grad = whole_batch(batch, expected_config(*live()["split"]["cases"][run["case"]]))
+        torch.testing.assert_close(run["grad"], grad, rtol=0, atol=1e-10)
+
+
 def test_the_split_cases_differ_from_each_other():
     # the mapping is visible in the numbers: taus, the dual clip and the clip ratios each change the gradient
     split = live()["split"]

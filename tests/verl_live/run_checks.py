@@ -127,7 +127,7 @@ def split_rows(rows: int, parts: int, g: torch.Generator) -> list[tuple[int, int
 def rows_of(batch: dict, lo: int, hi: int, trimmed: bool = True) -> dict:
     """Rows lo..hi; ``trimmed``: padded only to their own longest completion (verl's nested layout, the v1
     trainer), else kept at the mini-batch's width (the legacy trainer pads every response to the budget)."""
-    width = int(batch["mask"][lo:hi].sum(-1).max()) if trimmed else batch["mask"].shape[1]
+    width = max(1, int(batch["mask"][lo:hi].sum(-1).max())) if trimmed else batch["mask"].shape[1]
     return {k: (v[lo:hi, :width] if v.dim() == 2 else v[lo:hi]) for k, v in batch.items()}
 
 
@@ -285,6 +285,15 @@ def plugin_split() -> dict:
                 kl = bool(settings.get("use_kl_loss"))
                 run = split_run(factory, batch, ranks, micro, seed=100 * ranks + micro, kl=kl)
                 out["runs"].append({"case": case, "ranks": ranks, "micro": micro, **run})
+    # completions with no tokens count in global_batch_size (verl's trainer) and in our N_seq alike
+    empty = ragged(24, 16, seed=12)
+    empty["mask"][[3, 10, 17]] = 0.0
+    out["empty_rows"] = {"batch": empty, "runs": []}
+    for case in ("dr_grpo", "grpo", "dapo", "gspo"):
+        preset, settings = SPLIT_CASES[case]
+        factory = lambda p=preset, s=settings: actor_config(f"drgrpo.{p}", **s)
+        run = split_run(factory, empty, 2, 3, seed=203)
+        out["empty_rows"]["runs"].append({"case": case, **run})
     return out
 
 

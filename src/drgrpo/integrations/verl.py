@@ -67,7 +67,15 @@ except ImportError as err:  # pragma: no cover - exercised in the main environme
         "verl pins transformers<5.11, so give it its own virtual environment"
     ) from err
 
-__all__ = ["LOSS_PREFIX", "loss_config", "make_policy_loss", "register_losses", "step_normalizer"]
+__all__ = [
+    "LOSS_PREFIX",
+    "REQUIRED_BATCH_INFO",
+    "completion_advantages",
+    "loss_config",
+    "make_policy_loss",
+    "register_losses",
+    "step_normalizer",
+]
 
 LOSS_PREFIX = "drgrpo."
 """verl's ``loss_mode`` of preset ``p`` is ``LOSS_PREFIX + p``."""
@@ -175,7 +183,8 @@ def completion_advantages(advantages: Tensor, mask: Tensor) -> Tensor:
     real = mask.bool()
     first = real.to(torch.int32).argmax(-1, keepdim=True)  # (B, 1): first real token (0 for an empty row)
     per_row = advantages.gather(-1, first).squeeze(-1) * real.any(-1)  # (B,)
-    spread = ((advantages - per_row.unsqueeze(-1)).abs() * real).amax() if advantages.numel() else advantages.sum()
+    deviation = torch.where(real, (advantages - per_row.unsqueeze(-1)).abs(), 0.0)  # padding may hold anything
+    spread = deviation.amax() if deviation.numel() else deviation.sum()
     if bool(spread > 0):
         raise ValueError(
             "drgrpo's presets take one advantage per completion (an outcome estimator such as "
@@ -229,7 +238,8 @@ def _verl_metrics(
     with torch.no_grad():
         m = mask.to(terms.ratio.dtype)
         denom = m.sum().clamp_min(1)
-        ppo_kl = ((old.to(m.dtype) - logp.detach().to(m.dtype)) * m).sum() / denom  # verl: mean of -log r
+        neg_log_ratio = torch.where(mask.bool(), old.to(m.dtype) - logp.detach().to(m.dtype), 0.0)
+        ppo_kl = neg_log_ratio.sum() / denom  # verl: the mean of -log r over real tokens
         dual = torch.zeros_like(denom)
         if cfg.dual_clip is not None:  # verl: the fraction of A < 0 tokens whose loss the dual clip caps
             clipped = terms.ratio.clamp(1 - cfg.epsilon_low, 1 + cfg.clip_high)
