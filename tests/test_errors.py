@@ -9,6 +9,7 @@ import torch
 
 from drgrpo import LossConfig, group_advantages, policy_loss, preset_names, register_preset
 from drgrpo import config as config_module
+from drgrpo.config import preset_config
 
 B, T = 4, 5
 
@@ -127,6 +128,11 @@ def test_infinite_reward_is_an_error_even_when_nan_is_ignored():
         ({"max_completion_length": 12.5}, TypeError, "max_completion_length must be an int, got float"),
         ({"clip_low": None}, ValueError, "clip_low=None (no lower clip) is only meaningful for surrogate='cispo'"),
         ({"sapo_tau_neg": 0.0}, ValueError, "sapo_tau_neg must be positive"),
+        (
+            {"forced_aggregation": "seq-mean-token-mean", "aggregation": "token-mean", "beta": 0.1},
+            ValueError,
+            "drgrpo applies one aggregation to both terms; set aggregation='seq-mean-token-mean' or beta=0",
+        ),
     ],
 )
 def test_config_errors(fields, error, message):
@@ -137,6 +143,24 @@ def test_config_errors(fields, error, message):
 def test_unknown_preset_lists_the_valid_names():
     with pytest.raises(ValueError, match=r"unknown preset 'drgrpo'; valid presets: .*dr_grpo.*grpo"):
         LossConfig.preset("drgrpo")
+
+
+def test_forced_aggregation_with_kl_needs_the_same_aggregation():
+    # one aggregation for both terms: accepted when they agree, or without a KL term
+    LossConfig(forced_aggregation="seq-mean-token-mean", aggregation="seq-mean-token-mean", beta=0.1)
+    LossConfig(forced_aggregation="seq-mean-token-mean", aggregation="token-mean", beta=0.0)
+
+
+def test_preset_config_is_the_registered_preset_without_the_length_check():
+    config = preset_config("dr_grpo")
+    assert (config.name, config.max_completion_length, config.aggregation) == (
+        "dr_grpo",
+        None,
+        "seq-mean-token-sum-norm",
+    )
+    assert preset_config("trl.bnpo").per_call_normalization
+    with pytest.raises(ValueError, match=r"unknown preset 'nope'; valid presets: .*dr_grpo"):
+        preset_config("nope")
 
 
 def test_dr_grpo_without_l_says_so():

@@ -11,10 +11,10 @@ aggregation                w_{i,t} (m = mask)                      used by
 =========================  ======================================  ==========================
 token-mean                 m / N_tok                               DAPO, BNPO
 seq-mean-token-mean        m / (N_seq * |o_i|)                     GRPO: length-biased
-seq-mean-token-sum-norm    m / (N_seq * L)                         Dr. GRPO (arXiv 2503.20783)
+seq-mean-token-sum-norm    m / (N_seq * L)                         Dr. GRPO (arXiv 2503.20783), verl 0.9
 seq-mean-token-sum         m / N_seq                               verl
 token-sum                  m                                       verl
-token-sum-norm             m / L  (L = padded width T if unset)    verl "seq-mean-token-sum-norm"
+token-sum-norm             m / L  (L = padded width T if unset)    verl <= 0.7 "seq-mean-token-sum-norm"
 =========================  ======================================  ==========================
 
 ``N_tok`` and ``N_seq`` are the batch's real-token and completion counts, or, with a
@@ -64,7 +64,7 @@ def token_weights(mask: Tensor, config: LossConfig, normalizer: StepNormalizer |
         w = m / num_sequences
     elif agg == "token-sum":
         w = m
-    elif agg == "token-sum-norm":  # verl's "seq-mean-token-sum-norm": no 1/N_seq; L defaults to the padded width
+    elif agg == "token-sum-norm":  # verl <= 0.7's "seq-mean-token-sum-norm": no 1/N_seq; L defaults to the padded width
         w = m / (length if length is not None else max(m.shape[-1], 1))
     else:  # LossConfig validates this; kept for type checkers
         raise ValueError(f"unknown aggregation {agg!r}")

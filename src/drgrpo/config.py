@@ -81,9 +81,9 @@ class LossConfig:
     aggregation: Aggregation = "seq-mean-token-sum-norm"
     """How per-token losses become one number; see :func:`drgrpo.aggregation.token_weights`."""
     max_completion_length: int | None = None
-    """The constant L of ``seq-mean-token-sum-norm`` (Dr. GRPO: the generation budget); for ``token-sum-norm``, ``None`` means the padded width T of each call (verl's default)."""
+    """The constant L of ``seq-mean-token-sum-norm`` (Dr. GRPO: the generation budget); for ``token-sum-norm``, ``None`` means the padded width T of each call (verl <= 0.7's default)."""
     forced_aggregation: Aggregation | None = None
-    """If set, used instead of ``aggregation`` (verl's ``gspo`` and ``sapo`` loss modes always aggregate with ``seq-mean-token-mean``, whatever ``loss_agg_mode`` says)."""
+    """If set, used instead of ``aggregation`` (verl 0.9.1's ``sapo`` loss mode aggregates its surrogate with ``seq-mean-token-mean``, whatever ``loss_agg_mode`` says); with ``beta > 0`` it must equal ``aggregation``."""
     advantage_std: AdvantageStd = "none"
     """Advantage scaling: divide r - mean_group(r) by the ``"group"`` std, the ``"batch"`` std, or ``"none"`` (Dr. GRPO)."""
     std_unbiased: bool = True
@@ -138,6 +138,13 @@ class LossConfig:
             if value <= 0:
                 raise ValueError(f"{field} must be positive, got {value}")
         _check_nonnegative("beta", self.beta)
+        if self.forced_aggregation not in (None, self.aggregation) and self.beta != 0:
+            raise ValueError(
+                f"forced_aggregation={self.forced_aggregation!r} with aggregation={self.aggregation!r} and "
+                f"beta={self.beta}: the peer (verl's sapo) aggregates its surrogate with forced_aggregation and its KL "
+                "term with aggregation, but drgrpo applies one aggregation to both terms; set "
+                f"aggregation={self.forced_aggregation!r} or beta=0"
+            )
         _check_nonnegative("std_eps", self.std_eps)
         if self.std_zero_threshold is not None:
             _check_nonnegative("std_zero_threshold", self.std_zero_threshold)
@@ -169,9 +176,7 @@ class LossConfig:
         Raises ValueError for an unknown name (listing the valid names) and for ``dr_grpo``
         without ``max_completion_length``.
         """
-        if name not in _PRESETS:
-            raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(preset_names())}")
-        config = _PRESETS[name]().replace(**overrides)
+        config = preset_config(name).replace(**overrides)
         check_constant_length(
             config.forced_aggregation or config.aggregation, config.max_completion_length, f"preset {name!r}: "
         )
@@ -194,6 +199,16 @@ def register_preset(name: str) -> Callable[[Callable[[], LossConfig]], Callable[
         return fn
 
     return decorator
+
+
+def preset_config(name: str) -> LossConfig:
+    """The preset ``name`` exactly as registered: no overrides, and no check that a constant L is set.
+
+    For introspection (e.g. reading ``per_call_normalization``); use :meth:`LossConfig.preset` to train.
+    """
+    if name not in _PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(preset_names())}")
+    return _PRESETS[name]()
 
 
 def preset_names() -> list[str]:

@@ -58,8 +58,8 @@ def check_step_normalizable(config: LossConfig, length: int | None) -> None:
     if aggregation == "token-sum-norm" and length is None:
         raise ValueError(
             "aggregation 'token-sum-norm' without max_completion_length divides by each call's padded width "
-            "(verl's default), which differs between micro-batches: that is per-call by definition. "
-            "Set max_completion_length=L for a constant, split-invariant L"
+            "(verl's default L when loss_scale_factor is unset), which differs between micro-batches: that is "
+            "per-call by definition. Set max_completion_length=L for a constant, split-invariant L"
         )
 
 

@@ -25,17 +25,25 @@ TRL 1.16 (``trl.<loss_type>``)
       ``cispo_cap=``.
     * with ``beta > 0`` the k3 KL is multiplied by the importance ratio (``use_bias_correction_kl=True``).
 
-verl (``verl.<loss_mode>``, ``verl.grpo``, ``verl.dr_grpo``; formulas from ``core_algos.py``)
+verl 0.9.1 (``verl.<loss_mode>``, ``verl.grpo``, ``verl.dr_grpo``; run live in ``tests/peers/test_verl.py``)
     * advantages ``(r - mean_group) / (std + 1e-6)``, unbiased std; a group of one gets mean 0, std 1;
       ``verl.dr_grpo`` is ``norm_adv_by_std_in_grpo=False``.
-    * ``vanilla``: dual clip with ``clip_ratio_c`` = 3; ``loss_agg_mode`` "token-mean".
-    * its ``seq-mean-token-sum-norm`` is ``sum_{i,t} l m / L`` (no mean over sequences) with L the padded
-      width of the call unless ``loss_scale_factor`` is set: our ``token-sum-norm``.
-    * ``gspo`` and ``sapo`` aggregate with ``seq-mean-token-mean`` whatever ``loss_agg_mode`` says.
+    * ``vanilla``: dual clip with ``clip_ratio_c`` = 3; ``loss_agg_mode`` "token-mean" (verl's default).
+    * inside verl's trainer every aggregation uses the mini-batch's counts (``global_batch_info``): pass a
+      :class:`~drgrpo.normalizer.StepNormalizer` with ``num_tokens=batch_num_tokens``,
+      ``num_sequences=global_batch_size``, ``world_size=dp_size`` for the same numbers.
+    * its ``seq-mean-token-sum-norm`` is ours (the mean over the step's completions, then ``/ L``) with
+      ``L = loss_scale_factor``; unset, verl divides by the padded width of each micro-batch, which
+      ``verl.dr_grpo`` refuses: pass ``max_completion_length=loss_scale_factor`` (verl 0.7 and earlier
+      divided ``sum_{i,t} l m`` by L with no mean over completions: our ``token-sum-norm``).
+    * ``gspo`` follows ``loss_agg_mode``; ``sapo`` aggregates its surrogate with ``seq-mean-token-mean``
+      whatever ``loss_agg_mode`` says (``forced_aggregation``), and its KL term with ``loss_agg_mode``.
     * ``cispo`` clips the stop-gradient ratio on both sides, ``[1 - low, 1 + high]``.
     * not reproduced: the stability clamps of the log-ratio (``[-20, 20]``; ``<= 10`` for gspo), which
-      change nothing unless ``|log r|`` exceeds them, and the KL term of gspo/sapo, which verl
-      aggregates with ``loss_agg_mode`` while ``forced_aggregation`` applies to both terms here.
+      change nothing unless ``|log r|`` exceeds them; the ``+ 1e-8`` in verl's seq-mean-token-mean row
+      denominator (1e-8 relative); verl's per-call fallback (no ``global_batch_info``) leaves rows with no
+      tokens out of the completion count; ``sapo`` with a KL term aggregated differently from its
+      surrogate (refused with an error); the straight-through ``kl_loss_type`` variants (``"k3+"``).
 
 oat (``oat.grpo``, ``oat.drgrpo``; the Dr. GRPO authors' framework)
     * ``grpo``: ``(r - mean_group) / (std + 1e-8)``, unbiased std, per-response mean;
@@ -53,7 +61,7 @@ __all__ = ["PEER_PRESETS", "PEER_VERSIONS"]
 
 PEER_VERSIONS: dict[str, str] = {
     "trl": "trl 1.16.0 (trl/trainer/grpo_trainer.py, GRPOTrainer._compute_loss)",
-    "verl": "verl main with agg_loss(..., loss_scale_factor) (verl/trainer/ppo/core_algos.py; formulas, not installed)",
+    "verl": "verl 0.9.1 (verl/trainer/ppo/core_algos.py, verl/workers/utils/losses.py; run live in .venv-verl)",
     "oat": "oat main (oat/algorithms/ppo.py, PPOLearner.learning_step)",
 }
 """The peer code each family of presets was checked against."""
@@ -163,19 +171,19 @@ def _verl_grpo() -> LossConfig:
 
 @register_preset("verl.dr_grpo")
 def _verl_dr_grpo() -> LossConfig:
-    """verl's Dr. GRPO recipe: ``sum_{i,t} l m / L``, L the padded width of each call.
+    """verl's Dr. GRPO recipe: ``sum_{i,t} l m / (N_seq L)``, L = ``loss_scale_factor`` (required here).
 
-    Per call by definition: refuses a step normaliser.
+    verl 0.9.1's ``seq-mean-token-sum-norm``: the sum over a micro-batch's completions divided by the
+    mini-batch's completion count ``global_batch_size`` (times ``dp_size``), then by L. With a constant L
+    this is split-invariant (use a step normaliser); verl's default L, the padded width of each
+    micro-batch, is not a constant and is refused.
     """
-    # verl's Dr. GRPO recipe: norm_adv_by_std_in_grpo=False, loss_agg_mode="seq-mean-token-sum-norm",
-    # which verl computes as sum_{i,t} l m / loss_scale_factor (no mean over sequences), the factor
-    # defaulting to the padded width of each micro-batch: per call by definition.
+    # norm_adv_by_std_in_grpo=False, loss_agg_mode="seq-mean-token-sum-norm", vanilla loss (dual clip 3).
     return LossConfig(
         dual_clip=3.0,
-        aggregation="token-sum-norm",
+        aggregation="seq-mean-token-sum-norm",
         max_completion_length=None,
         beta=0.0,
-        per_call_normalization=True,
         name="verl.dr_grpo",
         **{**_VERL_ADVANTAGES, "advantage_std": "none"},
     )
@@ -184,11 +192,10 @@ def _verl_dr_grpo() -> LossConfig:
 @register_preset("verl.gspo")
 def _verl_gspo() -> LossConfig:
     # Sequence ratio exp(mean_t log r_t), PPO clip on it (verl's default 0.2; the GSPO recipe passes
-    # clip_low=3e-4, clip_high=4e-4), aggregation forced to seq-mean-token-mean; no dual clip.
+    # clip_low=3e-4, clip_high=4e-4), aggregated with loss_agg_mode (verl's default token-mean); no dual clip.
     return LossConfig(
         ratio_level="sequence",
-        aggregation="seq-mean-token-mean",
-        forced_aggregation="seq-mean-token-mean",
+        aggregation="token-mean",
         beta=0.0,
         name="verl.gspo",
         **_VERL_ADVANTAGES,
@@ -203,6 +210,8 @@ def _verl_cispo() -> LossConfig:
 
 @register_preset("verl.sapo")
 def _verl_sapo() -> LossConfig:
+    # The surrogate is aggregated with seq-mean-token-mean whatever loss_agg_mode says; verl's KL term follows
+    # loss_agg_mode, so with beta > 0 only aggregation="seq-mean-token-mean" is the same loss (others raise).
     return LossConfig(
         surrogate="sapo",
         sapo_tau_pos=1.0,

@@ -152,7 +152,7 @@ def aggregate(
         return sum(row_sums) / num_sequences
     if aggregation == "token-sum":
         return sum(row_sums)
-    if aggregation == "token-sum-norm":  # verl's "seq-mean-token-sum-norm": L defaults to the padded width
+    if aggregation == "token-sum-norm":  # verl <= 0.7's "seq-mean-token-sum-norm": L defaults to the padded width
         return sum(row_sums) / (length if length is not None else t)
     raise ValueError(aggregation)
 

@@ -8,17 +8,27 @@ import torch
 from batches import random_batch
 from drgrpo import peers, reference
 from drgrpo.advantages import group_advantages
-from drgrpo.config import LossConfig, preset_names
+from drgrpo.config import LossConfig, preset_config, preset_names
 from drgrpo.fused import fused_policy_loss
 from drgrpo.loss import policy_loss
 from drgrpo.normalizer import StepNormalizer
+
+
+def peer_config(name: str, **overrides) -> LossConfig:
+    """The peer preset, with a constant L where it has none and needs one (verl.dr_grpo: loss_scale_factor)."""
+    if (
+        preset_config(name).aggregation == "seq-mean-token-sum-norm"
+        and preset_config(name).max_completion_length is None
+    ):
+        overrides.setdefault("max_completion_length", 7)
+    return LossConfig.preset(name, **overrides)
 
 
 def test_every_peer_preset_is_registered():
     names = preset_names()
     for name in peers.PEER_PRESETS:
         assert name in names
-        config = LossConfig.preset(name)
+        config = peer_config(name)
         assert config.name == name
     assert {n for n in names if n.split(".")[0] in ("trl", "verl", "oat")} == set(peers.PEER_PRESETS)
     assert set(peers.PEER_VERSIONS) == {"trl", "verl", "oat"}
@@ -44,7 +54,7 @@ def test_std_epsilons():
     assert LossConfig.preset("verl.grpo").std_eps == 1e-6
     assert LossConfig.preset("oat.grpo").std_eps == 1e-8
     assert LossConfig.preset("oat.drgrpo").advantage_std == "none"
-    assert LossConfig.preset("verl.dr_grpo").advantage_std == "none"
+    assert LossConfig.preset("verl.dr_grpo", max_completion_length=16).advantage_std == "none"
 
 
 def test_trl_cispo_caps_at_epsilon_high_itself():
@@ -58,7 +68,7 @@ def test_trl_cispo_caps_at_epsilon_high_itself():
     assert float(logp.grad) == pytest.approx(-0.2)
 
 
-@pytest.mark.parametrize("name", ["trl.bnpo", "verl.dr_grpo"])
+@pytest.mark.parametrize("name", ["trl.bnpo", "trl.dr_grpo"])
 def test_per_call_presets_refuse_a_step_normalizer(name):
     config = LossConfig.preset(name)
     with pytest.raises(ValueError, match="per call"):
@@ -75,7 +85,7 @@ def test_per_call_presets_refuse_a_step_normalizer(name):
 @pytest.mark.parametrize("name", peers.PEER_PRESETS)
 def test_peer_presets_match_the_float64_reference(name):
     """Torch against drgrpo.reference (plain loops) for every peer preset, KL on, ragged rows."""
-    config = LossConfig.preset(name, beta=0.05)
+    config = peer_config(name, beta=0.05)
     batch = random_batch(num_groups=2, group_size=3, max_len=6, seed=3)
     for group_size in (batch.group_size, 1):  # 1: verl's singleton groups
         adv = group_advantages(batch.rewards, group_size, config)
@@ -97,7 +107,7 @@ def test_peer_presets_through_the_fused_path(name):
     targets = torch.randint(0, v, (b, t), generator=g)
     mask = (torch.arange(t)[None] < torch.tensor([5, 2, 4, 1])[:, None]).double()
     adv = torch.randn(b, generator=g, dtype=torch.float64)
-    config = LossConfig.preset(name, beta=0.05)
+    config = peer_config(name, beta=0.05)
     logp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets[..., None]).squeeze(-1)
     old = logp.detach() + 0.2 * torch.randn(b, t, generator=g, dtype=torch.float64)
     ref = logp.detach() + 0.2 * torch.randn(b, t, generator=g, dtype=torch.float64)

@@ -9,7 +9,7 @@ averaged by DDP, is the gradient of the whole batch's loss. For Dr. GRPO::
     grad = d/dtheta  sum_{i,t} A_i * l_{i,t} / (N_seq * L)        (l: the clipped surrogate per token)
 
 Presets that their framework normalises per micro-batch (``trl.grpo``, ``trl.bnpo``,
-``trl.dr_grpo``, ``verl.dr_grpo``: ``per_call_normalization``) keep that definition, and like
+``trl.dr_grpo``: ``per_call_normalization``) keep that definition, and like
 their frameworks the trainer averages them over the K micro-batches (each loss divided by K), so
 their gradient does not grow with K.
 

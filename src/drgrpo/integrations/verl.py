@@ -1,0 +1,280 @@
+r"""drgrpo's presets as verl policy-loss modes: ``actor_rollout_ref.actor.policy_loss.loss_mode=drgrpo.<preset>``.
+
+``pip install drgrpo[verl]`` declares this module as a ``verl.plugins`` entry point, and ``import verl``
+imports every such entry point, so each Ray worker registers the losses without user code. One verl
+policy loss is registered per drgrpo preset (``drgrpo.dr_grpo``, ``drgrpo.dapo``, ``drgrpo.gspo``, ...,
+``drgrpo.verl.vanilla``, ...), except the presets defined per micro-batch (``trl.grpo``, ``trl.bnpo``,
+``trl.dr_grpo``), which have no step-wide form. Each is verl's policy-loss function::
+
+    fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+        -> (pg_loss, metrics)
+
+and computes, for one micro-batch of one data-parallel rank (B completions, T tokens)::
+
+    norm    = StepNormalizer(num_tokens=batch_num_tokens, num_sequences=global_batch_size,
+                             max_completion_length=L, world_size=dp_size)    # verl's global_batch_info
+    pg_loss = sum_{i,t} token_weights(mask, preset, norm)_{i,t} * rho_{i,t} * l_{i,t}
+
+with ``l`` drgrpo's per-token surrogate (:func:`drgrpo.loss.per_token_loss`) and ``rho`` verl's rollout
+correction weights (1 when absent). verl backpropagates each micro-batch's ``pg_loss`` and FSDP averages
+the gradients over the ``dp_size`` ranks; the ``dp_size`` factor in the weights undoes that average, so
+the accumulated gradient is exactly the mini-batch's (no other scaling anywhere).
+
+verl's settings read here (the rest of the loss comes from the preset):
+
+=============================================  ==================================================================
+verl ``actor_rollout_ref.actor.`` setting       drgrpo ``LossConfig`` field
+=============================================  ==================================================================
+``clip_ratio_low`` (``clip_ratio`` if null)     ``clip_low`` (1.0 means no lower clip, e.g. CISPO)
+``clip_ratio_high`` (``clip_ratio`` if null)    ``clip_high``
+``clip_ratio_c`` (null: off)                    ``dual_clip``, token-level PPO presets only (as verl's ``vanilla``)
+``tau_pos``, ``tau_neg``                        ``sapo_tau_pos``, ``sapo_tau_neg``
+``loss_scale_factor``                           ``max_completion_length`` (the constant L); unset: the preset's
+``global_batch_info``                           the step normaliser (required: ``dp_size``, ``batch_num_tokens``,
+                                                ``global_batch_size``)
+=============================================  ==================================================================
+
+Ignored: ``loss_agg_mode`` (the preset's aggregation is the loss; verl's KL and entropy terms still use
+``loss_agg_mode``) and the preset's ``beta`` (the KL term is verl's own: ``use_kl_loss``, ``kl_loss_coef``,
+``kl_loss_type``, added outside the policy loss). A preset's KL term through verl: ``use_kl_loss=True``,
+``kl_loss_coef=beta``, ``kl_loss_type`` = the preset's estimator (verl's ``k3`` is the clamped
+``low_var_kl``), and ``loss_agg_mode`` = the preset's aggregation, so the KL term has the same weights
+(``grpo``: 0.04, ``k3``, ``seq-mean-token-mean``). Advantages come from verl's estimator
+(``algorithm.adv_estimator=grpo`` with ``norm_adv_by_std_in_grpo=False`` is Dr. GRPO's ``r - mean``) and
+must be one value per completion. With rollout correction weights, the sequence-ratio presets (``gspo``)
+give each completion the same summed gradient as verl's ``gspo`` but spread it evenly over its tokens
+(GSPO), where verl puts each token's weight on that token (GSPO-token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from drgrpo.aggregation import token_weights
+from drgrpo.config import LossConfig, preset_config, preset_names
+from drgrpo.loss import PerTokenLoss, loss_metrics, per_token_loss, validate_inputs
+from drgrpo.normalizer import StepNormalizer
+
+try:
+    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_loss
+except ImportError as err:  # pragma: no cover - exercised in the main environment, where verl is absent
+    raise ImportError(
+        "drgrpo.integrations.verl needs verl (>=0.9.1,<0.10): pip install 'drgrpo[verl]'; "
+        "verl pins transformers<5.11, so give it its own virtual environment"
+    ) from err
+
+__all__ = [
+    "LOSS_PREFIX",
+    "REQUIRED_BATCH_INFO",
+    "completion_advantages",
+    "loss_config",
+    "make_policy_loss",
+    "register_losses",
+    "step_normalizer",
+]
+
+LOSS_PREFIX = "drgrpo."
+"""verl's ``loss_mode`` of preset ``p`` is ``LOSS_PREFIX + p``."""
+
+REQUIRED_BATCH_INFO = ("dp_size", "batch_num_tokens", "global_batch_size")
+"""The fields of verl's ``config.global_batch_info`` the step normaliser is built from."""
+
+_NEEDS_L = ("seq-mean-token-sum-norm", "token-sum-norm")
+
+
+def loss_config(preset: str, actor: Mapping[str, Any]) -> LossConfig:
+    """The preset with verl's overlapping settings applied (the module docstring's table), ``beta = 0``.
+
+    Args:
+        preset: a drgrpo preset name, e.g. ``"dr_grpo"``.
+        actor: verl's actor config (``ActorConfig`` or an omegaconf ``DictConfig``; read with ``.get``).
+
+    Raises:
+        ValueError: when the preset divides by a constant L and ``loss_scale_factor`` is unset, or when a
+            verl setting is not a valid value of the drgrpo field it maps to (both named).
+    """
+    base = preset_config(preset)
+
+    def clip(field: str) -> tuple[str, Any]:
+        value = actor.get(field)
+        return (field, value) if value is not None else ("clip_ratio", actor.get("clip_ratio"))
+
+    # drgrpo field -> (the verl setting it comes from, its value)
+    mapped: dict[str, tuple[str, Any]] = {
+        "clip_low": clip("clip_ratio_low"),
+        "clip_high": clip("clip_ratio_high"),
+        "sapo_tau_pos": ("tau_pos", actor.get("tau_pos", base.sapo_tau_pos)),
+        "sapo_tau_neg": ("tau_neg", actor.get("tau_neg", base.sapo_tau_neg)),
+    }
+    if base.surrogate == "ppo" and base.ratio_level == "token":  # verl's vanilla applies it; gspo, cispo, sapo do not
+        mapped["dual_clip"] = ("clip_ratio_c", actor.get("clip_ratio_c"))
+    if actor.get("loss_scale_factor") is not None:
+        mapped["max_completion_length"] = ("loss_scale_factor", actor.get("loss_scale_factor"))
+    aggregation = base.forced_aggregation or base.aggregation
+    if aggregation in _NEEDS_L and "max_completion_length" not in mapped and base.max_completion_length is None:
+        raise ValueError(
+            f"loss_mode {LOSS_PREFIX}{preset} ({aggregation}) divides by a constant L, and "
+            "actor_rollout_ref.actor.loss_scale_factor is not set: set it to the generation budget (e.g. "
+            "data.max_response_length). verl's own default, the padded width of each micro-batch, changes "
+            "with the padding and is not used"
+        )
+    overrides = {field: value for field, (_, value) in mapped.items()}
+    try:
+        # beta = 0: the KL term is verl's (use_kl_loss), added outside the policy loss
+        return base.replace(beta=0.0, **overrides)
+    except (TypeError, ValueError) as err:
+        settings = ", ".join(f"{verl}={value!r} -> {field}" for field, (verl, value) in mapped.items())
+        raise ValueError(f"verl actor config for loss_mode {LOSS_PREFIX}{preset} ({settings}): {err}") from err
+
+
+def step_normalizer(batch_info: Mapping[str, Any] | None, config: LossConfig) -> StepNormalizer:
+    """The step normaliser from verl's ``global_batch_info`` (one PPO mini-batch, all data-parallel ranks).
+
+    ``num_tokens = batch_num_tokens`` (real tokens, all-reduced over the ranks), ``num_sequences =
+    global_batch_size`` (completions), ``world_size = dp_size`` (FSDP averages the ranks' gradients), L =
+    ``config.max_completion_length``. Raises a ValueError naming every missing field: verl's own losses fall
+    back to per-micro-batch counts there, a different objective.
+    """
+    info = {} if batch_info is None else batch_info
+    missing = [k for k in REQUIRED_BATCH_INFO if info.get(k) is None]
+    if missing:
+        raise ValueError(
+            f"verl's config.global_batch_info has no {', '.join(missing)} (got {dict(info)!r}): drgrpo's losses "
+            "normalise by the whole mini-batch's counts and never fall back to one micro-batch's. Call the loss "
+            "through verl's actor (verl.workers.utils.losses.ppo_loss), which fills them"
+        )
+    dp_size = info["dp_size"]
+    if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
+        raise ValueError(f"global_batch_info['dp_size'] must be an int >= 1, got {dp_size!r}")
+    # an all-padding mini-batch has weight 0 everywhere; clamping its count keeps 0 / 0 out
+    num_tokens = _count("batch_num_tokens", info["batch_num_tokens"])
+    num_sequences = _count("global_batch_size", info["global_batch_size"])
+    return StepNormalizer(
+        num_tokens=num_tokens,
+        num_sequences=num_sequences,
+        max_completion_length=config.max_completion_length,
+        world_size=dp_size,
+    )
+
+
+def _count(name: str, value: Any) -> Tensor | int:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"global_batch_info[{name!r}] must be a number, got a tensor of shape {tuple(value.shape)}"
+            )
+        return value.reshape(()).clamp_min(1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"global_batch_info[{name!r}] must be an int >= 0, got {value!r}")
+    return max(value, 1)
+
+
+def completion_advantages(advantages: Tensor, mask: Tensor) -> Tensor:
+    """verl's ``(B, T)`` advantages as drgrpo's ``(B,)``: the value on each completion's real tokens.
+
+    verl broadcasts an outcome advantage to every token of a completion (``adv_estimator=grpo``, ``rloo``,
+    ...); a per-token estimator (``gae``) gives values that vary along a completion, which the presets do
+    not define: a ValueError says so. Reads the data (one device sync), as verl's own losses do.
+    """
+    real = mask.bool()
+    first = real.to(torch.int32).argmax(-1, keepdim=True)  # (B, 1): first real token (0 for an empty row)
+    per_row = advantages.gather(-1, first).squeeze(-1) * real.any(-1)  # (B,)
+    deviation = torch.where(real, (advantages - per_row.unsqueeze(-1)).abs(), 0.0)  # padding may hold anything
+    spread = deviation.amax() if deviation.numel() else deviation.sum()
+    if bool(spread > 0):
+        raise ValueError(
+            "drgrpo's presets take one advantage per completion (an outcome estimator such as "
+            f"algorithm.adv_estimator=grpo), but verl's advantages vary along a completion (by up to {float(spread)})"
+        )
+    return per_row
+
+
+def make_policy_loss(preset: str) -> Callable[..., tuple[Tensor, dict[str, Any]]]:
+    """verl's policy-loss function for ``preset`` (see the module docstring for what it computes)."""
+
+    def policy_loss_fn(
+        old_log_prob: Tensor,
+        log_prob: Tensor,
+        advantages: Tensor,
+        response_mask: Tensor,
+        loss_agg_mode: str = "token-mean",
+        config: Any = None,
+        rollout_is_weights: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Any]]:
+        """drgrpo preset ``{preset}`` as a verl policy loss: ``(B, T)`` inputs, ``(pg_loss, metrics)`` out.
+
+        ``loss_agg_mode`` is ignored (the preset's aggregation applies); ``config`` is verl's actor config.
+        """
+        del loss_agg_mode  # the preset's aggregation is the loss (verl's KL term still reads it)
+        if config is None:
+            raise ValueError(f"loss_mode {LOSS_PREFIX}{preset} needs verl's actor config (config=None was passed)")
+        cfg = loss_config(preset, config)
+        norm = step_normalizer(config.get("global_batch_info"), cfg)
+        mask = response_mask
+        adv = completion_advantages(advantages, mask)  # (B,)
+        validate_inputs(log_prob, old_log_prob, adv, mask, cfg, None)
+        terms = per_token_loss(log_prob, old_log_prob, adv, mask, cfg)  # (B, T), 0 on padding
+        weights = token_weights(mask.to(terms.loss.dtype), cfg, norm)  # (B, T): the step's denominators
+        if rollout_is_weights is not None:
+            weights = weights * rollout_is_weights.to(weights.dtype)  # verl's rollout correction, per token
+        pg_loss = (terms.loss * weights).sum()
+        return pg_loss, _verl_metrics(terms, adv, mask, log_prob, old_log_prob, cfg)
+
+    policy_loss_fn.__name__ = policy_loss_fn.__qualname__ = f"drgrpo_{preset.replace('.', '_')}"
+    policy_loss_fn.__doc__ = (policy_loss_fn.__doc__ or "").replace("{preset}", preset)
+    policy_loss_fn.drgrpo_preset = preset  # type: ignore[attr-defined]
+    return policy_loss_fn
+
+
+def _verl_metrics(
+    terms: PerTokenLoss, adv: Tensor, mask: Tensor, logp: Tensor, old: Tensor, cfg: LossConfig
+) -> dict[str, Any]:
+    """verl's metric names (floats, as verl's losses return them) plus drgrpo's clip fractions."""
+    ours = loss_metrics(terms, mask)
+    with torch.no_grad():
+        m = mask.to(terms.ratio.dtype)
+        denom = m.sum().clamp_min(1)
+        neg_log_ratio = torch.where(mask.bool(), old.to(m.dtype) - logp.detach().to(m.dtype), 0.0)
+        ppo_kl = neg_log_ratio.sum() / denom  # verl: the mean of -log r over real tokens
+        dual = torch.zeros_like(denom)
+        if cfg.dual_clip is not None:  # verl: the fraction of A < 0 tokens whose loss the dual clip caps
+            clipped = terms.ratio.clamp(1 - cfg.epsilon_low, 1 + cfg.clip_high)
+            capped = (torch.maximum(terms.ratio, clipped) > cfg.dual_clip) & (adv.unsqueeze(-1) < 0)
+            dual = (capped.to(m.dtype) * m).sum() / denom
+    return {
+        "actor/pg_clipfrac": float(ours["clip_frac_low"] + ours["clip_frac_high"]),
+        "actor/ppo_kl": float(ppo_kl),
+        "actor/pg_clipfrac_lower": float(dual),
+        "actor/drgrpo_clip_frac_low": float(ours["clip_frac_low"]),
+        "actor/drgrpo_clip_frac_high": float(ours["clip_frac_high"]),
+    }
+
+
+def register_losses(names: Iterable[str] | None = None) -> list[str]:
+    """Register ``drgrpo.<name>`` in verl's policy-loss registry for each preset (default: every preset that
+    is not defined per micro-batch); returns the loss modes registered.
+
+    Call it again after registering presets of your own (in a ``verl.plugins`` entry point of yours, so
+    every worker runs it). A name verl already holds for another function raises a ValueError (verl's own
+    registry would silently replace it).
+    """
+    chosen = [n for n in preset_names() if not preset_config(n).per_call_normalization] if names is None else names
+    registered = []
+    for name in chosen:
+        if preset_config(name).per_call_normalization:
+            raise ValueError(f"preset {name!r} is defined per micro-batch and has no step-wide form for verl")
+        mode = LOSS_PREFIX + name
+        held = POLICY_LOSS_REGISTRY.get(mode)
+        if held is not None and getattr(held, "drgrpo_preset", None) != name:
+            raise ValueError(f"verl already has a policy loss {mode!r} ({held!r}); not replacing it")
+        register_policy_loss(mode)(make_policy_loss(name))
+        registered.append(mode)
+    return registered
+
+
+REGISTERED: list[str] = register_losses()
+"""The loss modes registered when verl imported this module."""
