@@ -86,15 +86,15 @@ def right(completion, example):
 
 
 def test_a_reward_that_raises(tmp_path: Path, reference: Path, monkeypatch, capsys):
-    module = tmp_path / "flaky_reward.py"
+    module = tmp_path / "raising_reward.py"
     module.write_text(FLAKY.replace("MARKER", repr(str(tmp_path / "raised"))))
     monkeypatch.syspath_prepend(str(tmp_path))
     run = tmp_path / "run"
-    code = main(["train", "--output-dir", str(run), *STEPS, *TINY, "--reward", "flaky_reward:right"])
+    code = main(["train", "--output-dir", str(run), *STEPS, *TINY, "--reward", "raising_reward:right"])
     err = capsys.readouterr().err
     assert code == 1
     # the cause, with the traceback of the user's own reward, not the trainer's internals
-    assert "reward flaky_reward:right raised ZeroDivisionError: division by zero on example #" in err
+    assert "reward raising_reward:right raised ZeroDivisionError: division by zero on example #" in err
     assert f'File "{module}", line 13, in right' in err and "return completion.count" in err
     assert "trainer.py" not in err and "data.py" not in err
     # the last completed step (3) is on disk although checkpoints come every 2 steps
