@@ -154,6 +154,8 @@ def test_a_config_file_equals_the_same_flags(tmp_path: Path, suffix: str, text: 
         ("lr: [1, 2]\n", "key 'lr' takes one value, got [1, 2]"),
         ("- lr\n", "expected a mapping of flag names to values, got list"),
         ("lr: [\n", "not valid YAML"),
+        ("lr: fast\n", "argument --lr: expected float, got 'fast'"),
+        ("loss: dapo\nkl: k9\n", "argument --kl: invalid choice: 'k9'"),
     ],
 )
 def test_bad_config_files_are_named(tmp_path: Path, capsys, text: str, message: str):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import inspect
 import itertools
@@ -27,10 +28,10 @@ import sys
 import textwrap
 import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 NONE_WORDS = ("none", "None", "null")
 """What a flag of an optional type accepts for ``None``."""
@@ -281,16 +282,33 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> a
     path = getattr(ns, "config", None)
     if not path:
         return ns
+    source = f"--config {str(path)!r}"
     data = read_config_file(path)
     sub = _subparser(parser, ns)
-    from_file = parser.parse_args([*_command(argv, ns), *file_args(data, sub, f"--config {path}")])
+    command = [ns.command] if getattr(ns, "command", None) else []
+    file_argv = [*command, *file_args(data, sub, source)]
+
+    def fail(message: str) -> NoReturn:  # a bad value in the file: a ValueError naming the file, not a usage exit
+        raise ValueError(f"{source}: {message}")
+
+    with _errors_raise(fail, parser, sub):
+        from_file = parser.parse_args(file_argv)
     merged = vars(from_file)
     merged.update({k: v for k, v in vars(ns).items() if "." in k or k not in merged})
     return argparse.Namespace(**merged)
 
 
-def _command(argv: Sequence[str], ns: argparse.Namespace) -> list[str]:
-    return [ns.command] if getattr(ns, "command", None) else []
+@contextlib.contextmanager
+def _errors_raise(fail: Callable[[str], NoReturn], *parsers: argparse.ArgumentParser) -> Iterator[None]:
+    """Within the block, argparse errors of ``parsers`` call ``fail`` instead of printing usage and exiting."""
+    saved = [p.error for p in parsers]
+    for p in parsers:
+        p.error = fail  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        for p, error in zip(parsers, saved, strict=True):
+            p.error = error  # type: ignore[method-assign]
 
 
 def _subparser(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> argparse.ArgumentParser:
