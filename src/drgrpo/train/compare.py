@@ -277,7 +277,12 @@ def render_report(
         + (
             f"initial policy {run.model}, data {run.dataset or 'the built-in task'}."
             if getattr(run, "model", None)
-            else f"warm-start working tokens 0..{run.task.max_work} {run.task.work_position} the answer."
+            else f"warm-start working tokens 0..{run.task.max_work} {run.task.work_position} the answer"
+            + (
+                f", a wrong last digit ({run.task.noise_kind}) in {run.task.answer_noise:g} of the warm-start answers."
+                if getattr(run.task, "answer_noise", 0.0)
+                else "."
+            )
         ),
     ]
     if config.extra:
@@ -310,6 +315,11 @@ def render_report(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``drgrpo compare``."""
+    parser.epilog = (
+        "The variant where the mechanism can act (the policy can see its own mistake): --answer-noise 0.3 "
+        "--warm-start-target-accuracy 0.9 --warm-start-steps 3000 --max-work 8 --max-new-tokens 12. "
+        "Results and the controlled policy that isolates the mechanism: docs/length-bias.md."
+    )
     parser.add_argument(
         "--output-dir", default="runs/compare", help="Directory for warm_start/, runs/, report.md and plots."
     )
@@ -339,6 +349,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=None, help="Held-out evaluation every this many steps.")
     parser.add_argument("--warm-start-steps", type=int, default=None, help="At most this many warm-start steps.")
     parser.add_argument(
+        "--warm-start-target-accuracy",
+        type=float,
+        default=None,
+        help="Stop the warm start once greedy probe accuracy reaches this (default 0.25; 0.9 with --answer-noise).",
+    )
+    parser.add_argument(
         "--max-work",
         type=int,
         default=None,
@@ -349,6 +365,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("after", "before"),
         default=None,
         help="Working tokens after the answer (pure length) or before it (rambling can hit the budget: long, wrong).",
+    )
+    parser.add_argument(
+        "--answer-noise",
+        type=float,
+        default=None,
+        help="Task variant: this share of warm-start answers has a wrong last digit, so a model warm-started to high "
+        "greedy accuracy samples wrong answers it could detect in its own prefix (see the epilog).",
+    )
+    parser.add_argument(
+        "--noise-kind",
+        choices=("digit", "symbol"),
+        default=None,
+        help="With --answer-noise: a random wrong digit (default) or the token '-' (a mistake visible as a token).",
     )
 
 
@@ -371,12 +400,19 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     }
     if args.reward:
         overrides["rewards"] = tuple(args.reward)
-    if args.warm_start_steps is not None:
+    warm_fields = {
+        name: getattr(args, f"warm_start_{name}")
+        for name in ("steps", "target_accuracy")
+        if getattr(args, f"warm_start_{name}") is not None
+    }
+    if warm_fields:
         from drgrpo.train.config import WarmStartConfig
 
-        overrides["warm_start"] = WarmStartConfig(steps=args.warm_start_steps)
+        overrides["warm_start"] = WarmStartConfig(**warm_fields)
     task_fields = {
-        name: getattr(args, name) for name in ("max_work", "work_position") if getattr(args, name) is not None
+        name: getattr(args, name)
+        for name in ("max_work", "work_position", "answer_noise", "noise_kind")
+        if getattr(args, name) is not None
     }
     if task_fields:
         from drgrpo.train.task import TaskConfig
