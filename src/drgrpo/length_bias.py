@@ -345,7 +345,7 @@ def train_policy(config: MechanismConfig) -> MechanismHistory:
     generator = torch.Generator().manual_seed(config.seed)
     history = MechanismHistory()
     batch = config.groups * config.group_size
-    for _ in range(config.steps + 1):
+    for step in range(config.steps + 1):  # the last batch only measures the final policy
         correct, num_work = policy.sample(batch, config.max_length, generator)
         length = torch.where(num_work < config.max_length - 1, num_work + 2, config.max_length).to(torch.float64)
         history.accuracy.append(correct.double().mean().item())
@@ -353,8 +353,8 @@ def train_policy(config: MechanismConfig) -> MechanismHistory:
         history.length_incorrect.append(length[~correct].mean().item() if (~correct).any() else math.nan)
         history.theta.append(policy.theta.item())
         history.phi.append(policy.phi.tolist())
-        if len(history.accuracy) > config.steps:
-            break  # the last batch only measures
+        if step == config.steps:
+            break
         optimizer.zero_grad(set_to_none=True)
         batch_gradient(policy, correct, num_work, config.group_size, config.max_length, loss_config)
         optimizer.step()

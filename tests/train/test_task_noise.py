@@ -90,3 +90,13 @@ def test_compare_flags_reach_the_task_and_the_warm_start():
     assert overrides["warm_start"] == WarmStartConfig(steps=3000, target_accuracy=0.9)
     args = build_parser().parse_args(["compare", "--warm-start-target-accuracy", "0.5"])
     assert dict(config_from_args(args).train_overrides) == {"warm_start": WarmStartConfig(target_accuracy=0.5)}
+
+
+def test_compare_help_points_to_the_variant(capsys):
+    from drgrpo.train.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--answer-noise 0.3 --warm-start-target-accuracy 0.9" in text
+    assert "--noise-kind symbol" in text and "docs/length-bias.md" in text

@@ -316,9 +316,10 @@ def render_report(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``drgrpo compare``."""
     parser.epilog = (
-        "The variant where the mechanism can act (the policy can see its own mistake): --answer-noise 0.3 "
-        "--warm-start-target-accuracy 0.9 --warm-start-steps 3000 --max-work 8 --max-new-tokens 12. "
-        "Results and the controlled policy that isolates the mechanism: docs/length-bias.md."
+        "Task variant for the length bias, a model that answers right at greedy decoding and samples mistakes it "
+        "could see in its own prefix: --answer-noise 0.3 --warm-start-target-accuracy 0.9 --warm-start-steps 3000 "
+        "--max-work 8 --max-new-tokens 12 (add --noise-kind symbol for a mistake visible as a token). Results, and "
+        "the controlled policy that isolates the mechanism (drgrpo.length_bias): docs/length-bias.md."
     )
     parser.add_argument(
         "--output-dir", default="runs/compare", help="Directory for warm_start/, runs/, report.md and plots."
