@@ -353,7 +353,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warm-start-target-accuracy",
         type=float,
         default=None,
-        help="Stop the warm start once greedy probe accuracy reaches this (default 0.25; 0.9 with --answer-noise).",
+        help="Stop the warm start once greedy probe accuracy reaches this (default 0.25; use 0.9 with --answer-noise).",
     )
     parser.add_argument(
         "--max-work",

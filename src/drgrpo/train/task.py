@@ -73,10 +73,12 @@ class TaskConfig:
             raise ValueError(f"TaskConfig.max_work must be >= 0, got {self.max_work}")
         if self.noise_kind not in ("digit", "symbol"):
             raise ValueError(f"TaskConfig.noise_kind must be 'digit' or 'symbol', got {self.noise_kind!r}")
-        if not 0.0 <= self.answer_noise < 0.9:
+        # the right answer must stay the most likely one: against 9 wrong digits sharing the noise, or one symbol
+        limit = 0.9 if self.noise_kind == "digit" else 0.5
+        if not 0.0 <= self.answer_noise < limit:
             raise ValueError(
-                f"TaskConfig.answer_noise must be in [0, 0.9) (the right digit must stay the most likely of the 10), "
-                f"got {self.answer_noise}"
+                f"TaskConfig.answer_noise must be in [0, {limit}) for noise_kind={self.noise_kind!r} (the right answer "
+                f"must stay the most likely one), got {self.answer_noise}"
             )
         pairs = (self.max_operand + 1) ** 2
         if not 0 < self.num_eval < pairs:
