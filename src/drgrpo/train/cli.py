@@ -77,11 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="train once per loss and seed from one initial policy; plot lengths of correct vs incorrect",
         description=(
-            "The length-bias experiment of Dr. GRPO (docs/length-bias.md): every loss trained with every seed from "
-            "one warm start (or --model), then a report of reward, accuracy and the lengths of correct and incorrect "
-            "completions. Every flag of drgrpo train applies to every run. Task variants: --task-work-position "
-            "after|before places the working tokens."
+            "The length-bias experiment of Dr. GRPO (docs/length-bias.md): every loss trained with every seed\n"
+            "from one warm start (or --model), then a report of reward, accuracy and the lengths of correct and\n"
+            "incorrect completions. Every flag of drgrpo train applies to every run."
         ),
+        epilog=(
+            "Task variant for the length bias, a model that answers right at greedy decoding and samples\n"
+            "mistakes it could see in its own prefix:\n"
+            "  --task-answer-noise 0.3 --warm-start-target-accuracy 0.9 --warm-start-steps 3000 \\\n"
+            "  --task-max-work 8 --max-new-tokens 12   (add --task-noise-kind symbol for a mistake visible\n"
+            "  as a token). --task-work-position before puts the working tokens before the answer.\n"
+            "Results, and the controlled policy that isolates the mechanism (drgrpo.length_bias):\n"
+            "docs/length-bias.md."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cp.add_argument("--config", metavar="FILE", help=config_help)
     add_flags(cp, CompareConfig, "compare")

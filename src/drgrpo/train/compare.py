@@ -286,7 +286,12 @@ def render_report(
         + (
             f"initial policy {run.model}, data {run.dataset or 'the built-in task'}."
             if getattr(run, "model", None)
-            else f"warm-start working tokens 0..{run.task.max_work} {run.task.work_position} the answer."
+            else f"warm-start working tokens 0..{run.task.max_work} {run.task.work_position} the answer"
+            + (
+                f", a wrong last digit ({run.task.noise_kind}) in {run.task.answer_noise:g} of the warm-start answers."
+                if getattr(run.task, "answer_noise", 0.0)
+                else "."
+            )
         ),
     ]
     if config.extra:

@@ -108,7 +108,7 @@ def _kwargs(tp: Any, meta: typing.Mapping[str, Any], flag: str) -> dict[str, Any
     if typing.get_origin(tp) is tuple:  # tuple[X, ...]: several values
         item, _ = _optional(typing.get_args(tp)[0])
         convert, choices = _converter(item, False, flag)
-        kw: dict[str, Any] = {"type": convert, "metavar": flag.split("-")[-1].upper().rstrip("S") or "VALUE"}
+        kw: dict[str, Any] = {"type": convert, "metavar": flag.upper()}
         if meta.get("repeat"):
             kw["action"] = "append"
         else:

@@ -16,6 +16,16 @@ length-bias experiment needs: under GRPO's per-sequence ``1/|o_i|`` a long wrong
 is penalised less per token than a short one, so the length of *incorrect* completions
 can drift while the length of correct ones does not (Liu et al. 2025, arXiv 2503.20783).
 
+That drift needs a policy whose continuation can depend on its own mistake. The variant
+``answer_noise > 0`` sets one up: the warm-start data carry a wrong last digit in that share of
+completions, so a warm start run to high greedy accuracy answers right at greedy decoding but
+samples a wrong last digit about ``answer_noise`` of the time at temperature 1, and the working
+tokens that follow are free to lengthen or shorten. With ``noise_kind="digit"`` the wrong digit is
+a uniformly drawn other digit: checkable in the prefix (the last digit of the sum depends only on
+the operands' last digits), but only by redoing the sum. With ``noise_kind="symbol"`` it is the
+token ``"-"``: a mistake the model sees as a token, the language-model counterpart of a stop
+decision that sees correctness (``docs/length-bias.md``).
+
 Train and held-out splits are disjoint sets of operand pairs drawn from one seed.
 """
 
@@ -26,7 +36,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 WORK_TOKEN = "."
 """The working token: filler a completion may emit before its answer."""
@@ -40,8 +50,15 @@ class TaskConfig:
     """Operands are drawn from ``0..max_operand`` inclusive."""
     max_work: int = 4
     """The warm-start data put ``0..max_work`` working tokens in each completion (uniformly)."""
-    work_position: str = "after"
+    work_position: Literal["after", "before"] = "after"
     """Where working tokens go: "after" the answer (pure length) or "before" it (also extra compute)."""
+    answer_noise: float = 0.0
+    """Share of warm-start completions whose last answer digit is replaced (0: none; see noise_kind). The
+    length-bias variant: warm-started to high greedy accuracy (e.g. --warm-start-target-accuracy 0.9), the
+    model answers right at greedy decoding but samples a wrong last digit about this often."""
+    noise_kind: Literal["digit", "symbol"] = "digit"
+    """What replaces the last digit under answer_noise: "digit", a random other digit (a mistake the model can
+    only see by redoing the sum), or "symbol", the token "-" (a mistake visible in the prefix as a token)."""
     num_eval: int = 200
     """Size of the held-out split (operand pairs never seen in training)."""
     seed: int = 1234
@@ -54,6 +71,15 @@ class TaskConfig:
             raise ValueError(f"TaskConfig.work_position must be 'before' or 'after', got {self.work_position!r}")
         if self.max_work < 0:
             raise ValueError(f"TaskConfig.max_work must be >= 0, got {self.max_work}")
+        if self.noise_kind not in ("digit", "symbol"):
+            raise ValueError(f"TaskConfig.noise_kind must be 'digit' or 'symbol', got {self.noise_kind!r}")
+        # the right answer must stay the most likely one: against 9 wrong digits sharing the noise, or one symbol
+        limit = 0.9 if self.noise_kind == "digit" else 0.5
+        if not 0.0 <= self.answer_noise < limit:
+            raise ValueError(
+                f"TaskConfig.answer_noise must be in [0, {limit}) for noise_kind={self.noise_kind!r} (the right answer "
+                f"must stay the most likely one), got {self.answer_noise}"
+            )
         pairs = (self.max_operand + 1) ** 2
         if not 0 < self.num_eval < pairs:
             raise ValueError(
@@ -131,11 +157,33 @@ def exact_match(completion: str, example: dict[str, Any]) -> float:
     return 1.0 if parse_answer(completion) == str(example["answer"]) else 0.0
 
 
+NOISE_SYMBOL = "-"
+"""What replaces the last digit of a warm-start answer under ``noise_kind="symbol"``."""
+
+
+def corrupt_last_digit(answer: str, rng: random.Random, kind: str = "digit") -> str:
+    """``answer`` with its last digit replaced: by one of the 9 other digits, uniformly (``"digit"``), or by
+    :data:`NOISE_SYMBOL` (``"symbol"``)."""
+    if kind == "symbol":
+        return answer[:-1] + NOISE_SYMBOL
+    wrong = rng.choice([d for d in "0123456789" if d != answer[-1]])
+    return answer[:-1] + wrong
+
+
 def sft_pairs(examples: list[dict[str, Any]], config: TaskConfig, rng: random.Random) -> Iterator[tuple[str, str]]:
-    """Endless (prompt, completion) pairs for the warm start, with a random working length."""
+    """Endless (prompt, completion) pairs for the warm start, with a random working length.
+
+    With ``config.answer_noise > 0``, that share of the completions (drawn independently of the working
+    length) carries a wrong last digit (:func:`corrupt_last_digit`); without it the random draws are the
+    same as they always were, so earlier warm starts are reproduced to the bit.
+    """
     while True:
         ex = examples[rng.randrange(len(examples))]
-        yield ex["prompt"], format_completion(ex["answer"], rng.randint(0, config.max_work), config.work_position)
+        answer = ex["answer"]
+        num_work = rng.randint(0, config.max_work)
+        if config.answer_noise > 0 and rng.random() < config.answer_noise:
+            answer = corrupt_last_digit(answer, rng, config.noise_kind)
+        yield ex["prompt"], format_completion(answer, num_work, config.work_position)
 
 
 def write_jsonl(examples: list[dict[str, Any]], path: str | Path) -> Path:
