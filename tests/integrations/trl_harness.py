@@ -260,3 +260,139 @@ def relative_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
     scale = max(float(w.abs().max()) for w in want.values())
     assert scale > 0
     return max(float((got[n] - want[n]).abs().max()) for n in want) / scale
+
+
+def merge_ranks(per_rank: list[list[tuple[list[dict], dict[str, torch.Tensor]]]], pad_id: int) -> list[tuple]:
+    """The generation batches of P processes as one global batch each (rank 0's rows first, as TRL orders them).
+
+    TRL deals a generation batch's rows to the processes in contiguous slices, so a group may straddle two
+    processes; concatenating the slices in rank order restores the global batch with its groups contiguous.
+    """
+    merged = []
+    for parts in zip(*per_rank):
+        width = max(out["completion_ids"].shape[1] for _, out in parts)
+        examples = [e for ex, _ in parts for e in ex]
+        tensors: dict[str, torch.Tensor] = {}
+        for key in parts[0][1]:
+            pieces = []
+            for _, out in parts:
+                x = out[key]
+                if key in ("completion_ids", "completion_mask") and x.shape[1] < width:
+                    fill = pad_id if key == "completion_ids" else 0
+                    x = torch.cat([x, x.new_full((x.shape[0], width - x.shape[1]), fill)], dim=1)
+                pieces.append(x)
+            tensors[key] = torch.cat(pieces)
+        merged.append((examples, tensors))
+    return merged
+
+
+# --------------------------------------------------------------------------- several processes
+
+RANK_TIMEOUT_S = 240  # a stuck rank dumps its Python stacks after this long
+TIMEOUT_S = 300  # and the parent gives up
+
+
+def run_ranks(jobs: list[dict[str, Any]], model_dir: Path, world_size: int, out_dir: Path) -> list[list[dict]]:
+    """Run ``jobs`` (``run`` arguments) on ``world_size`` gloo processes; returns ``[rank][job]`` records.
+
+    Each rank is a fresh ``python`` interpreter (not a fork of pytest's, whose thread pools are running) with
+    one thread, the loopback interface and a file rendezvous (no port to pick); it initialises the process
+    group itself with a timeout, then accelerate adopts it (``MULTI_CPU``). A stuck rank dumps its stacks,
+    and a failure carries every failed rank's log.
+    """
+    import json
+    import subprocess
+    import sys
+    import time
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "jobs.json").write_text(json.dumps(jobs))
+    here = str(Path(__file__).resolve().parent)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        **({"GLOO_SOCKET_IFNAME": "lo"} if sys.platform == "linux" else {}),
+        "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]),
+    }
+    code = "import sys, trl_harness; trl_harness._rank_main(sys.argv[1:])"
+    logs = [out_dir / f"rank{r}.log" for r in range(world_size)]
+    processes = []
+    for rank in range(world_size):
+        argv = [str(rank), str(world_size), str(out_dir / "rendezvous"), str(out_dir), str(model_dir)]
+        with open(logs[rank], "wb") as log:
+            processes.append(
+                subprocess.Popen([sys.executable, "-c", code, *argv], env=env, stdout=log, stderr=subprocess.STDOUT)
+            )
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        for process in processes:
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    failed = [r for r, p in enumerate(processes) if p.returncode != 0]
+    if failed:
+        report = "\n".join(
+            f"--- rank {r} (exit {processes[r].returncode}):\n{logs[r].read_text()[-4000:]}" for r in failed
+        )
+        raise RuntimeError(f"{world_size} gloo processes: ranks {failed} failed or timed out ({TIMEOUT_S} s)\n{report}")
+    return [[torch.load(out_dir / f"rank{r}_job{j}.pt") for j in range(len(jobs))] for r in range(world_size)]
+
+
+def _rank_main(argv: list[str]) -> None:
+    """One rank: ``rank world_size rendezvous_file out_dir model_dir``; runs every job of ``out_dir/jobs.json``.
+
+    Leaves through ``os._exit`` once its results are saved (gloo's threads can abort a finished interpreter
+    at exit).
+    """
+    import faulthandler
+    import json
+    import sys
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from trl import GRPOTrainer
+
+    from drgrpo.integrations.trl import DrGRPOTrainer
+
+    rank, world_size, rendezvous, out_dir, model_dir = int(argv[0]), int(argv[1]), argv[2], Path(argv[3]), argv[4]
+    torch.set_num_threads(1)
+    faulthandler.enable()
+    faulthandler.dump_traceback_later(RANK_TIMEOUT_S, exit=True)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(LOCAL_WORLD_SIZE=str(world_size))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=RANK_TIMEOUT_S // 2),
+    )
+    try:
+        for j, job in enumerate(json.loads((out_dir / "jobs.json").read_text())):
+            job = dict(job)
+            cls = DrGRPOTrainer if job.pop("trainer") == "drgrpo" else GRPOTrainer
+            k, spg, per_device = job.pop("k"), job.pop("spg"), job.pop("per_device")
+            kwargs = {"loss_config": job.pop("loss_config")} if cls is DrGRPOTrainer else {}
+            args = grpo_args(out_dir / f"run{j}", k, spg, per_device=per_device, **job)
+            trainer = run(cls, Path(model_dir), args, **kwargs)
+            assert trainer.accelerator.num_processes == world_size
+            record = {
+                "grads": trainer.step_grads,
+                "generations": trainer.generations,
+                "micro": trainer.micro,
+                "losses": trainer.losses,
+            }
+            torch.save(record, out_dir / f"rank{rank}_job{j}.pt")
+        dist.barrier()  # both ranks saved everything
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
