@@ -31,6 +31,8 @@ def test_two_processes_give_the_whole_batch_gradient(tmp_path: Path) -> None:
         for preset in PRESETS
         for k, spg in SPLITS
     ]
+    # the fused loss runs inside DDP's forward (forward redirection): DDP must still average its gradients
+    jobs += [{**job, "fused": True} for job in jobs if job["loss_config"] in ("dr_grpo", "grpo") and job["k"] > 1]
     ranks = h.run_ranks(jobs, model_dir, 2, tmp_path / "ranks")
     tokenizer = build_tokenizer()
     worst = 0.0

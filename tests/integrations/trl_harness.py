@@ -379,7 +379,11 @@ def _rank_main(argv: list[str]) -> None:
             job = dict(job)
             cls = DrGRPOTrainer if job.pop("trainer") == "drgrpo" else GRPOTrainer
             k, spg, per_device = job.pop("k"), job.pop("spg"), job.pop("per_device")
-            kwargs = {"loss_config": job.pop("loss_config")} if cls is DrGRPOTrainer else {}
+            kwargs = (
+                {"loss_config": job.pop("loss_config"), "fused": job.pop("fused", False)}
+                if cls is DrGRPOTrainer
+                else {}
+            )
             args = grpo_args(out_dir / f"run{j}", k, spg, per_device=per_device, **job)
             trainer = run(cls, Path(model_dir), args, **kwargs)
             assert trainer.accelerator.num_processes == world_size

@@ -463,8 +463,9 @@ class DrGRPOTrainer(GRPOTrainer):
             normalizer = self._window_normalizer([inputs])
         if self.fused:
             unwrapped = self.accelerator.unwrap_model(model)
-            out, entropy = self._forward_redirection(model, unwrapped, self._fused_loss, inputs, normalizer), None
-            aux_loss = None
+            # a (loss, metrics) tuple through the wrapper: DDP finds the loss tensor in it
+            fused_loss, metrics = self._forward_redirection(model, unwrapped, self._fused_loss, inputs, normalizer)
+            out, entropy, aux_loss = LossOutput(loss=fused_loss, metrics=metrics), None, None
         else:
             out, entropy, aux_loss = self._logits_path_loss(model, inputs, normalizer)
         loss = out.loss
@@ -505,7 +506,9 @@ class DrGRPOTrainer(GRPOTrainer):
         )
         return out, entropies, aux_loss
 
-    def _fused_loss(self, inputs: dict[str, Any], normalizer: StepNormalizer | None) -> LossOutput:
+    def _fused_loss(
+        self, inputs: dict[str, Any], normalizer: StepNormalizer | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Hidden states of the completion positions, then :func:`drgrpo.fused_policy_loss` with ``lm_head``.
 
         Runs inside the wrapped model's forward (``_ForwardRedirection``), so DDP prepares its backward and
@@ -533,7 +536,7 @@ class DrGRPOTrainer(GRPOTrainer):
         hidden = hidden.to(weight.device)
         # The products run in the head's dtype (float32 master weights under autocast; bf16 for a bf16 model).
         with torch.autocast(hidden.device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
-            return fused_policy_loss(
+            out = fused_policy_loss(
                 hidden.to(weight.dtype),
                 weight,
                 completion_ids.to(weight.device),
@@ -546,6 +549,7 @@ class DrGRPOTrainer(GRPOTrainer):
                 temperature=self.temperature,
                 normalizer=normalizer,
             )
+        return out.loss, out.metrics
 
     def _mode(self) -> str:
         """``"train"`` or ``"eval"``, as TRL decides it (the model's training flag)."""
