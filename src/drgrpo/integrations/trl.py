@@ -37,14 +37,14 @@ clipping, which under DeepSpeed ZeRO lives inside the engine's partitioned buffe
 sharded ones: a hook exact only for plain DDP. (b) is what this module does: at the first micro-step
 of a window, ``_prepare_inputs`` runs TRL's own buffering logic once per micro-step of the window (with
 TRL's step counter set to each micro-step in turn), which generates every generation batch the window
-touches with the weights stock TRL would use (the optimizer has not stepped inside a window) and with the
-random draws in the same order (a backward pass draws none), so the rollout is the very one stock TRL
-draws for the same seed; then the step's counts are reduced once and the micro-batches are served one
-by one. No gradient is touched after the fact, so it composes with DDP, DeepSpeed and
-FSDP alike. Cost: with spg < K up to K / spg generation batches are held at once (stock TRL holds
-one). Anything that would break the bookkeeping (a micro-step whose raw batch is not the next one of
-the window the Trainer fetched, a process group other than the data-parallel one) raises instead of
-normalising wrongly.
+touches with the weights stock TRL would use (the optimizer has not stepped inside a window): the same
+rollout distribution, and for a model without dropout (whose loss passes draw no random numbers) the very
+rollout stock TRL draws for the same seed; then the step's counts are reduced once and the micro-batches
+are served one by one. No gradient is touched after the fact, so nothing has to reach into DeepSpeed's or FSDP's
+gradient buffers (tested here: one process and DDP over gloo; DeepSpeed, FSDP, PEFT and vLLM untested).
+Cost: with spg < K up to K / spg generation batches are held at once (stock TRL holds one). Anything that
+would break the bookkeeping (a micro-step whose raw batch is not the next one of the window the Trainer
+fetched, a process group other than the data-parallel one) raises instead of normalising wrongly.
 
 The DDP correction: DDP, FSDP and ZeRO *average* gradients over P processes, so each micro-batch's
 loss is its share of the step's loss times P (``StepNormalizer.world_size``), and the Trainer's own
