@@ -1,0 +1,613 @@
+r"""``DrGRPOTrainer``: TRL's ``GRPOTrainer`` with drgrpo's loss, advantages and step normaliser.
+
+Everything TRL does for scale stays TRL's (generation with transformers or vLLM, reward functions,
+accelerate / DeepSpeed / FSDP, PEFT, reference model, logging, checkpoints); three things become
+drgrpo's::
+
+    trainer = DrGRPOTrainer(model, reward_funcs, args=GRPOConfig(...), train_dataset=ds, loss_config="dr_grpo")
+
+1. **Advantages** come from :func:`drgrpo.group_advantages` for the preset, groups of
+   ``num_generations`` over the rewards TRL gathers from all processes (so ``"batch"`` std is the
+   global one): ``dr_grpo`` is ``r - mean_group(r)`` with no std, whatever ``scale_rewards`` says.
+2. **The loss** of each micro-batch is :func:`drgrpo.policy_loss` on TRL's per-token log-probs (TRL's
+   own chunked log-prob head), or :func:`drgrpo.fused_policy_loss` straight from the last hidden states
+   and ``lm_head`` with ``fused=True`` (no ``(B, T, V)`` logits, no TRL head), wired like TRL's fused
+   paths: the whole computation runs inside the wrapped model's forward (``_ForwardRedirection``, so
+   DDP/FSDP/ZeRO-3 hooks fire), ``lm_head`` is gathered under ZeRO-3 (``maybe_gather_lm_head_ctx``)
+   and FSDP2 DTensors are materialised.
+3. **One** :class:`drgrpo.StepNormalizer` **per optimizer step**, counted over every micro-batch of the
+   accumulation window and every process (one ``all_reduce``), so the accumulated gradient is the
+   gradient of the whole step's loss for every split-invariant preset, whatever
+   ``per_device_train_batch_size``, ``gradient_accumulation_steps`` (K), ``steps_per_generation``
+   (spg), ``num_iterations`` and the number of processes P.
+
+Why the window is generated ahead
+---------------------------------
+TRL generates a *generation batch* (``per_device_train_batch_size * spg`` rows per process) every
+``spg * num_iterations`` micro-steps, shuffles its rows and serves one slice of it per micro-step.
+The Trainer fetches the K dataloader batches of an optimizer step before its first micro-step
+(``get_batch_samples``). When K divides ``spg * num_iterations``, every optimizer step reads from one
+buffered generation batch and its counts exist before its first backward; otherwise (e.g. K = 4,
+spg = 2) a step spans several generation batches and stock TRL generates
+the later ones only after the earlier micro-batches' backward passes, so no per-micro-batch
+denominator can be the step's. Two ways out: (a) weight micro-batches by numerators only and divide
+the accumulated gradients by the global count before clipping, or (b) build the whole window's
+micro-batches at its first micro-step. (a) needs to reach the gradients between the last backward and
+clipping, which under DeepSpeed ZeRO lives inside the engine's partitioned buffers and under FSDP in
+sharded ones: a hook exact only for plain DDP. (b) is what this module does: at the first micro-step
+of a window, ``_prepare_inputs`` runs TRL's own buffering logic once per micro-step of the window (with
+TRL's step counter set to each micro-step in turn), which generates every generation batch the window
+touches with the weights stock TRL would use (the optimizer has not stepped inside a window): the same
+rollout distribution, and for a model without dropout (whose loss passes draw no random numbers) the very
+rollout stock TRL draws for the same seed; then the step's counts are reduced once and the micro-batches
+are served one by one. No gradient is touched after the fact, so nothing has to reach into DeepSpeed's or FSDP's
+gradient buffers (tested here: one process and DDP over gloo; DeepSpeed, FSDP, PEFT and vLLM untested).
+Cost: with spg < K up to K / spg generation batches are held at once (stock TRL holds one). Anything that
+would break the bookkeeping (a micro-step whose raw batch is not the next one of the window the Trainer
+fetched, a process group other than the data-parallel one) raises instead of normalising wrongly.
+
+The DDP correction: DDP, FSDP and ZeRO *average* gradients over P processes, so each micro-batch's
+loss is its share of the step's loss times P (``StepNormalizer.world_size``), and the Trainer's own
+division by K stays off (TRL's ``loss_is_scaled_for_ga``).
+
+Settings
+--------
+``loss_config`` (a :class:`~drgrpo.LossConfig` or a preset name) decides the loss. TRL's fields that
+describe the same thing must agree with it or keep their ``GRPOConfig`` default; a default is then set
+to the config's value in a copy of ``args`` (logged at INFO), so TRL's own machinery follows the config
+(``beta > 0`` makes TRL build the reference model and its log-probs). A non-default value that
+contradicts the config raises a ``ValueError``:
+
+================================  =====================================================
+TRL field (default)               drgrpo field
+================================  =====================================================
+``loss_type`` ("dapo")            the preset's name (``"dr_grpo"`` or ``"trl.dr_grpo"`` -> "dr_grpo")
+``scale_rewards`` ("group")       ``advantage_std`` ("group" / "batch" / "none")
+``epsilon`` (0.2)                 ``clip_low`` (PPO surrogate)
+``epsilon_high`` (None)           ``clip_high`` (PPO), ``cispo_cap`` (``trl.cispo``)
+``beta`` (0.0)                    ``beta``
+``delta`` (None)                  ``delta``
+``importance_sampling_level``     ``ratio_level`` ("token" / "sequence")
+``use_bias_correction_kl`` (True) ``kl_importance_weight``
+``sapo_temperature_pos/neg``      ``sapo_tau_pos/neg`` (SAPO surrogate)
+================================  =====================================================
+
+A preset given by name whose aggregation is ``seq-mean-token-sum-norm`` (``dr_grpo``, ``trl.dr_grpo``,
+``oat.drgrpo``) takes ``L = args.max_completion_length``, the generation budget; pass a ``LossConfig``
+with ``max_completion_length`` set for another constant. Per-call peer presets (``trl.grpo``,
+``trl.bnpo``, ``trl.dr_grpo``, ``verl.dr_grpo``: ``per_call_normalization``) keep their definition:
+each micro-batch normalised by its own counts and divided by K, as TRL does, so ``trl.*`` presets give
+stock TRL's numbers (``trl.dapo``/``trl.cispo`` use the exact step count, which is TRL's when
+``spg == K``).
+
+Refused with a ``ValueError`` (no drgrpo equivalent yet): ``top_entropy_quantile < 1``,
+``off_policy_mask_threshold``, the entropy bonus (``entropy_coef``, ``use_adaptive_entropy``), vLLM's
+importance-sampling correction (set ``vllm_importance_sampling_correction=False``; vLLM generation
+itself works), ``multi_objective_aggregation="normalize_then_sum"``, tensor or context parallelism,
+and with ``fused=True`` MoE router losses and logit scaling or soft-capping.
+
+Logged under TRL's names: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``
+(PPO surrogate), ``kl`` (``beta > 0``; the config's estimator, not weighted by the ratio) and
+``entropy`` (``fused=False`` only: TRL's head computes it); ``drgrpo/ratio_mean`` (and
+``drgrpo/clip_frac_low``/``high`` for the CISPO and SAPO surrogates) have no TRL name. Rewards,
+lengths and the completions table stay TRL's; the table's advantages are drgrpo's.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+try:
+    import trl
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.models.utils import _ForwardRedirection
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+except ImportError as error:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        "drgrpo.integrations.trl needs TRL (and accelerate, transformers, datasets): pip install drgrpo[trl]"
+    ) from error
+
+import torch
+from packaging.version import Version
+from torch import Tensor
+
+from drgrpo.advantages import group_advantages
+from drgrpo.config import LossConfig
+from drgrpo.fused import fused_policy_loss
+from drgrpo.loss import LossOutput, policy_loss
+from drgrpo.normalizer import StepNormalizer
+
+__all__ = ["SUPPORTED_TRL", "DrGRPOTrainer", "resolve_loss_config"]
+
+SUPPORTED_TRL = (Version("1.16"), Version("1.17"))
+"""The TRL versions this adapter is tested with, [low, high): it overrides private ``GRPOTrainer`` methods."""
+
+if not SUPPORTED_TRL[0] <= Version(Version(trl.__version__).base_version) < SUPPORTED_TRL[1]:
+    raise ImportError(
+        f"drgrpo.integrations.trl is tested with trl>={SUPPORTED_TRL[0]},<{SUPPORTED_TRL[1]} and overrides private "
+        f"GRPOTrainer methods; found trl {trl.__version__}: pip install 'drgrpo[trl]'"
+    )
+
+logger = logging.getLogger(__name__)
+
+# GRPOConfig defaults of the fields that describe the loss (trl 1.16 grpo_config.py).
+_TRL_DEFAULTS: dict[str, Any] = {
+    "loss_type": "dapo",
+    "scale_rewards": "group",
+    "epsilon": 0.2,
+    "epsilon_high": None,
+    "beta": 0.0,
+    "delta": None,
+    "importance_sampling_level": "token",
+    "use_bias_correction_kl": True,
+    "sapo_temperature_pos": 1.0,
+    "sapo_temperature_neg": 1.05,
+}
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def resolve_loss_config(loss_config: LossConfig | str, args: GRPOConfig) -> tuple[LossConfig, dict[str, Any]]:
+    """The loss config for a TRL run, and the ``GRPOConfig`` fields to set so that TRL agrees with it.
+
+    Args:
+        loss_config: a :class:`~drgrpo.LossConfig`, or a preset name; a named preset with aggregation
+            ``seq-mean-token-sum-norm`` takes ``L = args.max_completion_length``.
+        args: the run's ``GRPOConfig`` (not modified).
+
+    Returns:
+        ``(config, changes)``: ``changes`` maps TRL field names that are at their default but differ from
+        the config to the config's value.
+
+    Raises:
+        TypeError: ``loss_config`` is neither a LossConfig nor a str.
+        ValueError: a TRL field set to a non-default value contradicts the config, or a TRL feature with no
+            drgrpo equivalent is on.
+    """
+    if isinstance(loss_config, str):
+        config = LossConfig.preset(loss_config, max_completion_length=args.max_completion_length)
+        if (config.forced_aggregation or config.aggregation) != "seq-mean-token-sum-norm":
+            config = LossConfig.preset(loss_config)  # L unused, or (token-sum-norm) the padded width by definition
+    elif isinstance(loss_config, LossConfig):
+        config = loss_config
+    else:
+        raise TypeError(f"loss_config must be a LossConfig or a preset name (str), got {type(loss_config).__name__}")
+    if config.name == "trl.dr_grpo" and config.max_completion_length != args.max_completion_length:
+        raise ValueError(
+            f"trl.dr_grpo divides by TRL's max_completion_length ({args.max_completion_length}), but the loss "
+            f"config has max_completion_length={config.max_completion_length}: pass the preset by name, or use "
+            "the core 'dr_grpo' preset for another constant L"
+        )
+
+    changes: dict[str, Any] = {}
+    # loss_type: a trl.* preset is that loss type; a core preset accepts its own name or the default.
+    base = _base_name(config)
+    if args.loss_type != base and args.loss_type != _TRL_DEFAULTS["loss_type"]:
+        _contradiction("loss_type", args.loss_type, config, f"{base!r} or left unset")
+    if config.name is not None and config.name.startswith("trl.") and args.loss_type != base:
+        changes["loss_type"] = base
+    for name, value in _trl_view(config).items():
+        current = getattr(args, name)
+        effective = args.epsilon if name == "epsilon_high" and current is None else current  # TRL: None = epsilon
+        if _same(effective, value):
+            continue
+        if not _same(current, _TRL_DEFAULTS[name]):
+            _contradiction(name, current, config, repr(value))
+        changes[name] = value
+    _refuse_unsupported(args)
+    return config, changes
+
+
+def _contradiction(name: str, current: Any, config: LossConfig, expected: str) -> None:
+    raise ValueError(
+        f"GRPOConfig.{name}={current!r} contradicts loss_config {config.name or 'custom'!r}, which implies "
+        f"{name}={expected}. DrGRPOTrainer's loss is the loss config's: leave {name} at its default "
+        f"({_TRL_DEFAULTS[name]!r}) or change the LossConfig instead (e.g. LossConfig.preset('dapo', clip_high=0.3))"
+    )
+
+
+def _base_name(config: LossConfig) -> str | None:
+    """``"dr_grpo"`` for ``dr_grpo`` and ``trl.dr_grpo``: the TRL ``loss_type`` a preset corresponds to."""
+    if config.name is None:
+        return None
+    return config.name.removeprefix("trl.")
+
+
+def _trl_view(config: LossConfig) -> dict[str, Any]:
+    """The GRPOConfig fields that describe the same choices as ``config``."""
+    view: dict[str, Any] = {
+        "scale_rewards": config.advantage_std,
+        "beta": config.beta,
+        "importance_sampling_level": config.ratio_level,
+    }
+    if config.beta > 0:
+        view["use_bias_correction_kl"] = config.kl_importance_weight
+    if config.surrogate == "ppo":
+        view["epsilon"] = config.clip_low
+        view["epsilon_high"] = config.clip_high
+        view["delta"] = config.delta
+    elif config.surrogate == "cispo" and config.name == "trl.cispo":
+        view["epsilon_high"] = config.cispo_cap  # TRL caps the CISPO weight at epsilon_high itself
+    elif config.surrogate == "sapo":
+        view["sapo_temperature_pos"] = config.sapo_tau_pos
+        view["sapo_temperature_neg"] = config.sapo_tau_neg
+    return view
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and float(a) == float(b)
+    return bool(a == b)
+
+
+def _refuse_unsupported(args: GRPOConfig) -> None:
+    problems = []
+    if args.top_entropy_quantile < 1.0:
+        problems.append(f"top_entropy_quantile={args.top_entropy_quantile} (the high-entropy token mask)")
+    if args.off_policy_mask_threshold is not None:
+        problems.append(f"off_policy_mask_threshold={args.off_policy_mask_threshold} (the off-policy sequence mask)")
+    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
+        problems.append("entropy_coef / use_adaptive_entropy (the entropy bonus)")
+    if args.use_vllm and args.vllm_importance_sampling_correction:
+        problems.append(
+            "vllm_importance_sampling_correction=True (set it to False: vLLM generation works, the correction "
+            "weight is not in drgrpo's loss)"
+        )
+    if args.multi_objective_aggregation != "sum_then_normalize":
+        problems.append(f"multi_objective_aggregation={args.multi_objective_aggregation!r} (use 'sum_then_normalize')")
+    if problems:
+        raise ValueError("DrGRPOTrainer does not support: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------- the accumulation window
+
+
+@dataclass
+class _Window:
+    """One optimizer step: the K raw dataloader batches, then its micro-batches and their normaliser."""
+
+    raw: list[Any]
+    micro: list[dict[str, Any]] | None = None
+    normalizer: StepNormalizer | None = None
+    position: int = 0
+
+
+def _loss_mask(inputs: dict[str, Any]) -> Tensor:
+    """The tokens TRL trains on: completion tokens, minus tool outputs in multi-turn rollouts. ``(B, T)``."""
+    mask = inputs["completion_mask"]
+    return mask if inputs.get("tool_mask") is None else mask * inputs["tool_mask"]
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class DrGRPOTrainer(GRPOTrainer):
+    """TRL's ``GRPOTrainer`` whose advantages, loss and per-step normalisation are drgrpo's.
+
+    Constructed exactly like ``trl.GRPOTrainer`` plus two keyword arguments:
+
+    Args:
+        loss_config: a :class:`~drgrpo.LossConfig` or a preset name (``"dr_grpo"``, ``"dapo"``, ``"grpo"``,
+            ``"gspo"``, ``"trl.grpo"``, ``"verl.cispo"``, ... see :func:`drgrpo.preset_names`). For a named
+            preset that divides by a constant L (``"dr_grpo"``), **L is** ``args.max_completion_length``.
+        fused: compute the loss from the last hidden states and ``lm_head`` with
+            :func:`drgrpo.fused_policy_loss` (no ``(B, T, V)`` logits, no TRL log-prob head; TRL's
+            ``entropy`` metric is then not logged).
+
+    The module docstring lists what is exact, which TRL settings are read, aligned, refused or ignored.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        reward_funcs: Any = None,
+        args: GRPOConfig | None = None,
+        *trainer_args: Any,
+        loss_config: LossConfig | str = "dr_grpo",
+        fused: bool = False,
+        **trainer_kwargs: Any,
+    ) -> None:
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = GRPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-DrGRPO")
+        elif not isinstance(args, GRPOConfig):
+            raise TypeError(f"args must be a trl.GRPOConfig, got {type(args).__name__}")
+        config, changes = resolve_loss_config(loss_config, args)
+        if changes:
+            args = copy.copy(args)  # the caller's GRPOConfig is left as it was
+            for name, value in changes.items():
+                setattr(args, name, value)
+            logger.info("DrGRPOTrainer: GRPOConfig fields set from loss_config %r: %s", config.name, changes)
+        self.loss_config = config
+        self.fused = fused
+        self._window: _Window | None = None
+        self._rewards_per_func: Tensor | None = None
+        super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
+        self._check_runtime()
+        self._forward_redirection = _ForwardRedirection()
+
+    def _check_runtime(self) -> None:
+        """Refusals that need the built trainer (accelerator, model)."""
+        parallel = getattr(self.accelerator, "parallelism_config", None)
+        if parallel is not None and (getattr(parallel, "tp_enabled", False) or getattr(parallel, "cp_enabled", False)):
+            raise ValueError(
+                "DrGRPOTrainer counts tokens per data-parallel process: tensor and context parallelism are not "
+                "supported"
+            )
+        if self.fused:
+            if self.aux_loss_enabled:
+                raise ValueError(
+                    "fused=True does not add the MoE router loss: set router_aux_loss_coef=0 or use fused=False"
+                )
+            text_config = self._unwrapped_causal_lm().config.get_text_config()
+            for name in _LOGIT_TRANSFORMS:
+                value = getattr(text_config, name, None)
+                if value is not None and value != 1.0:
+                    raise ValueError(
+                        f"fused=True computes log_softmax(h W^T / temperature); the model's config has {name}={value}, "
+                        "which changes the logits: use fused=False (TRL's head applies it)"
+                    )
+            if getattr(text_config, "logits_scaling", None) is not None:
+                raise ValueError("fused=True does not apply the model's logits_scaling: use fused=False")
+
+    # ----------------------------------------------------------------------- advantages
+
+    def _calculate_rewards(self, inputs: Any, prompts: Any, completions: Any, completion_ids_list: Any) -> Tensor:
+        # (N_global, F): every process's rewards, one column per reward function (NaN: not scored).
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._rewards_per_func = rewards
+        return rewards
+
+    def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
+        """TRL's rollout, with the advantages replaced by drgrpo's for ``loss_config``."""
+        self._rewards_per_func = None
+        output = super()._generate_and_score_completions(inputs)
+        per_func = self._rewards_per_func
+        if per_func is None:
+            raise RuntimeError("TRL's _generate_and_score_completions did not call _calculate_rewards")
+        mode = self._mode()
+        group = self.num_generations if mode == "train" else self.num_generations_eval
+        # The total reward as TRL computes it for "sum_then_normalize": weighted sum, NaN if no function scored.
+        weights = self.reward_weights.to(per_func.device)
+        rewards = (per_func * weights.unsqueeze(0)).nansum(dim=1)  # (N_global,)
+        unscored = torch.isnan(per_func).all(dim=1)
+        rewards = rewards.masked_fill(unscored, float("nan"))
+        if bool(unscored.any()) and self.loss_config.nan_rewards == "error":
+            first = int(unscored.nonzero()[0])
+            raise ValueError(
+                f"completion {first} of the generation batch got no reward (every reward function returned None); "
+                f"loss_config {self.loss_config.name!r} has nan_rewards='error'. To leave such completions out "
+                "(advantage 0, as TRL does), use loss_config.replace(nan_rewards='ignore')"
+            )
+        advantages = group_advantages(rewards, group, self.loss_config)  # (N_global,) groups are contiguous
+        local = output["advantages"].shape[0]
+        start = self.accelerator.process_index * local
+        output["advantages"] = advantages[start : start + local].to(output["advantages"].dtype)
+        # the completions table shows these advantages, not TRL's
+        logged = self._logs["advantages"]
+        for _ in range(min(advantages.numel(), len(logged))):
+            logged.pop()
+        logged.extend(advantages.tolist())
+        return output
+
+    # ----------------------------------------------------------------------- the accumulation window
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list[Any], Any]:
+        """The Trainer fetches one optimizer step's raw batches here: they define the window."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._window = _Window(raw=list(batch_samples))
+        return batch_samples, num_items_in_batch
+
+    def _prepare_inputs(self, generation_batch: Any) -> dict[str, Any]:
+        """Training: this micro-step's slice of the window, built (and counted) at the window's first micro-step."""
+        if self._mode() == "eval":
+            return super()._prepare_inputs(generation_batch)
+        window = self._window
+        if window is None or window.position >= len(window.raw) or window.raw[window.position] is not generation_batch:
+            raise RuntimeError(
+                "DrGRPOTrainer: a training micro-step whose batch is not the next one of the accumulation window the "
+                "Trainer fetched in get_batch_samples; the step's token counts cannot be known ahead, so the loss "
+                "would not be the whole step's. Train through Trainer.train() (transformers 5.x training loop)"
+            )
+        if window.micro is None:
+            window.micro = self._build_window(window.raw)
+            window.normalizer = self._window_normalizer(window.micro)
+        inputs = window.micro[window.position]
+        window.position += 1
+        return inputs
+
+    def _build_window(self, raw_batches: Sequence[Any]) -> list[dict[str, Any]]:
+        """TRL's buffering, run ahead for every micro-step of the window (generating as TRL would, same weights)."""
+        first = self._step
+        micro = []
+        try:
+            for j, raw in enumerate(raw_batches):
+                self._step = first + j  # TRL decides from its step counter whether to generate and which slice
+                micro.append(super()._prepare_inputs(raw))
+        finally:
+            self._step = first
+        return micro
+
+    def _window_normalizer(self, micro: Sequence[dict[str, Any]]) -> StepNormalizer | None:
+        """The step's counts over all micro-batches and processes (one all_reduce); None for per-call presets."""
+        if self.loss_config.per_call_normalization:
+            return None
+        normalizer = StepNormalizer.from_masks([_loss_mask(m) for m in micro], self.loss_config)
+        if normalizer.world_size != self.accelerator.num_processes:
+            raise RuntimeError(
+                f"the default process group has {normalizer.world_size} processes but accelerate trains on "
+                f"{self.accelerator.num_processes}: the step's counts would be summed over the wrong processes"
+            )
+        return normalizer
+
+    # ----------------------------------------------------------------------- the loss
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Tensor:
+        """drgrpo's loss of one micro-batch (its share of the optimizer step's loss, times P)."""
+        if return_outputs:
+            raise ValueError("DrGRPOTrainer does not support returning outputs")
+        mode = self._mode()
+        if mode == "train":
+            assert self._window is not None  # _prepare_inputs checked it
+            normalizer = self._window.normalizer
+        else:  # evaluation: each batch is its own step
+            normalizer = self._window_normalizer([inputs])
+        if self.fused:
+            unwrapped = self.accelerator.unwrap_model(model)
+            # a (loss, metrics) tuple through the wrapper: DDP finds the loss tensor in it
+            fused_loss, metrics = self._forward_redirection(model, unwrapped, self._fused_loss, inputs, normalizer)
+            out, entropy, aux_loss = LossOutput(loss=fused_loss, metrics=metrics), None, None
+        else:
+            out, entropy, aux_loss = self._logits_path_loss(model, inputs, normalizer)
+        loss = out.loss
+        if self.loss_config.per_call_normalization and mode == "train":
+            loss = loss / self.current_gradient_accumulation_steps  # TRL's definition of per-call losses
+        if aux_loss is not None:  # MoE load balancing, scaled as TRL scales it
+            scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / scale
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        self._log_loss_metrics(mode, out, entropy, _loss_mask(inputs))
+        return loss
+
+    def _logits_path_loss(
+        self, model: Any, inputs: dict[str, Any], normalizer: StepNormalizer | None
+    ) -> tuple[LossOutput, Tensor, Tensor | None]:
+        """Per-token log-probs from TRL's own head (chunked, with entropies), then :func:`drgrpo.policy_loss`."""
+        completion_ids = inputs["completion_ids"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        multimodal = {k: inputs.get(k) for k in _MULTIMODAL_KEYS}
+        logp, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            completion_ids.size(1),
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            **multimodal,
+        )
+        out = policy_loss(
+            logp,  # (B, T)
+            inputs.get("old_per_token_logps"),  # None: on-policy, ratio 1
+            inputs["advantages"],  # (B,)
+            _loss_mask(inputs),
+            self.loss_config,
+            ref_logp=inputs.get("ref_per_token_logps"),
+            normalizer=normalizer,
+        )
+        return out, entropies, aux_loss
+
+    def _fused_loss(
+        self, inputs: dict[str, Any], normalizer: StepNormalizer | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Hidden states of the completion positions, then :func:`drgrpo.fused_policy_loss` with ``lm_head``.
+
+        Runs inside the wrapped model's forward (``_ForwardRedirection``), so DDP prepares its backward and
+        FSDP/ZeRO-3 gather the backbone's parameters as for a plain forward.
+        """
+        causal_lm = self._unwrapped_causal_lm()
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        t = completion_ids.size(1)
+        model_inputs = {
+            "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),
+            "attention_mask": torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+            "use_cache": False,
+        }
+        present = [key for key in _MULTIMODAL_KEYS if inputs.get(key) is not None]
+        if present:
+            raise ValueError(f"fused=True supports text-only models; this batch has {present}: use fused=False")
+        with self.accelerator.autocast():
+            hidden = causal_lm.base_model(**model_inputs).last_hidden_state  # (B, P + T, H)
+        hidden = hidden[:, -t - 1 : -1]  # (B, T, H): position p predicts token p + 1
+        lm_head = causal_lm.get_output_embeddings()
+        weight, bias = lm_head.weight, lm_head.bias  # (V, H), (V,) or None
+        if _is_dtensor(weight):  # FSDP2: the full head for the products (as TRL's fused head does)
+            weight = weight.full_tensor()
+            bias = None if bias is None else bias.full_tensor()
+        hidden = hidden.to(weight.device)
+        # The products run in the head's dtype (float32 master weights under autocast; bf16 for a bf16 model).
+        with torch.autocast(hidden.device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
+            out = fused_policy_loss(
+                hidden.to(weight.dtype),
+                weight,
+                completion_ids.to(weight.device),
+                _loss_mask(inputs).to(weight.device),
+                inputs["advantages"],
+                self.loss_config,
+                old_logp=inputs.get("old_per_token_logps"),
+                ref_logp=inputs.get("ref_per_token_logps"),
+                bias=bias,
+                temperature=self.temperature,
+                normalizer=normalizer,
+            )
+        return out.loss, out.metrics
+
+    def _mode(self) -> str:
+        """``"train"`` or ``"eval"``, as TRL decides it (the model's training flag)."""
+        return "train" if getattr(self.model, "training", False) else "eval"
+
+    def _unwrapped_causal_lm(self) -> Any:
+        """The transformers causal LM under accelerate's and PEFT's wrappers."""
+        model = self.accelerator.unwrap_model(self.model)
+        get_base_model: Callable[[], Any] | None = getattr(model, "get_base_model", None)
+        return get_base_model() if get_base_model is not None else model
+
+    # ----------------------------------------------------------------------- metrics
+
+    def _log_loss_metrics(self, mode: str, out: LossOutput, entropy: Tensor | None, mask: Tensor) -> None:
+        """Token means over all processes (one reduce), under TRL's metric names where TRL has them."""
+        m = out.metrics
+        count = m["num_tokens"].to(torch.float32)
+        parts = [m["clip_frac_low"], m["clip_frac_high"], m["ratio_mean"], m["kl_mean"]]
+        sums = [p.to(torch.float32) * count for p in parts]
+        if entropy is not None:
+            sums.append((entropy.detach().float() * mask).sum())
+        totals = self.accelerator.reduce(torch.stack([*sums, count]), reduction="sum")
+        values = (totals[:-1] / totals[-1].clamp(min=1.0)).tolist()
+        low, high, ratio, kl = values[:4]
+        metrics = self._metrics[mode]
+        if self.loss_config.surrogate == "ppo":
+            metrics["clip_ratio/low_mean"].append(low)
+            metrics["clip_ratio/high_mean"].append(high)
+            metrics["clip_ratio/region_mean"].append(low + high)  # disjoint: low needs A < 0, high A > 0
+        else:
+            metrics["drgrpo/clip_frac_low"].append(low)
+            metrics["drgrpo/clip_frac_high"].append(high)
+        metrics["drgrpo/ratio_mean"].append(ratio)
+        if self.loss_config.beta != 0.0:
+            metrics["kl"].append(kl)
+        if entropy is not None:
+            metrics["entropy"].append(values[4])
+
+
+# TRL's per-token log-prob call takes these from the micro-batch (multimodal models); None when absent.
+_MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
+def _is_dtensor(x: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch builds without distributed
+        return False
+    return isinstance(x, DTensor)

@@ -1,0 +1,402 @@
+"""Runs TRL's ``GRPOTrainer`` / ``DrGRPOTrainer`` for real on the tiny model, and the independent oracle.
+
+What a run records (``Recorder``, a mixin placed in front of the trainer class):
+
+- every generation batch as TRL produced it, before its rows are shuffled: the raw examples (one per
+  row, groups of G contiguous) and ``prompt_ids``, ``completion_ids``, ``completion_mask``;
+- every training micro-batch ``compute_loss`` received and the loss it returned;
+- the gradient and the weights of every optimizer step, read just before the optimizer steps
+  (``BeforeEachStep``, a callback: the Trainer has accumulated every micro-batch's backward and DDP has
+  averaged them, and the weights are those the step's forward passes used).
+
+The oracle (:func:`whole_batch_gradient`) uses none of TRL: it decodes the completions itself, scores
+them with the same reward function, computes advantages with :func:`drgrpo.group_advantages` per
+generation batch (groups of G), runs the tiny model once over every row of the optimizer step (plain
+logits and ``log_softmax``) and takes the gradient of :func:`drgrpo.policy_loss` of the whole batch (its
+own counts, no normaliser).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network: TRL's telemetry ping and hub lookups stay off
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, TrainerCallback
+from trl import GRPOConfig
+
+from drgrpo import LossConfig, group_advantages, policy_loss
+from drgrpo.train.task import TaskConfig, make_splits
+from drgrpo.train.tiny import TinyModelConfig, build_model, build_tokenizer
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", category=UserWarning)
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+G = 4  # completions per prompt
+MAX_NEW = 8  # max_completion_length: L of dr_grpo
+
+
+def save_tiny_model(path: Path, seed: int = 0, vocab_extra: int = 0, hidden: int = 64) -> Path:
+    """The project's tiny Llama and tokenizer, saved as a local model directory."""
+    tokenizer = build_tokenizer()
+    model = build_model(TinyModelConfig(hidden_size=hidden), tokenizer, seed=seed)
+    if vocab_extra:
+        model.resize_token_embeddings(len(tokenizer) + vocab_extra)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def train_dataset(n: int = 96) -> Dataset:
+    """Addition prompts (unique operand pairs) with their answers."""
+    train, _ = make_splits(TaskConfig())
+    return Dataset.from_list([{"prompt": e["prompt"], "answer": e["answer"]} for e in train[:n]])
+
+
+def digit_reward(completions: list[str], **kwargs: Any) -> list[float]:
+    """A dense reward an untrained model already varies on: the number of digit tokens, minus a third of the rest."""
+    out = []
+    for text in completions:
+        tokens = text.split()
+        digits = sum(t.isdigit() for t in tokens)
+        out.append(digits - (len(tokens) - digits) / 3)
+    return out
+
+
+def grpo_args(out_dir: Path, k: int, spg: int, *, per_device: int = 4, **overrides: Any) -> GRPOConfig:
+    """GRPOConfig for a one-step float32 CPU run: K = k, steps_per_generation = spg, no gradient clipping."""
+    fields: dict[str, Any] = dict(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=k,
+        steps_per_generation=spg,
+        num_generations=G,
+        max_completion_length=MAX_NEW,
+        max_steps=1,
+        learning_rate=1e-3,
+        max_grad_norm=0.0,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        bf16=False,  # GRPOConfig turns bf16 autocast on by default where the CPU supports it; these tests are float32
+    )
+    fields.update(overrides)
+    return GRPOConfig(**fields)
+
+
+class BeforeEachStep(TrainerCallback):
+    """Copies every parameter's ``.grad`` and value just before each optimizer step (the step's forward weights)."""
+
+    def __init__(self) -> None:
+        self.grads: list[dict[str, torch.Tensor]] = []
+        self.params: list[dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        module = model.module if hasattr(model, "module") else model
+        named = list(module.named_parameters())
+        self.grads.append({n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for n, p in named})
+        self.params.append({n: p.detach().clone() for n, p in named})
+
+
+class Recorder:
+    """Mixin recording generation batches (unshuffled) and training micro-batches with their losses."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.generations: list[tuple[list[dict], dict[str, torch.Tensor]]] = []
+        self.micro: list[dict[str, torch.Tensor]] = []
+        self.losses: list[torch.Tensor] = []
+        super().__init__(*args, **kwargs)
+
+    def _generate_and_score_completions(self, inputs: Any) -> Any:
+        out = super()._generate_and_score_completions(inputs)  # type: ignore[misc]
+        keep = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
+        self.generations.append(([dict(x) for x in inputs], {k: out[k].detach().clone() for k in keep}))
+        return out
+
+    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
+        if model.training:
+            keep = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
+            self.micro.append({k: inputs[k].detach().clone() for k in keep})
+            self.losses.append(loss.detach().clone())
+        return loss
+
+
+def run(trainer_cls: type, model_dir: Path, args: GRPOConfig, **kwargs: Any) -> Any:
+    """Build ``Recorder + trainer_cls``, train (``args.max_steps`` steps) and return the trainer."""
+    recording = type(f"Recording{trainer_cls.__name__}", (Recorder, trainer_cls), {})
+    steps = BeforeEachStep()
+    trainer = recording(
+        model=str(model_dir),
+        reward_funcs=kwargs.pop("reward_funcs", digit_reward),
+        args=args,
+        train_dataset=kwargs.pop("dataset", None) or train_dataset(),
+        processing_class=build_tokenizer(),
+        callbacks=[steps],
+        **kwargs,
+    )
+    trainer.train()
+    trainer.step_grads, trainer.step_params = steps.grads, steps.params
+    trainer.first_step_grads = steps.grads[0]
+    return trainer
+
+
+# --------------------------------------------------------------------------- the oracle
+
+
+@dataclass
+class Rollout:
+    """The rows of one optimizer step, as the oracle sees them."""
+
+    prompt_ids: torch.Tensor  # (N, P) no padding: every addition prompt has the same length
+    completion_ids: torch.Tensor  # (N, T) right-padded
+    mask: torch.Tensor  # (N, T) 1 on real completion tokens
+    advantages: torch.Tensor  # (N,) from group_advantages of the test's own rewards
+
+
+def _key(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple:
+    return tuple(prompt_ids[prompt_mask.bool()].tolist()), tuple(ids[mask.bool()].tolist())
+
+
+def step_rollout(
+    generations: list[tuple[list[dict], dict[str, torch.Tensor]]],
+    micro: list[dict[str, torch.Tensor]],
+    config: LossConfig,
+    tokenizer: Any,
+) -> Rollout:
+    """The rows of the micro-batches ``micro`` (one optimizer step), with the oracle's advantages.
+
+    Each micro-batch row is found in the (unshuffled) generation batches by its content; identical rows of one
+    group are interchangeable (same reward, same advantage), and a prompt appearing in two groups is refused.
+    """
+    table: dict[tuple, list[float]] = {}
+    for examples, out in generations:
+        texts = [
+            tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
+            for ids, m in zip(out["completion_ids"], out["completion_mask"])
+        ]
+        rewards = torch.tensor(digit_reward(texts), dtype=torch.float32)
+        advantages = group_advantages(rewards, G, config)
+        prompts = [e["prompt"] for e in examples]
+        assert len(set(prompts)) == len(prompts) // G, "a prompt in two groups would make rows ambiguous"
+        for i in range(len(examples)):
+            key = _key(out["prompt_ids"][i], out["prompt_mask"][i], out["completion_ids"][i], out["completion_mask"][i])
+            table.setdefault(key, []).append(float(advantages[i]))
+    prompt_rows, completion_rows, advantages = [], [], []
+    for mb in micro:
+        for i in range(mb["completion_ids"].shape[0]):
+            key = _key(mb["prompt_ids"][i], mb["prompt_mask"][i], mb["completion_ids"][i], mb["completion_mask"][i])
+            candidates = table[key]
+            assert max(candidates) - min(candidates) <= 1e-6 * (1 + abs(candidates[0])), "ambiguous row"
+            prompt_rows.append(torch.tensor(key[0]))
+            completion_rows.append(torch.tensor(key[1], dtype=torch.long))
+            advantages.append(candidates[0])
+    width = max(len(c) for c in completion_rows)
+    n = len(completion_rows)
+    ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, c in enumerate(completion_rows):
+        ids[i, : len(c)] = c
+        mask[i, : len(c)] = 1
+    assert len({len(p) for p in prompt_rows}) == 1
+    return Rollout(torch.stack(prompt_rows), ids, mask, torch.tensor(advantages, dtype=torch.float32))
+
+
+def whole_batch_gradient(
+    model_dir: Path,
+    rollout: Rollout,
+    config: LossConfig,
+    *,
+    weights: dict[str, torch.Tensor] | None = None,
+    off_policy: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Loss, gradient and metrics of ``policy_loss`` over the whole step in one batch.
+
+    The policy has the saved initial weights, or ``weights``; with ``off_policy`` the sampling policy (old
+    log-probs) is the initial model, else the ratio is 1. The reference model (``beta > 0``) is the initial model.
+    """
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    initial = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if weights is not None:
+        model.load_state_dict(weights, strict=False)
+    model.train()
+    with torch.no_grad():
+        initial_logp = token_logp(initial, rollout)
+    logp = token_logp(model, rollout)
+    old = initial_logp if off_policy else None
+    ref = initial_logp if config.beta > 0 else None
+    out = policy_loss(logp, old, rollout.advantages, rollout.mask, config, ref_logp=ref)
+    out.loss.backward()
+    grads = {n: q.grad.detach().clone() for n, q in model.named_parameters()}
+    return out.loss.detach(), grads, out.metrics
+
+
+def token_logp(model: Any, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """``(N, T)`` log-probs of the completion tokens under ``model``: plain logits, log_softmax, gather."""
+    p, t = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+    attention = torch.cat([torch.ones_like(rollout.prompt_ids), rollout.mask], dim=1)
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, p - 1 : p + t - 1] / temperature
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def relative_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    """``max |got - want| / max |want|`` over every parameter (tied weights appear once per name)."""
+    scale = max(float(w.abs().max()) for w in want.values())
+    assert scale > 0
+    return max(float((got[n] - want[n]).abs().max()) for n in want) / scale
+
+
+def merge_ranks(per_rank: list[list[tuple[list[dict], dict[str, torch.Tensor]]]], pad_id: int) -> list[tuple]:
+    """The generation batches of P processes as one global batch each (rank 0's rows first, as TRL orders them).
+
+    TRL deals a generation batch's rows to the processes in contiguous slices, so a group may straddle two
+    processes; concatenating the slices in rank order restores the global batch with its groups contiguous.
+    """
+    merged = []
+    for parts in zip(*per_rank):
+        width = max(out["completion_ids"].shape[1] for _, out in parts)
+        examples = [e for ex, _ in parts for e in ex]
+        tensors: dict[str, torch.Tensor] = {}
+        for key in parts[0][1]:
+            pieces = []
+            for _, out in parts:
+                x = out[key]
+                if key in ("completion_ids", "completion_mask") and x.shape[1] < width:
+                    fill = pad_id if key == "completion_ids" else 0
+                    x = torch.cat([x, x.new_full((x.shape[0], width - x.shape[1]), fill)], dim=1)
+                pieces.append(x)
+            tensors[key] = torch.cat(pieces)
+        merged.append((examples, tensors))
+    return merged
+
+
+# --------------------------------------------------------------------------- several processes
+
+RANK_TIMEOUT_S = 240  # a stuck rank dumps its Python stacks after this long
+TIMEOUT_S = 300  # and the parent gives up
+
+
+def run_ranks(jobs: list[dict[str, Any]], model_dir: Path, world_size: int, out_dir: Path) -> list[list[dict]]:
+    """Run ``jobs`` (``run`` arguments) on ``world_size`` gloo processes; returns ``[rank][job]`` records.
+
+    Each rank is a fresh ``python`` interpreter (not a fork of pytest's, whose thread pools are running) with
+    one thread, the loopback interface and a file rendezvous (no port to pick); it initialises the process
+    group itself with a timeout, then accelerate adopts it (``MULTI_CPU``). A stuck rank dumps its stacks,
+    and a failure carries every failed rank's log.
+    """
+    import json
+    import subprocess
+    import sys
+    import time
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "jobs.json").write_text(json.dumps(jobs))
+    here = str(Path(__file__).resolve().parent)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        **({"GLOO_SOCKET_IFNAME": "lo"} if sys.platform == "linux" else {}),
+        "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]),
+    }
+    code = "import sys, trl_harness; trl_harness._rank_main(sys.argv[1:])"
+    logs = [out_dir / f"rank{r}.log" for r in range(world_size)]
+    processes = []
+    for rank in range(world_size):
+        argv = [str(rank), str(world_size), str(out_dir / "rendezvous"), str(out_dir), str(model_dir)]
+        with open(logs[rank], "wb") as log:
+            processes.append(
+                subprocess.Popen([sys.executable, "-c", code, *argv], env=env, stdout=log, stderr=subprocess.STDOUT)
+            )
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        for process in processes:
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    failed = [r for r, p in enumerate(processes) if p.returncode != 0]
+    if failed:
+        report = "\n".join(
+            f"--- rank {r} (exit {processes[r].returncode}):\n{logs[r].read_text()[-4000:]}" for r in failed
+        )
+        raise RuntimeError(f"{world_size} gloo processes: ranks {failed} failed or timed out ({TIMEOUT_S} s)\n{report}")
+    return [[torch.load(out_dir / f"rank{r}_job{j}.pt") for j in range(len(jobs))] for r in range(world_size)]
+
+
+def _rank_main(argv: list[str]) -> None:
+    """One rank: ``rank world_size rendezvous_file out_dir model_dir``; runs every job of ``out_dir/jobs.json``.
+
+    Leaves through ``os._exit`` once its results are saved (gloo's threads can abort a finished interpreter
+    at exit).
+    """
+    import faulthandler
+    import json
+    import sys
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from trl import GRPOTrainer
+
+    from drgrpo.integrations.trl import DrGRPOTrainer
+
+    rank, world_size, rendezvous, out_dir, model_dir = int(argv[0]), int(argv[1]), argv[2], Path(argv[3]), argv[4]
+    torch.set_num_threads(1)
+    faulthandler.enable()
+    faulthandler.dump_traceback_later(RANK_TIMEOUT_S, exit=True)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(LOCAL_WORLD_SIZE=str(world_size))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=RANK_TIMEOUT_S // 2),
+    )
+    try:
+        for j, job in enumerate(json.loads((out_dir / "jobs.json").read_text())):
+            job = dict(job)
+            cls = DrGRPOTrainer if job.pop("trainer") == "drgrpo" else GRPOTrainer
+            k, spg, per_device = job.pop("k"), job.pop("spg"), job.pop("per_device")
+            kwargs = (
+                {"loss_config": job.pop("loss_config"), "fused": job.pop("fused", False)}
+                if cls is DrGRPOTrainer
+                else {}
+            )
+            args = grpo_args(out_dir / f"run{j}", k, spg, per_device=per_device, **job)
+            trainer = run(cls, Path(model_dir), args, **kwargs)
+            assert trainer.accelerator.num_processes == world_size
+            record = {
+                "grads": trainer.step_grads,
+                "generations": trainer.generations,
+                "micro": trainer.micro,
+                "losses": trainer.losses,
+            }
+            torch.save(record, out_dir / f"rank{rank}_job{j}.pt")
+        dist.barrier()  # both ranks saved everything
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
