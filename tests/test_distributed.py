@@ -11,9 +11,6 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import os
-import subprocess
-import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import torch.distributed as dist
 from drgrpo import LossConfig, StepNormalizer, group_advantages, policy_loss
 from drgrpo.config import AGGREGATIONS
 from drgrpo.distributed import global_group_advantages
+from gloo_ranks import launch, leave
 from test_normalizer import (
     L,
     Micro,
@@ -140,62 +138,14 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
 
 
 def _main(argv: list[str]) -> None:
-    """Entry point of one rank's interpreter: ``rank world_size init_file out_dir``.
-
-    It leaves through ``os._exit`` once its results are saved, as ``multiprocessing`` children do:
-    gloo's worker threads can still hold tensors when the interpreter finalises, and a rank then
-    aborted at exit ("terminate called without an active exception") after its work was done and
-    saved, in 3 of about 100 runs here.
-    """
+    """Entry point of one rank's interpreter: ``rank world_size init_file out_dir`` (see ``gloo_ranks``)."""
     _worker(int(argv[0]), int(argv[1]), argv[2], argv[3])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 def run_processes(world_size: int, tmp_path: Path) -> list[dict]:
-    """Start ``world_size`` fresh interpreters running ``_worker``; return what each saved.
-
-    Each rank is its own ``python`` process (not a fork of this pytest process, whose OpenMP and
-    OpenBLAS thread pools are already running, nor of a forkserver that has imported them), pinned
-    to one thread and to the loopback interface, with a file rendezvous: no port to pick. A rank
-    that is stuck dumps every thread's Python stack to its log before the parent kills it, and the
-    failure message carries each rank's log.
-    """
-    init_file = tmp_path / "rendezvous"
-    tests_dir = str(Path(__file__).resolve().parent)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        **({"GLOO_SOCKET_IFNAME": "lo"} if sys.platform == "linux" else {}),
-        "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]),
-    }
-    code = "import sys, test_distributed; test_distributed._main(sys.argv[1:])"
-    logs = [tmp_path / f"rank{rank}.log" for rank in range(world_size)]
-    processes = []
-    for rank in range(world_size):
-        command = [sys.executable, "-c", code, str(rank), str(world_size), str(init_file), str(tmp_path)]
-        with open(logs[rank], "wb") as log:
-            processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for process in processes:
-            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    failed = [rank for rank, process in enumerate(processes) if process.returncode != 0]
-    if failed:
-        report = "\n".join(f"--- rank {r} (exit {processes[r].returncode}):\n{logs[r].read_text()}" for r in failed)
-        pytest.fail(
-            f"{world_size} gloo processes: ranks {failed} failed or did not finish within {TIMEOUT_S} s\n{report}"
-        )
+    """``world_size`` fresh gloo interpreters running ``_worker`` (``gloo_ranks.launch``); what each saved."""
+    launch("test_distributed", "_main", world_size, tmp_path, [], TIMEOUT_S)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
 
 

@@ -16,15 +16,6 @@ import trl_harness  # noqa: F401  (offline, quiet)
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model runs fastest on one thread (and does not fight other jobs for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_readme_trl_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     block = re.search(

@@ -29,15 +29,6 @@ TOL = 1e-5  # relative, float32: measured 1e-7 to 3e-7
 SPLITS = [(1, 1), (1, 2), (2, 1), (2, 2), (2, 4), (4, 2), (4, 4)]  # (K, spg): spg equal to, below and above K
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model runs fastest on one thread (and does not fight other jobs for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return h.save_tiny_model(tmp_path_factory.mktemp("tiny"))

@@ -301,47 +301,12 @@ def run_ranks(jobs: list[dict[str, Any]], model_dir: Path, world_size: int, out_
     and a failure carries every failed rank's log.
     """
     import json
-    import subprocess
-    import sys
-    import time
+
+    from gloo_ranks import launch
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "jobs.json").write_text(json.dumps(jobs))
-    here = str(Path(__file__).resolve().parent)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        **({"GLOO_SOCKET_IFNAME": "lo"} if sys.platform == "linux" else {}),
-        "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]),
-    }
-    code = "import sys, trl_harness; trl_harness._rank_main(sys.argv[1:])"
-    logs = [out_dir / f"rank{r}.log" for r in range(world_size)]
-    processes = []
-    for rank in range(world_size):
-        argv = [str(rank), str(world_size), str(out_dir / "rendezvous"), str(out_dir), str(model_dir)]
-        with open(logs[rank], "wb") as log:
-            processes.append(
-                subprocess.Popen([sys.executable, "-c", code, *argv], env=env, stdout=log, stderr=subprocess.STDOUT)
-            )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for process in processes:
-            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    failed = [r for r, p in enumerate(processes) if p.returncode != 0]
-    if failed:
-        report = "\n".join(
-            f"--- rank {r} (exit {processes[r].returncode}):\n{logs[r].read_text()[-4000:]}" for r in failed
-        )
-        raise RuntimeError(f"{world_size} gloo processes: ranks {failed} failed or timed out ({TIMEOUT_S} s)\n{report}")
+    launch("trl_harness", "_rank_main", world_size, out_dir, [str(model_dir)], TIMEOUT_S)
     return [[torch.load(out_dir / f"rank{r}_job{j}.pt") for j in range(len(jobs))] for r in range(world_size)]
 
 
@@ -353,13 +318,13 @@ def _rank_main(argv: list[str]) -> None:
     """
     import faulthandler
     import json
-    import sys
     from datetime import timedelta
 
     import torch.distributed as dist
     from trl import GRPOTrainer
 
     from drgrpo.integrations.trl import DrGRPOTrainer
+    from gloo_ranks import leave
 
     rank, world_size, rendezvous, out_dir, model_dir = int(argv[0]), int(argv[1]), argv[2], Path(argv[3]), argv[4]
     torch.set_num_threads(1)
@@ -397,6 +362,4 @@ def _rank_main(argv: list[str]) -> None:
         dist.barrier()  # both ranks saved everything
     finally:
         dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
