@@ -75,7 +75,7 @@ TRL field (default)               drgrpo field
 A preset given by name whose aggregation is ``seq-mean-token-sum-norm`` (``dr_grpo``, ``trl.dr_grpo``,
 ``oat.drgrpo``) takes ``L = args.max_completion_length``, the generation budget; pass a ``LossConfig``
 with ``max_completion_length`` set for another constant. Per-call peer presets (``trl.grpo``,
-``trl.bnpo``, ``trl.dr_grpo``, ``verl.dr_grpo``: ``per_call_normalization``) keep their definition:
+``trl.bnpo``, ``trl.dr_grpo``: ``per_call_normalization``) keep their definition:
 each micro-batch normalised by its own counts and divided by K, as TRL does, so ``trl.*`` presets give
 stock TRL's numbers (``trl.dapo``/``trl.cispo`` use the exact step count, which is TRL's when
 ``spg == K``).
