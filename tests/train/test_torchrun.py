@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from test_cli import TINY  # the same tiny flags as the single-process smoke test
@@ -92,3 +93,54 @@ def test_two_processes(tmp_path: Path) -> None:
     w0 = load_file(str(run / "warm_start" / "model.safetensors"))
     w3 = load_file(str(ckpt / "model.safetensors"))
     assert any(not torch.equal(w0[k], w3[k]) for k in w0)
+
+
+ONE_RANK_FAILS = """
+import os
+from drgrpo.train.task import exact_match
+
+CALLS = 0
+
+
+def right(completion, example):
+    global CALLS
+    CALLS += 1
+    if os.environ["RANK"] == "1" and CALLS == 2 * 8 + 1:  # rank 1's first completion of step 3 (8 a step)
+        raise KeyError("no such field")
+    return exact_match(completion, example)
+"""
+
+
+@pytest.mark.parametrize("every", ["0", "2"])
+def test_a_reward_failing_on_one_process_stops_both_after_saving(tmp_path: Path, every: str) -> None:
+    # rank 1's reward raises at step 3; rank 0's would go on to the step's collectives and wait forever. Both
+    # must stop at the same point with the last completed step (2) on disk: saved after the failure when
+    # checkpoints are off, already there (and not saved again: the processes must agree on that, or one waits
+    # for the other forever) with a checkpoint every 2 steps. The timeout below is the test's hang detector.
+    (tmp_path / "one_rank_fails.py").write_text(ONE_RANK_FAILS)
+    run = tmp_path / "run"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "drgrpo",
+           "train", "--output-dir", str(run), "--steps", "4", "--eval-every", "0", "--checkpoint-every", every, *TINY,
+           "--reward", "one_rank_fails:right"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode != 0
+    assert "reward one_rank_fails:right raised KeyError: 'no such field'" in err  # rank 1's own error
+    assert "a reward raised on another process" in err  # rank 0 stopped too, at the same point
+    assert "step 3 failed (RewardError); the last completed step is saved in" in err
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["latest", "step_000002"]
+    state = json.loads((run / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["world_size"] == 2

@@ -66,7 +66,9 @@ class TrainResult:
     step: int
     """The last completed RL step."""
     checkpoint: Path | None
-    """The last checkpoint written or resumed from (None if none)."""
+    """The last checkpoint written or resumed from (None if none; written ones are known on rank 0 only)."""
+    checkpoint_step: int = 0
+    """The step of the last checkpoint written or resumed from, on every process (0: none, the initial model)."""
     evals: list[dict[str, Any]] = field(default_factory=list)
     """Every held-out evaluation of this invocation, in order (each has 'step' and 'eval/...' keys)."""
     last_metrics: dict[str, Any] = field(default_factory=dict)
@@ -99,7 +101,9 @@ def train(config: TrainConfig) -> TrainResult:
     )
     needs_ref = loss_config.beta > 0 or config.ref_kl
     state = load_train_state(resume_from or init_dir, init_dir, config, procs.device, needs_ref, resume_from)
-    result = TrainResult(output_dir=out_dir, step=state.step or 0, checkpoint=resume_from)
+    result = TrainResult(
+        output_dir=out_dir, step=state.step or 0, checkpoint=resume_from, checkpoint_step=state.step or 0
+    )
     log = MetricsLog(out_dir, procs.rank, result.step if resume_from else None, config.tensorboard)
     progress = ProgressBar(config.progress and procs.rank == 0, config.steps, result.step)
     G = config.group_size
@@ -115,6 +119,7 @@ def train(config: TrainConfig) -> TrainResult:
         extra = {"init_model": str(init_dir.resolve()), "world_size": procs.world}
         result.checkpoint = save_run_checkpoint(out_dir, step, state, config_state(config, loss_config, **extra),
                                                 procs.rank, barrier)  # fmt: skip
+        result.checkpoint_step = step
 
     try:
         with StopOnSignal() as stop:
@@ -185,14 +190,13 @@ def save_after_failure(exc: Exception, state: TrainState, result: TrainResult, s
     (``state.step`` is None). Under several processes every process saves collectively after an error they
     all raised (:data:`COLLECTIVE_FAILURES`); after an error of one process only, rank 0 writes alone.
     """
-    saved = int(result.checkpoint.name.removeprefix("step_")) if result.checkpoint else 0
     where = f"step {result.step + 1} failed ({type(exc).__name__})"
     if state.step is None:
         print(
             f"drgrpo: {where} while updating the weights; the last checkpoint is {result.checkpoint}", file=sys.stderr
         )
         return
-    if state.step > saved:
+    if state.step > result.checkpoint_step:  # the same decision on every process: all save, or none
         # after an error of one process only, the others may wait elsewhere: rank 0 writes, no barrier
         save(state.step, barrier=isinstance(exc, COLLECTIVE_FAILURES))
     if result.checkpoint is not None:
