@@ -105,6 +105,11 @@ def test_cli_smoke_train_eval_plot(tmp_path: Path) -> None:
     assert report["eval/accuracy"] == evals[-1]["eval/accuracy"]
     assert report["eval/length"] == evals[-1]["eval/length"]
     assert report["eval/num_prompts"] == 8
+    # the run directory and its checkpoints/latest name the same checkpoint
+    for name in (run, run / "checkpoints" / "latest"):
+        p = drgrpo("eval", "--model", str(name), "--json")
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout.strip().splitlines()[-1]) == report
 
     p = drgrpo("plot", str(run))
     assert p.returncode == 0, p.stderr
