@@ -67,8 +67,8 @@ def test_resume_is_exact(tmp_path: Path) -> None:
         assert torch.equal(w6[name], w33[name]), name
     assert any(not torch.equal(w6[n], w0[n]) for n in w0)  # RL did change the weights
     # the optimizer state as well, and the logged metrics of every step
-    o6 = torch.load(straight.checkpoint / "optimizer.pt", weights_only=False)["state"]
-    o33 = torch.load(resumed.checkpoint / "optimizer.pt", weights_only=False)["state"]
+    o6 = torch.load(straight.checkpoint / "optimizer.pt", weights_only=True)["state"]
+    o33 = torch.load(resumed.checkpoint / "optimizer.pt", weights_only=True)["state"]
     for k in o6:
         assert torch.equal(o6[k]["exp_avg"], o33[k]["exp_avg"])
         assert int(o6[k]["step"]) == int(o33[k]["step"]) == 12  # 6 steps x 2 epochs
