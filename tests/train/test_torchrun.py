@@ -17,6 +17,21 @@ from test_cli import TINY  # the same tiny flags as the single-process smoke tes
 from drgrpo.train.task import TaskConfig, make_splits
 
 
+def torchrun(cmd: list[str], env: dict[str, str], timeout: float = 240) -> tuple[int, str]:
+    """Run a torchrun command; (exit code, stderr). In its own session: on a timeout (a hang) the whole process
+    group, torchrun and its workers, is killed, no orphans, and the timeout propagates."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, err
+
+
 def test_two_processes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     # a dense reward (shorter is better) so that every group has a signal even for an untrained tiny model
@@ -57,17 +72,8 @@ def test_two_processes(tmp_path: Path) -> None:
         "--reward",
         "dense_reward:shorter",
     ]
-    # own session: on a timeout the whole process group (torchrun and both workers) is killed, no orphans
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-    )
-    try:
-        _, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, err[-3000:]
+    returncode, err = torchrun(cmd, env)
+    assert returncode == 0, err[-3000:]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in lines if "reward" in r]
     evals = [r for r in lines if "eval/accuracy" in r]
@@ -127,16 +133,8 @@ def test_a_reward_failing_on_one_process_stops_both_after_saving(tmp_path: Path,
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "drgrpo",
            "train", "--output-dir", str(run), "--steps", "4", "--eval-every", "0", "--checkpoint-every", every, *TINY,
            "--reward", "one_rank_fails:right"]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-    )
-    try:
-        _, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode != 0
+    returncode, err = torchrun(cmd, env)
+    assert returncode != 0
     assert "reward one_rank_fails:right raised KeyError: 'no such field'" in err  # rank 1's own error
     assert "a reward raised on another process" in err  # rank 0 stopped too, at the same point
     assert "step 3 failed (RewardError); the last completed step is saved in" in err

@@ -66,10 +66,11 @@ def load_examples(
 
     With ``dataset`` and no ``eval_dataset`` there is no held-out set (an empty list).
     """
+    held_out: list[Example] = []
     if dataset is not None:
         train = load_jsonl(dataset, prompt_field)
-        return train, load_jsonl(eval_dataset, prompt_field) if eval_dataset else []
-    train, held_out = make_splits(task)
+    else:
+        train, held_out = make_splits(task)
     return train, load_jsonl(eval_dataset, prompt_field) if eval_dataset else held_out
 
 
