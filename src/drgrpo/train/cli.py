@@ -31,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from drgrpo.config import LossConfig, preset_names
-from drgrpo.train.checkpoint import find_checkpoint, read_state
+from drgrpo.train.checkpoint import check_checkpoint, find_checkpoint, read_state
 from drgrpo.train.compare import CompareConfig
 from drgrpo.train.config import EvalConfig, TrainConfig
 from drgrpo.train.data import RewardError
+from drgrpo.train.disk import WriteFailed
 from drgrpo.train.flags import add_flags, given, nested_replace, parse_with_config
+from drgrpo.train.stopping import FailedElsewhere
 
 LOSS_SKIP = ("name", "per_call_normalization")
 """LossConfig fields that are not flags: the preset's name, and a property of peer presets."""
@@ -115,7 +117,7 @@ def train_config_from_args(ns: argparse.Namespace) -> TrainConfig:
     groups = given(ns)
     resume = groups.get("train", {}).get("resume")
     if resume:
-        ckpt = find_checkpoint(resume)
+        ckpt = check_checkpoint(find_checkpoint(resume))  # a damaged one: the file, and the newest intact one
         base = TrainConfig.from_dict(read_state(ckpt)["train_config"])
         groups["train"].setdefault("output_dir", str(ckpt.parent.parent))
     else:
@@ -159,8 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"drgrpo {ns.command}: error: {exc}", file=sys.stderr)  # configuration errors: one line
         return 2
-    except (RewardError, FloatingPointError) as exc:  # a failed step (anything else: Python's own traceback)
-        return _failure(exc)
+    except (RewardError, FloatingPointError, WriteFailed, FailedElsewhere) as exc:  # a failed step (anything
+        return _failure(exc, ns.command)  # else: Python's own traceback)
+    except KeyboardInterrupt:  # Ctrl-C outside a training run's steps (which stop with 130 themselves)
+        print(f"drgrpo {ns.command}: stopped (Ctrl-C)", file=sys.stderr)
+        return 130
     return 1
 
 
@@ -172,10 +177,10 @@ def _train(config: TrainConfig) -> int:
         first = result.evals[0]["eval/accuracy"] if result.evals else None
         last = result.evals[-1]["eval/accuracy"] if result.evals else None
         print(
-            f"done: step {result.step} in {result.seconds:.1f}s"
+            ("stopped by a signal" if result.interrupted else "done")
+            + f": step {result.step} in {result.seconds:.1f}s"
             + (f", held-out accuracy {first:.3f} -> {last:.3f}" if first is not None and last is not None else "")
             + f"; metrics {result.output_dir / 'metrics.jsonl'}; checkpoint {result.checkpoint}"
-            + (" (interrupted)" if result.interrupted else "")
         )
     return 130 if result.interrupted else 0
 
@@ -196,14 +201,15 @@ def _eval(config: EvalConfig) -> int:
     return 0
 
 
-def _failure(exc: BaseException) -> int:
+def _failure(exc: BaseException, command: str = "train") -> int:
     """A failure during training: its cause in one paragraph, with the user's own traceback for a reward."""
     cause = exc.__cause__
     if isinstance(exc, RewardError) and cause is not None:
         frames = traceback.extract_tb(cause.__traceback__)[1:]  # drop drgrpo's call_reward frame: the user's code
         print("Traceback of the reward (most recent call last):", file=sys.stderr)
         print("".join(traceback.format_list(frames)).rstrip(), file=sys.stderr)
-    print(f"drgrpo train: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    kind = "" if isinstance(exc, (WriteFailed, FailedElsewhere)) else f"{type(exc).__name__}: "  # says it all
+    print(f"drgrpo {command}: error: {kind}{exc}", file=sys.stderr)
     return 1
 
 

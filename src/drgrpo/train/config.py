@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,10 +116,16 @@ class TrainConfig:
     """Also evaluate at the rollout temperature (logged as eval_sampled/*)."""
     checkpoint_every: int = 50
     """Save a checkpoint every this many steps (and at the end and on SIGINT/SIGTERM); 0: only those."""
+    keep_checkpoints: int = 0
+    """Keep only the newest this many checkpoints, removing older ones once a new one is written; 0 keeps all (the
+    default: a run's checkpoints are its history, and a full disk stops the run with a clear message instead)."""
     resume: str | None = None
     """An earlier run to continue exactly: its output directory, its checkpoints/latest, or a checkpoint directory."""
     ref_kl: bool = True
     """Keep a frozen reference copy of the initial model to log KL(policy || reference) even when beta = 0."""
+    reward_timeout: float = 0.0
+    """Seconds a single reward call may take; a call that takes longer is abandoned and fails the step (the last
+    completed step is saved, exit code 1). 0: no limit."""
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
     tensorboard: bool = False
@@ -139,6 +146,14 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every", "warmup_steps", "eval_size", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if isinstance(self.keep_checkpoints, bool) or not isinstance(self.keep_checkpoints, int):
+            raise ValueError(f"--keep-checkpoints must be a whole number, got {self.keep_checkpoints!r}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"--keep-checkpoints must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
+        if not (isinstance(self.reward_timeout, (int, float)) and math.isfinite(self.reward_timeout)):
+            raise ValueError(f"--reward-timeout must be a number of seconds (0: no limit), got {self.reward_timeout}")
+        if self.reward_timeout < 0:
+            raise ValueError(f"--reward-timeout must be >= 0 seconds (0: no limit), got {self.reward_timeout:g}")
         if not self.temperature > 0:
             raise ValueError(f"TrainConfig.temperature must be > 0 (log-probs divide by it), got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -220,20 +235,43 @@ class TrainConfig:
         values.update({name.replace("_", "-"): value for name, value in self.loss_overrides})
         return values
 
-    def write(self, out_dir: str | Path) -> Path:
-        """Write ``out_dir/config.yaml`` (creating ``out_dir``): every flag of this run, for ``--config``."""
+    def write(self, out_dir: str | Path, notes: Iterable[str] = ()) -> Path:
+        """Write ``out_dir/config.yaml`` (creating ``out_dir``): every flag of this run, for ``--config``.
+
+        ``notes`` become comment lines under the header (the run's resumes and what they changed)."""
         import yaml
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / CONFIG_FILE
         header = "# drgrpo train --config this-file reruns this run; keys are the flags of drgrpo train\n"
+        header += "".join(f"# {note}\n" for note in notes)
         path.write_text(header + yaml.safe_dump(self.to_flags(), sort_keys=False))
         return path
 
 
 CONFIG_FILE = "config.yaml"
 """The resolved configuration a run writes into its output directory."""
+
+ON_RESUME: dict[str, str] = {
+    **dict.fromkeys(("model", "warm_start"), "checkpoint"),
+    **dict.fromkeys(("dataset", "eval_dataset", "prompt_field", "rewards", "reward_weights", "loss", "loss_overrides",
+                     "prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p", "ppo_epochs", "lr",
+                     "warmup_steps", "weight_decay", "grad_clip", "seed", "dtype", "eval_size", "eval_temperature",
+                     "eval_sampled", "task"), "meaning"),
+    **dict.fromkeys(("output_dir", "resume", "steps", "micro_batch_size", "fused", "device", "threads", "eval_every",
+                     "checkpoint_every", "keep_checkpoints", "reward_timeout", "ref_kl", "progress", "tensorboard",
+                     "deterministic"), "free"),
+}  # fmt: skip
+"""What ``drgrpo train --resume`` does with each TrainConfig field given a value other than the run's:
+
+- ``"meaning"``: the field changes what the run computes (its data, rewards, loss, sampling, optimisation,
+  seed, what its evaluations measure): refused when the run continues in its own directory, with the list of
+  what differs; a branch (``--resume CHECKPOINT --output-dir NEW``) may change it, and records it.
+- ``"checkpoint"``: the checkpoint settles it (the model, and how the built-in one was made): always refused.
+- ``"free"``: how the run runs, not what it computes (length, cadence, devices, memory, logging, limits):
+  accepted, recorded in the run's history and config.yaml.
+"""
 
 
 @dataclass(frozen=True)

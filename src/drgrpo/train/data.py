@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drgrpo.distributed import any_process
 from drgrpo.train.seeds import prompt_rng
+from drgrpo.train.stopping import TimeLimitExceeded, reward_watchdog
 from drgrpo.train.task import TaskConfig, make_splits
 
 Example = dict[str, Any]
@@ -145,27 +145,25 @@ class Rewards:
         return totals, firsts
 
 
-def score(
-    rewards: Rewards, completions: Sequence[str], examples: Sequence[Example], indices: Sequence[int]
-) -> tuple[list[float], list[float]]:
-    """``rewards(completions, examples, indices)`` agreed across processes: if any process's reward fails,
-    every process raises (the failing one its own :class:`RewardError`), so none waits forever in the
-    step's next collective operation.
-    """
-    try:
-        totals, firsts = rewards(completions, examples, indices)
-        failure: RewardError | None = None
-    except RewardError as exc:
-        failure = exc
-    if any_process(failure is not None):
-        raise failure or RewardError("a reward raised on another process (see its error); every process stopped")
-    return totals, firsts
-
-
 def call_reward(name: str, fn: RewardFn, completion: str, example: Example, index: int | None = None) -> float:
-    """``fn(completion, example)`` as a finite float, or a :class:`RewardError` naming the example."""
+    """``fn(completion, example)`` as a finite float, or a :class:`RewardError` naming the example.
+
+    Within a run with ``--reward-timeout`` the call is bounded (:class:`~drgrpo.train.stopping.Watchdog`): a call
+    past the limit is abandoned with a :class:`RewardError` naming the reward and the limit.
+    """
+    watchdog = reward_watchdog()
     try:
-        value = fn(completion, example)
+        if watchdog is None:
+            value = fn(completion, example)
+        else:
+            with watchdog.timing():
+                value = fn(completion, example)
+    except TimeLimitExceeded:
+        seconds = watchdog.seconds if watchdog is not None else 0.0
+        raise RewardError(
+            f"reward {name} ran longer than --reward-timeout {seconds:g} s on example {_describe(example, index)} "
+            f"with completion {completion!r}; the call was abandoned"
+        ) from None
     except Exception as exc:
         raise RewardError(
             f"reward {name} raised {type(exc).__name__}: {exc} on example {_describe(example, index)} "
