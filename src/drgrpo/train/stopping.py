@@ -10,8 +10,12 @@ The first SIGINT (Ctrl-C) or SIGTERM (a scheduler's) acts by what the run is doi
 
 A second signal raises :class:`Interrupted` wherever the run is, except in a *deferred* section: from the first
 optimizer step of an update to its end (the weights hold no whole step in between), and while a checkpoint or a
-metrics line is written. There it waits for the end of the section. Either way the trainer then saves the last
-completed step (exit code 130), so no signal ever loses a completed step.
+metrics line is written. There it only asks the run to stop, which it does at the next point where it can: the
+step's evaluation (abandoned, and done first on resume) or its end. Either way the trainer saves the last
+completed step (exit code 130), so no signal ever loses a completed step. Under several processes a second
+signal changes nothing: torchrun passes every signal it gets on to the processes (one Ctrl-C in a terminal reaches
+each twice), and a process that left its step alone would leave the others waiting in a collective operation;
+torchrun itself ends processes that have not stopped 30 s after its signal.
 
 Why raise from the handler instead of running rewards in a thread that can be left behind: the user's reward
 stays an ordinary call in the main thread. Its results, its random draws and its cost are those of a plain call
@@ -69,6 +73,7 @@ class StopOnSignal:
 
     ``stopped`` is True once a signal arrived; :meth:`abandonable` and :func:`deferred` mark sections.
     ``reward_timeout`` (seconds, 0: none) starts the watchdog of reward calls (:meth:`Watchdog.timing`).
+    ``escalate``: a second signal acts at once (False under several processes: every signal acts as the first).
     Handlers are installed only in the main thread (elsewhere Python allows none): there signals keep their
     default meaning and the reward time limit is not available.
     """
@@ -76,12 +81,12 @@ class StopOnSignal:
     active: ClassVar[StopOnSignal | None] = None
     """The instance whose handlers are installed (None outside a run)."""
 
-    def __init__(self, reward_timeout: float = 0.0) -> None:
+    def __init__(self, reward_timeout: float = 0.0, escalate: bool = True) -> None:
+        self.escalate = escalate
         self.stopped = False
         self.signum = 0
         self.count = 0
         self.mode = FINISH
-        self.pending = False
         self.watchdog = Watchdog(reward_timeout) if reward_timeout > 0 else None
         self._old: dict[int, Any] = {}
 
@@ -109,28 +114,21 @@ class StopOnSignal:
             if self.watchdog.expired():
                 raise TimeLimitExceeded
             return  # the call ended before the signal was handled: nothing to do
-        self.count += 1
+        self.count += 1 if self.escalate else 0
         self.stopped, self.signum = True, signum
-        if self.mode == DEFER:
-            self.pending = True
-        elif self.mode == ABANDON or self.count > 1:
+        if self.mode == ABANDON or (self.mode == FINISH and self.count > 1):
             raise Interrupted(signum)
 
     @contextlib.contextmanager
     def section(self, mode: str) -> Iterator[None]:
         """Within the block, signals act as ``mode`` says (:data:`ABANDON`, :data:`FINISH`, :data:`DEFER`)."""
-        outer, self.mode = self.mode, mode
         if mode == ABANDON and self.stopped:
-            self.mode = outer
             raise Interrupted(self.signum)  # a signal came before: start no abandonable work
+        outer, self.mode = self.mode, mode
         try:
             yield
         finally:
             self.mode = outer
-        if mode == DEFER and self.pending:  # a signal came during the block: act on it now
-            self.pending = False
-            if self.count > 1 or outer == ABANDON:
-                raise Interrupted(self.signum)
 
     def abandonable(self) -> contextlib.AbstractContextManager[None]:
         """A section whose work the first signal abandons at once (raising :class:`Interrupted` inside it)."""
@@ -138,7 +136,7 @@ class StopOnSignal:
 
 
 def deferred() -> contextlib.AbstractContextManager[None]:
-    """A section no signal interrupts: a signal arriving within it is acted on at its end (a no-op outside a run)."""
+    """A section no signal interrupts: a signal within it only sets ``stopped`` (a no-op outside a run)."""
     stop = StopOnSignal.active
     return stop.section(DEFER) if stop is not None else contextlib.nullcontext()
 

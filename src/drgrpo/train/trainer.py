@@ -121,7 +121,10 @@ def train(config: TrainConfig) -> TrainResult:
         result.checkpoint_step = step
 
     owned = hold_run_dir(out_dir, procs, lambda: check_output_dir(out_dir, start))  # one run per directory
-    with owned, StopOnSignal(config.reward_timeout) as stop:  # a second run into out_dir is refused at once
+    with (
+        owned,
+        StopOnSignal(config.reward_timeout, escalate=procs.world == 1) as stop,
+    ):  # a second run into out_dir is refused at once
         try:
             if procs.rank == 0:
                 config.write(out_dir, start.notes())  # OUTPUT_DIR/config.yaml: `drgrpo train --config` reruns it
@@ -236,3 +239,5 @@ def save_after_failure(exc: BaseException, state: TrainState | None, result: Tra
             return
     if result.checkpoint is not None:
         print(f"drgrpo: {where}; the last completed step is saved in {result.checkpoint}", file=sys.stderr)
+    elif result.checkpoint_step:  # another process than the first: process 0 wrote it
+        print(f"drgrpo: {where}; process 0 saves the last completed step ({result.checkpoint_step})", file=sys.stderr)

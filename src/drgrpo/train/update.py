@@ -147,7 +147,7 @@ def policy_update(
             if epoch == 0:
                 weights_changing.enter_context(deferred())
             state.optimizer.step()
-        state.step = step  # a signal that came meanwhile acts when the block ends: the weights hold a whole step
+        state.step = step  # a signal that came meanwhile stops the run at the next point it can (stopping.py)
     return stats
 
 
