@@ -281,3 +281,57 @@ def test_a_reward_past_the_time_limit_fails_the_step(tmp_path: Path, reference: 
     assert read_state(find_checkpoint(run))["step"] == 3
     resume(run, tmp_path)  # with the same limit (saved with the run); the reward no longer hangs
     assert_same_end(run, reference)
+
+
+TORCHRUN_HANG = """
+import os, time
+from drgrpo.train.task import exact_match
+
+CALLS = 0
+
+
+def right(completion, example):
+    global CALLS
+    CALLS += 1
+    if CALLS == 2 * 8 + 1:  # this process's first call of step 3 (8 completions a step on each of 2)
+        open(os.path.join(DIR, "marker_" + os.environ["RANK"]), "w").close()
+        while True:
+            time.sleep(1)
+    return exact_match(completion, example)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_stops_every_process_at_the_same_step(tmp_path: Path):
+    # Ctrl-C in a terminal signals the whole process group (torchrun and its processes), and torchrun passes it
+    # on: each process gets SIGINT twice. Both rewards hang in step 3; both processes must stop, none waiting for
+    # the other, with step 2 saved once.
+    (tmp_path / "hang_everywhere.py").write_text(TORCHRUN_HANG.replace("DIR", repr(str(tmp_path))))
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "drgrpo",
+           "train", "--output-dir", str(run), "--steps", "4", "--eval-every", "0", "--checkpoint-every", "0", *TINY,
+           "--reward", "hang_everywhere:right"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    try:
+        for rank in (0, 1):
+            wait_for(tmp_path / f"marker_{rank}", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=SIGNAL_TO_EXIT + 60)
+        seconds = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert seconds < SIGNAL_TO_EXIT, (seconds, err[-3000:])
+    ckpt = run / "checkpoints" / "step_000002"
+    assert f"stopped by SIGINT during step 3 (abandoned: a resume does it again); the last completed step is saved " \
+        f"in {ckpt}" in err  # fmt: skip
+    assert "stopped by SIGINT during step 3 (abandoned: a resume does it again); process 0 saves the last completed " \
+        "step (2)" in err  # fmt: skip
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_000002"]
+    state = read_state(ckpt)
+    assert state["step"] == 2 and state["world_size"] == 2

@@ -132,7 +132,7 @@ def read_metrics_file(path: str | Path, warn: Callable[[str], None] | None = Non
         except ValueError as exc:
             if lineno == len(lines):  # the last line, without its newline: an unfinished write
                 kept = f"up to step {rows[-1]['step']}" if rows else "none"
-                (warn or _warn)(
+                (warn or warn_line)(
                     f"{path}: line {lineno} is cut off (a write that did not finish: a full disk, a killed run, or "
                     f"a run writing it now); it is left out, the lines kept go {kept}"
                 )
@@ -144,7 +144,8 @@ def read_metrics_file(path: str | Path, warn: Callable[[str], None] | None = Non
     return rows
 
 
-def _warn(message: str) -> None:
+def warn_line(message: str) -> None:
+    """A warning for people: one line on stderr."""
     print(f"drgrpo: warning: {message}", file=sys.stderr)
 
 

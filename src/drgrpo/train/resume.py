@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 from drgrpo.train.checkpoint import check_checkpoint, checkpoint_problem, checkpoints_of, find_checkpoint, read_state
 from drgrpo.train.config import ON_RESUME, TrainConfig
 from drgrpo.train.flags import flags_of
-from drgrpo.train.metrics import METRICS_FILE, read_metrics_file
+from drgrpo.train.metrics import METRICS_FILE, read_metrics_file, warn_line
 
 EVAL_KEY = "eval/accuracy"
 """The key of the evaluation lines of metrics.jsonl."""
@@ -145,7 +144,7 @@ def check_output_dir(out_dir: Path, start: RunStart, warn: Callable[[str], None]
                 f"steps after it. Continue the run from step {step_of(newer)} with --resume {out_dir}, or branch "
                 f"from step {start.step} into a new run: --resume {start.checkpoint} --output-dir NEW_DIR"
             )
-        (warn or _warn)(f"{problem}; the run continues from step {start.step} and writes {newer.name} again")
+        (warn or warn_line)(f"{problem}; the run continues from step {start.step} and writes {newer.name} again")
 
 
 def start_lines(out_dir: Path, start: RunStart, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
@@ -161,13 +160,14 @@ def start_lines(out_dir: Path, start: RunStart, warn: Callable[[str], None] | No
     kept = [row for row in rows if row["step"] <= start.step]
     later = sorted({row["step"] for row in rows if row["step"] > start.step})
     if later and not start.branch:
-        (warn or _warn)(
-            f"{source}: left out the lines of steps {later[0]} to {later[-1]}, written after the checkpoint of step "
-            f"{start.step} (the run writes them again)"
+        steps = f"step {later[0]}" if len(later) == 1 else f"steps {later[0]} to {later[-1]}"
+        (warn or warn_line)(
+            f"{source}: left out the lines of {steps}, written after the checkpoint of step {start.step} (the run "
+            "writes them again)"
         )
     missing = [line for line in start.checkpoint_lines if line not in kept]
     if missing:
-        (warn or _warn)(f"{source}: the lines of step {start.step} were missing; restored from {start.checkpoint}")
+        (warn or warn_line)(f"{source}: the lines of step {start.step} were missing; restored from {start.checkpoint}")
     return kept + missing
 
 
@@ -247,7 +247,3 @@ def jsonable(value: Any) -> Any:
 
 def step_of(ckpt: Path) -> int:
     return int(ckpt.name.split("_")[1])
-
-
-def _warn(message: str) -> None:
-    print(f"drgrpo: warning: {message}", file=sys.stderr)

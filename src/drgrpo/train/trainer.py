@@ -103,14 +103,18 @@ def train(config: TrainConfig) -> TrainResult:
     log: MetricsLog | None = None
     progress = ProgressBar(False, 0, 0)  # replaced once the run is set up
     G = config.group_size
+    doing = "the set-up"  # what the run is doing, for the message of a failure or a signal
 
     def evaluate(step: int) -> None:
+        nonlocal doing
         assert state is not None and log is not None
         if eval_examples and config.eval_every:
+            doing = f"the evaluation of step {step}"
             metrics = held_out_metrics(state.model, state.tokenizer, eval_examples, rewards, config, stop)
             result.evals.append({"step": step, **metrics})
             log(result.evals[-1])
             progress.print(f"step {step}: held-out accuracy {metrics['eval/accuracy']:.3f}")
+            doing = f"the end of step {step}"
 
     def save(step: int, barrier: bool = True) -> None:
         lines = [m for m in (result.last_metrics, *result.evals[-1:]) if m.get("step") == step]  # restored if lost
@@ -143,7 +147,7 @@ def train(config: TrainConfig) -> TrainResult:
             if result.step == 0 or start.eval_pending:  # the evaluation of the resumed step, if a signal cut it
                 evaluate(result.step)
             for step in range(result.step + 1, config.steps + 1):
-                step_started = time.perf_counter()
+                doing, step_started = f"step {step}", time.perf_counter()
                 seed_step(config.seed, step, procs.rank)
 
                 # ---------------------------------------------------------------- rollout and reward
@@ -165,11 +169,12 @@ def train(config: TrainConfig) -> TrainResult:
                 update = policy_update(state, batch, advantages, loss_config, config, step)
 
                 # ---------------------------------------------------------------- log
-                result.step, result.last_metrics = step, step_metrics(
+                result.last_metrics = step_metrics(
                     step, batch, totals, firsts, update, config, procs, state.ref_model is not None,
                     seconds=time.perf_counter() - step_started, elapsed=time.perf_counter() - started,
                 )  # fmt: skip
-                log(result.last_metrics)
+                log(result.last_metrics)  # (saved with the step's checkpoint too, should the write fail)
+                result.step = step
 
                 # ---------------------------------------------------------------- evaluate
                 if config.eval_due(step):
@@ -185,10 +190,10 @@ def train(config: TrainConfig) -> TrainResult:
                     progress.print(f"stopped by a signal at step {step}; checkpoint {result.checkpoint}")
                     break
         except Interrupted as exc:  # a signal inside a step: the step is abandoned, the last completed one saved
-            save_after_failure(exc, state, result, save)
+            save_after_failure(exc, state, result, save, doing)
             result.interrupted = True
         except Exception as exc:
-            save_after_failure(exc, state, result, save)
+            save_after_failure(exc, state, result, save, doing)
             raise
         finally:
             progress.close()
@@ -206,7 +211,9 @@ def repeat(items: list[Any], times: int) -> list[Any]:
     return [x for x in items for _ in range(times)]
 
 
-def save_after_failure(exc: BaseException, state: TrainState | None, result: TrainResult, save: Any) -> None:
+def save_after_failure(
+    exc: BaseException, state: TrainState | None, result: TrainResult, save: Any, doing: str = "the step"
+) -> None:
     """Nothing lost: save the last completed step (unless it is on disk already) before an error propagates, or
     after a signal abandoned the step in progress (:class:`~drgrpo.train.stopping.Interrupted`).
 
@@ -214,11 +221,12 @@ def save_after_failure(exc: BaseException, state: TrainState | None, result: Tra
     (``state.step`` is None; signals wait for the end of that). Under several processes every process saves
     collectively after an error they all raised at the same point (agreed on, or :data:`COLLECTIVE_FAILURES`);
     after an error of one process only, rank 0 writes alone. A checkpoint write that failed is not tried again.
+    ``doing`` names what failed or was stopped ('step 4', 'the evaluation of step 4').
     """
     if isinstance(exc, Interrupted):
-        where = f"{exc} during step {result.step + 1} (abandoned: a resume does it again)"
+        where = f"{exc} during {doing} (abandoned: a resume does it again)"
     else:
-        where = f"step {result.step + 1} failed ({type(exc).__name__})"
+        where = f"{doing} failed ({type(exc).__name__})"
     if state is None:  # before the first step: the warm start, or loading the model
         if isinstance(exc, Interrupted):
             print(f"drgrpo: {exc} before the first step; nothing to save", file=sys.stderr)
