@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -320,3 +321,25 @@ def test_eval_and_plot_read_a_run_in_progress(tmp_path: Path):
         (tmp_path / "go").touch()
         proc.communicate(timeout=300)
     assert proc.returncode == 0
+
+
+def test_the_docs_list_every_flag_in_its_resume_class():
+    text = (Path(__file__).resolve().parents[2] / "docs" / "faults.md").read_text()
+    bullets = {
+        "meaning": "- changes what the run computes:",
+        "checkpoint": "- settled by the checkpoint (refused on a branch too):",
+        "free": "- how it runs:",
+    }
+    listed = {}
+    for kind, start in bullets.items():
+        paragraph = text[text.index(start) :].split("\n- ", 1)[0].split("\n\n", 1)[0]
+        listed[kind] = set(re.findall(r"`(--[a-z-]+\*?)`", paragraph))
+    loss_flags = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(LossConfig)}
+    listed["meaning"] -= loss_flags  # examples of "every loss flag"
+    expected: dict[str, set[str]] = {kind: set() for kind in bullets}
+    names = {"rewards": "reward", "task": "task-*", "warm_start": "warm-start-*"}
+    for name, kind in ON_RESUME.items():
+        if name not in ("output_dir", "resume", "loss_overrides"):
+            expected[kind].add("--" + names.get(name, name.replace("_", "-")))
+    expected["checkpoint"].add("--tiny-*")  # the warm start's model
+    assert listed == expected
