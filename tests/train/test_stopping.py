@@ -200,14 +200,27 @@ def test_a_signal_ends_a_run_whose_reward_hangs(tmp_path: Path, reference: Path,
     assert_same_end(run, reference)
 
 
+HUNG_STEP = {
+    # the rollout of step 4 never ends: SIGTERM abandons it at once
+    "rollout": (("drgrpo.train.trainer", "generate", 4, "-"), (signal.SIGTERM,)),
+    # the update of step 4 hangs before its optimizer step: the first Ctrl-C waits for the step to end (it never
+    # does), the second ends the run at once
+    "policy update": (("torch.nn.utils", "clip_grad_norm_", 4, "-"), (signal.SIGINT, signal.SIGINT)),
+}
+
+
 @pytest.mark.slow
-def test_a_signal_ends_a_hung_rollout(tmp_path: Path, reference: Path):
+@pytest.mark.parametrize("moment", list(HUNG_STEP))
+def test_signals_end_a_hung_step_and_save_the_last_completed_one(tmp_path: Path, reference: Path, moment: str):
+    hang, signals = HUNG_STEP[moment]
     run = tmp_path / "run"
-    proc = launch(run_args(run), tmp_path, hang=("drgrpo.train.trainer", "generate", 4, "-"))
+    proc = launch(run_args(run), tmp_path, hang=hang)
     wait_for(tmp_path / "marker", proc)
-    code, err, seconds = signal_and_wait(proc, signal.SIGTERM)
+    code, err, seconds = signal_and_wait(proc, *signals)
     assert code == 130 and seconds < SIGNAL_TO_EXIT, (code, seconds, err[-3000:])
-    assert "stopped by SIGTERM during step 4" in err
+    name = signal.Signals(signals[-1]).name
+    assert f"stopped by {name} during step 4 (abandoned: a resume does it again)" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert read_state(find_checkpoint(run))["step"] == 3
     resume(run)
     assert_same_end(run, reference)
@@ -223,22 +236,6 @@ def test_a_signal_ends_the_warm_start(tmp_path: Path):
     assert "drgrpo: stopped by SIGTERM before the first step; nothing to save" in err
     assert not (run / "warm_start" / "warm_start.json").exists()  # never taken for a finished warm start
     assert not checkpoints_of(run / "checkpoints")
-
-
-@pytest.mark.slow
-def test_a_second_ctrl_c_in_the_policy_update_saves_the_last_completed_step(tmp_path: Path, reference: Path):
-    # the update of step 4 hangs before its optimizer step: the first Ctrl-C waits for the step to end (it never
-    # does), the second ends the run at once with step 3, the last completed one, saved
-    run = tmp_path / "run"
-    proc = launch(run_args(run), tmp_path, hang=("torch.nn.utils", "clip_grad_norm_", 4, "-"))
-    wait_for(tmp_path / "marker", proc)
-    code, err, seconds = signal_and_wait(proc, signal.SIGINT, signal.SIGINT)
-    assert code == 130 and seconds < SIGNAL_TO_EXIT, (code, seconds, err[-3000:])
-    assert "stopped by SIGINT during step 4 (abandoned: a resume does it again)" in err
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    assert read_state(find_checkpoint(run))["step"] == 3
-    resume(run)
-    assert_same_end(run, reference)
 
 
 @pytest.mark.slow
