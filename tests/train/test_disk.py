@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_cli import TINY
-from test_faults import STEPS, assert_same_end, metrics, resume
+from test_faults import STEPS, assert_same_end, metrics
 
 import drgrpo.train.disk as disk
 from drgrpo.train.checkpoint import checkpoints_of, find_checkpoint, read_state
@@ -98,7 +98,7 @@ def test_a_full_disk_during_a_checkpoint(tmp_path: Path, reference: Path, monkey
     # the failed write left nothing, and deleted nothing (--keep-checkpoints 1 never prunes before a success)
     assert [p.name for p in checkpoints_of(run / "checkpoints")] == ["step_000002"] and not leftovers(run)
     monkeypatch.undo()  # room again
-    resume(run)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert_same_end(run, reference)
     assert [p.name for p in checkpoints_of(run / "checkpoints")] == ["step_000006"]  # the newest 1 kept
 

@@ -10,14 +10,12 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from test_cli import ENV, TINY
-from test_faults import STEPS, assert_same_end, metrics, resume
+from test_cli import TINY
+from test_faults import STEPS, assert_same_end, metrics
 from test_stopping import launch, wait_for
 from test_torchrun import torchrun
 
@@ -91,21 +89,16 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_a_second_run_into_a_directory_in_use_is_refused_while_the_first_completes(tmp_path: Path, reference: Path):
+def test_a_second_run_into_a_directory_in_use_is_refused_while_the_first_completes(
+    tmp_path: Path, reference: Path, capsys
+):
     gated(tmp_path)
     run = tmp_path / "run"
     first = launch(["--output-dir", str(run), *STEPS, *TINY, "--reward", "gate_reward:right"], tmp_path)
     try:
         wait_for(tmp_path / "marker", first)  # the first run is at step 4, holding the directory
-        second = subprocess.run(
-            [sys.executable, "-m", "drgrpo", "train", "--output-dir", str(run), *STEPS, *TINY, "--seed", "1"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=ENV,
-        )
-        assert second.returncode == 2, second.stderr[-3000:]
-        lines = second.stderr.strip().splitlines()
+        assert main(["train", "--output-dir", str(run), *STEPS, *TINY, "--seed", "1"]) == 2  # another process
+        lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1, lines
         assert lines[0].startswith(f"drgrpo train: error: --output-dir {str(run)!r} is in use by another run (pid ")
         assert f"(pid {first.pid} on host {socket.gethostname()} since " in lines[0]
@@ -120,7 +113,7 @@ def test_a_second_run_into_a_directory_in_use_is_refused_while_the_first_complet
 
 
 @pytest.mark.slow
-def test_a_killed_run_does_not_block_the_next(tmp_path: Path, reference: Path):
+def test_a_killed_run_does_not_block_the_next(tmp_path: Path, reference: Path, monkeypatch):
     gated(tmp_path)
     run = tmp_path / "run"
     proc = launch(["--output-dir", str(run), *STEPS, *TINY, "--reward", "gate_reward:right"], tmp_path)
@@ -129,7 +122,8 @@ def test_a_killed_run_does_not_block_the_next(tmp_path: Path, reference: Path):
     proc.communicate(timeout=60)
     assert json.loads((run / LOCK_FILE).read_text())["pid"] == proc.pid  # the lock file stays, naming the dead
     (tmp_path / "go").touch()
-    resume(run, tmp_path)  # not blocked: the lock died with its process
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0  # not blocked: the lock died with its holder
     assert_same_end(run, reference)
     assert json.loads((run / LOCK_FILE).read_text())["pid"] != proc.pid
 
@@ -303,20 +297,20 @@ def test_every_train_flag_is_classified_for_resume():
 
 
 @pytest.mark.slow
-def test_eval_and_plot_read_a_run_in_progress(tmp_path: Path):
+def test_eval_and_plot_read_a_run_in_progress(tmp_path: Path, monkeypatch, capsys):
     gated(tmp_path)
     run = tmp_path / "run"
     proc = launch(["--output-dir", str(run), *STEPS, *TINY, "--reward", "gate_reward:right"], tmp_path)
     try:
         wait_for(tmp_path / "marker", proc)  # at step 4, holding the lock, with the checkpoint of step 2
-        for command in (["eval", "--model", str(run), "--json"], ["plot", str(run)]):
-            started = time.monotonic()
-            env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), ENV.get("PYTHONPATH")]))}
-            p = subprocess.run([sys.executable, "-m", "drgrpo", *command], capture_output=True, text=True,
-                               timeout=300, env=env)  # fmt: skip
-            assert p.returncode == 0, p.stderr[-3000:]
-            assert time.monotonic() - started < 240
-        assert proc.poll() is None
+        monkeypatch.syspath_prepend(str(tmp_path))  # eval scores with the run's reward
+        assert main(["eval", "--model", str(run), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["model"] == str(
+            run / "checkpoints" / "step_000002"
+        )
+        assert main(["plot", str(run)]) == 0
+        assert (run / "plots" / "summary.png").is_file()
+        assert proc.poll() is None  # the run goes on
     finally:
         (tmp_path / "go").touch()
         proc.communicate(timeout=300)

@@ -37,7 +37,7 @@ from drgrpo.train.config import EvalConfig, TrainConfig
 from drgrpo.train.data import RewardError
 from drgrpo.train.disk import WriteFailed
 from drgrpo.train.flags import add_flags, given, nested_replace, parse_with_config
-from drgrpo.train.stopping import FailedElsewhere
+from drgrpo.train.stopping import FailedElsewhere, Interrupted
 
 LOSS_SKIP = ("name", "per_call_normalization")
 """LossConfig fields that are not flags: the preset's name, and a property of peer presets."""
@@ -163,8 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (RewardError, FloatingPointError, WriteFailed, FailedElsewhere) as exc:  # a failed step (anything
         return _failure(exc, ns.command)  # else: Python's own traceback)
-    except KeyboardInterrupt:  # Ctrl-C outside a training run's steps (which stop with 130 themselves)
-        print(f"drgrpo {ns.command}: stopped (Ctrl-C)", file=sys.stderr)
+    except (KeyboardInterrupt, Interrupted):  # a signal outside a run's steps (which stop with 130 themselves)
+        print(f"drgrpo {ns.command}: stopped by a signal", file=sys.stderr)
         return 130
     return 1
 
