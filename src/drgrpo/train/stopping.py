@@ -91,6 +91,8 @@ class StopOnSignal:
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopOnSignal:
+        if self.watchdog is not None and not hasattr(signal, "pthread_kill"):
+            raise ValueError("--reward-timeout needs a POSIX system (it stops a call with a signal to its thread)")
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)

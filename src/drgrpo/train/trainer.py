@@ -21,7 +21,9 @@ std division of the advantage (Modification 2). Every GRPO-family loss is a ``--
 
 Every random draw of a step comes from ``(seed, step, rank)`` (:mod:`drgrpo.train.seeds`), so a run
 resumed from a checkpoint ends bit for bit where an uninterrupted run ends. Nothing is lost on a crash:
-an exception inside a step first saves the last completed step, then propagates.
+an exception inside a step first saves the last completed step, then propagates; SIGINT/SIGTERM abandon a
+step's rollout and rewards at once and save the last completed step (:mod:`drgrpo.train.stopping`). One run
+owns its output directory (:mod:`drgrpo.train.runlock`); resume and branch rules: :mod:`drgrpo.train.resume`.
 """
 
 from __future__ import annotations
@@ -124,11 +126,9 @@ def train(config: TrainConfig) -> TrainResult:
                                                 procs.rank, barrier, config.keep_checkpoints)  # fmt: skip
         result.checkpoint_step = step
 
-    owned = hold_run_dir(out_dir, procs, lambda: check_output_dir(out_dir, start))  # one run per directory
-    with (
-        owned,
-        StopOnSignal(config.reward_timeout, escalate=procs.world == 1) as stop,
-    ):  # a second run into out_dir is refused at once
+    owned = hold_run_dir(out_dir, procs, lambda: check_output_dir(out_dir, start))  # a second run is refused
+    stop = StopOnSignal(config.reward_timeout, escalate=procs.world == 1)  # SIGINT/SIGTERM: stopping.py
+    with owned, stop:
         try:
             if procs.rank == 0:
                 config.write(out_dir, start.notes())  # OUTPUT_DIR/config.yaml: `drgrpo train --config` reruns it
