@@ -615,8 +615,8 @@ def _unshard_fsdp2_head(causal_lm: Any, lm_head: Any) -> None:
     plan ``{"lm_head": "free_full_weight"}``) is still sharded here. ``unshard()`` makes the module hold the
     full weight: its gradient then lands in FSDP's unsharded parameter, which FSDP reduce-scatters (averages
     over the processes) after the backward like every group's. ``weight.full_tensor()``, which TRL 1.16's head
-    takes, leaves each process the shard of its *own* gradient, never averaged: 110% off the whole-batch
-    gradient on the tiny model (tests/integrations/test_trl_sharded.py). Does nothing for other tensors.
+    takes, leaves each process the shard of its *own* gradient, never averaged (docs/sharded.md). Does nothing
+    for other tensors.
     """
     weight = lm_head.weight
     if not _is_dtensor(weight):
