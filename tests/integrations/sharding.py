@@ -35,7 +35,7 @@ import torch
 
 ZERO3 = {
     # no persistent parameters and no prefetching: even the tiny model's parameters are partitioned, and each is
-    # gathered only by the module that uses it (or, for lm_head in the fused loss, by the adapter)
+    # gathered only when used (lm_head's, for the fused loss, when the loss reads it)
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0},
     "train_micro_batch_size_per_gpu": "auto",  # "auto": the Trainer fills them in from GRPOConfig
     "gradient_accumulation_steps": "auto",
