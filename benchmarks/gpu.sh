@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu.sh                  # one CUDA GPU: writes benchmarks/results/gpu-cuda.md
 #   bash benchmarks/gpu.sh --cpu            # the same sections at small sizes on a CPU (the test suite runs it)
 #   bash benchmarks/gpu.sh --out FILE       # write the results elsewhere
-#   GPU_CHECK_TIMEOUT_S=N bash benchmarks/gpu.sh   # each section's time limit (default 140, 200, 130 s; --cpu 300)
+#   GPU_CHECK_TIMEOUT_S=N bash benchmarks/gpu.sh   # each section's time limit (default 120, 230, 120 s; --cpu 300)
 #
 # Sections, each its own processes, each with a time limit; one failing does not stop the others:
 #   1. the loss step at V = 151,936 in bf16, from hidden states and the output layer: drgrpo's fused loss,
@@ -55,7 +55,7 @@ if [ "$device" = cuda ]; then
   loss_args=(--device cuda --dtype bfloat16 --sizes 16384x1536x151936,32768x1536x151936 --reps 5)
   step_args=(--device cuda --dtype bfloat16 --vocab 151936 --hidden 1536 --completions 64 --length 256 --steps 2)
   step_args+=(--variants drgrpo-fused,drgrpo,trl)
-  limits=(140 200 130)  # 470 s at most
+  limits=(120 230 120)  # 470 s at most
 else
   loss_args=(--device cpu --dtype bfloat16 --sizes 512x64x4096 --reps 2)
   step_args=(--device cpu --dtype bfloat16 --vocab 4096 --hidden 64 --completions 8 --length 16 --steps 2)
