@@ -126,12 +126,12 @@ def test_infinite_reward_is_an_error_even_when_nan_is_ignored():
         ({"ratio_level": "seq"}, ValueError, "ratio_level must be one of 'token', 'sequence'; got 'seq'"),
         ({"max_completion_length": 0}, ValueError, "max_completion_length must be >= 1, got 0"),
         ({"max_completion_length": 12.5}, TypeError, "max_completion_length must be an int, got float"),
-        ({"clip_low": None}, ValueError, "clip_low=None (no lower clip) is only meaningful for surrogate='cispo'"),
+        ({"clip_low": None}, ValueError, "clip_low none (no lower clip) needs surrogate 'cispo', got 'ppo'"),
         ({"sapo_tau_neg": 0.0}, ValueError, "sapo_tau_neg must be positive"),
         (
             {"forced_aggregation": "seq-mean-token-mean", "aggregation": "token-mean", "beta": 0.1},
             ValueError,
-            "drgrpo applies one aggregation to both terms; set aggregation='seq-mean-token-mean' or beta=0",
+            "drgrpo applies one rule to both; set aggregation to 'seq-mean-token-mean' or beta to 0",
         ),
     ],
 )

@@ -189,8 +189,10 @@ def config_changes(saved: TrainConfig, new: TrainConfig) -> list[Change]:
         changes.append(Change("loss", ON_RESUME["loss"], saved.loss, new.loss))
     old_loss, new_loss, given = saved.loss_config(), new.loss_config(), dict(new.loss_overrides)
     for f in dataclasses.fields(old_loss):
+        if f.name in ("name", "max_completion_length"):  # the preset (above); L, which is --max-new-tokens
+            continue
         old, new_value = getattr(old_loss, f.name), getattr(new_loss, f.name)
-        if f.name != "name" and old != new_value and (saved.loss == new.loss or f.name in given):
+        if old != new_value and (saved.loss == new.loss or f.name in given):
             changes.append(Change(f.name.replace("_", "-"), ON_RESUME["loss_overrides"], old, new_value))
     return changes
 
