@@ -15,7 +15,8 @@ The flags of ``train``, ``eval`` and ``compare`` are generated from their config
     torchrun --nproc-per-node 2 -m drgrpo train ...         # DDP (gloo on CPU)
 
 Exit codes: 0 done, 2 a configuration error (one line, before any work), 1 a failure during training
-(after the last completed step was saved), 130 stopped by SIGINT/SIGTERM (after a checkpoint).
+(after the last completed step was saved; an error raised inside a step is a failure, whatever its type),
+130 stopped by SIGINT/SIGTERM (after a checkpoint). docs/faults.md lists every case.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from drgrpo.train.compare import CompareConfig
 from drgrpo.train.config import EvalConfig, TrainConfig
 from drgrpo.train.data import RewardError
 from drgrpo.train.flags import add_flags, given, nested_replace, parse_with_config
+from drgrpo.train.trainer import FAILED_STEP
 
 LOSS_SKIP = ("name", "per_call_normalization")
 """LossConfig fields that are not flags: the preset's name, and a property of peer presets."""
@@ -156,11 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in plot_run(Path(ns.run_dir), smooth=ns.smooth):
                 print(path)
             return 0
-    except (ValueError, FileNotFoundError, TypeError) as exc:
-        print(f"drgrpo {ns.command}: error: {exc}", file=sys.stderr)  # configuration errors: one line
-        return 2
     except (RewardError, FloatingPointError) as exc:  # a failed step (anything else: Python's own traceback)
         return _failure(exc)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        if hasattr(exc, FAILED_STEP):  # raised by a step, not by the set-up: a failure (exit 1), with its traceback
+            raise
+        print(f"drgrpo {ns.command}: error: {exc}", file=sys.stderr)  # configuration errors: one line
+        return 2
     return 1
 
 

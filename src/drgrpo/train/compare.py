@@ -86,6 +86,7 @@ def compare(config: CompareConfig) -> Path:
 
     out = Path(config.output_dir)
     base = config.train.replace(output_dir=str(out))
+    base.check_trainable()  # --dtype float16: refused before the warm start
     if base.model is not None:
         base = base.replace(model=str(resolve_model_dir(base.model)))
     out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from drgrpo.config import LossConfig
-from drgrpo.train.flags import add_flags, config_flags
+from drgrpo.train.flags import add_flags, check_finite_fields, config_flags
 from drgrpo.train.task import TaskConfig
 from drgrpo.train.tiny import TinyModelConfig
 
@@ -43,6 +43,16 @@ class WarmStartConfig:
     """Seed of the model initialisation and the warm-start data order."""
     model: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"prefix": "tiny-"})
     """Shape of the built-in model."""
+
+    def __post_init__(self) -> None:
+        check_finite_fields(self, "warm-start-")
+        for name in ("steps", "check_every", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--warm-start-{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.target_accuracy <= 1:
+            raise ValueError(f"--warm-start-target-accuracy must be in [0, 1], got {self.target_accuracy}")
+        if not self.lr > 0:
+            raise ValueError(f"--warm-start-lr must be > 0, got {self.lr}")
 
 
 @dataclass(frozen=True)
@@ -93,7 +103,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 disables clipping; the norm is logged either way)."""
+    """Clip the global gradient norm to this (0 turns clipping off; the norm is logged either way)."""
     fused: bool = False
     """Use drgrpo.fused.fused_policy_loss (chunked log-probs from the hidden states) instead of full logits."""
     seed: int = 0
@@ -104,11 +114,13 @@ class TrainConfig:
     """torch CPU threads (torch.set_num_threads); 0: 1 for the built-in tiny model (its ops are too small to
     split, and spare cores keep it fast on a busy machine), torch's default for --model."""
     dtype: str = "float32"
-    """Parameter dtype: float32, bfloat16 or float16."""
+    """Parameter dtype: float32 or bfloat16 (float16 cannot train: it needs float32 master weights and loss scaling,
+    which drgrpo does not do; drgrpo eval takes it)."""
     eval_every: int = 25
     """Evaluate on the held-out split every this many steps (and at step 0 and at the end); 0 disables."""
     eval_size: int = 200
-    """Held-out prompts per evaluation (the first eval_size of the split)."""
+    """Held-out prompts per evaluation (the first ones of the split); at least 1 while evaluation is on (--eval-every
+    0 turns it off)."""
     eval_temperature: float = 0.0
     """Sampling temperature of evaluation (0: greedy)."""
     eval_sampled: bool = True
@@ -131,26 +143,49 @@ class TrainConfig:
     """The supervised warm start of the built-in model (used when no model is given)."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)  # --lr nan, --reward-weights inf, ...: refused like any bad value
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "micro_batch_size")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+                raise ValueError(f"--{_flag(name)} must be a positive integer, got {value!r}")
         for name in ("eval_every", "checkpoint_every", "warmup_steps", "eval_size", "threads"):
             if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+                raise ValueError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("lr", "weight_decay", "eval_temperature"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.grad_clip < 0:
+            raise ValueError(f"--grad-clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
         if not self.temperature > 0:
-            raise ValueError(f"TrainConfig.temperature must be > 0 (log-probs divide by it), got {self.temperature}")
+            raise ValueError(f"--temperature must be > 0 (log-probs divide by it), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"TrainConfig.top_p must be in (0, 1], got {self.top_p}")
-        if self.eval_temperature < 0:
-            raise ValueError(f"TrainConfig.eval_temperature must be >= 0, got {self.eval_temperature}")
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"TrainConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.eval_size == 0 and self.eval_every:
+            raise ValueError(
+                f"--eval-size 0 with --eval-every {self.eval_every} would evaluate no prompt; "
+                "to turn evaluation off, set --eval-every 0"
+            )
         if self.reward_weights and len(self.reward_weights) != max(len(self.rewards), 1):
             raise ValueError(
-                f"TrainConfig.reward_weights has {len(self.reward_weights)} weights for "
+                f"--reward-weights has {len(self.reward_weights)} weights for "
                 f"{max(len(self.rewards), 1)} reward(s); give one weight per reward"
+            )
+
+    def check_trainable(self) -> None:
+        """Refuse what this configuration can describe but not train (``drgrpo eval`` may still use it).
+
+        ``--dtype float16``: AdamW on float16 weights breaks at the first step (its eps 1e-8 rounds to 0 in
+        float16, so a parameter with a zero second moment gets an infinite update); float16 training needs
+        float32 master weights and loss scaling, which drgrpo does not do. bfloat16 has float32's range.
+        """
+        if self.dtype == "float16":
+            raise ValueError(
+                "--dtype float16 cannot train: AdamW on float16 weights turns them non-finite (its eps 1e-8 is 0 "
+                "in float16) and float16 training needs float32 master weights and loss scaling, which drgrpo "
+                "does not do; use --dtype bfloat16 (same memory, float32's range) or float32"
             )
 
     def loss_config(self) -> LossConfig:
@@ -232,6 +267,10 @@ class TrainConfig:
         return path
 
 
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
 CONFIG_FILE = "config.yaml"
 """The resolved configuration a run writes into its output directory."""
 
@@ -265,6 +304,15 @@ class EvalConfig:
     """Seed of sampled evaluation; None: the run's."""
     json: bool = False
     """Print one JSON object instead of a table."""
+
+    def __post_init__(self) -> None:
+        check_finite_fields(self)
+        if self.eval_size is not None and self.eval_size < 1:
+            raise ValueError(f"--eval-size must be >= 1 (prompts to evaluate), got {self.eval_size}")
+        if self.eval_temperature is not None and self.eval_temperature < 0:
+            raise ValueError(f"--eval-temperature must be >= 0 (0: greedy), got {self.eval_temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
         """``base`` (the evaluated run's configuration) with the fields set here."""

@@ -24,6 +24,7 @@ import dataclasses
 import inspect
 import itertools
 import json
+import math
 import sys
 import textwrap
 import types
@@ -71,6 +72,25 @@ def field_docs(cls: type) -> dict[str, str]:
             ):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def flag_name(f: dataclasses.Field[Any], prefix: str = "") -> str:
+    """The flag of a dataclass field, without dashes: ``max_new_tokens`` -> ``max-new-tokens`` (plus ``prefix``,
+    ``task-`` for the fields of a nested TaskConfig), or the name in its ``flag`` metadata."""
+    return prefix + f.metadata.get("flag", f.name.replace("_", "-"))
+
+
+def check_finite_fields(config: Any, prefix: str = "") -> None:
+    """Refuse NaN and infinity in every float field of the dataclass ``config`` (and in tuples of floats),
+    with a ValueError naming the field's flag: ``--lr must be a finite number, got nan``.
+
+    For a configuration's ``__post_init__``: ``train(TrainConfig(lr=math.nan))`` fails like ``--lr nan``.
+    """
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"--{flag_name(f, prefix)} must be a finite number, got {v}")
 
 
 def _optional(tp: Any) -> tuple[Any, bool]:
@@ -147,7 +167,7 @@ def flags_of(
         if "flag" in f.metadata and f.metadata["flag"] is None:
             yield None, f, value
             continue
-        name = prefix + f.metadata.get("flag", f.name.replace("_", "-"))
+        name = flag_name(f, prefix)
         yield (
             Flag(name, f"{group}.{f.name}", f.name, docs.get(f.name, ""), _kwargs(hints[f.name], f.metadata, name)),
             f,
