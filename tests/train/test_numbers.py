@@ -139,3 +139,10 @@ def test_float16_is_refused_by_compare_before_the_warm_start(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="--dtype float16 cannot train"):
         compare(CompareConfig(output_dir=str(tmp_path / "cmp"), train=TrainConfig(dtype="float16", progress=False)))
     assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_refuses_a_non_finite_beta() -> None:
+    from drgrpo.train.compare import CompareConfig
+
+    with pytest.raises(ValueError, match="--beta must be a finite number, got nan"):
+        CompareConfig(beta=math.nan)

@@ -26,6 +26,7 @@ from typing import Any
 
 from drgrpo.config import preset_names
 from drgrpo.train.config import TrainConfig
+from drgrpo.train.flags import check_finite_fields
 
 PER_RUN = ("output_dir", "loss", "seed", "resume", "progress")
 """TrainConfig fields that compare sets for each run itself (they are not flags of drgrpo compare)."""
@@ -56,6 +57,7 @@ class CompareConfig:
     """Free-form notes recorded in the report (e.g. the command line)."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)  # --beta nan
         # "grpo,dr_grpo" (one comma-separated flag value) names two presets
         object.__setattr__(
             self, "losses", tuple(n.strip() for item in self.losses for n in item.split(",") if n.strip())
