@@ -52,7 +52,8 @@ def check_device(device: str) -> None:
             why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
             raise ValueError(f"--device {device}: CUDA is not available ({why}); use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s)")
+            count = torch.cuda.device_count()
+            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
         return
     backend = getattr(torch, dev.type, None)
     if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
