@@ -83,6 +83,21 @@ def test_policy_loss_errors(changes, error, message):
         call(**changes)
 
 
+@pytest.mark.parametrize("name", ["logp", "old_logp", "advantages", "mask", "ref_logp"])
+@pytest.mark.parametrize("validate", [True, False])
+def test_device_mismatch_names_the_argument_and_devices(name, validate):
+    # the meta device stands for a second device on a machine without a GPU; checked even with validate=False
+    args = inputs(ref_logp=-torch.rand(B, T, dtype=torch.float64))
+    args[name] = args[name].to("meta")
+    ref = args.pop("ref_logp")
+    other, first = (name, "logp") if name != "logp" else ("mask", "logp")
+    devices = ("meta", "cpu") if name != "logp" else ("cpu", "meta")
+    message = f"{other} is on {devices[0]} but {first} is on {devices[1]}; move them to one device"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        policy_loss(args["logp"], args["old_logp"], args["advantages"], args["mask"], args["config"], ref_logp=ref,
+                    validate=validate)  # fmt: skip
+
+
 def test_non_finite_values_on_padding_are_ignored():
     mask = torch.ones(B, T)
     mask[1, 3:] = 0

@@ -8,6 +8,8 @@ command line can print the same message with its flags (:meth:`FieldError.rename
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -40,3 +42,16 @@ class FieldError(ValueError):
             return self.message
         pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, known)) + r")(?![\w-])")
         return pattern.sub(lambda m: known[m.group(1)], self.message)
+
+
+def check_finite_fields(config: Any) -> None:
+    """Refuse NaN and infinity in every float field of the dataclass ``config`` (and in tuples of floats).
+
+    For a configuration's ``__post_init__``: ``TrainConfig(lr=math.nan)`` raises ``lr must be a finite number,
+    got nan``, and ``drgrpo train --lr nan`` prints it as ``--lr must be a finite number, got nan``.
+    """
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise FieldError(type(config), f.name, f"{f.name} must be a finite number, got {v}")

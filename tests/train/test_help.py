@@ -230,7 +230,7 @@ def test_eval_errors_name_its_flags(tmp_path: Path, capsys, monkeypatch):
     monkeypatch.setattr(checkpoint, "resolve_model_dir", lambda path: Path(path))
     monkeypatch.setattr(evaluation, "saved_train_config", lambda path: TrainConfig())
     assert main(["eval", "--model", str(tmp_path), "--eval-size", "-3"]) == 2
-    assert capsys.readouterr().err == "drgrpo eval: error: --eval-size must be >= 0, got -3\n"
+    assert capsys.readouterr().err == "drgrpo eval: error: --eval-size must be >= 1 (prompts), got -3\n"
     assert main(["eval"]) == 2
     assert "drgrpo eval: error: drgrpo eval needs --model" in capsys.readouterr().err
 

@@ -19,8 +19,8 @@ name for the same budget) is a hidden alias of it, and giving both with differen
 
 A configuration error is one line naming the flag (:class:`~drgrpo.field_error.FieldError` messages are
 reworded with the command's flags). Exit codes: 0 done, 2 a configuration error (before any work), 1 a
-failure during training (after the last completed step was saved), 130 stopped by SIGINT/SIGTERM (after
-a checkpoint).
+failure during training (after the last completed step was saved; an error raised inside a step is a failure,
+whatever its type), 130 stopped by SIGINT/SIGTERM (after a checkpoint). docs/faults.md lists every case.
 """
 
 from __future__ import annotations
@@ -282,12 +282,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in plot_run(Path(ns.run_dir), smooth=ns.smooth):
                 print(path)
             return 0
-    except (ValueError, FileNotFoundError, TypeError) as exc:  # configuration errors: one line, with flags
-        message = exc.renamed(getattr(ns, "flag_names", {})) if isinstance(exc, FieldError) else str(exc)
-        print(f"drgrpo {ns.command}: error: {message}", file=sys.stderr)
-        return 2
     except (RewardError, FloatingPointError, WriteFailed, FailedElsewhere) as exc:  # a failed step (anything
         return _failure(exc, ns.command)  # else: Python's own traceback)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        from drgrpo.train.trainer import FAILED_STEP
+
+        if hasattr(exc, FAILED_STEP):  # raised by a step, not by the set-up: a failure (exit 1), with its traceback
+            raise
+        message = exc.renamed(getattr(ns, "flag_names", {})) if isinstance(exc, FieldError) else str(exc)
+        print(f"drgrpo {ns.command}: error: {message}", file=sys.stderr)  # configuration errors: one line, with flags
+        return 2
     except (KeyboardInterrupt, Interrupted):  # a signal outside a run's steps (which stop with 130 themselves)
         print(f"drgrpo {ns.command}: stopped by a signal", file=sys.stderr)
         return 130

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from drgrpo.config import preset_names
-from drgrpo.field_error import FieldError
+from drgrpo.field_error import FieldError, check_finite_fields
 from drgrpo.train.config import TrainConfig
 
 PER_RUN = ("output_dir", "loss", "seed", "resume", "progress")
@@ -58,6 +58,7 @@ class CompareConfig:
     """Free-form notes recorded in the report (e.g. the command line)."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)  # --beta nan
         # "grpo,dr_grpo" (one comma-separated flag value) names two presets
         object.__setattr__(
             self, "losses", tuple(n.strip() for item in self.losses for n in item.split(",") if n.strip())
@@ -96,6 +97,7 @@ def compare(config: CompareConfig) -> Path:
 
     out = Path(config.output_dir)
     base = config.train.replace(output_dir=str(out))
+    base.check_trainable()  # --dtype float16: refused before the warm start
     if base.model is not None:
         base = base.replace(model=str(resolve_model_dir(base.model)))
     out.mkdir(parents=True, exist_ok=True)

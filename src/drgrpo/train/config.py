@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, Literal
 import torch
 
 from drgrpo.config import LossConfig, preset_names
-from drgrpo.field_error import FieldError
+from drgrpo.field_error import FieldError, check_finite_fields
 from drgrpo.train.flags import add_flags, config_flags
 from drgrpo.train.task import TaskConfig
 from drgrpo.train.tiny import TinyModelConfig
@@ -47,6 +46,18 @@ class WarmStartConfig:
     """Seed of the model's initialisation and of the warm-start data order."""
     model: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"prefix": "tiny-"})
     """Shape of the built-in model."""
+
+    def __post_init__(self) -> None:
+        check_finite_fields(self)
+        for name in ("steps", "check_every", "batch_size"):
+            if getattr(self, name) < 1:
+                raise FieldError(WarmStartConfig, name, f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.target_accuracy <= 1:
+            raise FieldError(
+                WarmStartConfig, "target_accuracy", f"target_accuracy must be in [0, 1], got {self.target_accuracy}"
+            )
+        if not self.lr > 0:
+            raise FieldError(WarmStartConfig, "lr", f"lr must be > 0, got {self.lr}")
 
 
 @dataclass(frozen=True)
@@ -108,7 +119,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0: no clipping; the norm is logged either way)."""
+    """Clip the global gradient norm to this (0 turns clipping off; the norm is logged either way)."""
     fused: bool = False
     """Compute log-probs from the hidden states in chunks (drgrpo.fused) instead of from the full logits: less
     memory for a large vocabulary."""
@@ -121,11 +132,13 @@ class TrainConfig:
     """CPU threads torch uses; 0: one for the built-in model (its operations are too small to split, and spare
     cores keep it fast on a busy machine), torch's own choice with ``model``."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Data type of the parameters."""
+    """Data type of the parameters: float32 or bfloat16 (float16 cannot train: it needs float32 master weights
+    and loss scaling, which drgrpo does not do; drgrpo eval takes it)."""
     eval_every: int = 25
     """Evaluate on the held-out prompts every this many steps, and at step 0 and at the end (0: never)."""
     eval_size: int = 200
-    """Held-out prompts per evaluation (the first ones of the held-out set)."""
+    """Held-out prompts per evaluation (the first ones of the held-out set); at least 1 while evaluation is on
+    (``eval_every`` 0 turns it off)."""
     eval_temperature: float = 0.0
     """Sampling temperature of evaluation (0: greedy)."""
     eval_sampled: bool = True
@@ -156,6 +169,7 @@ class TrainConfig:
     """The supervised warm start of the built-in model (used when no model is given)."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)  # --lr nan, --reward-weights inf, ...: refused like any bad value
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "micro_batch_size")
         for name in positive:
             value = getattr(self, name)
@@ -170,11 +184,18 @@ class TrainConfig:
                 TrainConfig, "keep_checkpoints", f"keep_checkpoints must be >= 0 (0: keep all), got {keep!r}"
             )
         timeout = self.reward_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < math.inf:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:  # NaN, inf: above
             raise FieldError(
                 TrainConfig,
                 "reward_timeout",
                 f"reward_timeout must be a number of seconds >= 0 (0: no limit), got {timeout!r}",
+            )
+        for name in ("lr", "weight_decay", "eval_temperature"):
+            if getattr(self, name) < 0:
+                raise FieldError(TrainConfig, name, f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.grad_clip < 0:
+            raise FieldError(
+                TrainConfig, "grad_clip", f"grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}"
             )
         if not self.temperature > 0:
             raise FieldError(
@@ -182,12 +203,15 @@ class TrainConfig:
             )
         if not 0 < self.top_p <= 1:
             raise FieldError(TrainConfig, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
-        if self.eval_temperature < 0:
-            raise FieldError(
-                TrainConfig, "eval_temperature", f"eval_temperature must be >= 0, got {self.eval_temperature}"
-            )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise FieldError(TrainConfig, "dtype", f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.eval_size == 0 and self.eval_every:
+            raise FieldError(
+                TrainConfig,
+                ("eval_size", "eval_every"),
+                f"eval_size 0 with eval_every {self.eval_every} would evaluate no prompt; "
+                "to turn evaluation off, set eval_every 0",
+            )
         if self.reward_weights and len(self.reward_weights) != max(len(self.rewards), 1):
             raise FieldError(
                 TrainConfig,
@@ -207,6 +231,22 @@ class TrainConfig:
                 f"max_completion_length {length} (a loss override) disagrees with max_new_tokens "
                 f"{self.max_new_tokens}: Dr. GRPO's constant L is the generation budget, so the loss takes it "
                 "from max_new_tokens",
+            )
+
+    def check_trainable(self) -> None:
+        """Refuse what this configuration can describe but not train (``drgrpo eval`` may still use it).
+
+        ``--dtype float16``: AdamW on float16 weights breaks at the first step (its eps 1e-8 rounds to 0 in
+        float16, so a parameter with a zero second moment gets an infinite update); float16 training needs
+        float32 master weights and loss scaling, which drgrpo does not do. bfloat16 has float32's range.
+        """
+        if self.dtype == "float16":
+            raise FieldError(
+                TrainConfig,
+                "dtype",
+                "dtype float16 cannot train: AdamW on float16 weights turns them non-finite (its eps 1e-8 is 0 "
+                "in float16) and float16 training needs float32 master weights and loss scaling, which drgrpo "
+                "does not do; use dtype bfloat16 (same memory, float32's range) or float32",
             )
 
     def loss_config(self) -> LossConfig:
@@ -349,6 +389,17 @@ class EvalConfig:
     """Seed of sampled evaluation."""
     json: bool = False
     """Print one JSON object instead of a table."""
+
+    def __post_init__(self) -> None:
+        check_finite_fields(self)
+        if self.eval_size is not None and self.eval_size < 1:
+            raise FieldError(EvalConfig, "eval_size", f"eval_size must be >= 1 (prompts), got {self.eval_size}")
+        if self.eval_temperature is not None and self.eval_temperature < 0:
+            raise FieldError(
+                EvalConfig, "eval_temperature", f"eval_temperature must be >= 0, got {self.eval_temperature}"
+            )
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise FieldError(EvalConfig, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
         """``base`` (the evaluated run's configuration) with the fields set here."""

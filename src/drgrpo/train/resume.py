@@ -84,7 +84,7 @@ class RunStart:
 def plan_run(config: TrainConfig) -> RunStart:
     """How ``config`` starts: a new run, or the checkpoint of ``config.resume`` checked whole, with the flags that
     changed. Only reads. Raises ValueError (a :class:`~drgrpo.train.checkpoint.CheckpointError` for a damaged
-    checkpoint) listing the refused flags; :func:`check_output_dir` checks the output directory, under its lock.
+    checkpoint) listing the refused flags; :func:`check_run_dir` checks the output directory, under its lock.
     """
     if not config.resume:
         return RunStart()
@@ -118,7 +118,7 @@ def plan_run(config: TrainConfig) -> RunStart:
     )
 
 
-def check_output_dir(out_dir: Path, start: RunStart, warn: Callable[[str], None] | None = None) -> None:
+def check_run_dir(out_dir: Path, start: RunStart, warn: Callable[[str], None] | None = None) -> None:
     """Raise ValueError unless ``out_dir`` may take the run ``start`` describes (call it holding the directory's
     lock): a new run or a branch needs a directory without checkpoints; a resume in place needs the checkpoint
     to be the run's newest intact one (newer damaged ones are replaced as the run goes on: ``warn`` says so)."""

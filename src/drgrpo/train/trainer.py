@@ -28,6 +28,7 @@ owns its output directory (:mod:`drgrpo.train.runlock`); resume and branch rules
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 
 from drgrpo.distributed import any_process, global_group_advantages, init_processes, shutdown
+from drgrpo.loss import compute_dtype
 from drgrpo.train.checkpoint import (
     CheckpointWriteFailed,
     clean_stale,
@@ -49,9 +51,10 @@ from drgrpo.train.data import Rewards, load_examples, prompts_for_step
 from drgrpo.train.disk import WriteFailed
 from drgrpo.train.evaluation import held_out_metrics
 from drgrpo.train.metrics import MetricsLog, step_metrics
-from drgrpo.train.model import initial_policy_dir, load_train_state
+from drgrpo.train.model import check_local_code, initial_policy_dir, load_train_state
+from drgrpo.train.preflight import check_device, check_output_dir, check_tensorboard, prompt_check
 from drgrpo.train.progress import ProgressBar
-from drgrpo.train.resume import check_output_dir, plan_run, start_lines
+from drgrpo.train.resume import check_run_dir, plan_run, start_lines
 from drgrpo.train.rollout import generate, prompt_texts
 from drgrpo.train.runlock import hold_run_dir
 from drgrpo.train.seeds import seed_step
@@ -60,8 +63,12 @@ from drgrpo.train.update import TrainState, policy_update
 from drgrpo.train.warmstart import warm_start
 
 COLLECTIVE_FAILURES = (FloatingPointError,)
-"""Errors every process raises at the same point (gradient norms are shared); failures of the rollout, the
-rewards and the evaluation are agreed on (:func:`~drgrpo.train.stopping.agreed`)."""
+"""Errors every process raises at the same point (gradient norms and weights are shared); failures of the rollout,
+the rewards and the evaluation are agreed on (:func:`~drgrpo.train.stopping.agreed`)."""
+
+FAILED_STEP = "drgrpo_failed_step"
+"""Attribute :func:`train` sets on an exception raised after the set-up: the step that failed (the CLI exits with
+code 1 for these, code 2 for a configuration error found before any work)."""
 
 
 @dataclass
@@ -91,11 +98,22 @@ def train(config: TrainConfig) -> TrainResult:
     started = time.perf_counter()
 
     # ---------------------------------------------------------------------------- set-up: errors before any work
+    config.check_trainable()  # --dtype float16
     loss_config = config.loss_config()  # unknown preset or bad override: a ValueError listing the valid ones
     rewards = Rewards.from_specs(config.rewards, config.reward_weights)  # import errors now, not at step 1
-    train_examples, eval_examples = load_examples(config.dataset, config.eval_dataset, config.prompt_field, config.task)
     start = plan_run(config)  # new, resumed or branched: a damaged checkpoint or a refused flag is an error here
+    resume_from = start.checkpoint
     model_dir = resolve_model_dir(config.model) if config.model else None
+    weights_dir = resume_from or model_dir
+    if weights_dir is not None:
+        check_local_code(weights_dir)  # a model that needs its own Python code is refused, never run
+    check = prompt_check(weights_dir, config) if config.dataset or config.eval_dataset else None  # empty, too long
+    train_examples, eval_examples = load_examples(
+        config.dataset, config.eval_dataset, config.prompt_field, config.task, check
+    )
+    check_device(config.device)
+    check_tensorboard(config.tensorboard)
+    check_output_dir(config.output_dir)  # a file, or not writable
     config.apply_torch_settings()  # deterministic algorithms, threads
     procs = init_processes(config.device)  # rank, world size, device; starts the process group under torchrun
     config.check_world_size(procs.world)
@@ -106,6 +124,10 @@ def train(config: TrainConfig) -> TrainResult:
     progress = ProgressBar(False, 0, 0)  # replaced once the run is set up
     G = config.group_size
     doing = "the set-up"  # what the run is doing, for the message of a failure or a signal
+    adv_dtype = compute_dtype(getattr(torch, config.dtype))  # the loss's arithmetic: float32
+    # a reward up to half the dtype's largest value keeps every advantage (at most max - min) finite in it
+    reward_limit = torch.finfo(adv_dtype).max / 2
+    adv_device = procs.device if procs.device.type != "mps" else torch.device("cpu")  # mps has no float64
 
     def evaluate(step: int) -> None:
         nonlocal doing
@@ -126,7 +148,7 @@ def train(config: TrainConfig) -> TrainResult:
                                                 procs.rank, barrier, config.keep_checkpoints)  # fmt: skip
         result.checkpoint_step = step
 
-    owned = hold_run_dir(out_dir, procs, lambda: check_output_dir(out_dir, start))  # a second run is refused
+    owned = hold_run_dir(out_dir, procs, lambda: check_run_dir(out_dir, start))  # a second run is refused
     stop = StopOnSignal(config.reward_timeout, escalate=procs.world == 1)  # SIGINT/SIGTERM: stopping.py
     with owned, stop:
         try:
@@ -159,18 +181,20 @@ def train(config: TrainConfig) -> TrainResult:
                     batch = generate(state.model, state.tokenizer, prompts, G, max_new_tokens=config.max_new_tokens,
                                      temperature=config.temperature, top_p=config.top_p)  # fmt: skip
                     # (B = len(prompts) * G rows, prompt j's completions in rows j*G .. j*G + G - 1)
-                    totals, firsts = rewards(batch.texts, repeat(examples, G), repeat(idx, G))  # B floats each
+                    totals, firsts = rewards(batch.texts, repeat(examples, G), repeat(idx, G), reward_limit)  # (B,)
 
                 # ---------------------------------------------------------------- advantages
-                # Dr. GRPO: A_i = r_i - mean_group(r), no std division (the preset's advantage_std = "none")
-                advantages = global_group_advantages(torch.tensor(totals, device=procs.device), G, loss_config)  # (B,)
+                # Dr. GRPO: A_i = r_i - mean_group(r), no std division (the preset's advantage_std = "none"),
+                # from the float64 rewards (1e8 + r has the advantages of r), then in the loss's dtype
+                rewards64 = torch.tensor(totals, dtype=torch.float64, device=adv_device)  # (B,)
+                advantages = global_group_advantages(rewards64, G, loss_config).to(procs.device, adv_dtype)  # (B,)
 
                 # ---------------------------------------------------------------- policy update
                 update = policy_update(state, batch, advantages, loss_config, config, step)
 
                 # ---------------------------------------------------------------- log
                 result.last_metrics = step_metrics(
-                    step, batch, totals, firsts, update, config, procs, state.ref_model is not None,
+                    step, batch, totals, firsts, advantages, update, config, procs, state.ref_model is not None,
                     seconds=time.perf_counter() - step_started, elapsed=time.perf_counter() - started,
                 )  # fmt: skip
                 log(result.last_metrics)  # (saved with the step's checkpoint too, should the write fail)
@@ -193,6 +217,9 @@ def train(config: TrainConfig) -> TrainResult:
             save_after_failure(exc, state, result, save, doing)
             result.interrupted = True
         except Exception as exc:
+            if state is not None:  # after the set-up: a failed step (exit 1), not a configuration error (exit 2)
+                with contextlib.suppress(AttributeError):  # (an exception class with __slots__ takes no attribute)
+                    setattr(exc, FAILED_STEP, result.step + 1)
             save_after_failure(exc, state, result, save, doing)
             raise
         finally:
@@ -231,10 +258,9 @@ def save_after_failure(
         if isinstance(exc, Interrupted):
             print(f"drgrpo: {exc} before the first step; nothing to save", file=sys.stderr)
         return
-    if state.step is None:
-        print(
-            f"drgrpo: {where} while updating the weights; the last checkpoint is {result.checkpoint}", file=sys.stderr
-        )
+    if state.step is None:  # the weights may be half-updated or non-finite: never saved
+        last = f"the last checkpoint is {result.checkpoint}" if result.checkpoint else "no checkpoint was written yet"
+        print(f"drgrpo: {where} while updating the weights (not saved); {last}", file=sys.stderr)
         return
     if isinstance(exc, CheckpointWriteFailed):
         return  # its message names the last intact checkpoint
