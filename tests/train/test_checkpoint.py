@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from drgrpo.train.checkpoint import (
     STATE_FILE,
+    CheckpointError,
     clean_stale,
     find_checkpoint,
     load_optimizer_state,
@@ -21,23 +23,36 @@ from drgrpo.train.cli import main
 
 
 def fake_checkpoint(root: Path, step: int) -> Path:
+    """A small checkpoint whose files are whole: trainer state, config, weights, optimizer state."""
     ckpt = root / f"step_{step:06d}"
     ckpt.mkdir(parents=True)
     (ckpt / STATE_FILE).write_text(json.dumps({"step": step}))
     (ckpt / "config.json").write_text("{}")
+    weight = torch.nn.Parameter(torch.full((3, 2), float(step)))
+    save_file({"weight": weight.detach()}, str(ckpt / "model.safetensors"))
+    optimizer = torch.optim.AdamW([weight])
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    torch.save(optimizer.state_dict(), ckpt / "optimizer.pt")
     return ckpt
 
 
-def test_every_name_of_a_checkpoint_resolves(tmp_path: Path):
+def test_every_name_of_a_run_resolves_to_its_newest_checkpoint(tmp_path: Path):
     run = tmp_path / "run"
     first, second = fake_checkpoint(run / "checkpoints", 1), fake_checkpoint(run / "checkpoints", 2)
-    point_latest(run / "checkpoints", first)  # latest names step 1 although step 2 exists: latest wins
-    for name in (run, run / "checkpoints", run / "checkpoints" / "latest", first):
-        assert find_checkpoint(name) == first, name
-        assert resolve_model_dir(name) == first, name
-    assert find_checkpoint(second) == second
+    point_latest(run / "checkpoints", second)
+    for name in (run, run / "checkpoints", run / "checkpoints" / "latest", second):
+        assert find_checkpoint(name) == second, name
+        assert resolve_model_dir(name) == second, name
+    assert find_checkpoint(first) == first
+    # a write cut between renaming step 2 into place and updating latest: latest still names step 1, and step 2,
+    # complete, is the run's newest (a run's checkpoints are one history: a resume never leaves later ones behind)
+    point_latest(run / "checkpoints", first)
+    assert find_checkpoint(run) == second
     (run / "checkpoints" / "latest").unlink()  # without latest: the newest step
     assert find_checkpoint(run) == second
+    fake_checkpoint(run / "checkpoints", 1000000)  # numbers past the six digits of the name sort as numbers
+    assert find_checkpoint(run).name == "step_1000000"
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text("{}")
@@ -46,6 +61,23 @@ def test_every_name_of_a_checkpoint_resolves(tmp_path: Path):
         resolve_model_dir(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="neither a Hugging Face model directory"):
         resolve_model_dir(tmp_path)
+
+
+def test_a_latest_naming_anything_but_a_checkpoint_of_its_run_is_refused(tmp_path: Path):
+    other = fake_checkpoint(tmp_path / "other" / "checkpoints", 5)
+    run = tmp_path / "run"
+    fake_checkpoint(run / "checkpoints", 1)
+    (run / "checkpoints" / "step_000009").symlink_to(other, target_is_directory=True)  # a link out of the run
+    latest = run / "checkpoints" / "latest"
+    for text in ("../../other/checkpoints/step_000005", str(other), "step_000009", "step_000001/.."):
+        latest.write_text(text + "\n")
+        with pytest.raises(CheckpointError) as info:
+            find_checkpoint(run)
+        message = str(info.value)
+        assert message.startswith(f"{latest} names {text!r}, which is not a checkpoint of this run"), message
+        assert "\n" not in message
+        with pytest.raises(CheckpointError):
+            resolve_model_dir(latest)
 
 
 class Payload:

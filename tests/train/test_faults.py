@@ -2,9 +2,9 @@
 
 Every scenario runs the tiny built-in setting for 6 steps, breaks it at one moment, resumes it with
 ``drgrpo train --resume RUN`` and compares the final weights, optimizer state and metrics with an
-uninterrupted run of the same configuration. Exceptions (a reward that raises, a NaN loss, an
-out-of-memory error) must leave the last completed step on disk and exit non-zero with the cause; a
-SIGKILL (no chance to save) must leave the checkpoints consistent, whatever it interrupted.
+uninterrupted run of the same configuration (the ``reference`` fixture, conftest.py). Exceptions (a reward
+that raises, a NaN loss, an out-of-memory error) must leave the last completed step on disk and exit non-zero
+with the cause; a SIGKILL (no chance to save) must leave the checkpoints consistent, whatever it interrupted.
 """
 
 from __future__ import annotations
@@ -26,13 +26,6 @@ from drgrpo.train.cli import main
 
 STEPS = ["--steps", "6", "--eval-every", "0", "--checkpoint-every", "2"]
 TIMING = {"time", "step_time", "tokens_per_s"}
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("reference") / "run"
-    assert main(["train", "--output-dir", str(run), *STEPS, *TINY]) == 0
-    return run
 
 
 def metrics(run: Path) -> list[dict]:

@@ -209,6 +209,7 @@ def test_a_checkpoint_that_needs_remote_code_is_refused_on_resume(tmp_path: Path
     ckpt = with_auto_map(save_tiny(tmp_path / "run" / "checkpoints" / "step_000001"), "drgrpo_custom_model")
     state = {"step": 1, "train_config": TrainConfig(output_dir=str(tmp_path / "run")).to_dict(), "init_model": ""}
     (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    torch.save(torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))]).state_dict(), ckpt / "optimizer.pt")  # whole
     line = refused(capsys, "--resume", str(tmp_path / "run"))
     assert f"{ckpt}: needs remote code: config.json has auto_map" in line
     assert not (ckpt / "CODE_RAN").exists()

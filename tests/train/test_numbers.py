@@ -42,12 +42,13 @@ def numpy_advantages(rewards: list[float], group_size: int) -> np.ndarray:
 def recorded_run(run: Path, monkeypatch: pytest.MonkeyPatch, reward: str) -> tuple[list, list, list[dict]]:
     """train() on the tiny task for 3 steps; (rewards, advantages) of every step and the metrics lines."""
     import drgrpo.train.trainer as trainer
+    from drgrpo.train.data import Rewards
 
     rewards, advantages = [], []
-    real_score, real_update = trainer.score, trainer.policy_update
+    real_score, real_update = Rewards.__call__, trainer.policy_update
 
-    def score(*args, **kwargs):
-        totals, firsts = real_score(*args, **kwargs)
+    def score(self, *args, **kwargs):  # the step's rewards (the runs here do not evaluate)
+        totals, firsts = real_score(self, *args, **kwargs)
         rewards.append(list(totals))
         return totals, firsts
 
@@ -56,7 +57,7 @@ def recorded_run(run: Path, monkeypatch: pytest.MonkeyPatch, reward: str) -> tup
         return real_update(state, batch, adv, *args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(trainer, "score", score)
+        patch.setattr(Rewards, "__call__", score)
         patch.setattr(trainer, "policy_update", policy_update)
         train(tiny(run, steps=3, rewards=(reward,)))
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -144,5 +145,5 @@ def test_float16_is_refused_by_compare_before_the_warm_start(tmp_path: Path) -> 
 def test_compare_refuses_a_non_finite_beta() -> None:
     from drgrpo.train.compare import CompareConfig
 
-    with pytest.raises(ValueError, match="^beta must be a finite number, got nan"):
+    with pytest.raises(ValueError, match=r"^beta must be a finite number, got nan"):
         CompareConfig(beta=math.nan)

@@ -136,8 +136,8 @@ def test_a_reward_failing_on_one_process_stops_both_after_saving(tmp_path: Path,
     returncode, err = torchrun(cmd, env)
     assert returncode != 0
     assert "reward one_rank_fails:right raised KeyError: 'no such field'" in err  # rank 1's own error
-    assert "a reward raised on another process" in err  # rank 0 stopped too, at the same point
-    assert "step 3 failed (RewardError); the last completed step is saved in" in err
+    assert "process 1 of 2 failed (see its error); every process stopped at the same point" in err  # rank 0 too
+    assert "step 3 failed (FailedElsewhere); the last completed step is saved in" in err  # rank 0 saved it
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert checkpoints == ["latest", "step_000002"]
     state = json.loads((run / "checkpoints" / "step_000002" / "trainer_state.json").read_text())

@@ -16,30 +16,71 @@ Atomicity: a checkpoint is written into a temporary directory and renamed into p
 checkpoint or the new one, never a half-written one; :func:`clean_stale` removes what a killed
 write left behind, and restores a checkpoint whose replacement was cut short.
 
+A run's history is one line of checkpoints: the run's checkpoint is its newest ``step_*``, which ``latest``
+names too (a write cut between the rename and the update of ``latest`` leaves a newer complete checkpoint, which
+is the run's). ``latest`` naming anything but a checkpoint directory of its own run is refused. With
+``keep_checkpoints = N`` only the newest N are kept, removed after a new one is complete, never the newest.
+
 Nothing is unpickled: the weights are safetensors, the optimizer state is read with
 ``torch.load(..., weights_only=True)`` (a file carrying anything but tensors, numbers, strings,
 lists and dicts is refused with an error), and the rest is JSON.
+
+Reading: :func:`checkpoint_problem` checks a checkpoint's files without reading its tensors (the sizes that
+the safetensors headers and the zip directory of ``optimizer.pt`` promise, the JSON files), so a checkpoint cut
+short by a full disk or a copy is refused with one line naming the file, what is wrong, and the newest intact
+checkpoint (:func:`check_checkpoint`). A failed write says "No space left on device" when that is the reason
+(:mod:`drgrpo.train.disk`), removes its temporary directory and names the last intact checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import pickle
+import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from drgrpo.train.disk import WriteFailed, free_bytes, write_error
+from drgrpo.train.stopping import deferred
+
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 LATEST = "latest"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+STEP_NAME = re.compile(r"step_(\d+)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: a file missing or damaged (the message names it and the newest intact
+    checkpoint), or a ``latest`` that names something else than a checkpoint of its run."""
+
+
+class CheckpointWriteFailed(WriteFailed):
+    """A checkpoint could not be written (the message says why and names the last intact checkpoint)."""
 
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
+
+
+def checkpoints_of(root: str | Path) -> list[Path]:
+    """The checkpoint directories ``root/step_N`` (those with a state file; not links, which lead out of the run),
+    oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [
+        p for p in root.iterdir() if STEP_NAME.fullmatch(p.name) and not p.is_symlink() and (p / STATE_FILE).is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
 def save_checkpoint(
@@ -49,36 +90,75 @@ def save_checkpoint(
     tokenizer: Any,
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
+    keep: int = 0,
 ) -> Path:
     """Write ``root/step_{step:06d}`` atomically and point ``root/latest`` at it; returns its path.
 
     ``state`` (JSON-serialisable: the configs, the initial model, the world size) goes into
-    ``trainer_state.json`` beside ``step``.
+    ``trainer_state.json`` beside ``step``. ``keep`` > 0 then removes all but the newest ``keep`` checkpoints.
+    Raises :class:`~drgrpo.train.disk.WriteFailed` when the disk has less free space than the checkpoint's
+    tensors take (before writing anything) or a write fails, naming the reason and the last intact checkpoint;
+    what the failed write left is removed, and nothing else.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = root / f".tmp_{final.name}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write_files(tmp, step, model, tokenizer, optimizer, state)
-    publish(tmp, final)
-    point_latest(root, final)
+    needed = checkpoint_bytes(model, optimizer)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        free = free_bytes(root)
+        if free is not None and free < needed:
+            raise OSError(errno.ENOSPC, "No space left on device")  # before writing: never fill the disk
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        write_files(tmp, step, model, tokenizer, optimizer, state)
+        publish(tmp, final)
+        point_latest(root, final)
+    except Exception as exc:
+        error = write_error(f"the checkpoint of step {step} to {root}", exc, root, needed)
+        shutil.rmtree(tmp, ignore_errors=True)
+        intact = [p for p in checkpoints_of(root) if checkpoint_problem(p) is None]
+        last = f"the last intact checkpoint is {intact[-1]}" if intact else "no checkpoint was written before"
+        raise CheckpointWriteFailed(f"{error}; {last}") from exc
+    if keep > 0:
+        prune(root, keep, final)
     return final
 
 
+def checkpoint_bytes(model: Any, optimizer: torch.optim.Optimizer) -> int:
+    """About the bytes a checkpoint of ``model`` and ``optimizer`` takes on disk (their tensors, each once)."""
+    tensors = {t.data_ptr(): t for t in model.state_dict().values() if isinstance(t, torch.Tensor)}
+    for per_param in optimizer.state.values():
+        tensors.update({t.data_ptr(): t for t in per_param.values() if isinstance(t, torch.Tensor) and t.dim()})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def prune(root: Path, keep: int, newest: Path) -> list[Path]:
+    """Remove all but the newest ``keep`` checkpoints of ``root``, never ``newest`` (the one just written, which
+    ``latest`` names). Each is renamed aside, then deleted, so that a process killed meanwhile leaves nothing that
+    looks like a checkpoint. Returns the removed ones."""
+    removed = [p for p in checkpoints_of(root)[:-keep] if p != newest]
+    for ckpt in removed:
+        aside = root / f".pruned_{ckpt.name}_{os.getpid()}"
+        ckpt.rename(aside)
+        shutil.rmtree(aside)
+    return removed
+
+
 def save_run_checkpoint(
-    out_dir: Path, step: int, state: Any, extra_state: dict[str, Any], rank: int, barrier: bool = True
+    out_dir: Path, step: int, state: Any, extra_state: dict[str, Any], rank: int, barrier: bool = True, keep: int = 0
 ) -> Path | None:
     """The trainer's save: rank 0 writes ``out_dir/checkpoints/step_N`` from ``state`` (a TrainState), then every
-    process waits for it (``barrier``). Returns the checkpoint on rank 0, None elsewhere."""
+    process waits for it (``barrier``). Returns the checkpoint on rank 0, None elsewhere. Signals wait for the
+    end of the write (:func:`~drgrpo.train.stopping.deferred`)."""
     path = None
-    if rank == 0:
-        path = save_checkpoint(
-            out_dir / "checkpoints", step, state.model, state.tokenizer, state.optimizer, extra_state
-        )
-    if barrier and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    with deferred():
+        if rank == 0:
+            path = save_checkpoint(
+                out_dir / "checkpoints", step, state.model, state.tokenizer, state.optimizer, extra_state, keep
+            )
+        if barrier and torch.distributed.is_initialized():
+            torch.distributed.barrier()
     return path
 
 
@@ -112,7 +192,8 @@ def point_latest(root: Path, final: Path) -> None:
 
 
 def clean_stale(root: str | Path) -> list[Path]:
-    """Remove what killed writes left in ``root`` (temporary directories and files); returns what was removed.
+    """Remove what killed writes left in ``root`` (temporary directories and files, checkpoints being pruned);
+    returns what was removed.
 
     A checkpoint set aside by an interrupted replacement (``.old_step_N_*`` with no ``step_N``) is
     renamed back instead. Call it on one process, when no other process is writing checkpoints.
@@ -128,7 +209,7 @@ def clean_stale(root: str | Path) -> list[Path]:
         else:
             shutil.rmtree(old)
             removed.append(old)
-    for tmp in sorted(root.glob(".tmp_*")) + sorted(root.glob(".latest_*")):
+    for tmp in sorted(root.glob(".tmp_*")) + sorted(root.glob(".latest_*")) + sorted(root.glob(".pruned_*")):
         if tmp.is_dir():
             shutil.rmtree(tmp)
         else:
@@ -138,11 +219,11 @@ def clean_stale(root: str | Path) -> list[Path]:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint named by ``path``: a checkpoint directory, a run directory, its ``checkpoints/``
-    directory, or a ``latest`` file.
+    """The checkpoint named by ``path``: a checkpoint directory, or a run directory, its ``checkpoints/``
+    directory or its ``latest`` file, which all name the run's newest checkpoint.
 
-    A run directory (or ``checkpoints/``) gives the checkpoint ``latest`` names, or the newest
-    ``step_*`` when ``latest`` is missing or names a checkpoint that is not there.
+    Raises FileNotFoundError when there is none, and :class:`CheckpointError` when ``latest`` names something
+    else than a checkpoint directory of its own run (a path, another run's checkpoint, a link out of the run).
     """
     path = Path(path)
     if path.is_file() and path.name == LATEST:
@@ -150,12 +231,8 @@ def find_checkpoint(path: str | Path) -> Path:
     if (path / STATE_FILE).is_file():
         return path
     for root in (path / "checkpoints", path):
-        latest = root / LATEST
-        if latest.is_file():
-            ckpt = root / latest.read_text().strip()
-            if (ckpt / STATE_FILE).is_file():
-                return ckpt
-        steps = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file()) if root.is_dir() else []
+        check_latest(root)
+        steps = checkpoints_of(root)
         if steps:
             return steps[-1]
     raise FileNotFoundError(
@@ -164,17 +241,33 @@ def find_checkpoint(path: str | Path) -> Path:
     )
 
 
+def check_latest(root: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``root/latest`` (if there) names a checkpoint directory in ``root``."""
+    latest = root / LATEST
+    if not latest.is_file():
+        return
+    name = latest.read_text().strip()
+    inside = STEP_NAME.fullmatch(name) is not None and (root / name).resolve().parent == root.resolve()
+    if not inside:
+        raise CheckpointError(
+            f"{latest} names {name!r}, which is not a checkpoint of this run (expected the name of a directory "
+            f"step_NNNNNN in {root}); refused so that no other run's files are read or rewritten. Point it at "
+            "one of this run's checkpoints, or delete it (the newest step_* is then the run's checkpoint)"
+        )
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """A Hugging Face model directory from ``path``: a model directory itself (it has ``config.json``),
     or a checkpoint named as :func:`find_checkpoint` accepts (a run directory, ``checkpoints/latest``).
 
-    Raises FileNotFoundError when ``path`` is none of these.
+    Raises FileNotFoundError when ``path`` is none of these, and :class:`CheckpointError` when its weights or
+    configuration are damaged (:func:`check_checkpoint`; the optimizer state is not needed here).
     """
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
-        return path
+        return check_checkpoint(path, optimizer=False)
     try:
-        return find_checkpoint(path)
+        return check_checkpoint(find_checkpoint(path), optimizer=False)
     except FileNotFoundError:
         pass
     if not path.exists():
@@ -190,8 +283,15 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def read_state(ckpt: str | Path) -> dict[str, Any]:
-    """The ``trainer_state.json`` of a checkpoint."""
-    return dict(json.loads((Path(ckpt) / STATE_FILE).read_text()))
+    """The ``trainer_state.json`` of a checkpoint (:class:`CheckpointError` naming the file when it is damaged)."""
+    path = Path(ckpt) / STATE_FILE
+    problem = _json_problem(path)
+    if problem is not None:
+        raise CheckpointError(problem)
+    state = json.loads(path.read_text())
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{path} is not a drgrpo trainer state (expected a JSON object with an integer 'step')")
+    return state
 
 
 def load_optimizer_state(ckpt: str | Path, device: torch.device) -> dict[str, Any]:
@@ -200,6 +300,9 @@ def load_optimizer_state(ckpt: str | Path, device: torch.device) -> dict[str, An
     Raises ValueError naming the file when it holds anything else than tensors and plain data.
     """
     path = Path(ckpt) / OPTIMIZER_FILE
+    problem = _torch_file_problem(path)
+    if problem is not None:
+        raise CheckpointError(problem)
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -215,3 +318,101 @@ def load_optimizer_state(ckpt: str | Path, device: torch.device) -> dict[str, An
 def config_state(train_config: Any, loss_config: Any, **extra: Any) -> dict[str, Any]:
     """The JSON part of a checkpoint: the train config, the resolved loss config and ``extra``."""
     return {"train_config": train_config.to_dict(), "loss_config": dataclasses.asdict(loss_config), **extra}
+
+
+# ----------------------------------------------------------------------------- is a checkpoint whole?
+
+
+def checkpoint_problem(ckpt: str | Path, optimizer: bool = True) -> str | None:
+    """What is wrong with the files of a checkpoint (or of a Hugging Face model directory), or None.
+
+    Cheap: no tensor is read. The JSON files must parse; every safetensors file must be as long as its header
+    says; ``optimizer.pt`` (checked when ``optimizer``) must be a whole zip archive, as ``torch.save`` writes it.
+    A drgrpo checkpoint (it has ``trainer_state.json``) must have its weights and its optimizer state.
+    """
+    ckpt = Path(ckpt)
+    ours = (ckpt / STATE_FILE).exists()
+    files = [ckpt / "config.json"] + ([ckpt / STATE_FILE] if ours else [])
+    for path in files:
+        problem = _json_problem(path)
+        if problem is not None:
+            return problem
+    weights = _weights_files(ckpt)
+    if ours and not weights:
+        return f"{ckpt / WEIGHTS_FILE} is missing"
+    for path in weights:
+        problem = _safetensors_problem(path)
+        if problem is not None:
+            return problem
+    if ours and optimizer:
+        return _torch_file_problem(ckpt / OPTIMIZER_FILE)
+    return None
+
+
+def check_checkpoint(ckpt: str | Path, optimizer: bool = True) -> Path:
+    """``ckpt`` if its files are whole (:func:`checkpoint_problem`), else :class:`CheckpointError`: the file, what is
+    wrong with it, and the newest intact checkpoint of the same run."""
+    ckpt = Path(ckpt)
+    problem = checkpoint_problem(ckpt, optimizer)
+    if problem is None:
+        return ckpt
+    intact = [p for p in checkpoints_of(ckpt.parent) if p != ckpt and checkpoint_problem(p, optimizer) is None]
+    hint = f"the newest intact checkpoint is {intact[-1]}" if intact else f"no intact checkpoint in {ckpt.parent}"
+    raise CheckpointError(f"{problem}; {hint}")
+
+
+def _weights_files(model_dir: Path) -> list[Path]:
+    index = model_dir / WEIGHTS_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return [index]  # reported by _safetensors_problem as a damaged header
+        return [model_dir / name for name in shards]
+    return [model_dir / WEIGHTS_FILE] if (model_dir / WEIGHTS_FILE).exists() else []
+
+
+def _json_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return f"{path} is missing"
+    try:
+        json.loads(path.read_text())
+    except UnicodeDecodeError:
+        return f"{path} is damaged (not UTF-8 text)"
+    except ValueError as exc:
+        return f"{path} is cut off or damaged (not valid JSON: {exc})"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    if size == 0:
+        return f"{path} is empty"
+    with path.open("rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else size
+        if 8 + header_len > size:
+            return f"{path} is cut off or damaged ({size} bytes, shorter than its own header)"
+        try:
+            header = json.loads(f.read(header_len))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return f"{path} is damaged (its safetensors header is not valid)"
+    expected = 8 + header_len + end
+    if size < expected:
+        return f"{path} is cut off ({size} of the {expected} bytes its header describes)"
+    if size > expected:
+        return f"{path} is damaged ({size} bytes where its header describes {expected})"
+    return None
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return f"{path} is missing"
+    if path.stat().st_size == 0:
+        return f"{path} is empty"
+    if not zipfile.is_zipfile(path):
+        return f"{path} is cut off or damaged (not a whole torch.save archive)"
+    return None

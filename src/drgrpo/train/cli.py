@@ -39,11 +39,13 @@ from typing import Any
 
 from drgrpo.config import LossConfig, preset_names
 from drgrpo.field_error import FieldError
-from drgrpo.train.checkpoint import find_checkpoint, read_state
+from drgrpo.train.checkpoint import check_checkpoint, find_checkpoint, read_state
 from drgrpo.train.compare import CompareConfig
 from drgrpo.train.config import EvalConfig, TrainConfig
 from drgrpo.train.data import RewardError
+from drgrpo.train.disk import WriteFailed
 from drgrpo.train.flags import Flag, add_flags, flag_names, given, nested_replace, parse_with_config
+from drgrpo.train.stopping import FailedElsewhere, Interrupted
 
 LOSS_SKIP = ("name", "per_call_normalization")
 """LossConfig fields that are not flags: the preset's name, and a property of peer presets."""
@@ -239,7 +241,7 @@ def train_config_from_args(ns: argparse.Namespace) -> TrainConfig:
     groups = with_length_alias(given(ns))
     resume = groups.get("train", {}).get("resume")
     if resume:
-        ckpt = find_checkpoint(resume)
+        ckpt = check_checkpoint(find_checkpoint(resume))  # a damaged one: the file, and the newest intact one
         base = TrainConfig.from_dict(read_state(ckpt)["train_config"])
         groups["train"].setdefault("output_dir", str(ckpt.parent.parent))
     else:
@@ -280,8 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in plot_run(Path(ns.run_dir), smooth=ns.smooth):
                 print(path)
             return 0
-    except (RewardError, FloatingPointError) as exc:  # a failed step (anything else: Python's own traceback)
-        return _failure(exc)
+    except (RewardError, FloatingPointError, WriteFailed, FailedElsewhere) as exc:  # a failed step (anything
+        return _failure(exc, ns.command)  # else: Python's own traceback)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         from drgrpo.train.trainer import FAILED_STEP
 
@@ -290,6 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = exc.renamed(getattr(ns, "flag_names", {})) if isinstance(exc, FieldError) else str(exc)
         print(f"drgrpo {ns.command}: error: {message}", file=sys.stderr)  # configuration errors: one line, with flags
         return 2
+    except (KeyboardInterrupt, Interrupted):  # a signal outside a run's steps (which stop with 130 themselves)
+        print(f"drgrpo {ns.command}: stopped by a signal", file=sys.stderr)
+        return 130
     return 1
 
 
@@ -301,10 +306,10 @@ def _train(config: TrainConfig) -> int:
         first = result.evals[0]["eval/accuracy"] if result.evals else None
         last = result.evals[-1]["eval/accuracy"] if result.evals else None
         print(
-            f"done: step {result.step} in {result.seconds:.1f}s"
+            ("stopped by a signal" if result.interrupted else "done")
+            + f": step {result.step} in {result.seconds:.1f}s"
             + (f", held-out accuracy {first:.3f} -> {last:.3f}" if first is not None and last is not None else "")
             + f"; metrics {result.output_dir / 'metrics.jsonl'}; checkpoint {result.checkpoint}"
-            + (" (interrupted)" if result.interrupted else "")
         )
     return 130 if result.interrupted else 0
 
@@ -325,14 +330,15 @@ def _eval(config: EvalConfig) -> int:
     return 0
 
 
-def _failure(exc: BaseException) -> int:
+def _failure(exc: BaseException, command: str = "train") -> int:
     """A failure during training: its cause in one paragraph, with the user's own traceback for a reward."""
     cause = exc.__cause__
     if isinstance(exc, RewardError) and cause is not None:
         frames = traceback.extract_tb(cause.__traceback__)[1:]  # drop drgrpo's call_reward frame: the user's code
         print("Traceback of the reward (most recent call last):", file=sys.stderr)
         print("".join(traceback.format_list(frames)).rstrip(), file=sys.stderr)
-    print(f"drgrpo train: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    kind = "" if isinstance(exc, (WriteFailed, FailedElsewhere)) else f"{type(exc).__name__}: "  # says it all
+    print(f"drgrpo {command}: error: {kind}{exc}", file=sys.stderr)
     return 1
 
 

@@ -146,11 +146,17 @@ class TrainConfig:
     checkpoint_every: int = 50
     """Save a checkpoint every this many steps; also at the end and when stopped by SIGINT or SIGTERM (0: only
     then)."""
+    keep_checkpoints: int = 0
+    """Keep only the newest this many checkpoints, removing older ones once a new one is written (0: keep all, the
+    default: a run's checkpoints are its history, and a full disk stops the run with a clear message instead)."""
     resume: str | None = None
     """Continue an earlier run exactly: its output directory, its checkpoints/latest or one checkpoint. Not set: a
     new run."""
     ref_kl: bool = True
     """Keep a frozen copy of the initial model to log the policy's KL to it, even without a KL penalty."""
+    reward_timeout: float = 0.0
+    """Seconds a single reward call may take: a call that takes longer is abandoned and fails the step, after the
+    last completed step is saved (exit code 1). 0: no limit."""
     progress: bool = True
     """Show a progress bar (on the first process only)."""
     tensorboard: bool = False
@@ -172,6 +178,18 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every", "warmup_steps", "eval_size", "threads"):
             if getattr(self, name) < 0:
                 raise FieldError(TrainConfig, name, f"{name} must be >= 0, got {getattr(self, name)!r}")
+        keep = self.keep_checkpoints
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise FieldError(
+                TrainConfig, "keep_checkpoints", f"keep_checkpoints must be >= 0 (0: keep all), got {keep!r}"
+            )
+        timeout = self.reward_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:  # NaN, inf: above
+            raise FieldError(
+                TrainConfig,
+                "reward_timeout",
+                f"reward_timeout must be a number of seconds >= 0 (0: no limit), got {timeout!r}",
+            )
         for name in ("lr", "weight_decay", "eval_temperature"):
             if getattr(self, name) < 0:
                 raise FieldError(TrainConfig, name, f"{name} must be >= 0, got {getattr(self, name)}")
@@ -303,20 +321,43 @@ class TrainConfig:
         )
         return values
 
-    def write(self, out_dir: str | Path) -> Path:
-        """Write ``out_dir/config.yaml`` (creating ``out_dir``): every flag of this run, for ``--config``."""
+    def write(self, out_dir: str | Path, notes: Iterable[str] = ()) -> Path:
+        """Write ``out_dir/config.yaml`` (creating ``out_dir``): every flag of this run, for ``--config``.
+
+        ``notes`` become comment lines under the header (the run's resumes and what they changed)."""
         import yaml
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / CONFIG_FILE
         header = "# drgrpo train --config this-file reruns this run; keys are the flags of drgrpo train\n"
+        header += "".join(f"# {note}\n" for note in notes)
         path.write_text(header + yaml.safe_dump(self.to_flags(), sort_keys=False))
         return path
 
 
 CONFIG_FILE = "config.yaml"
 """The resolved configuration a run writes into its output directory."""
+
+ON_RESUME: dict[str, str] = {
+    **dict.fromkeys(("model", "warm_start"), "checkpoint"),
+    **dict.fromkeys(("dataset", "eval_dataset", "prompt_field", "rewards", "reward_weights", "loss", "loss_overrides",
+                     "prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p", "ppo_epochs", "lr",
+                     "warmup_steps", "weight_decay", "grad_clip", "seed", "dtype", "eval_size", "eval_temperature",
+                     "eval_sampled", "task"), "meaning"),
+    **dict.fromkeys(("output_dir", "resume", "steps", "micro_batch_size", "fused", "device", "threads", "eval_every",
+                     "checkpoint_every", "keep_checkpoints", "reward_timeout", "ref_kl", "progress", "tensorboard",
+                     "deterministic"), "free"),
+}  # fmt: skip
+"""What ``drgrpo train --resume`` does with each TrainConfig field given a value other than the run's:
+
+- ``"meaning"``: the field changes what the run computes (its data, rewards, loss, sampling, optimisation,
+  seed, what its evaluations measure): refused when the run continues in its own directory, with the list of
+  what differs; a branch (``--resume CHECKPOINT --output-dir NEW``) may change it, and records it.
+- ``"checkpoint"``: the checkpoint settles it (the model, and how the built-in one was made): always refused.
+- ``"free"``: how the run runs, not what it computes (length, cadence, devices, memory, logging, limits):
+  accepted, recorded in the run's history and config.yaml.
+"""
 
 
 @dataclass(frozen=True)

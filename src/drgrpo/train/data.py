@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drgrpo.distributed import any_process
 from drgrpo.train.seeds import prompt_rng
+from drgrpo.train.stopping import TimeLimitExceeded, reward_watchdog
 from drgrpo.train.task import TaskConfig, make_splits
 
 Example = dict[str, Any]
@@ -195,27 +195,6 @@ class Rewards:
         return totals, firsts
 
 
-def score(
-    rewards: Rewards,
-    completions: Sequence[str],
-    examples: Sequence[Example],
-    indices: Sequence[int],
-    limit: float = math.inf,
-) -> tuple[list[float], list[float]]:
-    """``rewards(completions, examples, indices, limit)`` agreed across processes: if any process's reward fails,
-    every process raises (the failing one its own :class:`RewardError`), so none waits forever in the
-    step's next collective operation.
-    """
-    try:
-        totals, firsts = rewards(completions, examples, indices, limit)
-        failure: RewardError | None = None
-    except RewardError as exc:
-        failure = exc
-    if any_process(failure is not None):
-        raise failure or RewardError("a reward raised on another process (see its error); every process stopped")
-    return totals, firsts
-
-
 def call_reward(
     name: str,
     fn: RewardFn,
@@ -227,10 +206,24 @@ def call_reward(
 ) -> float:
     """``fn(completion, example)`` as a finite float of magnitude at most ``limit``, or a :class:`RewardError`
     naming the reward, the example (``index``: its position in the dataset) and the completion (``position``: its
-    row in the batch)."""
+    row in the batch).
+
+    Within a run with ``--reward-timeout`` the call is bounded (:class:`~drgrpo.train.stopping.Watchdog`): a call
+    past the limit is abandoned with a :class:`RewardError` naming the reward and the limit.
+    """
     where = f"on example {_describe(example, index)} with {_completion(completion, position)}"
+    watchdog = reward_watchdog()
     try:
-        value = fn(completion, example)
+        if watchdog is None:
+            value = fn(completion, example)
+        else:
+            with watchdog.timing():
+                value = fn(completion, example)
+    except TimeLimitExceeded:
+        seconds = watchdog.seconds if watchdog is not None else 0.0
+        raise RewardError(
+            f"reward {name} ran longer than --reward-timeout {seconds:g} s {where}; the call was abandoned"
+        ) from None
     except Exception as exc:
         raise RewardError(f"reward {name} raised {type(exc).__name__}: {exc} {where}") from exc
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

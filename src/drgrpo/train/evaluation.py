@@ -22,20 +22,23 @@ from drgrpo.train.model import load_model, load_tokenizer
 from drgrpo.train.preflight import check_device, prompt_check
 from drgrpo.train.rollout import generate, prompt_texts
 from drgrpo.train.seeds import EVAL_STREAM, derive_seed
+from drgrpo.train.stopping import StopOnSignal, agreed
 from drgrpo.train.task import TaskConfig
 from drgrpo.train.warmstart import MARKER
 
 
 def held_out_metrics(
-    model: Any, tokenizer: Any, examples: list[Example], rewards: Rewards, config: TrainConfig
-) -> dict[str, Any]:
+    model: Any, tokenizer: Any, examples: list[Example], rewards: Rewards, config: TrainConfig,
+    stop: StopOnSignal | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """The trainer's evaluation: greedy (``eval/*``) and, with ``eval_sampled``, at the rollout temperature
-    (``eval_sampled/*``: the expected reward RL maximises), on the first ``eval_size`` examples."""
+    (``eval_sampled/*``: the expected reward RL maximises), on the first ``eval_size`` examples. A signal
+    (``stop``) abandons it at once, on every process."""
     examples = examples[: config.eval_size]
-    metrics = evaluate(model, tokenizer, examples, rewards, config)
+    metrics = evaluate(model, tokenizer, examples, rewards, config, stop=stop)
     if config.eval_sampled:
         metrics.update(evaluate(model, tokenizer, examples, rewards, config, temperature=config.temperature,
-                                prefix="eval_sampled/"))  # fmt: skip
+                                prefix="eval_sampled/", stop=stop))  # fmt: skip
     return metrics
 
 
@@ -50,6 +53,7 @@ def evaluate(
     temperature: float | None = None,
     prefix: str = "eval/",
     batch_prompts: int = 256,
+    stop: StopOnSignal | None = None,
 ) -> dict[str, Any]:
     """Held-out accuracy and lengths: one completion per prompt at ``temperature``
     (default ``config.eval_temperature``; 0 is greedy). Keys start with ``prefix``.
@@ -58,14 +62,16 @@ def evaluate(
     ``accuracy`` is the mean of the first reward (the correctness reward, expected in [0, 1]);
     a completion counts as correct when that reward is >= 0.5. Lengths count completion
     tokens, the end-of-sequence token included; ``frac_truncated`` is the share of completions
-    with no end-of-sequence token within ``max_new_tokens``.
+    with no end-of-sequence token within ``max_new_tokens``. The generation and the rewards are this process's
+    own work (:func:`~drgrpo.train.stopping.agreed`): a failure or a signal (``stop``) there stops every process
+    before the sums are added.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
     idx = list(range(rank, len(examples), world))
     local = {"reward": 0.0, "accuracy": 0.0, "truncated": 0.0, **length_sums([], [])}
     temp = config.eval_temperature if temperature is None else temperature
-    with torch.random.fork_rng(devices=[]):  # sampling here never disturbs the training RNG
+    with agreed(stop, device), torch.random.fork_rng(devices=[]):  # sampling never disturbs the training RNG
         torch.manual_seed(derive_seed(config.seed, EVAL_STREAM, rank))
         for lo in range(0, len(idx), batch_prompts):
             chunk = idx[lo : lo + batch_prompts]

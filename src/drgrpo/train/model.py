@@ -96,7 +96,9 @@ def initial_policy_dir(
 
     ``model`` is already resolved to a model directory (:func:`drgrpo.train.checkpoint.resolve_model_dir`).
     A resumed run whose initial model moved with its run directory (``RUN/warm_start``) is found there.
-    ``warm_start(path)`` builds the warm-started tiny model at ``path`` (rank 0 only, then a barrier).
+    ``warm_start(path)`` builds the warm-started tiny model at ``path`` on rank 0 only: under several processes
+    the caller makes the others wait for it (the trainer's :func:`~drgrpo.train.stopping.agreed`, which also
+    stops them all when a signal abandons the warm start).
     """
     if resume_from is not None:
         init = Path(read_state(resume_from)["init_model"])
@@ -107,8 +109,6 @@ def initial_policy_dir(
     path = out_dir / "warm_start"
     if not dist.is_initialized() or dist.get_rank() == 0:
         warm_start(path)
-    if dist.is_initialized():
-        dist.barrier()
     return path
 
 

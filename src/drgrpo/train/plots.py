@@ -6,10 +6,11 @@ loss, KL) plus ``summary.png`` with all of them, for a README or a quick look.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
+
+from drgrpo.train.metrics import METRICS_FILE, read_metrics_file
 
 PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
     ("reward", "reward (train batch)", (("reward", "mean reward"),)),
@@ -29,13 +30,14 @@ PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The JSON lines of a metrics file (a run directory or the file itself)."""
+    """The JSON lines of a metrics file (a run directory or the file itself). A last line cut off (a run writing
+    it now, or a full disk) is left out with a warning; a bad line elsewhere is a ValueError naming it."""
     path = Path(path)
     if path.is_dir():
-        path = path / "metrics.jsonl"
+        path = path / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {str(path)!r} (expected DIR/metrics.jsonl from drgrpo train)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics_file(path)
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

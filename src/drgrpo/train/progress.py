@@ -1,9 +1,7 @@
-"""The progress bar (rank 0), and the signals that stop a run at the end of a step."""
+"""The progress bar (rank 0). How signals stop a run: :mod:`drgrpo.train.stopping`."""
 
 from __future__ import annotations
 
-import signal
-import threading
 from typing import Any
 
 
@@ -49,29 +47,3 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
-
-
-class StopOnSignal:
-    """Within its ``with`` block, SIGINT and SIGTERM set ``stopped``: the run saves a checkpoint at the end of
-    the step and returns. A second SIGINT raises KeyboardInterrupt at once (the checkpoints on disk are
-    intact: every write is atomic).
-    """
-
-    def __init__(self) -> None:
-        self.stopped = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.stopped and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.stopped = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)

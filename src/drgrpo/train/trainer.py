@@ -21,7 +21,9 @@ std division of the advantage (Modification 2). Every GRPO-family loss is a ``--
 
 Every random draw of a step comes from ``(seed, step, rank)`` (:mod:`drgrpo.train.seeds`), so a run
 resumed from a checkpoint ends bit for bit where an uninterrupted run ends. Nothing is lost on a crash:
-an exception inside a step first saves the last completed step, then propagates.
+an exception inside a step first saves the last completed step, then propagates; SIGINT/SIGTERM abandon a
+step's rollout and rewards at once and save the last completed step (:mod:`drgrpo.train.stopping`). One run
+owns its output directory (:mod:`drgrpo.train.runlock`); resume and branch rules: :mod:`drgrpo.train.resume`.
 """
 
 from __future__ import annotations
@@ -38,26 +40,31 @@ import torch
 from drgrpo.distributed import any_process, global_group_advantages, init_processes, shutdown
 from drgrpo.loss import compute_dtype
 from drgrpo.train.checkpoint import (
+    CheckpointWriteFailed,
     clean_stale,
     config_state,
-    find_checkpoint,
     resolve_model_dir,
     save_run_checkpoint,
 )
 from drgrpo.train.config import TrainConfig
-from drgrpo.train.data import RewardError, Rewards, load_examples, prompts_for_step, score
+from drgrpo.train.data import Rewards, load_examples, prompts_for_step
+from drgrpo.train.disk import WriteFailed
 from drgrpo.train.evaluation import held_out_metrics
 from drgrpo.train.metrics import MetricsLog, step_metrics
 from drgrpo.train.model import check_local_code, initial_policy_dir, load_train_state
 from drgrpo.train.preflight import check_device, check_output_dir, check_tensorboard, prompt_check
-from drgrpo.train.progress import ProgressBar, StopOnSignal
+from drgrpo.train.progress import ProgressBar
+from drgrpo.train.resume import check_run_dir, plan_run, start_lines
 from drgrpo.train.rollout import generate, prompt_texts
+from drgrpo.train.runlock import hold_run_dir
 from drgrpo.train.seeds import seed_step
+from drgrpo.train.stopping import Interrupted, StopOnSignal, agreed, is_agreed
 from drgrpo.train.update import TrainState, policy_update
 from drgrpo.train.warmstart import warm_start
 
-COLLECTIVE_FAILURES = (RewardError, FloatingPointError)
-"""Errors every process raises at the same point (rewards are agreed on, gradient norms and weights are shared)."""
+COLLECTIVE_FAILURES = (FloatingPointError,)
+"""Errors every process raises at the same point (gradient norms and weights are shared); failures of the rollout,
+the rewards and the evaluation are agreed on (:func:`~drgrpo.train.stopping.agreed`)."""
 
 FAILED_STEP = "drgrpo_failed_step"
 """Attribute :func:`train` sets on an exception raised after the set-up: the step that failed (the CLI exits with
@@ -94,7 +101,8 @@ def train(config: TrainConfig) -> TrainResult:
     config.check_trainable()  # --dtype float16
     loss_config = config.loss_config()  # unknown preset or bad override: a ValueError listing the valid ones
     rewards = Rewards.from_specs(config.rewards, config.reward_weights)  # import errors now, not at step 1
-    resume_from = find_checkpoint(config.resume) if config.resume else None
+    start = plan_run(config)  # new, resumed or branched: a damaged checkpoint or a refused flag is an error here
+    resume_from = start.checkpoint
     model_dir = resolve_model_dir(config.model) if config.model else None
     weights_dir = resume_from or model_dir
     if weights_dir is not None:
@@ -110,55 +118,70 @@ def train(config: TrainConfig) -> TrainResult:
     procs = init_processes(config.device)  # rank, world size, device; starts the process group under torchrun
     config.check_world_size(procs.world)
     out_dir = Path(config.output_dir)
-    if procs.rank == 0:
-        config.write(out_dir)  # OUTPUT_DIR/config.yaml: `drgrpo train --config` reruns this run
-        clean_stale(out_dir / "checkpoints")  # what a killed checkpoint write left behind
-    init_dir = initial_policy_dir(
-        model_dir, resume_from, out_dir, lambda p: warm_start(p, config.warm_start, config.task)
-    )
-    needs_ref = loss_config.beta > 0 or config.ref_kl
-    state = load_train_state(resume_from or init_dir, init_dir, config, procs.device, needs_ref, resume_from)
-    result = TrainResult(
-        output_dir=out_dir, step=state.step or 0, checkpoint=resume_from, checkpoint_step=state.step or 0
-    )
-    log = MetricsLog(out_dir, procs.rank, result.step if resume_from else None, config.tensorboard)
-    progress = ProgressBar(config.progress and procs.rank == 0, config.steps, result.step)
+    result = TrainResult(output_dir=out_dir, step=start.step, checkpoint=start.checkpoint, checkpoint_step=start.step)
+    state: TrainState | None = None
+    log: MetricsLog | None = None
+    progress = ProgressBar(False, 0, 0)  # replaced once the run is set up
     G = config.group_size
+    doing = "the set-up"  # what the run is doing, for the message of a failure or a signal
     adv_dtype = compute_dtype(getattr(torch, config.dtype))  # the loss's arithmetic: float32
     # a reward up to half the dtype's largest value keeps every advantage (at most max - min) finite in it
     reward_limit = torch.finfo(adv_dtype).max / 2
     adv_device = procs.device if procs.device.type != "mps" else torch.device("cpu")  # mps has no float64
 
     def evaluate(step: int) -> None:
+        nonlocal doing
+        assert state is not None and log is not None
         if eval_examples and config.eval_every:
-            metrics = held_out_metrics(state.model, state.tokenizer, eval_examples, rewards, config)
+            doing = f"the evaluation of step {step}"
+            metrics = held_out_metrics(state.model, state.tokenizer, eval_examples, rewards, config, stop)
             result.evals.append({"step": step, **metrics})
             log(result.evals[-1])
             progress.print(f"step {step}: held-out accuracy {metrics['eval/accuracy']:.3f}")
+            doing = f"the end of step {step}"
 
     def save(step: int, barrier: bool = True) -> None:
-        extra = {"init_model": str(init_dir.resolve()), "world_size": procs.world}
+        lines = [m for m in (result.last_metrics, *result.evals[-1:]) if m.get("step") == step]  # restored if lost
+        extra = {"init_model": str(init_dir.resolve()), "world_size": procs.world, "history": list(start.history),
+                 "metrics": lines}  # fmt: skip
         result.checkpoint = save_run_checkpoint(out_dir, step, state, config_state(config, loss_config, **extra),
-                                                procs.rank, barrier)  # fmt: skip
+                                                procs.rank, barrier, config.keep_checkpoints)  # fmt: skip
         result.checkpoint_step = step
 
-    try:
-        with StopOnSignal() as stop:
-            if result.step == 0:
-                evaluate(0)
+    owned = hold_run_dir(out_dir, procs, lambda: check_run_dir(out_dir, start))  # a second run is refused
+    stop = StopOnSignal(config.reward_timeout, escalate=procs.world == 1)  # SIGINT/SIGTERM: stopping.py
+    with owned, stop:
+        try:
+            if procs.rank == 0:
+                config.write(out_dir, start.notes())  # OUTPUT_DIR/config.yaml: `drgrpo train --config` reruns it
+                clean_stale(out_dir / "checkpoints")  # what a killed checkpoint write left behind
+            lines = start_lines(out_dir, start) if procs.rank == 0 else []  # the run's history on resume
+            log = MetricsLog(out_dir, procs.rank, lines, config.tensorboard)
+            with agreed(stop, procs.device):  # rank 0 makes the warm start, the others wait; a signal abandons it
+                init_dir = initial_policy_dir(
+                    model_dir, start.checkpoint, out_dir, lambda p: warm_start(p, config.warm_start, config.task)
+                )
+            needs_ref = loss_config.beta > 0 or config.ref_kl
+            state = load_train_state(start.checkpoint or init_dir, init_dir, config, procs.device, needs_ref,
+                                     start.checkpoint)  # fmt: skip
+            progress = ProgressBar(config.progress and procs.rank == 0, config.steps, result.step)
+
+            if result.step == 0 or start.eval_pending:  # the evaluation of the resumed step, if a signal cut it
+                evaluate(result.step)
             for step in range(result.step + 1, config.steps + 1):
-                step_started = time.perf_counter()
+                doing, step_started = f"step {step}", time.perf_counter()
                 seed_step(config.seed, step, procs.rank)
 
-                # ---------------------------------------------------------------- rollout: G completions per prompt
-                examples, idx = prompts_for_step(train_examples, config, step, procs.rank, procs.world)
-                prompts = prompt_texts([e[config.prompt_field] for e in examples], state.tokenizer)
-                batch = generate(state.model, state.tokenizer, prompts, G, max_new_tokens=config.max_new_tokens,
-                                 temperature=config.temperature, top_p=config.top_p)  # fmt: skip
-                # (B = len(prompts) * G rows, prompt j's completions in rows j*G .. j*G + G - 1)
-
-                # ---------------------------------------------------------------- reward
-                totals, firsts = score(rewards, batch.texts, repeat(examples, G), repeat(idx, G), reward_limit)
+                # ---------------------------------------------------------------- rollout and reward
+                # this process's own work: a signal abandons it at once (the step is redone on resume), then every
+                # process learns whether any failed or was stopped, and all stop alike (stopping.py)
+                with agreed(stop, procs.device):
+                    examples, idx = prompts_for_step(train_examples, config, step, procs.rank, procs.world)
+                    prompts = prompt_texts([e[config.prompt_field] for e in examples], state.tokenizer)
+                    batch = generate(state.model, state.tokenizer, prompts, G, max_new_tokens=config.max_new_tokens,
+                                     temperature=config.temperature, top_p=config.top_p)  # fmt: skip
+                    # (B = len(prompts) * G rows, prompt j's completions in rows j*G .. j*G + G - 1)
+                    totals, firsts = rewards(batch.texts, repeat(examples, G), repeat(idx, G), reward_limit)  # (B,)
 
                 # ---------------------------------------------------------------- advantages
                 # Dr. GRPO: A_i = r_i - mean_group(r), no std division (the preset's advantage_std = "none"),
@@ -170,11 +193,12 @@ def train(config: TrainConfig) -> TrainResult:
                 update = policy_update(state, batch, advantages, loss_config, config, step)
 
                 # ---------------------------------------------------------------- log
-                result.step, result.last_metrics = step, step_metrics(
+                result.last_metrics = step_metrics(
                     step, batch, totals, firsts, advantages, update, config, procs, state.ref_model is not None,
                     seconds=time.perf_counter() - step_started, elapsed=time.perf_counter() - started,
                 )  # fmt: skip
-                log(result.last_metrics)
+                log(result.last_metrics)  # (saved with the step's checkpoint too, should the write fail)
+                result.step = step
 
                 # ---------------------------------------------------------------- evaluate
                 if config.eval_due(step):
@@ -182,23 +206,29 @@ def train(config: TrainConfig) -> TrainResult:
                 progress.update(result.last_metrics, result.evals[-1]["eval/accuracy"] if result.evals else None)
 
                 # ---------------------------------------------------------------- checkpoint
-                stopping = any_process(stop.stopped)  # every process stops at the same step
+                stopping = any_process(stop.stopped, procs.device)  # every process stops at the same step
                 if stopping or config.checkpoint_due(step):
                     save(step)
                 if stopping:
                     result.interrupted = True
                     progress.print(f"stopped by a signal at step {step}; checkpoint {result.checkpoint}")
                     break
-    except Exception as exc:
-        with contextlib.suppress(AttributeError):  # (an exception class with __slots__ takes no attribute)
-            setattr(exc, FAILED_STEP, result.step + 1)  # a failure during the work, not a configuration error
-        save_after_failure(exc, state, result, save)
-        raise
-    finally:
-        progress.close()
-        log.close()
-        state.policy = None  # the DDP wrapper holds the process group: free it before ending the group
-        shutdown(procs)
+        except Interrupted as exc:  # a signal inside a step: the step is abandoned, the last completed one saved
+            save_after_failure(exc, state, result, save, doing)
+            result.interrupted = True
+        except Exception as exc:
+            if state is not None:  # after the set-up: a failed step (exit 1), not a configuration error (exit 2)
+                with contextlib.suppress(AttributeError):  # (an exception class with __slots__ takes no attribute)
+                    setattr(exc, FAILED_STEP, result.step + 1)
+            save_after_failure(exc, state, result, save, doing)
+            raise
+        finally:
+            progress.close()
+            if log is not None:
+                log.close()
+            if state is not None:
+                state.policy = None  # the DDP wrapper holds the process group: free it before ending the group
+            shutdown(procs)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -208,20 +238,40 @@ def repeat(items: list[Any], times: int) -> list[Any]:
     return [x for x in items for _ in range(times)]
 
 
-def save_after_failure(exc: Exception, state: TrainState, result: TrainResult, save: Any) -> None:
-    """Nothing lost: save the last completed step (unless it is on disk already) before an error propagates.
+def save_after_failure(
+    exc: BaseException, state: TrainState | None, result: TrainResult, save: Any, doing: str = "the step"
+) -> None:
+    """Nothing lost: save the last completed step (unless it is on disk already) before an error propagates, or
+    after a signal abandoned the step in progress (:class:`~drgrpo.train.stopping.Interrupted`).
 
     The parameters hold a completed step unless the error came while the optimizer was changing them
-    (``state.step`` is None). Under several processes every process saves collectively after an error they
-    all raised (:data:`COLLECTIVE_FAILURES`); after an error of one process only, rank 0 writes alone.
+    (``state.step`` is None; signals wait for the end of that). Under several processes every process saves
+    collectively after an error they all raised at the same point (agreed on, or :data:`COLLECTIVE_FAILURES`);
+    after an error of one process only, rank 0 writes alone. A checkpoint write that failed is not tried again.
+    ``doing`` names what failed or was stopped ('step 4', 'the evaluation of step 4').
     """
-    where = f"step {result.step + 1} failed ({type(exc).__name__})"
+    if isinstance(exc, Interrupted):
+        where = f"{exc} during {doing} (abandoned: a resume does it again)"
+    else:
+        where = f"{doing} failed ({type(exc).__name__})"
+    if state is None:  # before the first step: the warm start, or loading the model
+        if isinstance(exc, Interrupted):
+            print(f"drgrpo: {exc} before the first step; nothing to save", file=sys.stderr)
+        return
     if state.step is None:  # the weights may be half-updated or non-finite: never saved
         last = f"the last checkpoint is {result.checkpoint}" if result.checkpoint else "no checkpoint was written yet"
         print(f"drgrpo: {where} while updating the weights (not saved); {last}", file=sys.stderr)
         return
+    if isinstance(exc, CheckpointWriteFailed):
+        return  # its message names the last intact checkpoint
     if state.step > result.checkpoint_step:  # the same decision on every process: all save, or none
         # after an error of one process only, the others may wait elsewhere: rank 0 writes, no barrier
-        save(state.step, barrier=isinstance(exc, COLLECTIVE_FAILURES))
+        try:
+            save(state.step, barrier=isinstance(exc, COLLECTIVE_FAILURES) or is_agreed(exc))
+        except WriteFailed as write_failed:
+            print(f"drgrpo: {where}; could not save the last completed step: {write_failed}", file=sys.stderr)
+            return
     if result.checkpoint is not None:
         print(f"drgrpo: {where}; the last completed step is saved in {result.checkpoint}", file=sys.stderr)
+    elif result.checkpoint_step:  # another process than the first: process 0 wrote it
+        print(f"drgrpo: {where}; process 0 saves the last completed step ({result.checkpoint_step})", file=sys.stderr)

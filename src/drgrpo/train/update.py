@@ -33,6 +33,7 @@ from drgrpo.fused import fused_policy_loss
 from drgrpo.loss import LossOutput, policy_loss
 from drgrpo.normalizer import StepNormalizer
 from drgrpo.train.rollout import Rollout, completion_hidden, completion_logp, output_layer, token_logp
+from drgrpo.train.stopping import deferred
 
 AVERAGED = ("clip_frac_low", "clip_frac_high", "ratio_mean", "kl_mean")
 """Loss metrics averaged over the step's real tokens."""
@@ -112,38 +113,43 @@ def policy_update(
     ref = [_logp_or_none(state.ref_model, batch.rows(s), config, state.ref_model is not None) for s in micro]
 
     stats = UpdateStats(loss=0.0, grad_norm=0.0, lr=config.lr)
-    for epoch in range(config.ppo_epochs):
-        state.optimizer.zero_grad(set_to_none=True)
-        stats.loss, stats.token_sums = 0.0, dict.fromkeys(AVERAGED, 0.0)
-        for k, s in enumerate(micro):
-            last = k == len(micro) - 1
-            # DDP all-reduces the gradients once per optimizer step, on the last micro-batch
-            sync = contextlib.nullcontext() if last or not hasattr(state.policy, "no_sync") else state.policy.no_sync()
-            with sync:
-                out = micro_batch_loss(
-                    state, batch.rows(s), old[k], ref[k], advantages[s], loss_config, normalizer, config
+    with contextlib.ExitStack() as weights_changing:  # from the first optimizer step: signals wait for its end
+        for epoch in range(config.ppo_epochs):
+            state.optimizer.zero_grad(set_to_none=True)
+            stats.loss, stats.token_sums = 0.0, dict.fromkeys(AVERAGED, 0.0)
+            for k, s in enumerate(micro):
+                last = k == len(micro) - 1
+                # DDP all-reduces the gradients once per optimizer step, on the last micro-batch
+                sync = (
+                    contextlib.nullcontext() if last or not hasattr(state.policy, "no_sync") else state.policy.no_sync()
                 )
-                (out.loss * scale).backward()
-            stats.loss += out.loss.item() * scale
-            tokens = float(out.metrics["num_tokens"])
-            for key in AVERAGED:
-                stats.token_sums[key] += float(out.metrics[key]) * tokens
+                with sync:
+                    out = micro_batch_loss(
+                        state, batch.rows(s), old[k], ref[k], advantages[s], loss_config, normalizer, config
+                    )
+                    (out.loss * scale).backward()
+                stats.loss += out.loss.item() * scale
+                tokens = float(out.metrics["num_tokens"])
+                for key in AVERAGED:
+                    stats.token_sums[key] += float(out.metrics[key]) * tokens
 
-        stats.lr = learning_rate(config, (step - 1) * config.ppo_epochs + epoch + 1)
-        for group in state.optimizer.param_groups:
-            group["lr"] = stats.lr
-        clip = config.grad_clip if config.grad_clip > 0 else math.inf
-        stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip))
-        if not math.isfinite(stats.grad_norm):
-            raise FloatingPointError(
-                f"step {step}: the gradient norm is {stats.grad_norm} (loss {stats.loss}): the loss or the "
-                "log-probs are not finite, so the weights were not updated. Lower --lr or --grad-clip, or check "
-                "the rewards and the model's dtype"
-            )
-        state.step = None  # the parameters change from here until the step is complete
-        state.optimizer.step()
-        check_finite_weights(state.model, step, stats.grad_norm, config)  # never a non-finite checkpoint
-    state.step = step
+            stats.lr = learning_rate(config, (step - 1) * config.ppo_epochs + epoch + 1)
+            for group in state.optimizer.param_groups:
+                group["lr"] = stats.lr
+            clip = config.grad_clip if config.grad_clip > 0 else math.inf
+            stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip))
+            if not math.isfinite(stats.grad_norm):
+                raise FloatingPointError(
+                    f"step {step}: the gradient norm is {stats.grad_norm} (loss {stats.loss}): the loss or the "
+                    "log-probs are not finite, so the weights were not updated. Lower --lr or --grad-clip, or check "
+                    "the rewards and the model's dtype"
+                )
+            state.step = None  # the parameters change from here until the step is complete
+            if epoch == 0:
+                weights_changing.enter_context(deferred())
+            state.optimizer.step()
+            check_finite_weights(state.model, step, stats.grad_norm, config)  # never a non-finite checkpoint
+        state.step = step  # a signal that came meanwhile stops the run at the next point it can (stopping.py)
     return stats
 
 

@@ -101,6 +101,7 @@ def warm_start(out_dir: str | Path, config: Any, task: TaskConfig, *, log: Any =
                     break
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)  # written last: a write cut short is never taken for a finished warm start
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     seconds = time.perf_counter() - t0
