@@ -52,19 +52,26 @@ division by K stays off (TRL's ``loss_is_scaled_for_ga``).
 
 Settings
 --------
-``loss_config`` (a :class:`~drgrpo.LossConfig` or a preset name) decides the loss. TRL's fields that
-describe the same thing must agree with it or keep their ``GRPOConfig`` default; a default is then set
-to the config's value in a copy of ``args`` (logged at INFO), so TRL's own machinery follows the config
-(``beta > 0`` makes TRL build the reference model and its log-probs). A non-default value that
-contradicts the config raises a ``ValueError``:
+``loss_config`` (:mod:`drgrpo.integrations.trl_settings` holds the policy):
+
+- **not given**: the loss is the one ``GRPOConfig`` describes, the ``trl.<loss_type>`` preset with
+  ``scale_rewards``, ``epsilon``, ``epsilon_high``, ``beta``, ``delta``, ``importance_sampling_level``,
+  ``use_bias_correction_kl`` and the SAPO temperatures read from ``args``: stock TRL's loss (``args`` unchanged).
+- **given** (a :class:`~drgrpo.LossConfig` or a preset name): it decides the loss. Each TRL field that
+  describes the same choice agrees with it, or is at its ``GRPOConfig`` default and is set to the config's
+  value in a copy of ``args`` with a WARNING naming field, old and new value (so ``beta > 0`` makes TRL
+  build the reference model), or contradicts it and raises a ``ValueError`` that names the field and the
+  ``LossConfig`` field to put the value in. ``trainer.args.loss_type`` becomes the TRL loss type with the
+  config's surrogate and aggregation, or ``"drgrpo"`` when TRL has none (``trainer.loss_config`` is the
+  complete description: TRL has no field for the std's epsilon, for instance):
 
 ================================  =====================================================
 TRL field (default)               drgrpo field
 ================================  =====================================================
-``loss_type`` ("dapo")            the preset's name (``"dr_grpo"`` or ``"trl.dr_grpo"`` -> "dr_grpo")
+``loss_type`` ("dapo")            surrogate and aggregation (``trl_settings.trl_loss_type``)
 ``scale_rewards`` ("group")       ``advantage_std`` ("group" / "batch" / "none")
 ``epsilon`` (0.2)                 ``clip_low`` (PPO surrogate)
-``epsilon_high`` (None)           ``clip_high`` (PPO), ``cispo_cap`` (``trl.cispo``)
+``epsilon_high`` (None)           ``clip_high`` (PPO), the CISPO cap (CISPO with no lower clip)
 ``beta`` (0.0)                    ``beta``
 ``delta`` (None)                  ``delta``
 ``importance_sampling_level``     ``ratio_level`` ("token" / "sequence")
@@ -74,10 +81,12 @@ TRL field (default)               drgrpo field
 
 A preset given by name whose aggregation is ``seq-mean-token-sum-norm`` (``dr_grpo``, ``trl.dr_grpo``,
 ``oat.drgrpo``) takes ``L = args.max_completion_length``, the generation budget; pass a ``LossConfig``
-with ``max_completion_length`` set for another constant. Per-call peer presets (``trl.grpo``,
-``trl.bnpo``, ``trl.dr_grpo``: ``per_call_normalization``) keep their definition:
-each micro-batch normalised by its own counts and divided by K, as TRL does, so ``trl.*`` presets give
-stock TRL's numbers (``trl.dapo``/``trl.cispo`` use the exact step count, which is TRL's when
+with ``max_completion_length`` set for another constant; a ``LossConfig`` that needs L and has none is
+refused at construction. A reward function returning ``None`` means "not scored", as in TRL: every config
+runs with ``nan_rewards="ignore"`` (the completion leaves its group's statistics and gets advantage 0).
+Per-call peer presets (``trl.grpo``, ``trl.bnpo``, ``trl.dr_grpo``: ``per_call_normalization``) keep their
+definition: each micro-batch normalised by its own counts and divided by K, as TRL does, so ``trl.*``
+presets give stock TRL's numbers (``trl.dapo``/``trl.cispo`` use the exact step count, which is TRL's when
 ``spg == K``).
 
 Refused with a ``ValueError`` (no drgrpo equivalent yet): ``top_entropy_quantile < 1``,
@@ -121,7 +130,7 @@ from drgrpo.fused import fused_policy_loss
 from drgrpo.loss import LossOutput, policy_loss
 from drgrpo.normalizer import StepNormalizer
 
-__all__ = ["SUPPORTED_TRL", "DrGRPOTrainer", "resolve_loss_config"]
+__all__ = ["DRGRPO_LOSS_TYPE", "SUPPORTED_TRL", "DrGRPOTrainer", "resolve_loss_config"]
 
 SUPPORTED_TRL = (Version("1.16"), Version("1.17"))
 """The TRL versions this adapter is tested with, [low, high): it overrides private ``GRPOTrainer`` methods."""
@@ -132,137 +141,11 @@ if not SUPPORTED_TRL[0] <= Version(Version(trl.__version__).base_version) < SUPP
         f"GRPOTrainer methods; found trl {trl.__version__}: pip install 'drgrpo[trl]'"
     )
 
+from drgrpo.integrations.trl_settings import DRGRPO_LOSS_TYPE, resolve_loss_config, settings_warning  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
-# GRPOConfig defaults of the fields that describe the loss (trl 1.16 grpo_config.py).
-_TRL_DEFAULTS: dict[str, Any] = {
-    "loss_type": "dapo",
-    "scale_rewards": "group",
-    "epsilon": 0.2,
-    "epsilon_high": None,
-    "beta": 0.0,
-    "delta": None,
-    "importance_sampling_level": "token",
-    "use_bias_correction_kl": True,
-    "sapo_temperature_pos": 1.0,
-    "sapo_temperature_neg": 1.05,
-}
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier")
-
-
-# --------------------------------------------------------------------------- settings
-
-
-def resolve_loss_config(loss_config: LossConfig | str, args: GRPOConfig) -> tuple[LossConfig, dict[str, Any]]:
-    """The loss config for a TRL run, and the ``GRPOConfig`` fields to set so that TRL agrees with it.
-
-    Args:
-        loss_config: a :class:`~drgrpo.LossConfig`, or a preset name; a named preset with aggregation
-            ``seq-mean-token-sum-norm`` takes ``L = args.max_completion_length``.
-        args: the run's ``GRPOConfig`` (not modified).
-
-    Returns:
-        ``(config, changes)``: ``changes`` maps TRL field names that are at their default but differ from
-        the config to the config's value.
-
-    Raises:
-        TypeError: ``loss_config`` is neither a LossConfig nor a str.
-        ValueError: a TRL field set to a non-default value contradicts the config, or a TRL feature with no
-            drgrpo equivalent is on.
-    """
-    if isinstance(loss_config, str):
-        config = LossConfig.preset(loss_config, max_completion_length=args.max_completion_length)
-        if (config.forced_aggregation or config.aggregation) != "seq-mean-token-sum-norm":
-            config = LossConfig.preset(loss_config)  # L unused, or (token-sum-norm) the padded width by definition
-    elif isinstance(loss_config, LossConfig):
-        config = loss_config
-    else:
-        raise TypeError(f"loss_config must be a LossConfig or a preset name (str), got {type(loss_config).__name__}")
-    if config.name == "trl.dr_grpo" and config.max_completion_length != args.max_completion_length:
-        raise ValueError(
-            f"trl.dr_grpo divides by TRL's max_completion_length ({args.max_completion_length}), but the loss "
-            f"config has max_completion_length={config.max_completion_length}: pass the preset by name, or use "
-            "the core 'dr_grpo' preset for another constant L"
-        )
-
-    changes: dict[str, Any] = {}
-    # loss_type: a trl.* preset is that loss type; a core preset accepts its own name or the default.
-    base = _base_name(config)
-    if args.loss_type != base and args.loss_type != _TRL_DEFAULTS["loss_type"]:
-        _contradiction("loss_type", args.loss_type, config, f"{base!r} or left unset")
-    if config.name is not None and config.name.startswith("trl.") and args.loss_type != base:
-        changes["loss_type"] = base
-    for name, value in _trl_view(config).items():
-        current = getattr(args, name)
-        effective = args.epsilon if name == "epsilon_high" and current is None else current  # TRL: None = epsilon
-        if _same(effective, value):
-            continue
-        if not _same(current, _TRL_DEFAULTS[name]):
-            _contradiction(name, current, config, repr(value))
-        changes[name] = value
-    _refuse_unsupported(args)
-    return config, changes
-
-
-def _contradiction(name: str, current: Any, config: LossConfig, expected: str) -> None:
-    raise ValueError(
-        f"GRPOConfig.{name}={current!r} contradicts loss_config {config.name or 'custom'!r}, which implies "
-        f"{name}={expected}. DrGRPOTrainer's loss is the loss config's: leave {name} at its default "
-        f"({_TRL_DEFAULTS[name]!r}) or change the LossConfig instead (e.g. LossConfig.preset('dapo', clip_high=0.3))"
-    )
-
-
-def _base_name(config: LossConfig) -> str | None:
-    """``"dr_grpo"`` for ``dr_grpo`` and ``trl.dr_grpo``: the TRL ``loss_type`` a preset corresponds to."""
-    if config.name is None:
-        return None
-    return config.name.removeprefix("trl.")
-
-
-def _trl_view(config: LossConfig) -> dict[str, Any]:
-    """The GRPOConfig fields that describe the same choices as ``config``."""
-    view: dict[str, Any] = {
-        "scale_rewards": config.advantage_std,
-        "beta": config.beta,
-        "importance_sampling_level": config.ratio_level,
-    }
-    if config.beta > 0:
-        view["use_bias_correction_kl"] = config.kl_importance_weight
-    if config.surrogate == "ppo":
-        view["epsilon"] = config.clip_low
-        view["epsilon_high"] = config.clip_high
-        view["delta"] = config.delta
-    elif config.surrogate == "cispo" and config.name == "trl.cispo":
-        view["epsilon_high"] = config.cispo_cap  # TRL caps the CISPO weight at epsilon_high itself
-    elif config.surrogate == "sapo":
-        view["sapo_temperature_pos"] = config.sapo_tau_pos
-        view["sapo_temperature_neg"] = config.sapo_tau_neg
-    return view
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        return a is not None and b is not None and float(a) == float(b)
-    return bool(a == b)
-
-
-def _refuse_unsupported(args: GRPOConfig) -> None:
-    problems = []
-    if args.top_entropy_quantile < 1.0:
-        problems.append(f"top_entropy_quantile={args.top_entropy_quantile} (the high-entropy token mask)")
-    if args.off_policy_mask_threshold is not None:
-        problems.append(f"off_policy_mask_threshold={args.off_policy_mask_threshold} (the off-policy sequence mask)")
-    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
-        problems.append("entropy_coef / use_adaptive_entropy (the entropy bonus)")
-    if args.use_vllm and args.vllm_importance_sampling_correction:
-        problems.append(
-            "vllm_importance_sampling_correction=True (set it to False: vLLM generation works, the correction "
-            "weight is not in drgrpo's loss)"
-        )
-    if args.multi_objective_aggregation != "sum_then_normalize":
-        problems.append(f"multi_objective_aggregation={args.multi_objective_aggregation!r} (use 'sum_then_normalize')")
-    if problems:
-        raise ValueError("DrGRPOTrainer does not support: " + "; ".join(problems))
 
 
 # --------------------------------------------------------------------------- the accumulation window
@@ -296,6 +179,7 @@ class DrGRPOTrainer(GRPOTrainer):
         loss_config: a :class:`~drgrpo.LossConfig` or a preset name (``"dr_grpo"``, ``"dapo"``, ``"grpo"``,
             ``"gspo"``, ``"trl.grpo"``, ``"verl.cispo"``, ... see :func:`drgrpo.preset_names`). For a named
             preset that divides by a constant L (``"dr_grpo"``), **L is** ``args.max_completion_length``.
+            ``None``: the loss ``args`` describes (``loss_type`` and its fields), as stock TRL computes it.
         fused: compute the loss from the last hidden states and ``lm_head`` with
             :func:`drgrpo.fused_policy_loss` (no ``(B, T, V)`` logits, no TRL log-prob head; TRL's
             ``entropy`` metric is then not logged).
@@ -309,7 +193,7 @@ class DrGRPOTrainer(GRPOTrainer):
         reward_funcs: Any = None,
         args: GRPOConfig | None = None,
         *trainer_args: Any,
-        loss_config: LossConfig | str = "dr_grpo",
+        loss_config: LossConfig | str | None = None,
         fused: bool = False,
         **trainer_kwargs: Any,
     ) -> None:
@@ -322,10 +206,11 @@ class DrGRPOTrainer(GRPOTrainer):
             raise TypeError(f"args must be a trl.GRPOConfig, got {type(args).__name__}")
         config, changes = resolve_loss_config(loss_config, args)
         if changes:
+            message = settings_warning(config, changes, args)
             args = copy.copy(args)  # the caller's GRPOConfig is left as it was
             for name, value in changes.items():
                 setattr(args, name, value)
-            logger.info("DrGRPOTrainer: GRPOConfig fields set from loss_config %r: %s", config.name, changes)
+            logger.warning(message)
         self.loss_config = config
         self.fused = fused
         self._window: _Window | None = None
@@ -376,17 +261,11 @@ class DrGRPOTrainer(GRPOTrainer):
         mode = self._mode()
         group = self.num_generations if mode == "train" else self.num_generations_eval
         # The total reward as TRL computes it for "sum_then_normalize": weighted sum, NaN if no function scored.
+        # A function returning None (TRL: "not applicable") adds nothing; a completion no function scored is NaN,
+        # left out of its group's statistics and given advantage 0 (the config has nan_rewards="ignore").
         weights = self.reward_weights.to(per_func.device)
         rewards = (per_func * weights.unsqueeze(0)).nansum(dim=1)  # (N_global,)
-        unscored = torch.isnan(per_func).all(dim=1)
-        rewards = rewards.masked_fill(unscored, float("nan"))
-        if bool(unscored.any()) and self.loss_config.nan_rewards == "error":
-            first = int(unscored.nonzero()[0])
-            raise ValueError(
-                f"completion {first} of the generation batch got no reward (every reward function returned None); "
-                f"loss_config {self.loss_config.name!r} has nan_rewards='error'. To leave such completions out "
-                "(advantage 0, as TRL does), use loss_config.replace(nan_rewards='ignore')"
-            )
+        rewards = rewards.masked_fill(torch.isnan(per_func).all(dim=1), float("nan"))
         advantages = group_advantages(rewards, group, self.loss_config)  # (N_global,) groups are contiguous
         local = output["advantages"].shape[0]
         start = self.accelerator.process_index * local
