@@ -153,6 +153,40 @@ def test_fused_equals_the_logits_path(model_dir: Path, tmp_path: Path, preset: s
     check_step(b, model_dir, 2, 1, off_policy=True)
 
 
+# --------------------------------------------------------------------------- metrics
+
+TRL_METRICS = (
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "clip_ratio/low_min",
+    "clip_ratio/high_max",
+    "entropy",
+)
+
+
+def test_metrics_have_trls_names_and_values(model_dir: Path, tmp_path: Path):
+    """Stock TRL, DrGRPOTrainer and DrGRPOTrainer(fused=True) on the same rollout log the same TRL metrics.
+
+    epsilon = 0.01 so that the second step (old log-probs from the first step's weights) clips; the second step's
+    weights differ between the runs by rounding only.
+    """
+    fields = dict(loss_type="grpo", epsilon=0.01, num_iterations=2, max_steps=2, learning_rate=3e-3)
+    stock = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "s", 2, 2, **fields))
+    ours = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "o", 2, 2, **fields))
+    fused = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "f", 2, 2, **fields), fused=True)
+    rows = [[row for row in t.state.log_history if "entropy" in row] for t in (stock, ours, fused)]
+    assert [len(r) for r in rows] == [2, 2, 2]
+    for step in range(2):
+        for key in TRL_METRICS:
+            want = rows[0][step][key]
+            for got in (rows[1][step][key], rows[2][step][key]):
+                assert got == pytest.approx(want, rel=1e-4, abs=1e-6), (step, key)
+    assert rows[0][0]["clip_ratio/high_max"] == 0 and rows[0][1]["clip_ratio/high_max"] > 0  # the second step clips
+    assert rows[0][1]["clip_ratio/high_max"] > rows[0][1]["clip_ratio/high_mean"] > 0  # one completion vs the mean
+    assert rows[2][0]["entropy"] == pytest.approx(rows[1][0]["entropy"], rel=1e-6)  # same weights: float32 rounding
+
+
 # --------------------------------------------------------------------------- the window and evaluation
 
 

@@ -95,10 +95,13 @@ importance-sampling correction (set ``vllm_importance_sampling_correction=False`
 itself works), ``multi_objective_aggregation="normalize_then_sum"``, tensor or context parallelism,
 and with ``fused=True`` MoE router losses and logit scaling or soft-capping.
 
-Logged under TRL's names: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``
-(PPO surrogate), ``kl`` (``beta > 0``; the config's estimator, not weighted by the ratio) and
-``entropy`` (``fused=False`` only: TRL's head computes it); ``drgrpo/ratio_mean`` (and
-``drgrpo/clip_frac_low``/``high`` for the CISPO and SAPO surrogates) have no TRL name. Rewards,
+Logged under TRL's names and meanings: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+``clip_ratio/region_mean`` (token means over all processes), ``clip_ratio/low_min`` and
+``clip_ratio/high_max`` (each completion's share of clipped tokens, gathered: the smallest and the largest)
+for the PPO surrogate; ``kl`` (``beta > 0``; the config's estimator, not weighted by the ratio) and
+``entropy`` (the token mean of the policy's entropy: TRL's head computes it, or with ``fused=True`` the
+fused pass from its logit chunks); ``drgrpo/ratio_mean`` (and ``drgrpo/clip_frac_low``/``high`` for the
+CISPO and SAPO surrogates) have no TRL name. Rewards,
 lengths and the completions table stay TRL's; the table's advantages are drgrpo's.
 """
 
@@ -127,7 +130,7 @@ from torch import Tensor
 from drgrpo.advantages import group_advantages
 from drgrpo.config import LossConfig
 from drgrpo.fused import fused_policy_loss
-from drgrpo.loss import LossOutput, policy_loss
+from drgrpo.loss import LossOutput, per_token_loss, policy_loss
 from drgrpo.normalizer import StepNormalizer
 
 __all__ = ["DRGRPO_LOSS_TYPE", "SUPPORTED_TRL", "DrGRPOTrainer", "resolve_loss_config"]
@@ -182,7 +185,7 @@ class DrGRPOTrainer(GRPOTrainer):
             ``None``: the loss ``args`` describes (``loss_type`` and its fields), as stock TRL computes it.
         fused: compute the loss from the last hidden states and ``lm_head`` with
             :func:`drgrpo.fused_policy_loss` (no ``(B, T, V)`` logits, no TRL log-prob head; TRL's
-            ``entropy`` metric is then not logged).
+            ``entropy`` metric comes from the same pass).
 
     The module docstring lists what is exact, which TRL settings are read, aligned, refused or ignored.
     """
@@ -343,9 +346,11 @@ class DrGRPOTrainer(GRPOTrainer):
             normalizer = self._window_normalizer([inputs])
         if self.fused:
             unwrapped = self.accelerator.unwrap_model(model)
-            # a (loss, metrics) tuple through the wrapper: DDP finds the loss tensor in it
-            fused_loss, metrics = self._forward_redirection(model, unwrapped, self._fused_loss, inputs, normalizer)
-            out, entropy, aux_loss = LossOutput(loss=fused_loss, metrics=metrics), None, None
+            # a tuple through the wrapper: DDP finds the loss tensor in it
+            fused_loss, metrics, logp, entropy = self._forward_redirection(
+                model, unwrapped, self._fused_loss, inputs, normalizer
+            )
+            out, aux_loss = LossOutput(loss=fused_loss, metrics=metrics, logp=logp), None
         else:
             out, entropy, aux_loss = self._logits_path_loss(model, inputs, normalizer)
         loss = out.loss
@@ -355,7 +360,7 @@ class DrGRPOTrainer(GRPOTrainer):
             scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / scale
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        self._log_loss_metrics(mode, out, entropy, _loss_mask(inputs))
+        self._log_loss_metrics(mode, out, entropy, inputs)
         return loss
 
     def _logits_path_loss(
@@ -384,12 +389,16 @@ class DrGRPOTrainer(GRPOTrainer):
             ref_logp=inputs.get("ref_per_token_logps"),
             normalizer=normalizer,
         )
+        out.logp = logp.detach()
         return out, entropies, aux_loss
 
     def _fused_loss(
         self, inputs: dict[str, Any], normalizer: StepNormalizer | None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor | None, Tensor | None]:
         """Hidden states of the completion positions, then :func:`drgrpo.fused_policy_loss` with ``lm_head``.
+
+        Returns the loss, its metrics, the detached per-token log-probs and entropies (TRL's ``entropy``
+        metric, from the same pass over the logit chunks).
 
         Runs inside the wrapped model's forward (``_ForwardRedirection``), so DDP prepares its backward and
         FSDP/ZeRO-3 gather the backbone's parameters as for a plain forward.
@@ -428,8 +437,9 @@ class DrGRPOTrainer(GRPOTrainer):
                 bias=bias,
                 temperature=self.temperature,
                 normalizer=normalizer,
+                compute_entropy=True,
             )
-        return out.loss, out.metrics
+        return out.loss, out.metrics, out.logp, out.entropy
 
     def _mode(self) -> str:
         """``"train"`` or ``"eval"``, as TRL decides it (the model's training flag)."""
@@ -443,8 +453,9 @@ class DrGRPOTrainer(GRPOTrainer):
 
     # ----------------------------------------------------------------------- metrics
 
-    def _log_loss_metrics(self, mode: str, out: LossOutput, entropy: Tensor | None, mask: Tensor) -> None:
+    def _log_loss_metrics(self, mode: str, out: LossOutput, entropy: Tensor | None, inputs: dict[str, Any]) -> None:
         """Token means over all processes (one reduce), under TRL's metric names where TRL has them."""
+        mask = _loss_mask(inputs)
         m = out.metrics
         count = m["num_tokens"].to(torch.float32)
         parts = [m["clip_frac_low"], m["clip_frac_high"], m["ratio_mean"], m["kl_mean"]]
@@ -459,6 +470,10 @@ class DrGRPOTrainer(GRPOTrainer):
             metrics["clip_ratio/low_mean"].append(low)
             metrics["clip_ratio/high_mean"].append(high)
             metrics["clip_ratio/region_mean"].append(low + high)  # disjoint: low needs A < 0, high A > 0
+            assert out.logp is not None  # both loss paths return it
+            low_min, high_max = self._completion_clip_extremes(out.logp, inputs, mask)
+            metrics["clip_ratio/low_min"].append(low_min)
+            metrics["clip_ratio/high_max"].append(high_max)
         else:
             metrics["drgrpo/clip_frac_low"].append(low)
             metrics["drgrpo/clip_frac_high"].append(high)
@@ -467,6 +482,23 @@ class DrGRPOTrainer(GRPOTrainer):
             metrics["kl"].append(kl)
         if entropy is not None:
             metrics["entropy"].append(values[4])
+
+    def _completion_clip_extremes(self, logp: Tensor, inputs: dict[str, Any], mask: Tensor) -> tuple[float, float]:
+        """TRL's ``clip_ratio/low_min`` and ``clip_ratio/high_max``: each completion's share of clipped tokens,
+        gathered over the processes; the smallest low share and the largest high share (a completion with no
+        tokens has no share and is left out; NaN if none has one)."""
+        with torch.no_grad():
+            terms = per_token_loss(
+                logp.detach(), inputs.get("old_per_token_logps"), inputs["advantages"], mask, self.loss_config
+            )
+            m = mask.to(torch.float32)
+            clipped = torch.stack([terms.clipped_low, terms.clipped_high], dim=-1).to(torch.float32)  # (B, T, 2)
+            shares = (clipped * m[..., None]).sum(1) / m.sum(1, keepdim=True)  # (B, 2); 0 / 0 = NaN
+            shares = self.accelerator.gather(shares)  # (P * B, 2)
+            scored = shares[~torch.isnan(shares[:, 0])]
+        if scored.numel() == 0:
+            return float("nan"), float("nan")
+        return float(scored[:, 0].min()), float(scored[:, 1].max())
 
 
 # TRL's per-token log-prob call takes these from the micro-batch (multimodal models); None when absent.
