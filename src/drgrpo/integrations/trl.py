@@ -133,7 +133,7 @@ from drgrpo.fused import fused_policy_loss
 from drgrpo.loss import LossOutput, per_token_loss, policy_loss
 from drgrpo.normalizer import StepNormalizer
 
-__all__ = ["DRGRPO_LOSS_TYPE", "SUPPORTED_TRL", "DrGRPOTrainer", "resolve_loss_config"]
+__all__ = ["DRGRPO_LOSS_TYPE", "SUPPORTED_TRL", "DrGRPOTrainer", "main", "resolve_loss_config"]
 
 SUPPORTED_TRL = (Version("1.16"), Version("1.17"))
 """The TRL versions this adapter is tested with, [low, high): it overrides private ``GRPOTrainer`` methods."""
@@ -522,3 +522,17 @@ def _is_dtensor(x: Any) -> bool:
     except ImportError:  # pragma: no cover - torch builds without distributed
         return False
     return isinstance(x, DTensor)
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``python -m drgrpo.integrations.trl``: ``trl grpo``'s command line, training with :class:`DrGRPOTrainer`.
+
+    The arguments are ``trl grpo``'s plus ``loss_config`` and ``fused`` (:mod:`drgrpo.integrations.trl_cli`).
+    """
+    from drgrpo.integrations.trl_cli import main as cli_main
+
+    return cli_main(argv, trainer_cls=DrGRPOTrainer, prog=prog)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""The ``drgrpo`` command line: ``train``, ``eval``, ``compare`` and ``plot``.
+"""The ``drgrpo`` command line: ``train``, ``eval``, ``compare``, ``plot`` and ``trl``.
 
 The flags of ``train``, ``eval`` and ``compare`` are generated from their configuration dataclasses
 (:class:`~drgrpo.train.config.TrainConfig` with :class:`~drgrpo.LossConfig`,
@@ -13,6 +13,7 @@ The flags of ``train``, ``eval`` and ``compare`` are generated from their config
     drgrpo eval --model runs/default                        # its latest checkpoint
     drgrpo plot runs/default                                # runs/default/plots/*.png
     torchrun --nproc-per-node 2 -m drgrpo train ...         # DDP (gloo on CPU)
+    drgrpo trl --config recipe.yaml                         # TRL's trainer: trl grpo's flags + --loss_config
 
 Exit codes: 0 done, 2 a configuration error (one line, before any work), 1 a failure during training
 (after the last completed step was saved), 130 stopped by SIGINT/SIGTERM (after a checkpoint).
@@ -98,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         cp.add_argument_group("loss"), LossConfig, "loss", default_text="each preset's", skip=(*LOSS_SKIP, "beta")
     )
 
+    sub.add_parser(
+        "trl",
+        help="TRL's GRPO trainer with drgrpo's loss: trl grpo's flags and config files, plus --loss_config and "
+        "--fused (drgrpo trl --help lists them)",
+        add_help=False,
+    )
+
     pl = sub.add_parser("plot", help="plot a run's metrics.jsonl to DIR/plots/*.png")
     pl.add_argument("run_dir", help="a drgrpo train output directory")
     pl.add_argument("--smooth", type=int, default=5, help="moving-average window of per-step curves (default: 5)")
@@ -137,6 +145,10 @@ def eval_config_from_args(ns: argparse.Namespace) -> EvalConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["trl"]:  # TRL's own parser takes the rest (drgrpo.integrations.trl_cli)
+        from drgrpo.integrations.trl import main as trl_main
+
+        return trl_main(argv[1:], prog="drgrpo trl")
     ns = parser.parse_args(argv)  # usage errors exit here (code 2)
     _quiet_transformers()
     try:
