@@ -49,7 +49,8 @@ instead of three, same memory bound.
 Entropy (``compute_entropy=True``, for logging as TRL does): the chunk's log-softmax ``log p_n`` is in hand
 after matmul 1, so each token's entropy of the full distribution,
 ``H_n = -sum_v p_nv log p_nv = logsumexp(z_n) - sum_v softmax(z_n)_v z_nv``, costs one more elementwise pass
-over the chunk (``exp``, multiply, row sum, through a scratch buffer of a few rows) and no product.
+over the chunk (multiply, row sum and a copy, through a scratch buffer of a few rows: the ``exp`` that turns
+``log p`` into ``p`` for the gradient is shared) and no product.
 
 The loss value and the metrics are :func:`drgrpo.policy_loss` evaluated on the detached per-token log-probs
 (``N`` numbers), so they are those of the logits path; the log-probs are returned in ``LossOutput.logp``
@@ -169,8 +170,12 @@ class _Chunker:
             z = torch.log_softmax(z, dim=1)
         return z, h_c, y_c
 
-    def entropy(self, z: Tensor) -> Tensor:
-        """``H_n = -sum_v p_nv log p_nv`` ``(n,)`` of the log-softmax rows ``z`` (n, V), a few rows at a time."""
+    def entropy(self, z: Tensor, *, leave_probs: bool) -> Tensor:
+        """``H_n = -sum_v p_nv log p_nv`` ``(n,)`` of the log-softmax rows ``z`` (n, V), a few rows at a time.
+
+        ``leave_probs``: overwrite ``z`` with ``p = exp(z)``, which the gradient pass needs next, from the same
+        ``exp`` (otherwise ``z`` is left as it is).
+        """
         n, v = z.shape
         rows = max(1, min(n, _ENTROPY_BLOCK_BYTES // (z.element_size() * v)))
         if self.scratch is None or self.scratch.shape[0] < rows:
@@ -178,8 +183,12 @@ class _Chunker:
         out = torch.empty(n, dtype=z.dtype, device=z.device)
         for s in range(0, n, rows):
             logp = z[s : s + rows]
-            plogp = torch.exp(logp, out=self.scratch[: logp.shape[0]]).mul_(logp)  # p log p, in the scratch rows
-            torch.sum(plogp, dim=1, out=out[s : s + rows])
+            p = torch.exp(logp, out=self.scratch[: logp.shape[0]])
+            if leave_probs:
+                torch.sum(logp.mul_(p), dim=1, out=out[s : s + rows])  # z rows: p log p
+                logp.copy_(p)  # z rows: p
+            else:
+                torch.sum(p.mul_(logp), dim=1, out=out[s : s + rows])  # scratch rows: p log p
         return out.neg_()
 
     def grads(
@@ -192,12 +201,15 @@ class _Chunker:
         pos: Tensor | slice,
         dw: Tensor | None,
         db: Tensor | None,
+        *,
+        probs: bool = False,
     ) -> None:
-        """Given log_softmax ``z`` (n, V) and ``g = dloss/dlogp`` (n,), add this chunk's dh, dW, db."""
+        """Given log_softmax ``z`` (n, V) (or, with ``probs``, already ``p = exp(z)``) and ``g = dloss/dlogp``
+        (n,), add this chunk's dh, dW, db."""
         n = z.shape[0]
         a = g / self.tau  # (n,)
         # d = p - onehot(y) in place: the onehot term rides along in the products (no scatter into dW).
-        d = z.exp_()
+        d = z if probs else z.exp_()
         d[torch.arange(n, device=d.device), y_c] -= 1.0
         d_mm = d
         if self.z_low is not None and (dh is not None or dw is not None):
@@ -320,11 +332,11 @@ def _run(problem: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None)
         z, h_c, y_c = chunker.log_softmax(pos)
         logp_c = z.gather(1, y_c[:, None]).squeeze(1)  # (n,)
         logp_flat[pos] = logp_c
-        if entropy_flat is not None:
-            entropy_flat[pos] = chunker.entropy(z)
+        if entropy_flat is not None:  # with gradients to come, z becomes p here (one exp for both)
+            entropy_flat[pos] = chunker.entropy(z, leave_probs=need_grad)
         if need_grad:
             g = g_all[s:e] if two_pass else chunk_grad(s, e, logp_c)  # type: ignore[index]
-            chunker.grads(z, h_c, y_c, g, dh, pos, dw, db)
+            chunker.grads(z, h_c, y_c, g, dh, pos, dw, db, probs=entropy_flat is not None)
 
     if dw is not None and chunker.dw_fresh:  # no real token at all
         dw.zero_()
