@@ -3,7 +3,8 @@
 One process per size; the two variants interleaved A B A B (each call a forward + backward of the DAPO loss with
 ``old_logp``, the inputs of ``benchmarks/fused.py``). Reported per variant: the median wall time and the median
 CPU time (``time.process_time``: every thread of this process, the work done, which other load on a shared machine
-changes far less than the wall time), and the ratios with / without entropy.
+changes far less than the wall time, with one thread by default so that no thread spins waiting for another), and
+the ratios with / without entropy.
 
     python benchmarks/fused_entropy.py                    # writes benchmarks/results/fused-entropy-cpu.md
     python benchmarks/fused_entropy.py --sizes 512x64x32000 --reps 2 --out /tmp/entropy.md   # seconds
@@ -22,13 +23,15 @@ from pathlib import Path
 
 from fused import machine, make_inputs
 
-DEFAULT_SIZES = "2048x64x151936,2048x512x151936,1024x1536x151936"
+DEFAULT_SIZES = "1024x64x151936,1024x128x151936,1024x512x151936,512x1536x151936"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def worker(n: int, h: int, v: int, reps: int, dtype: str, device: str) -> dict:
+def worker(n: int, h: int, v: int, reps: int, dtype: str, device: str, threads: int) -> dict:
     """Interleaved timed calls without and with entropy; the entropy check against the full logits."""
     import torch
+
+    torch.set_num_threads(threads)
 
     from drgrpo import LossConfig
     from drgrpo.fused import fused_policy_loss
@@ -74,12 +77,13 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=4, help="timed calls per variant (interleaved)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the CPU time is the work, no spinning)")
     p.add_argument("--out", default=None, help="markdown file (default benchmarks/results/fused-entropy-<device>.md)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         n, h, v = (int(x) for x in args.worker.split("x"))
-        print(json.dumps(worker(n, h, v, args.reps, args.dtype, args.device)))
+        print(json.dumps(worker(n, h, v, args.reps, args.dtype, args.device, args.threads)))
         return
 
     header = machine()
@@ -90,8 +94,8 @@ def main() -> None:
     ]
     for size in args.sizes.split(","):
         cmd = [sys.executable, __file__, "--worker", size, "--reps", str(args.reps)]
-        cmd += ["--dtype", args.dtype, "--device", args.device]
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        cmd += ["--dtype", args.dtype, "--device", args.device, "--threads", str(args.threads)]
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS=str(args.threads))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         (w0, w1), (c0, c1) = r["wall"], r["cpu"]
@@ -101,14 +105,17 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"fused-entropy-{args.device}.md"
-    command = f"python benchmarks/fused_entropy.py --sizes {args.sizes} --reps {args.reps} --dtype {args.dtype}"
+    command = (
+        f"python benchmarks/fused_entropy.py --sizes {args.sizes} --reps {args.reps} --dtype {args.dtype} "
+        f"--threads {args.threads}"
+    )
     out.write_text(
         f"# The entropy metric in the fused pass ({args.device}, {args.dtype})\n\n"
         f"Machine: {header}. Command: `{command}`; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n"
         f"Forward + backward of `fused_policy_loss` (DAPO loss, old_logp given), without and with "
-        f"`compute_entropy=True`, interleaved, median of {args.reps} calls each; CPU time is the process's "
-        "(all threads). Last column: the largest relative difference of the first row's entropies from a float64 "
-        "computation on the full logits.\n\n" + "\n".join(rows) + "\n"
+        f"`compute_entropy=True`, interleaved, median of {args.reps} calls each, {args.threads} thread(s); CPU "
+        "time is the process's. Last column: the largest relative difference of the first row's entropies from a "
+        "float64 computation on the full logits.\n\n" + "\n".join(rows) + "\n"
     )
     print(f"wrote {out}")
 

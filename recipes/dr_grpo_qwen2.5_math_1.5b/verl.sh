@@ -32,7 +32,8 @@ args=(
     actor_rollout_ref.actor.use_kl_loss=False         # [1.5b] --beta 0
     algorithm.use_kl_in_reward=False
     actor_rollout_ref.actor.entropy_coeff=0
-    # --- data ([paper] MATH levels 3-5, Qwen-Math template: prepare_math.py; [1.5b] --prompt_max_length 1024,
+    # --- data ([paper] MATH levels 3-5 with the Qwen-Math template, its minimalist recipe, prepared by
+    #     prepare_math.py; [1.5b] --prompt_max_length 1024,
     #     --generate_max_length 3000, --num_prompt_epoch 20)
     data.train_files="$DATA/train.parquet"
     data.val_files="$DATA/test.parquet"
@@ -68,7 +69,7 @@ args=(
     trainer.n_gpus_per_node=8
     trainer.nnodes=1
     trainer.save_freq=-1
-    trainer.test_freq=16
+    trainer.test_freq=16                              # [1.5b] --eval_steps 16 (counted in oat's steps)
     trainer.logger=[console]
     trainer.project_name=drgrpo
     trainer.experiment_name=dr_grpo_qwen2.5_math_1.5b

@@ -7,6 +7,7 @@ steps on a CPU.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -24,16 +25,8 @@ import trl_harness as h
 from drgrpo import LossConfig
 from drgrpo.integrations.trl_cli import DrGRPOArguments, build_parser, loss_config_from, reward_function
 
-REWARD_MODULE = '''
-def digits(completions, **kwargs):
-    """The number of digit tokens, minus a third of the others (varies on an untrained model)."""
-    out = []
-    for text in completions:
-        tokens = text.split()
-        n = sum(t.isdigit() for t in tokens)
-        out.append(n - (len(tokens) - n) / 3)
-    return out
-'''
+# the harness's reward (the number of digit tokens, minus a third of the others), as a module in the working directory
+REWARD_MODULE = "from typing import Any\n\n" + inspect.getsource(h.digit_reward).replace("digit_reward", "digits")
 
 RECIPE = """\
 # trl grpo's fields (script, GRPOConfig, ModelConfig) plus drgrpo's loss_config and fused
@@ -141,7 +134,8 @@ def test_under_accelerate_launch_and_the_drgrpo_alias(workdir: Path):
         ({"seed: 0": "seed: 0\nlearning_rat: 1.0"}, "Unknown arguments from config file: ['--learning_rat'"),
         ({"loss_config: dr_grpo": "loss_config: {clip_high: 0.3}"}, "has no preset: add preset: <name>"),
         ({"max_steps: 2": "max_steps: 2\nscale_rewards: batch"}, "scale_rewards='batch' contradicts"),
-        ({"model_name_or_path:": "model_name_or_path: ''  #"}, "no model: set model_name_or_path"),
+        ({"model_name_or_path:": "model_name_or_path: ''  #"}, "no model: set --model_name_or_path"),
+        ({"seed: 0": "seed: 0\ndataset_train_split: training"}, "no split 'training' (--dataset_train_split; its"),
     ],
 )
 def test_configuration_errors_are_one_line_with_exit_code_2(
@@ -178,7 +172,7 @@ def test_loss_config_forms():
     assert loss_config_from({"preset": "dapo", "clip_high": 0.3}, 8) == LossConfig.preset("dapo", clip_high=0.3)
     with pytest.raises(ValueError, match="is not a preset name or a JSON object"):
         loss_config_from("{preset: dapo", 8)
-    with pytest.raises(TypeError, match="loss_config must be a preset name or a mapping"):
+    with pytest.raises(TypeError, match="--loss_config must be a preset name or a mapping"):
         loss_config_from(3, 8)
 
 

@@ -101,8 +101,8 @@ Logged under TRL's names and meanings: ``clip_ratio/low_mean``, ``clip_ratio/hig
 for the PPO surrogate; ``kl`` (``beta > 0``; the config's estimator, not weighted by the ratio) and
 ``entropy`` (the token mean of the policy's entropy: TRL's head computes it, or with ``fused=True`` the
 fused pass from its logit chunks); ``drgrpo/ratio_mean`` (and ``drgrpo/clip_frac_low``/``high`` for the
-CISPO and SAPO surrogates) have no TRL name. Rewards,
-lengths and the completions table stay TRL's; the table's advantages are drgrpo's.
+CISPO and SAPO surrogates) have no TRL name. Rewards, lengths and the completions table stay TRL's; the
+table's advantages are drgrpo's.
 """
 
 from __future__ import annotations

@@ -102,11 +102,11 @@ def loss_config_from(value: Any, max_completion_length: int | None) -> LossConfi
     if value is None or isinstance(value, str):
         return value
     if not isinstance(value, Mapping):
-        raise TypeError(f"loss_config must be a preset name or a mapping with a preset key, got {value!r}")
+        raise TypeError(f"--loss_config must be a preset name or a mapping with a preset key, got {value!r}")
     fields = dict(value)
     name = fields.pop("preset", None)
     if not isinstance(name, str):
-        raise ValueError(f"loss_config {value!r} has no preset: add preset: <name> (e.g. preset: dr_grpo)")
+        raise ValueError(f"--loss_config {value!r} has no preset: add preset: <name> (e.g. preset: dr_grpo)")
     config = preset_config(name).replace(**fields)
     if (config.forced_aggregation or config.aggregation) == "seq-mean-token-sum-norm":
         fields.setdefault("max_completion_length", max_completion_length)  # the generation budget, as for a name
@@ -153,9 +153,9 @@ def _build_trainer(
         rewards.append(script_args.reward_model_name_or_path)
     rewards += [reward_function(name) for name in script_args.reward_funcs or []]
     if not rewards:
-        raise ValueError("no reward: set reward_funcs (TRL's names or dotted paths) or reward_model_name_or_path")
+        raise ValueError("no reward: set --reward_funcs (TRL's names or dotted paths) or --reward_model_name_or_path")
     if not model_args.model_name_or_path:
-        raise ValueError("no model: set model_name_or_path (a local directory or a Hub name)")
+        raise ValueError("no model: set --model_name_or_path (a local directory or a Hub name)")
 
     model_init_kwargs = {
         "revision": model_args.model_revision,
@@ -169,12 +169,14 @@ def _build_trainer(
     dataset = _load_dataset(script_args, dataset_args)
     splits = list(dataset.keys())
     if script_args.dataset_train_split not in dataset:
-        raise ValueError(f"the dataset has no split {script_args.dataset_train_split!r} (its splits: {splits})")
+        split = script_args.dataset_train_split
+        raise ValueError(f"the dataset has no split {split!r} (--dataset_train_split; its splits: {splits})")
     evaluating = training_args.eval_strategy != "no"
     if evaluating and script_args.dataset_test_split not in dataset:
         raise ValueError(
-            f"eval_strategy is {training_args.eval_strategy!r} but the dataset has no split "
-            f"{script_args.dataset_test_split!r} (its splits: {splits})"
+            f"--eval_strategy is {str(getattr(training_args.eval_strategy, 'value', training_args.eval_strategy))!r} "
+            "but the dataset has no split "
+            f"{script_args.dataset_test_split!r} (--dataset_test_split; its splits: {splits})"
         )
     return trainer_cls(
         model=model_args.model_name_or_path,
@@ -196,7 +198,7 @@ def _load_dataset(script_args: Any, dataset_args: Any) -> Any:
 
         return get_dataset(dataset_args)
     if not script_args.dataset_name:
-        raise ValueError("no dataset: set dataset_name (a Hub name or a local directory) or datasets (a mixture)")
+        raise ValueError("no dataset: set --dataset_name (a Hub name or a local directory) or --datasets (a mixture)")
     from datasets import load_dataset
 
     return load_dataset(
