@@ -73,6 +73,15 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``cmd`` in ``cwd``; a timeout fails the test with what the command had printed."""
+    try:
+        return subprocess.run(cmd, cwd=cwd, env=environment(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        printed = [x.decode() if isinstance(x, bytes) else (x or "") for x in (error.stdout, error.stderr)]
+        pytest.fail(f"{' '.join(cmd[:4])} ... timed out after {timeout} s:\n{''.join(printed)[-6000:]}")
+
+
 def write_recipe(workdir: Path, name: str, **replace: str) -> Path:
     text = RECIPE.format(model=workdir / "model", data=workdir / "data", out=workdir / name)
     for old, new in replace.items():
@@ -97,7 +106,7 @@ def check_two_steps(workdir: Path, name: str, out: subprocess.CompletedProcess) 
 def test_two_steps_from_a_yaml_file(workdir: Path):
     recipe = write_recipe(workdir, "run")
     cmd = [sys.executable, "-m", "drgrpo.integrations.trl", "--config", str(recipe)]
-    out = subprocess.run(cmd, cwd=workdir, env=environment(), capture_output=True, text=True, timeout=600)
+    out = run(cmd, workdir)
     row = check_two_steps(workdir, "run", out)
     # fused=True logs TRL's metrics from the fused pass; the reward functions are the two given
     assert {"clip_ratio/low_min", "clip_ratio/high_max", "drgrpo/ratio_mean"} <= set(row)
@@ -118,7 +127,7 @@ def test_under_accelerate_launch_and_the_drgrpo_alias(workdir: Path):
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "drgrpo", "trl", "--config", str(recipe), "--loss_config", "dapo", "--fused", "false"]  # fmt: skip
-    out = subprocess.run(cmd, cwd=workdir, env=environment(), capture_output=True, text=True, timeout=600)
+    out = run(cmd, workdir)
     check_two_steps(workdir, "launched", out)
     # each process built its trainer: dapo's clip-higher, from the command line's --loss_config, on both
     assert out.stderr.count("epsilon_high unset -> 0.28") == 2
@@ -158,7 +167,7 @@ def test_configuration_errors_are_one_line_with_exit_code_2(
 def test_the_command_exits_with_2_and_one_line(workdir: Path):
     recipe = write_recipe(workdir, "bad2", **{"loss_config: dr_grpo": "loss_config: dr-grpo"})
     cmd = [sys.executable, "-m", "drgrpo", "trl", "--config", str(recipe)]
-    out = subprocess.run(cmd, cwd=workdir, env=environment(), capture_output=True, text=True, timeout=300)
+    out = run(cmd, workdir, timeout=300)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("drgrpo trl: error: unknown preset 'dr-grpo'")
     assert "Traceback" not in out.stderr
