@@ -144,5 +144,5 @@ def test_float16_is_refused_by_compare_before_the_warm_start(tmp_path: Path) -> 
 def test_compare_refuses_a_non_finite_beta() -> None:
     from drgrpo.train.compare import CompareConfig
 
-    with pytest.raises(ValueError, match="^beta must be a finite number, got nan"):
+    with pytest.raises(ValueError, match=r"^beta must be a finite number, got nan"):
         CompareConfig(beta=math.nan)
