@@ -250,6 +250,69 @@ def test_module_wrapper_reads_the_output_layer():
     assert out.loss.shape == ()
 
 
+def entropy_oracle(d):
+    """float64 per-token entropy of softmax((h W^T + b) / tau) from the full logits: logsumexp(z) - sum softmax(z) z."""
+    with torch.no_grad():
+        z = d["hidden"].double() @ d["weight"].double().T
+        if d["bias"] is not None:
+            z = z + d["bias"].double()
+        z = z / d["tau"]
+        return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "config", "chunk_size", "rtol"),
+    [
+        (torch.float64, "dapo", 5, 1e-12),
+        (torch.float32, "dapo", 4, 1e-6),
+        (torch.float32, "gspo", 4, 1e-6),  # whole rows per chunk, and two passes when a row is longer than 4
+        (torch.float32, "gspo", 32, 1e-6),
+        (torch.bfloat16, "dapo", 5, 1e-5),  # the products in bf16, the softmax in float32: vs the same rounded inputs
+    ],
+)
+def test_entropy_from_the_fused_pass_is_the_full_logits_entropy(dtype, config, chunk_size, rtol):
+    d = make(seed=21, dtype=dtype, v=53)
+    rounded = {**d, "hidden": d["hidden"].detach().double(), "weight": d["weight"].detach().double(),
+               "bias": d["bias"].detach().double()}  # fmt: skip
+    kw = dict(old_logp=d["old"], bias=d["bias"], temperature=d["tau"], chunk_size=chunk_size)
+    plain = fused_policy_loss(d["hidden"], d["weight"], d["target"], d["mask"], d["adv"], preset(config), **kw)
+    out = fused_policy_loss(
+        d["hidden"], d["weight"], d["target"], d["mask"], d["adv"], preset(config), compute_entropy=True, **kw
+    )
+    m = d["mask"].bool()
+    assert plain.entropy is None and out.entropy is not None
+    assert out.entropy.shape == d["mask"].shape and out.entropy.dtype == (
+        torch.float64 if dtype == torch.float64 else torch.float32
+    )
+    if dtype == torch.bfloat16:  # the oracle sees the bf16 product's rounding only through its inputs
+        want = entropy_oracle(rounded)
+        assert_close(out.entropy[m], want[m], 2e-2, "entropy (bf16 products)")
+    else:
+        assert_close(out.entropy[m], entropy_oracle(rounded)[m], rtol, "entropy")
+    assert (out.entropy[~m] == 0).all()
+    assert torch.equal(out.loss, plain.loss) and torch.equal(out.logp, plain.logp)  # the loss is untouched
+    g_plain = torch.autograd.grad(plain.loss, params(d))
+    g_out = torch.autograd.grad(out.loss, params(d))
+    assert all(torch.equal(a, b) for a, b in zip(g_plain, g_out))
+
+
+def test_entropy_without_gradients_and_over_scratch_blocks(monkeypatch):
+    """No gradient needed (evaluation) still gives the entropy; a scratch of 2 rows walks the chunk in blocks."""
+    import drgrpo.fused as fused
+
+    monkeypatch.setattr(fused, "_ENTROPY_BLOCK_BYTES", 2 * 8 * 61)  # 2 rows of V = 61 float64
+    d = make(seed=22, v=61)
+    with torch.no_grad():
+        out = fused_policy_loss(d["hidden"], d["weight"], d["target"], d["mask"], d["adv"], preset("dr_grpo"),
+                                bias=d["bias"], temperature=d["tau"], chunk_size=7, compute_entropy=True)  # fmt: skip
+    m = d["mask"].bool()
+    assert_close(out.entropy[m], entropy_oracle(d)[m], 1e-12, "entropy")
+    # uniform logits: the entropy is log V
+    flat = fused_policy_loss(torch.zeros(1, 3, 8), torch.zeros(61, 8), torch.zeros(1, 3, dtype=torch.long),
+                             torch.ones(1, 3), torch.zeros(1), preset("dapo"), compute_entropy=True)  # fmt: skip
+    assert torch.allclose(flat.entropy, torch.full((1, 3), float(torch.log(torch.tensor(61.0)))), rtol=1e-6)
+
+
 def test_chunked_logprobs():
     d = make(seed=15)
     lp = logits_logp(d["hidden"], d["weight"], d["target"], d["bias"], d["tau"]).detach()

@@ -46,6 +46,12 @@ are made of whole rows. If one row has more real tokens than ``chunk_size``, the
 passes (``logp`` of every token first, then ``g`` for all tokens, then the gradient pass): four products
 instead of three, same memory bound.
 
+Entropy (``compute_entropy=True``, for logging as TRL does): the chunk's log-softmax ``log p_n`` is in hand
+after matmul 1, so each token's entropy of the full distribution,
+``H_n = -sum_v p_nv log p_nv = logsumexp(z_n) - sum_v softmax(z_n)_v z_nv``, costs one more elementwise pass
+over the chunk (multiply, row sum and a copy, through a scratch buffer of a few rows: the ``exp`` that turns
+``log p`` into ``p`` for the gradient is shared) and no product.
+
 The loss value and the metrics are :func:`drgrpo.policy_loss` evaluated on the detached per-token log-probs
 (``N`` numbers), so they are those of the logits path; the log-probs are returned in ``LossOutput.logp``
 (0 on padding) for logging or as the next step's ``old_logp``.
@@ -89,6 +95,7 @@ __all__ = ["FusedPolicyLoss", "chunked_logprobs", "default_chunk_size", "fused_p
 _CHUNK_BYTES = 320 * 2**20
 _MIN_CHUNK = 64
 _MAX_CHUNK = 1024
+_ENTROPY_BLOCK_BYTES = 32 * 2**20  # the entropy's scratch buffer (rows x V, float32)
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -117,8 +124,10 @@ class _Problem:
     need_dh: bool
     need_dw: bool
     need_db: bool
+    compute_entropy: bool = False
     metrics: dict[str, Tensor] | None = None
     logp: Tensor | None = None  # (B, T) output, detached
+    entropy: Tensor | None = None  # (B, T) output, detached (compute_entropy)
 
 
 class _Chunker:
@@ -138,6 +147,7 @@ class _Chunker:
         self.bias_scaled = None if bias is None else (bias / tau if tau != 1.0 else bias)
         self.dw_fresh = True  # dW is allocated uninitialised; the first product writes it
         self.dw_low: Tensor | None = None  # half precision: product 3's output before the float32 accumulation
+        self.scratch: Tensor | None = None  # (a few rows, V): the entropy's p log p
 
     def log_softmax(self, pos: Tensor | slice) -> tuple[Tensor, Tensor, Tensor]:
         """Rows ``pos`` of the flat hidden states (index tensor, or a slice when contiguous: no copy)
@@ -160,6 +170,27 @@ class _Chunker:
             z = torch.log_softmax(z, dim=1)
         return z, h_c, y_c
 
+    def entropy(self, z: Tensor, *, leave_probs: bool) -> Tensor:
+        """``H_n = -sum_v p_nv log p_nv`` ``(n,)`` of the log-softmax rows ``z`` (n, V), a few rows at a time.
+
+        ``leave_probs``: overwrite ``z`` with ``p = exp(z)``, which the gradient pass needs next, from the same
+        ``exp`` (otherwise ``z`` is left as it is).
+        """
+        n, v = z.shape
+        rows = max(1, min(n, _ENTROPY_BLOCK_BYTES // (z.element_size() * v)))
+        if self.scratch is None or self.scratch.shape[0] < rows:
+            self.scratch = torch.empty(rows, v, dtype=z.dtype, device=z.device)
+        out = torch.empty(n, dtype=z.dtype, device=z.device)
+        for s in range(0, n, rows):
+            logp = z[s : s + rows]
+            p = torch.exp(logp, out=self.scratch[: logp.shape[0]])
+            if leave_probs:
+                torch.sum(logp.mul_(p), dim=1, out=out[s : s + rows])  # z rows: p log p
+                logp.copy_(p)  # z rows: p
+            else:
+                torch.sum(p.mul_(logp), dim=1, out=out[s : s + rows])  # scratch rows: p log p
+        return out.neg_()
+
     def grads(
         self,
         z: Tensor,
@@ -170,12 +201,15 @@ class _Chunker:
         pos: Tensor | slice,
         dw: Tensor | None,
         db: Tensor | None,
+        *,
+        probs: bool = False,
     ) -> None:
-        """Given log_softmax ``z`` (n, V) and ``g = dloss/dlogp`` (n,), add this chunk's dh, dW, db."""
+        """Given log_softmax ``z`` (n, V) (or, with ``probs``, already ``p = exp(z)``) and ``g = dloss/dlogp``
+        (n,), add this chunk's dh, dW, db."""
         n = z.shape[0]
         a = g / self.tau  # (n,)
         # d = p - onehot(y) in place: the onehot term rides along in the products (no scatter into dW).
-        d = z.exp_()
+        d = z if probs else z.exp_()
         d[torch.arange(n, device=d.device), y_c] -= 1.0
         d_mm = d
         if self.z_low is not None and (dh is not None or dw is not None):
@@ -253,6 +287,7 @@ def _run(problem: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None)
         h2d, weight, bias, problem.target_ids, problem.temperature, max((e - s for s, e in ranges), default=0)
     )
     logp_flat = torch.zeros(b * t, dtype=adt, device=device)
+    entropy_flat = torch.zeros(b * t, dtype=adt, device=device) if problem.compute_entropy else None
     dh = torch.zeros(b * t, hdim, dtype=hidden.dtype, device=device) if problem.need_dh else None
     dw = torch.empty(weight.shape, dtype=adt, device=device) if problem.need_dw else None
     db = torch.zeros(weight.shape[0], dtype=adt, device=device) if problem.need_db and bias is not None else None
@@ -297,9 +332,11 @@ def _run(problem: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None)
         z, h_c, y_c = chunker.log_softmax(pos)
         logp_c = z.gather(1, y_c[:, None]).squeeze(1)  # (n,)
         logp_flat[pos] = logp_c
+        if entropy_flat is not None:  # with gradients to come, z becomes p here (one exp for both)
+            entropy_flat[pos] = chunker.entropy(z, leave_probs=need_grad)
         if need_grad:
             g = g_all[s:e] if two_pass else chunk_grad(s, e, logp_c)  # type: ignore[index]
-            chunker.grads(z, h_c, y_c, g, dh, pos, dw, db)
+            chunker.grads(z, h_c, y_c, g, dh, pos, dw, db, probs=entropy_flat is not None)
 
     if dw is not None and chunker.dw_fresh:  # no real token at all
         dw.zero_()
@@ -315,6 +352,7 @@ def _run(problem: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None)
         validate=False,
     )
     problem.logp, problem.metrics = logp, out.metrics
+    problem.entropy = None if entropy_flat is None else entropy_flat.reshape(b, t)
     return (
         out.loss,
         None if dh is None else dh.reshape(b, t, hdim),
@@ -368,6 +406,7 @@ def fused_policy_loss(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     normalizer: StepNormalizer | None = None,
+    compute_entropy: bool = False,
     validate: bool = True,
 ) -> LossOutput:
     r"""``policy_loss(log_softmax((hidden @ weight.T + bias) / temperature)[target_ids], ...)`` without the logits.
@@ -387,6 +426,8 @@ def fused_policy_loss(
         chunk_size: real tokens per chunk (extra memory ``~ chunk_size * V`` floats);
             ``None`` uses :func:`default_chunk_size`. Sequence-level configs chunk by whole rows.
         normalizer: a :class:`~drgrpo.normalizer.StepNormalizer` for split-invariant aggregation.
+        compute_entropy: also return each real token's entropy of ``softmax((h W^T + b) / temperature)``
+            (TRL's ``entropy`` metric), computed from the chunks of the same pass: no extra product.
         validate: check the data as :func:`~drgrpo.policy_loss` does: no NaN or inf in the rows of ``hidden`` at
             real tokens, in ``weight`` and ``bias``, in ``advantages`` and in ``old_logp``/``ref_logp`` at real
             tokens; ``target_ids`` in ``[0, V)`` and ``mask`` 0/1 at real tokens. One pass over ``hidden`` and
@@ -395,8 +436,9 @@ def fused_policy_loss(
 
     Returns:
         :class:`~drgrpo.loss.LossOutput`: ``loss`` (scalar, float32 for half-precision inputs; backward gives
-        gradients for ``hidden``, ``weight`` and ``bias``), ``metrics`` as :func:`~drgrpo.policy_loss`, and
-        ``logp`` ``(B, T)`` detached per-token log-probs (0 on padding).
+        gradients for ``hidden``, ``weight`` and ``bias``), ``metrics`` as :func:`~drgrpo.policy_loss`,
+        ``logp`` ``(B, T)`` detached per-token log-probs (0 on padding), and with ``compute_entropy`` the
+        detached per-token entropies ``entropy`` ``(B, T)`` (0 on padding; float32 for half-precision inputs).
     """
     _check_inputs(hidden, weight, target_ids, mask, bias, temperature, chunk_size, values=validate)
     b, t, _ = hidden.shape
@@ -422,10 +464,11 @@ def fused_policy_loss(
         need_dh=grad_on and hidden.requires_grad,
         need_dw=grad_on and weight.requires_grad,
         need_db=grad_on and bias is not None and bias.requires_grad,
+        compute_entropy=bool(compute_entropy),
     )
     loss = _FusedLinearPolicyLoss.apply(hidden, weight, bias, problem)
     assert problem.metrics is not None
-    return LossOutput(loss=loss, metrics=problem.metrics, logp=problem.logp)
+    return LossOutput(loss=loss, metrics=problem.metrics, logp=problem.logp, entropy=problem.entropy)
 
 
 @torch.no_grad()

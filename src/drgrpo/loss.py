@@ -55,6 +55,8 @@ class LossOutput:
     """Detached scalars: clip_frac_low, clip_frac_high, ratio_mean, kl_mean, num_tokens."""
     logp: Tensor | None = None
     """Detached per-token log-probs ``(B, T)`` (set by the fused path)."""
+    entropy: Tensor | None = None
+    """Detached per-token entropies of the policy ``(B, T)`` (set by the fused path with ``compute_entropy``)."""
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -22,7 +22,7 @@ import trl_harness as h
 from trl import GRPOConfig, GRPOTrainer
 
 from drgrpo import LossConfig
-from drgrpo.integrations.trl import DrGRPOTrainer, resolve_loss_config
+from drgrpo.integrations.trl import DrGRPOTrainer
 from drgrpo.train.tiny import build_tokenizer
 
 TOL = 1e-5  # relative, float32: measured 1e-7 to 3e-7
@@ -153,74 +153,45 @@ def test_fused_equals_the_logits_path(model_dir: Path, tmp_path: Path, preset: s
     check_step(b, model_dir, 2, 1, off_policy=True)
 
 
-# --------------------------------------------------------------------------- settings
+# --------------------------------------------------------------------------- metrics
+
+TRL_METRICS = (
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "clip_ratio/low_min",
+    "clip_ratio/high_max",
+    "entropy",
+)
+
+
+def test_metrics_have_trls_names_and_values(model_dir: Path, tmp_path: Path):
+    """Stock TRL, DrGRPOTrainer and DrGRPOTrainer(fused=True) on the same rollout log the same TRL metrics.
+
+    epsilon = 0.01 so that the second step (old log-probs from the first step's weights) clips; the second step's
+    weights differ between the runs by rounding only.
+    """
+    fields = dict(loss_type="grpo", epsilon=0.01, num_iterations=2, max_steps=2, learning_rate=3e-3)
+    stock = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "s", 2, 2, **fields))
+    ours = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "o", 2, 2, **fields))
+    fused = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "f", 2, 2, **fields), fused=True)
+    rows = [[row for row in t.state.log_history if "entropy" in row] for t in (stock, ours, fused)]
+    assert [len(r) for r in rows] == [2, 2, 2]
+    for step in range(2):
+        for key in TRL_METRICS:
+            want = rows[0][step][key]
+            for got in (rows[1][step][key], rows[2][step][key]):
+                assert got == pytest.approx(want, rel=1e-4, abs=1e-6), (step, key)
+    assert rows[0][0]["clip_ratio/high_max"] == 0 and rows[0][1]["clip_ratio/high_max"] > 0  # the second step clips
+    assert rows[0][1]["clip_ratio/high_max"] > rows[0][1]["clip_ratio/high_mean"] > 0  # one completion vs the mean
+    assert rows[2][0]["entropy"] == pytest.approx(rows[1][0]["entropy"], rel=1e-6)  # same weights: float32 rounding
+
+
+# --------------------------------------------------------------------------- the window and evaluation
 
 
 def _args(tmp_path: Path, **overrides) -> GRPOConfig:
     return h.grpo_args(tmp_path, 1, 1, **overrides)
-
-
-def test_named_presets_take_l_from_max_completion_length_and_defaults_follow_the_config(tmp_path: Path):
-    config, changes = resolve_loss_config("dr_grpo", _args(tmp_path))
-    assert config.max_completion_length == h.MAX_NEW and config.advantage_std == "none"
-    assert changes == {"scale_rewards": "none"}  # TRL's default "group" would contradict Modification 2
-    config, changes = resolve_loss_config("grpo", _args(tmp_path))
-    assert changes == {"beta": 0.04, "use_bias_correction_kl": False}
-    config, changes = resolve_loss_config("trl.dr_grpo", _args(tmp_path))
-    assert config.max_completion_length == h.MAX_NEW and changes == {"loss_type": "dr_grpo"}
-    config, _ = resolve_loss_config("dapo", _args(tmp_path))
-    assert config.max_completion_length is None  # token-mean: no L
-    explicit = LossConfig.preset("dr_grpo", max_completion_length=100)
-    assert resolve_loss_config(explicit, _args(tmp_path))[0].max_completion_length == 100
-    args = _args(tmp_path)
-    DrGRPOTrainer(str(h.save_tiny_model(tmp_path / "m")), h.digit_reward, args, h.train_dataset(8), loss_config="grpo")
-    assert args.beta == 0.0  # the caller's GRPOConfig is not modified
-
-
-@pytest.mark.parametrize(
-    ("overrides", "loss_config", "match"),
-    [
-        ({"loss_type": "grpo"}, "dr_grpo", "loss_type='grpo' contradicts"),
-        ({"scale_rewards": "batch"}, "dr_grpo", "scale_rewards='batch' contradicts"),
-        ({"epsilon_high": 0.28}, "dr_grpo", "epsilon_high=0.28 contradicts"),
-        ({"epsilon": 0.1}, "dapo", "epsilon=0.1 contradicts"),
-        ({"beta": 0.1}, "grpo", "beta=0.1 contradicts"),
-        ({"delta": 2.0}, "dapo", "delta=2.0 contradicts"),
-        ({"importance_sampling_level": "sequence"}, "dapo", "importance_sampling_level='sequence' contradicts"),
-        ({"loss_type": "bnpo"}, "trl.dapo", "loss_type='bnpo' contradicts"),
-        ({"epsilon_high": 5.0}, "trl.cispo", "epsilon_high=5.0 contradicts"),
-        ({"top_entropy_quantile": 0.2}, "dr_grpo", "top_entropy_quantile"),
-        ({"off_policy_mask_threshold": 0.5}, "dr_grpo", "off_policy_mask_threshold"),
-        ({"entropy_coef": 0.01}, "dr_grpo", "entropy bonus"),
-        ({"multi_objective_aggregation": "normalize_then_sum"}, "dr_grpo", "normalize_then_sum"),
-    ],
-)
-def test_contradicting_trl_settings_raise(tmp_path: Path, overrides: dict, loss_config: str, match: str):
-    with pytest.raises(ValueError, match=match):
-        resolve_loss_config(loss_config, _args(tmp_path, **overrides))
-
-
-def test_agreeing_trl_settings_are_accepted(tmp_path: Path):
-    args = _args(tmp_path, loss_type="dr_grpo", scale_rewards="none", epsilon_high=0.2)
-    assert resolve_loss_config("dr_grpo", args)[1] == {}
-    dapo = _args(tmp_path, epsilon_high=0.28, loss_type="dapo")
-    assert resolve_loss_config("dapo", dapo)[1] == {}
-    custom = LossConfig.preset("trl.cispo", cispo_cap=5.0)
-    assert resolve_loss_config(custom, _args(tmp_path, loss_type="cispo", epsilon_high=5.0))[1] == {}
-
-
-def test_bad_arguments_are_named(tmp_path: Path):
-    args = _args(tmp_path)
-    with pytest.raises(TypeError, match="loss_config must be a LossConfig or a preset name"):
-        resolve_loss_config(3, args)
-    with pytest.raises(ValueError, match="unknown preset 'dr-grpo'"):
-        resolve_loss_config("dr-grpo", args)
-    with pytest.raises(ValueError, match=r"trl\.dr_grpo divides by TRL's max_completion_length"):
-        resolve_loss_config(LossConfig.preset("trl.dr_grpo", max_completion_length=100), args)
-    with pytest.raises(TypeError, match="fused must be a bool"):
-        DrGRPOTrainer("unused", h.digit_reward, args, fused="yes")
-    with pytest.raises(TypeError, match=r"args must be a trl\.GRPOConfig"):
-        DrGRPOTrainer("unused", h.digit_reward, object())
 
 
 def test_a_micro_step_outside_the_fetched_window_raises(model_dir: Path, tmp_path: Path):
@@ -228,21 +199,6 @@ def test_a_micro_step_outside_the_fetched_window_raises(model_dir: Path, tmp_pat
     trainer.model.train()
     with pytest.raises(RuntimeError, match="not the next one of the accumulation window"):
         trainer._prepare_inputs([{"prompt": "1 2 + 3 4 =", "answer": "46"}] * 4)
-
-
-def test_unscored_completions_need_nan_rewards_ignore(model_dir: Path, tmp_path: Path):
-    def sometimes_none(completions, **kwargs):
-        return [None if i == 1 else float(len(c)) for i, c in enumerate(completions)]
-
-    args = _args(tmp_path)
-    trainer = DrGRPOTrainer(
-        str(model_dir), sometimes_none, args, h.train_dataset(8), processing_class=build_tokenizer()
-    )
-    with pytest.raises(ValueError, match="completion 1 of the generation batch got no reward"):
-        trainer.train()
-    config = LossConfig.preset("dapo", nan_rewards="ignore")
-    ok = h.run(DrGRPOTrainer, model_dir, args, loss_config=config, reward_funcs=sometimes_none)
-    assert float(ok.generations[0][1]["advantages"][1]) == 0.0
 
 
 def test_evaluation_runs_the_loss_on_its_own_batch(model_dir: Path, tmp_path: Path):

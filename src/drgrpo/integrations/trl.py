@@ -53,19 +53,26 @@ division by K stays off (TRL's ``loss_is_scaled_for_ga``).
 
 Settings
 --------
-``loss_config`` (a :class:`~drgrpo.LossConfig` or a preset name) decides the loss. TRL's fields that
-describe the same thing must agree with it or keep their ``GRPOConfig`` default; a default is then set
-to the config's value in a copy of ``args`` (logged at INFO), so TRL's own machinery follows the config
-(``beta > 0`` makes TRL build the reference model and its log-probs). A non-default value that
-contradicts the config raises a ``ValueError``:
+``loss_config`` (:mod:`drgrpo.integrations.trl_settings` holds the policy):
+
+- **not given**: the loss is the one ``GRPOConfig`` describes, the ``trl.<loss_type>`` preset with
+  ``scale_rewards``, ``epsilon``, ``epsilon_high``, ``beta``, ``delta``, ``importance_sampling_level``,
+  ``use_bias_correction_kl`` and the SAPO temperatures read from ``args``: stock TRL's loss (``args`` unchanged).
+- **given** (a :class:`~drgrpo.LossConfig` or a preset name): it decides the loss. Each TRL field that
+  describes the same choice agrees with it, or is at its ``GRPOConfig`` default and is set to the config's
+  value in a copy of ``args`` with a WARNING naming field, old and new value (so ``beta > 0`` makes TRL
+  build the reference model), or contradicts it and raises a ``ValueError`` that names the field and the
+  ``LossConfig`` field to put the value in. ``trainer.args.loss_type`` becomes the TRL loss type with the
+  config's surrogate and aggregation, or ``"drgrpo"`` when TRL has none (``trainer.loss_config`` is the
+  complete description: TRL has no field for the std's epsilon, for instance):
 
 ================================  =====================================================
 TRL field (default)               drgrpo field
 ================================  =====================================================
-``loss_type`` ("dapo")            the preset's name (``"dr_grpo"`` or ``"trl.dr_grpo"`` -> "dr_grpo")
+``loss_type`` ("dapo")            surrogate and aggregation (``trl_settings.trl_loss_type``)
 ``scale_rewards`` ("group")       ``advantage_std`` ("group" / "batch" / "none")
 ``epsilon`` (0.2)                 ``clip_low`` (PPO surrogate)
-``epsilon_high`` (None)           ``clip_high`` (PPO), ``cispo_cap`` (``trl.cispo``)
+``epsilon_high`` (None)           ``clip_high`` (PPO), the CISPO cap (CISPO with no lower clip)
 ``beta`` (0.0)                    ``beta``
 ``delta`` (None)                  ``delta``
 ``importance_sampling_level``     ``ratio_level`` ("token" / "sequence")
@@ -75,10 +82,12 @@ TRL field (default)               drgrpo field
 
 A preset given by name whose aggregation is ``seq-mean-token-sum-norm`` (``dr_grpo``, ``trl.dr_grpo``,
 ``oat.drgrpo``) takes ``L = args.max_completion_length``, the generation budget; pass a ``LossConfig``
-with ``max_completion_length`` set for another constant. Per-call peer presets (``trl.grpo``,
-``trl.bnpo``, ``trl.dr_grpo``: ``per_call_normalization``) keep their definition:
-each micro-batch normalised by its own counts and divided by K, as TRL does, so ``trl.*`` presets give
-stock TRL's numbers (``trl.dapo``/``trl.cispo`` use the exact step count, which is TRL's when
+with ``max_completion_length`` set for another constant; a ``LossConfig`` that needs L and has none is
+refused at construction. A reward function returning ``None`` means "not scored", as in TRL: every config
+runs with ``nan_rewards="ignore"`` (the completion leaves its group's statistics and gets advantage 0).
+Per-call peer presets (``trl.grpo``, ``trl.bnpo``, ``trl.dr_grpo``: ``per_call_normalization``) keep their
+definition: each micro-batch normalised by its own counts and divided by K, as TRL does, so ``trl.*``
+presets give stock TRL's numbers (``trl.dapo``/``trl.cispo`` use the exact step count, which is TRL's when
 ``spg == K``).
 
 Refused with a ``ValueError`` (no drgrpo equivalent yet): ``top_entropy_quantile < 1``,
@@ -87,11 +96,14 @@ importance-sampling correction (set ``vllm_importance_sampling_correction=False`
 itself works), ``multi_objective_aggregation="normalize_then_sum"``, tensor or context parallelism,
 and with ``fused=True`` MoE router losses and logit scaling or soft-capping.
 
-Logged under TRL's names: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``
-(PPO surrogate), ``kl`` (``beta > 0``; the config's estimator, not weighted by the ratio) and
-``entropy`` (``fused=False`` only: TRL's head computes it); ``drgrpo/ratio_mean`` (and
-``drgrpo/clip_frac_low``/``high`` for the CISPO and SAPO surrogates) have no TRL name. Rewards,
-lengths and the completions table stay TRL's; the table's advantages are drgrpo's.
+Logged under TRL's names and meanings: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+``clip_ratio/region_mean`` (token means over all processes), ``clip_ratio/low_min`` and
+``clip_ratio/high_max`` (each completion's share of clipped tokens, gathered: the smallest and the largest)
+for the PPO surrogate; ``kl`` (``beta > 0``; the config's estimator, not weighted by the ratio) and
+``entropy`` (the token mean of the policy's entropy: TRL's head computes it, or with ``fused=True`` the
+fused pass from its logit chunks); ``drgrpo/ratio_mean`` (and ``drgrpo/clip_frac_low``/``high`` for the
+CISPO and SAPO surrogates) have no TRL name. Rewards, lengths and the completions table stay TRL's; the
+table's advantages are drgrpo's.
 """
 
 from __future__ import annotations
@@ -119,10 +131,10 @@ from torch import Tensor
 from drgrpo.advantages import group_advantages
 from drgrpo.config import LossConfig
 from drgrpo.fused import fused_policy_loss
-from drgrpo.loss import LossOutput, policy_loss
+from drgrpo.loss import LossOutput, per_token_loss, policy_loss
 from drgrpo.normalizer import StepNormalizer
 
-__all__ = ["SUPPORTED_TRL", "DrGRPOTrainer", "resolve_loss_config"]
+__all__ = ["DRGRPO_LOSS_TYPE", "SUPPORTED_TRL", "DrGRPOTrainer", "main", "resolve_loss_config"]
 
 SUPPORTED_TRL = (Version("1.16"), Version("1.17"))
 """The TRL versions this adapter is tested with, [low, high): it overrides private ``GRPOTrainer`` methods."""
@@ -133,137 +145,11 @@ if not SUPPORTED_TRL[0] <= Version(Version(trl.__version__).base_version) < SUPP
         f"GRPOTrainer methods; found trl {trl.__version__}: pip install 'drgrpo[trl]'"
     )
 
+from drgrpo.integrations.trl_settings import DRGRPO_LOSS_TYPE, resolve_loss_config, settings_warning  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
-# GRPOConfig defaults of the fields that describe the loss (trl 1.16 grpo_config.py).
-_TRL_DEFAULTS: dict[str, Any] = {
-    "loss_type": "dapo",
-    "scale_rewards": "group",
-    "epsilon": 0.2,
-    "epsilon_high": None,
-    "beta": 0.0,
-    "delta": None,
-    "importance_sampling_level": "token",
-    "use_bias_correction_kl": True,
-    "sapo_temperature_pos": 1.0,
-    "sapo_temperature_neg": 1.05,
-}
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier")
-
-
-# --------------------------------------------------------------------------- settings
-
-
-def resolve_loss_config(loss_config: LossConfig | str, args: GRPOConfig) -> tuple[LossConfig, dict[str, Any]]:
-    """The loss config for a TRL run, and the ``GRPOConfig`` fields to set so that TRL agrees with it.
-
-    Args:
-        loss_config: a :class:`~drgrpo.LossConfig`, or a preset name; a named preset with aggregation
-            ``seq-mean-token-sum-norm`` takes ``L = args.max_completion_length``.
-        args: the run's ``GRPOConfig`` (not modified).
-
-    Returns:
-        ``(config, changes)``: ``changes`` maps TRL field names that are at their default but differ from
-        the config to the config's value.
-
-    Raises:
-        TypeError: ``loss_config`` is neither a LossConfig nor a str.
-        ValueError: a TRL field set to a non-default value contradicts the config, or a TRL feature with no
-            drgrpo equivalent is on.
-    """
-    if isinstance(loss_config, str):
-        config = LossConfig.preset(loss_config, max_completion_length=args.max_completion_length)
-        if (config.forced_aggregation or config.aggregation) != "seq-mean-token-sum-norm":
-            config = LossConfig.preset(loss_config)  # L unused, or (token-sum-norm) the padded width by definition
-    elif isinstance(loss_config, LossConfig):
-        config = loss_config
-    else:
-        raise TypeError(f"loss_config must be a LossConfig or a preset name (str), got {type(loss_config).__name__}")
-    if config.name == "trl.dr_grpo" and config.max_completion_length != args.max_completion_length:
-        raise ValueError(
-            f"trl.dr_grpo divides by TRL's max_completion_length ({args.max_completion_length}), but the loss "
-            f"config has max_completion_length={config.max_completion_length}: pass the preset by name, or use "
-            "the core 'dr_grpo' preset for another constant L"
-        )
-
-    changes: dict[str, Any] = {}
-    # loss_type: a trl.* preset is that loss type; a core preset accepts its own name or the default.
-    base = _base_name(config)
-    if args.loss_type != base and args.loss_type != _TRL_DEFAULTS["loss_type"]:
-        _contradiction("loss_type", args.loss_type, config, f"{base!r} or left unset")
-    if config.name is not None and config.name.startswith("trl.") and args.loss_type != base:
-        changes["loss_type"] = base
-    for name, value in _trl_view(config).items():
-        current = getattr(args, name)
-        effective = args.epsilon if name == "epsilon_high" and current is None else current  # TRL: None = epsilon
-        if _same(effective, value):
-            continue
-        if not _same(current, _TRL_DEFAULTS[name]):
-            _contradiction(name, current, config, repr(value))
-        changes[name] = value
-    _refuse_unsupported(args)
-    return config, changes
-
-
-def _contradiction(name: str, current: Any, config: LossConfig, expected: str) -> None:
-    raise ValueError(
-        f"GRPOConfig.{name}={current!r} contradicts loss_config {config.name or 'custom'!r}, which implies "
-        f"{name}={expected}. DrGRPOTrainer's loss is the loss config's: leave {name} at its default "
-        f"({_TRL_DEFAULTS[name]!r}) or change the LossConfig instead (e.g. LossConfig.preset('dapo', clip_high=0.3))"
-    )
-
-
-def _base_name(config: LossConfig) -> str | None:
-    """``"dr_grpo"`` for ``dr_grpo`` and ``trl.dr_grpo``: the TRL ``loss_type`` a preset corresponds to."""
-    if config.name is None:
-        return None
-    return config.name.removeprefix("trl.")
-
-
-def _trl_view(config: LossConfig) -> dict[str, Any]:
-    """The GRPOConfig fields that describe the same choices as ``config``."""
-    view: dict[str, Any] = {
-        "scale_rewards": config.advantage_std,
-        "beta": config.beta,
-        "importance_sampling_level": config.ratio_level,
-    }
-    if config.beta > 0:
-        view["use_bias_correction_kl"] = config.kl_importance_weight
-    if config.surrogate == "ppo":
-        view["epsilon"] = config.clip_low
-        view["epsilon_high"] = config.clip_high
-        view["delta"] = config.delta
-    elif config.surrogate == "cispo" and config.name == "trl.cispo":
-        view["epsilon_high"] = config.cispo_cap  # TRL caps the CISPO weight at epsilon_high itself
-    elif config.surrogate == "sapo":
-        view["sapo_temperature_pos"] = config.sapo_tau_pos
-        view["sapo_temperature_neg"] = config.sapo_tau_neg
-    return view
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        return a is not None and b is not None and float(a) == float(b)
-    return bool(a == b)
-
-
-def _refuse_unsupported(args: GRPOConfig) -> None:
-    problems = []
-    if args.top_entropy_quantile < 1.0:
-        problems.append(f"top_entropy_quantile={args.top_entropy_quantile} (the high-entropy token mask)")
-    if args.off_policy_mask_threshold is not None:
-        problems.append(f"off_policy_mask_threshold={args.off_policy_mask_threshold} (the off-policy sequence mask)")
-    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
-        problems.append("entropy_coef / use_adaptive_entropy (the entropy bonus)")
-    if args.use_vllm and args.vllm_importance_sampling_correction:
-        problems.append(
-            "vllm_importance_sampling_correction=True (set it to False: vLLM generation works, the correction "
-            "weight is not in drgrpo's loss)"
-        )
-    if args.multi_objective_aggregation != "sum_then_normalize":
-        problems.append(f"multi_objective_aggregation={args.multi_objective_aggregation!r} (use 'sum_then_normalize')")
-    if problems:
-        raise ValueError("DrGRPOTrainer does not support: " + "; ".join(problems))
 
 
 # --------------------------------------------------------------------------- the accumulation window
@@ -297,9 +183,10 @@ class DrGRPOTrainer(GRPOTrainer):
         loss_config: a :class:`~drgrpo.LossConfig` or a preset name (``"dr_grpo"``, ``"dapo"``, ``"grpo"``,
             ``"gspo"``, ``"trl.grpo"``, ``"verl.cispo"``, ... see :func:`drgrpo.preset_names`). For a named
             preset that divides by a constant L (``"dr_grpo"``), **L is** ``args.max_completion_length``.
+            ``None``: the loss ``args`` describes (``loss_type`` and its fields), as stock TRL computes it.
         fused: compute the loss from the last hidden states and ``lm_head`` with
             :func:`drgrpo.fused_policy_loss` (no ``(B, T, V)`` logits, no TRL log-prob head; TRL's
-            ``entropy`` metric is then not logged).
+            ``entropy`` metric comes from the same pass).
 
     The module docstring lists what is exact, which TRL settings are read, aligned, refused or ignored.
     """
@@ -310,7 +197,7 @@ class DrGRPOTrainer(GRPOTrainer):
         reward_funcs: Any = None,
         args: GRPOConfig | None = None,
         *trainer_args: Any,
-        loss_config: LossConfig | str = "dr_grpo",
+        loss_config: LossConfig | str | None = None,
         fused: bool = False,
         **trainer_kwargs: Any,
     ) -> None:
@@ -323,10 +210,11 @@ class DrGRPOTrainer(GRPOTrainer):
             raise TypeError(f"args must be a trl.GRPOConfig, got {type(args).__name__}")
         config, changes = resolve_loss_config(loss_config, args)
         if changes:
+            message = settings_warning(config, changes, args)
             args = copy.copy(args)  # the caller's GRPOConfig is left as it was
             for name, value in changes.items():
                 setattr(args, name, value)
-            logger.info("DrGRPOTrainer: GRPOConfig fields set from loss_config %r: %s", config.name, changes)
+            logger.warning(message)
         self.loss_config = config
         self.fused = fused
         self._window: _Window | None = None
@@ -377,17 +265,11 @@ class DrGRPOTrainer(GRPOTrainer):
         mode = self._mode()
         group = self.num_generations if mode == "train" else self.num_generations_eval
         # The total reward as TRL computes it for "sum_then_normalize": weighted sum, NaN if no function scored.
+        # A function returning None (TRL: "not applicable") adds nothing; a completion no function scored is NaN,
+        # left out of its group's statistics and given advantage 0 (the config has nan_rewards="ignore").
         weights = self.reward_weights.to(per_func.device)
         rewards = (per_func * weights.unsqueeze(0)).nansum(dim=1)  # (N_global,)
-        unscored = torch.isnan(per_func).all(dim=1)
-        rewards = rewards.masked_fill(unscored, float("nan"))
-        if bool(unscored.any()) and self.loss_config.nan_rewards == "error":
-            first = int(unscored.nonzero()[0])
-            raise ValueError(
-                f"completion {first} of the generation batch got no reward (every reward function returned None); "
-                f"loss_config {self.loss_config.name!r} has nan_rewards='error'. To leave such completions out "
-                "(advantage 0, as TRL does), use loss_config.replace(nan_rewards='ignore')"
-            )
+        rewards = rewards.masked_fill(torch.isnan(per_func).all(dim=1), float("nan"))
         advantages = group_advantages(rewards, group, self.loss_config)  # (N_global,) groups are contiguous
         local = output["advantages"].shape[0]
         start = self.accelerator.process_index * local
@@ -465,9 +347,11 @@ class DrGRPOTrainer(GRPOTrainer):
             normalizer = self._window_normalizer([inputs])
         if self.fused:
             unwrapped = self.accelerator.unwrap_model(model)
-            # a (loss, metrics) tuple through the wrapper: DDP finds the loss tensor in it
-            fused_loss, metrics = self._forward_redirection(model, unwrapped, self._fused_loss, inputs, normalizer)
-            out, entropy, aux_loss = LossOutput(loss=fused_loss, metrics=metrics), None, None
+            # a tuple through the wrapper: DDP finds the loss tensor in it
+            fused_loss, metrics, logp, entropy = self._forward_redirection(
+                model, unwrapped, self._fused_loss, inputs, normalizer
+            )
+            out, aux_loss = LossOutput(loss=fused_loss, metrics=metrics, logp=logp), None
         else:
             out, entropy, aux_loss = self._logits_path_loss(model, inputs, normalizer)
         loss = out.loss
@@ -477,7 +361,7 @@ class DrGRPOTrainer(GRPOTrainer):
             scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / scale
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        self._log_loss_metrics(mode, out, entropy, _loss_mask(inputs))
+        self._log_loss_metrics(mode, out, entropy, inputs)
         return loss
 
     def _logits_path_loss(
@@ -508,12 +392,16 @@ class DrGRPOTrainer(GRPOTrainer):
             ref_logp=inputs.get("ref_per_token_logps"),
             normalizer=normalizer,
         )
+        out.logp = logp.detach()
         return out, entropies, aux_loss
 
     def _fused_loss(
         self, inputs: dict[str, Any], normalizer: StepNormalizer | None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor | None, Tensor | None]:
         """Hidden states of the completion positions, then :func:`drgrpo.fused_policy_loss` with ``lm_head``.
+
+        Returns the loss, its metrics, the detached per-token log-probs and entropies (TRL's ``entropy``
+        metric, from the same pass over the logit chunks).
 
         Runs inside the wrapped model's forward (``_ForwardRedirection``), so DDP prepares its backward and
         FSDP/ZeRO-3 gather the backbone's parameters as for a plain forward.
@@ -550,8 +438,9 @@ class DrGRPOTrainer(GRPOTrainer):
                 bias=bias,
                 temperature=self.temperature,
                 normalizer=normalizer,
+                compute_entropy=True,
             )
-        return out.loss, out.metrics
+        return out.loss, out.metrics, out.logp, out.entropy
 
     def _mode(self) -> str:
         """``"train"`` or ``"eval"``, as TRL decides it (the model's training flag)."""
@@ -565,8 +454,9 @@ class DrGRPOTrainer(GRPOTrainer):
 
     # ----------------------------------------------------------------------- metrics
 
-    def _log_loss_metrics(self, mode: str, out: LossOutput, entropy: Tensor | None, mask: Tensor) -> None:
+    def _log_loss_metrics(self, mode: str, out: LossOutput, entropy: Tensor | None, inputs: dict[str, Any]) -> None:
         """Token means over all processes (one reduce), under TRL's metric names where TRL has them."""
+        mask = _loss_mask(inputs)
         m = out.metrics
         count = m["num_tokens"].to(torch.float32)
         parts = [m["clip_frac_low"], m["clip_frac_high"], m["ratio_mean"], m["kl_mean"]]
@@ -581,6 +471,10 @@ class DrGRPOTrainer(GRPOTrainer):
             metrics["clip_ratio/low_mean"].append(low)
             metrics["clip_ratio/high_mean"].append(high)
             metrics["clip_ratio/region_mean"].append(low + high)  # disjoint: low needs A < 0, high A > 0
+            assert out.logp is not None  # both loss paths return it
+            low_min, high_max = self._completion_clip_extremes(out.logp, inputs, mask)
+            metrics["clip_ratio/low_min"].append(low_min)
+            metrics["clip_ratio/high_max"].append(high_max)
         else:
             metrics["drgrpo/clip_frac_low"].append(low)
             metrics["drgrpo/clip_frac_high"].append(high)
@@ -589,6 +483,23 @@ class DrGRPOTrainer(GRPOTrainer):
             metrics["kl"].append(kl)
         if entropy is not None:
             metrics["entropy"].append(values[4])
+
+    def _completion_clip_extremes(self, logp: Tensor, inputs: dict[str, Any], mask: Tensor) -> tuple[float, float]:
+        """TRL's ``clip_ratio/low_min`` and ``clip_ratio/high_max``: each completion's share of clipped tokens,
+        gathered over the processes; the smallest low share and the largest high share (a completion with no
+        tokens has no share and is left out; NaN if none has one)."""
+        with torch.no_grad():
+            terms = per_token_loss(
+                logp.detach(), inputs.get("old_per_token_logps"), inputs["advantages"], mask, self.loss_config
+            )
+            m = mask.to(torch.float32)
+            clipped = torch.stack([terms.clipped_low, terms.clipped_high], dim=-1).to(torch.float32)  # (B, T, 2)
+            shares = (clipped * m[..., None]).sum(1) / m.sum(1, keepdim=True)  # (B, 2); 0 / 0 = NaN
+            shares = self.accelerator.gather(shares)  # (P * B, 2)
+            scored = shares[~torch.isnan(shares[:, 0])]
+        if scored.numel() == 0:
+            return float("nan"), float("nan")
+        return float(scored[:, 0].min()), float(scored[:, 1].max())
 
 
 # TRL's per-token log-prob call takes these from the micro-batch (multimodal models); None when absent.
@@ -643,3 +554,17 @@ def _is_dtensor(x: Any) -> bool:
     except ImportError:  # pragma: no cover - torch builds without distributed
         return False
     return isinstance(x, DTensor)
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``python -m drgrpo.integrations.trl``: ``trl grpo``'s command line, training with :class:`DrGRPOTrainer`.
+
+    The arguments are ``trl grpo``'s plus ``loss_config`` and ``fused`` (:mod:`drgrpo.integrations.trl_cli`).
+    """
+    from drgrpo.integrations.trl_cli import main as cli_main
+
+    return cli_main(argv, trainer_cls=DrGRPOTrainer, prog=prog)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

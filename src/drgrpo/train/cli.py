@@ -1,4 +1,4 @@
-"""The ``drgrpo`` command line: ``train``, ``eval``, ``compare`` and ``plot``.
+"""The ``drgrpo`` command line: ``train``, ``eval``, ``compare``, ``plot`` and ``trl``.
 
 The flags of ``train``, ``eval`` and ``compare`` are generated from their configuration dataclasses
 (:class:`~drgrpo.train.config.TrainConfig` with :class:`~drgrpo.LossConfig`,
@@ -13,6 +13,7 @@ The flags of ``train``, ``eval`` and ``compare`` are generated from their config
     drgrpo eval --model runs/default                        # its latest checkpoint
     drgrpo plot runs/default                                # runs/default/plots/*.png
     torchrun --nproc-per-node 2 -m drgrpo train ...         # DDP (gloo on CPU)
+    drgrpo trl --config recipe.yaml                         # TRL's trainer: trl grpo's flags + --loss_config
 
 Dr. GRPO's constant L is the generation budget, ``--max-new-tokens``; ``--max-completion-length`` (TRL's
 name for the same budget) is a hidden alias of it, and giving both with different values is an error.
@@ -166,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare_flags = add_flags(cp, CompareConfig, "compare")
     _add_loss_flags(cp, compare_flags, "every preset in --losses", "each preset's", skip=("beta",))  # --beta: compare's
 
+    sub.add_parser(
+        "trl",
+        help="TRL's GRPO trainer with drgrpo's loss: trl grpo's flags and config files, plus --loss_config and "
+        "--fused (drgrpo trl --help lists them).",
+        add_help=False,
+    )
+
     pl = sub.add_parser(
         "plot",
         help="Plot a run's metrics.jsonl to RUN_DIR/plots/*.png.",
@@ -263,6 +271,10 @@ def eval_config_from_args(ns: argparse.Namespace) -> EvalConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["trl"]:  # TRL's own parser takes the rest (drgrpo.integrations.trl_cli)
+        from drgrpo.integrations.trl import main as trl_main
+
+        return trl_main(argv[1:], prog="drgrpo trl")
     ns = parser.parse_args(argv)  # usage errors exit here (code 2)
     _quiet_transformers()
     try:

@@ -1,0 +1,331 @@
+r"""One loss, two descriptions: a TRL ``GRPOConfig`` and a drgrpo ``LossConfig`` made to agree.
+
+``DrGRPOTrainer(..., loss_config=...)`` reads its loss from ``loss_config``, while TRL (and whoever reads
+``trainer.args``: loggers, checkpoints, people) reads ``GRPOConfig``. :func:`resolve_loss_config` makes them
+describe the same run, by this policy (docs/trl.md, "Settings"):
+
+1. **No** ``loss_config``: the loss is the one ``GRPOConfig`` describes, ``trl.<loss_type>`` with every
+   field read from ``GRPOConfig`` (:func:`loss_config_from_args`), so ``DrGRPOTrainer(model, rewards, args)``
+   computes stock TRL's loss; nothing in ``args`` changes.
+2. A ``loss_config``: it decides the loss. Each ``GRPOConfig`` field that describes the same choice
+   (:data:`FIELD_MAP`) either agrees, or is at its ``GRPOConfig`` default and is set to the config's value in
+   ``trainer.args`` (the trainer logs a WARNING naming field, old and new value: TRL cannot tell a default
+   from an explicit value such as ``beta=0.0``), or raises a ``ValueError`` naming the field and how to put the
+   value into the loss config instead. ``loss_type`` becomes the TRL loss type with the config's surrogate and
+   aggregation (:func:`trl_loss_type`), or ``"drgrpo"`` (:data:`DRGRPO_LOSS_TYPE`) when TRL has none.
+3. Every config runs with ``nan_rewards="ignore"``: a reward function returning ``None`` means "not scored",
+   as in TRL (left out of the group statistics, advantage 0).
+4. A config that cannot run (a constant L it does not have) fails here, at construction, not after the first
+   generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from trl import GRPOConfig
+
+from drgrpo.config import LossConfig
+from drgrpo.normalizer import check_step_normalizable
+
+__all__ = [
+    "DRGRPO_LOSS_TYPE",
+    "FIELD_MAP",
+    "TRL_DEFAULTS",
+    "loss_config_from_args",
+    "refuse_unsupported",
+    "resolve_loss_config",
+    "settings_warning",
+    "trl_loss_type",
+]
+
+DRGRPO_LOSS_TYPE = "drgrpo"
+"""``trainer.args.loss_type`` when no TRL loss type has the config's loss (``trainer.loss_config`` describes it)."""
+
+TRL_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+"""Every ``GRPOConfig`` field's default (read from TRL's dataclass)."""
+
+FIELD_MAP: dict[str, str] = {
+    "scale_rewards": "advantage_std",
+    "epsilon": "clip_low",
+    "epsilon_high": "clip_high",
+    "beta": "beta",
+    "delta": "delta",
+    "importance_sampling_level": "ratio_level",
+    "use_bias_correction_kl": "kl_importance_weight",
+    "sapo_temperature_pos": "sapo_tau_pos",
+    "sapo_temperature_neg": "sapo_tau_neg",
+}
+"""``GRPOConfig`` field -> the ``LossConfig`` field that describes the same choice (``epsilon_high`` is the CISPO
+cap, ``cispo_cap``, for a CISPO loss with no lower clip). ``loss_type`` maps to surrogate and aggregation."""
+
+_PER_CALL_LOSS_TYPES = {"trl.grpo": "grpo", "trl.bnpo": "bnpo", "trl.dr_grpo": "dr_grpo"}
+_TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")  # those drgrpo has a trl.* preset for
+
+
+# --------------------------------------------------------------------------- the policy
+
+
+def resolve_loss_config(loss_config: LossConfig | str | None, args: GRPOConfig) -> tuple[LossConfig, dict[str, Any]]:
+    """The loss config of a TRL run, and the ``GRPOConfig`` fields to set so that ``args`` describes it.
+
+    Args:
+        loss_config: ``None`` (the loss ``args`` describes: :func:`loss_config_from_args`), a preset name (one
+            that divides by a constant L, e.g. ``"dr_grpo"``, takes ``L = args.max_completion_length``), or a
+            :class:`~drgrpo.LossConfig`.
+        args: the run's ``GRPOConfig`` (not modified).
+
+    Returns:
+        ``(config, changes)``: ``config`` with ``nan_rewards="ignore"`` (TRL's meaning of a ``None`` reward);
+        ``changes`` maps each ``GRPOConfig`` field at its default that differs from the config to the config's
+        value (see :func:`settings_warning` for the message).
+
+    Raises:
+        TypeError: ``loss_config`` is not a LossConfig, a str or None.
+        ValueError: a ``GRPOConfig`` field set to a non-default value contradicts the config; the config cannot
+            run (no constant L where it needs one); a TRL feature with no drgrpo equivalent is on.
+    """
+    if loss_config is None:
+        config, changes = loss_config_from_args(args), {}
+    else:
+        config = _as_config(loss_config, args)
+        changes = _aligned_fields(config, args)
+    _check_runnable(config, args)
+    refuse_unsupported(args)
+    return config.replace(nan_rewards="ignore"), changes
+
+
+def loss_config_from_args(args: GRPOConfig) -> LossConfig:
+    """The loss stock TRL computes for ``args``: the ``trl.<loss_type>`` preset with ``args``' fields.
+
+    Raises:
+        ValueError: for a ``loss_type`` drgrpo has no preset for (``luspo``, ``vespo``).
+    """
+    loss_type = args.loss_type
+    if loss_type not in _TRL_LOSS_TYPES:
+        raise ValueError(
+            f"GRPOConfig.loss_type={loss_type!r} has no drgrpo equivalent (drgrpo reproduces TRL's "
+            f"{', '.join(repr(t) for t in _TRL_LOSS_TYPES)}): pass loss_config, a preset name such as 'dr_grpo' "
+            "or a LossConfig"
+        )
+    high = args.epsilon if args.epsilon_high is None else args.epsilon_high  # TRL: unset means epsilon
+    fields: dict[str, Any] = {
+        "advantage_std": args.scale_rewards,
+        "beta": args.beta,
+        "ratio_level": args.importance_sampling_level,
+        "kl_importance_weight": args.use_bias_correction_kl,
+    }
+    if loss_type == "cispo":
+        fields["cispo_cap"] = high  # TRL caps the CISPO weight at epsilon_high itself
+    elif loss_type == "sapo":
+        fields.update(sapo_tau_pos=args.sapo_temperature_pos, sapo_tau_neg=args.sapo_temperature_neg)
+    else:
+        fields.update(clip_low=args.epsilon, clip_high=high, delta=args.delta)
+    if loss_type == "dr_grpo":
+        fields["max_completion_length"] = args.max_completion_length
+    return LossConfig.preset(f"trl.{loss_type}", **fields)
+
+
+def trl_loss_type(config: LossConfig, max_completion_length: int | None) -> str:
+    """The TRL ``loss_type`` whose loss is ``config``'s (the other fields set as :func:`resolve_loss_config` sets
+    them), or :data:`DRGRPO_LOSS_TYPE` when TRL has no such loss.
+
+    TRL's ``loss_type`` fixes the surrogate, the aggregation and (with ``beta > 0``) the k3 KL: ``grpo`` is the
+    mean over completions of each completion's token mean, ``dapo`` the token mean over the step, ``dr_grpo``
+    the mean over completions of each token sum divided by ``max_completion_length``, ``cispo`` the capped
+    stop-gradient weight with a token mean, ``sapo`` the soft gate aggregated like ``grpo``. The per-call presets
+    (``trl.grpo``, ``trl.bnpo``, ``trl.dr_grpo``) are their loss types by definition.
+    """
+    if config.name in _PER_CALL_LOSS_TYPES:
+        return _PER_CALL_LOSS_TYPES[config.name]
+    aggregation = config.forced_aggregation or config.aggregation
+    if config.beta != 0 and config.kl != "k3":
+        return DRGRPO_LOSS_TYPE
+    if config.surrogate == "ppo" and config.dual_clip is None:
+        if aggregation == "seq-mean-token-mean":
+            return "grpo"
+        if aggregation == "token-mean":
+            return "dapo"
+        if aggregation == "seq-mean-token-sum-norm" and config.max_completion_length == max_completion_length:
+            return "dr_grpo"
+    if config.surrogate == "cispo" and config.clip_low is None and aggregation == "token-mean":
+        return "cispo"
+    if config.surrogate == "sapo" and aggregation == "seq-mean-token-mean":
+        return "sapo"
+    return DRGRPO_LOSS_TYPE
+
+
+def settings_warning(config: LossConfig, changes: dict[str, Any], args: GRPOConfig) -> str | None:
+    """The WARNING for ``changes`` (from :func:`resolve_loss_config`): each field with its old and new value."""
+    if not changes:
+        return None
+    lines = []
+    for name, new in changes.items():
+        old = getattr(args, name)
+        line = f"{name} {_show(old)} -> {_show(new)}"
+        if name == "beta" and new > 0 and old == 0:
+            line += (
+                f" (TRL now builds a reference model; for no KL term pass LossConfig.preset({config.name!r}, beta=0.0))"
+                if config.name
+                else " (TRL now builds a reference model)"
+            )
+        elif name == "loss_type" and new == DRGRPO_LOSS_TYPE:
+            line += " (no TRL loss type computes this loss; trainer.loss_config describes it)"
+        lines.append(line)
+    return (
+        f"DrGRPOTrainer: loss_config {_label(config)} decides the loss; these GRPOConfig fields were at their "
+        "defaults and now hold its values in trainer.args (set them to these values yourself to silence this "
+        "warning): " + "; ".join(lines)
+    )
+
+
+def refuse_unsupported(args: GRPOConfig) -> None:
+    """Raise a ValueError listing the TRL features that have no drgrpo equivalent and are on."""
+    problems = []
+    if args.top_entropy_quantile < 1.0:
+        problems.append(f"top_entropy_quantile={args.top_entropy_quantile} (the high-entropy token mask)")
+    if args.off_policy_mask_threshold is not None:
+        problems.append(f"off_policy_mask_threshold={args.off_policy_mask_threshold} (the off-policy sequence mask)")
+    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
+        problems.append("entropy_coef / use_adaptive_entropy (the entropy bonus)")
+    if args.use_vllm and args.vllm_importance_sampling_correction:
+        problems.append(
+            "vllm_importance_sampling_correction=True (set it to False: vLLM generation works, the correction "
+            "weight is not in drgrpo's loss)"
+        )
+    if args.multi_objective_aggregation != "sum_then_normalize":
+        problems.append(f"multi_objective_aggregation={args.multi_objective_aggregation!r} (use 'sum_then_normalize')")
+    if problems:
+        raise ValueError("DrGRPOTrainer does not support: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------- the parts
+
+
+def _as_config(loss_config: LossConfig | str, args: GRPOConfig) -> LossConfig:
+    """A preset name with L from ``args`` where it needs one, or the LossConfig as given."""
+    if isinstance(loss_config, str):
+        config = LossConfig.preset(loss_config, max_completion_length=args.max_completion_length)
+        if (config.forced_aggregation or config.aggregation) != "seq-mean-token-sum-norm":
+            config = LossConfig.preset(loss_config)  # L unused, or (token-sum-norm) the padded width by definition
+    elif isinstance(loss_config, LossConfig):
+        config = loss_config
+    else:
+        raise TypeError(
+            f"loss_config must be a LossConfig, a preset name (str) or None, got {type(loss_config).__name__}"
+        )
+    if config.name == "trl.dr_grpo" and config.max_completion_length != args.max_completion_length:
+        raise ValueError(
+            f"trl.dr_grpo divides by TRL's max_completion_length ({args.max_completion_length}), but the loss "
+            f"config has max_completion_length={config.max_completion_length}: pass the preset by name, or use "
+            "the core 'dr_grpo' preset for another constant L"
+        )
+    return config
+
+
+def _aligned_fields(config: LossConfig, args: GRPOConfig) -> dict[str, Any]:
+    """The GRPOConfig fields to set from ``config``; raises for a non-default field that contradicts it."""
+    changes: dict[str, Any] = {}
+    loss_type = trl_loss_type(config, args.max_completion_length)
+    if args.loss_type != loss_type:
+        # The default, or the config's own name (drgrpo's "bnpo" is TRL's "dapo": the step's token mean), is replaced.
+        if args.loss_type not in (TRL_DEFAULTS["loss_type"], _base_name(config)):
+            raise ValueError(
+                f"GRPOConfig.loss_type={args.loss_type!r} contradicts loss_config {_label(config)}, whose TRL loss "
+                f"type is {loss_type!r}. DrGRPOTrainer's loss is the loss config's: leave loss_type at its default "
+                f"({TRL_DEFAULTS['loss_type']!r}) or set it to {loss_type!r}, and choose the loss with loss_config "
+                f"(TRL's {args.loss_type!r} loss is the preset 'trl.{args.loss_type}')"
+            )
+        changes["loss_type"] = loss_type
+    for name, value in _trl_view(config).items():
+        current = getattr(args, name)
+        effective = args.epsilon if name == "epsilon_high" and current is None else current  # TRL: None = epsilon
+        if _same(effective, value):
+            continue
+        if not _same(current, TRL_DEFAULTS[name]):
+            _contradiction(name, current, config, value)
+        changes[name] = value
+    return changes
+
+
+def _trl_view(config: LossConfig) -> dict[str, Any]:
+    """The GRPOConfig fields that describe the same choices as ``config`` (``FIELD_MAP``), with its values."""
+    view: dict[str, Any] = {
+        "scale_rewards": config.advantage_std,
+        "beta": config.beta,
+        "importance_sampling_level": config.ratio_level,
+    }
+    if config.beta > 0:
+        view["use_bias_correction_kl"] = config.kl_importance_weight
+    if config.surrogate == "ppo":
+        view["epsilon"] = config.clip_low
+        view["epsilon_high"] = config.clip_high
+        view["delta"] = config.delta
+    elif config.surrogate == "cispo" and config.clip_low is None:
+        view["epsilon_high"] = _cispo_cap(config)  # TRL caps the CISPO weight at epsilon_high itself
+    elif config.surrogate == "sapo":
+        view["sapo_temperature_pos"] = config.sapo_tau_pos
+        view["sapo_temperature_neg"] = config.sapo_tau_neg
+    return view
+
+
+def _contradiction(name: str, current: Any, config: LossConfig, implied: Any) -> None:
+    """A non-default GRPOConfig field that contradicts the config: the error names it and the LossConfig fix."""
+    field = FIELD_MAP[name]
+    if name == "epsilon_high" and config.surrogate == "cispo":
+        field = "cispo_cap"
+    if config.name is None:
+        fix = f"loss_config.replace({field}={current!r})"
+    else:
+        length = ""
+        if (config.forced_aggregation or config.aggregation) == "seq-mean-token-sum-norm":
+            length = f"max_completion_length={config.max_completion_length}, "
+        fix = f"LossConfig.preset({config.name!r}, {length}{field}={current!r})"
+    raise ValueError(
+        f"GRPOConfig.{name}={current!r} contradicts loss_config {_label(config)}, which implies {name}={implied!r} "
+        f"({field}={_config_value(config, field)!r}). DrGRPOTrainer's loss is the loss config's: leave {name} at its "
+        f"default ({TRL_DEFAULTS[name]!r}), or put the value into the loss config: loss_config={fix}"
+    )
+
+
+def _check_runnable(config: LossConfig, args: GRPOConfig) -> None:
+    """Raise now, before any generation, if the step normaliser could not be built for ``config``."""
+    if config.per_call_normalization:
+        return
+    try:
+        check_step_normalizable(config, config.max_completion_length)
+    except ValueError as error:
+        raise ValueError(
+            f"loss_config {_label(config)} cannot run: {error}. For this run's generation budget pass "
+            f"max_completion_length={args.max_completion_length} in the LossConfig, or the preset by name "
+            "(e.g. loss_config='dr_grpo' takes GRPOConfig.max_completion_length)"
+        ) from None
+
+
+def _cispo_cap(config: LossConfig) -> float:
+    return config.cispo_cap if config.cispo_cap is not None else 1 + config.clip_high
+
+
+def _config_value(config: LossConfig, field: str) -> Any:
+    return _cispo_cap(config) if field == "cispo_cap" else getattr(config, field)
+
+
+def _base_name(config: LossConfig) -> str | None:
+    """``"dr_grpo"`` for ``dr_grpo`` and ``trl.dr_grpo``: the TRL name a preset carries."""
+    return None if config.name is None else config.name.removeprefix("trl.")
+
+
+def _label(config: LossConfig) -> str:
+    return repr(config.name) if config.name else "(a custom LossConfig)"
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and float(a) == float(b)
+    return bool(a == b)
+
+
+def _show(value: Any) -> str:
+    """A GRPOConfig value as people write it: 'unset' for None."""
+    return "unset" if value is None else repr(value)
