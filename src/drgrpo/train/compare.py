@@ -92,6 +92,9 @@ def compare(config: CompareConfig) -> Path:
     started = time.time()
 
     # ---- one initial policy for every run: a local model, or one warm start (cached: a rerun reuses it)
+    # with drgrpo train's torch settings (the tiny model on 1 thread: torch's default of one thread per core
+    # made this warm start 10-15 times slower on a busy machine; the weights are the same either way)
+    base.apply_torch_settings()
     if base.model is not None:
         init = str(base.model)
     else:
