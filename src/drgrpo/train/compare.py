@@ -258,8 +258,8 @@ def summary_rows(curves: dict[str, list[RunCurves]]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "loss": loss,
-                "acc_first": mean_spread([r.eval_accuracy[0] for r in runs]),
-                "acc_last": mean_spread([r.eval_accuracy[-1] for r in runs]),
+                "acc_first": mean_spread([r.eval_accuracy[0] if r.eval_accuracy else math.nan for r in runs]),
+                "acc_last": mean_spread([r.eval_accuracy[-1] if r.eval_accuracy else math.nan for r in runs]),
                 "len_correct_first": mean_spread([tail_mean(r.length_correct[:10], 1.0) for r in runs]),
                 "len_correct": mean_spread([tail_mean(r.length_correct) for r in runs]),
                 "len_incorrect_first": mean_spread([tail_mean(r.length_incorrect[:10], 1.0) for r in runs]),
