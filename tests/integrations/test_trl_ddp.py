@@ -15,7 +15,6 @@ import pytest
 pytest.importorskip("trl")
 
 import trl_harness as h
-
 from drgrpo import LossConfig
 from drgrpo.train.tiny import build_tokenizer
 
