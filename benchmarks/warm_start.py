@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 COMMANDS = {
-    "train": ["train", "--steps", "1", "--eval-every", "0", "--checkpoint-every", "0"],
-    "compare": ["compare", "--losses", "dr_grpo", "--seeds", "1", "--steps", "1", "--jobs", "1", "--eval-every", "0"],
+    "train": ["train", "--steps", "1", "--eval-size", "8"],
+    "compare": ["compare", "--losses", "dr_grpo", "--seeds", "1", "--steps", "1", "--jobs", "1", "--eval-size", "8"],
 }
 """The two commands (after ``drgrpo``); each also gets ``--output-dir``."""
 WARM_START_FILE = "warm_start/model.safetensors"
@@ -65,13 +65,13 @@ def main() -> None:
                 print(f"{name} #{rep}: warm start {seconds[name][-1]:.1f} s", flush=True)
         same = filecmp.cmp(Path(tmp) / "train0" / WARM_START_FILE, Path(tmp) / "compare0" / WARM_START_FILE, False)
     train_s, compare_s = statistics.median(seconds["train"]), statistics.median(seconds["compare"])
-    source = args.src or "the installed drgrpo"
+    source = f"the source tree {_commit(args.src)}" if args.src else "the installed drgrpo"
     text = "\n".join(
         [
             f"Warm start of the built-in model, median of {args.reps} fresh process(es) each, {source}; "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, load average {load_before:.1f} -> "
             f"{os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs. Command: `python benchmarks/warm_start.py"
-            + (f" --src {args.src}" if args.src else "")
+            + (" --src SRC" if args.src else "")
             + f" --reps {args.reps}`.",
             "",
             "| command | warm start | x train |",
@@ -87,6 +87,12 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+
+
+def _commit(src: str) -> str:
+    """``at commit <hash>`` of the git checkout holding ``src`` (its path would name this machine's folders)."""
+    proc = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return f"at commit {proc.stdout.strip()}" if proc.returncode == 0 else "(not a git checkout)"
 
 
 if __name__ == "__main__":
