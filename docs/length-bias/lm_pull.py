@@ -152,8 +152,9 @@ def main(argv: list[str]) -> int:
         for optimizer, steps in (("SGD", -LR * stacked), ("Adam", -LR * stacked / (v.sqrt() + 1e-8))):
             dd, ds = (steps @ grad_d).tolist(), (steps @ grad_s).tolist()
             mean_d, std_d = statistics.fmean(dd), statistics.stdev(dd)
+            ratio = f"{mean_d / std_d:+.2f}" if std_d else "n/a"  # no spread: every batch's gradient was 0
             lines.append(
-                f"| `{name}` | {optimizer} | {mean_d:+.2e} | {std_d:.2e} | {mean_d / std_d:+.2f} "
+                f"| `{name}` | {optimizer} | {mean_d:+.2e} | {std_d:.2e} | {ratio} "
                 f"| {statistics.fmean(ds):+.2e} | {statistics.stdev(ds):.2e} |"
             )
     # ---- how separate are the two stop decisions in weight space? cos = 1: one shared decision (blind)
