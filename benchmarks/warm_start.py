@@ -37,12 +37,12 @@ COMMANDS = {
 WARM_START_FILE = "warm_start/model.safetensors"
 
 
-def run_once(command: str, out_dir: Path, src: str | None) -> float:
+def run_once(command: str, out_dir: Path, src: str | None, extra: list[str]) -> float:
     """Run one command in a fresh process; the warm start's seconds, read from its warm_start.json."""
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    argv = [sys.executable, "-m", "drgrpo", *COMMANDS[command], "--output-dir", str(out_dir)]
+    argv = [sys.executable, "-m", "drgrpo", *COMMANDS[command], *extra, "--output-dir", str(out_dir)]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv[2:])} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -53,6 +53,7 @@ def run_once(command: str, out_dir: Path, src: str | None) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=2, help="fresh processes per command (default: 2)")
+    parser.add_argument("--warm-start-steps", type=int, default=None, help="at most this many supervised steps")
     parser.add_argument("--src", default=None, help="a source tree to run instead of the installed drgrpo")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table to this file")
     args = parser.parse_args()
@@ -61,7 +62,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
             for name in COMMANDS:
-                seconds[name].append(run_once(name, Path(tmp) / f"{name}{rep}", args.src))
+                extra = ["--warm-start-steps", str(args.warm_start_steps)] if args.warm_start_steps else []
+                seconds[name].append(run_once(name, Path(tmp) / f"{name}{rep}", args.src, extra))
                 print(f"{name} #{rep}: warm start {seconds[name][-1]:.1f} s", flush=True)
         same = filecmp.cmp(Path(tmp) / "train0" / WARM_START_FILE, Path(tmp) / "compare0" / WARM_START_FILE, False)
     train_s, compare_s = statistics.median(seconds["train"]), statistics.median(seconds["compare"])
@@ -72,6 +74,7 @@ def main() -> None:
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, load average {load_before:.1f} -> "
             f"{os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs. Command: `python benchmarks/warm_start.py"
             + (" --src SRC" if args.src else "")
+            + (f" --warm-start-steps {args.warm_start_steps}" if args.warm_start_steps else "")
             + f" --reps {args.reps}`.",
             "",
             "| command | warm start | x train |",

@@ -80,6 +80,8 @@ SHORT = {
 
 FIXTURES = {
     "runs/default": f"drgrpo train --output-dir runs/default {SHORT['train']}",
+    "tiny-llama": "python -c 'from drgrpo.train import TaskConfig, WarmStartConfig, warm_start; "
+    'warm_start("tiny-llama", WarmStartConfig(), TaskConfig())\'',  # the TRL examples' model, made once
 }
 """What ``<!-- doc-test: needs PATH -->`` prepares: the command that makes PATH (run once per session)."""
 
@@ -403,11 +405,11 @@ def check_loss_example(ns: dict[str, Any]) -> None:
 
 
 def check_trl_example(ns: dict[str, Any]) -> None:
-    """The TRL example trained (two steps under the suite) from the saved warm start, and moved the weights."""
+    """The TRL example trained (one step under the suite) from the saved warm start, and moved the weights."""
     from transformers import AutoModelForCausalLM
 
     trainer = ns["trainer"]
-    assert trainer.state.global_step == 2
+    assert trainer.state.global_step == 1
     assert trainer.loss_config.max_completion_length == 8 and trainer.fused
     saved = AutoModelForCausalLM.from_pretrained(ns["model_dir"]).state_dict()
     trained = trainer.model.state_dict()
@@ -486,3 +488,33 @@ def test_short_appends_before_a_comment() -> None:
     block = Block("p", 1, "bash", "drgrpo train --output-dir runs/a   # note\ndrgrpo plot runs/a\n", ("short",))
     code, _ = apply_directives(block)
     assert code == f"drgrpo train --output-dir runs/a {SHORT['train']}   # note\ndrgrpo plot runs/a\n"
+
+
+PENDING_PAGES = {"docs/faults.md": "faults, exit codes and resuming: written on the issue-16 branches"}
+"""Pages the docs link to that another branch adds (a link to them is not checked until they exist)."""
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    out = set()
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            out.add(re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", title)))
+    return out
+
+
+def test_every_relative_link_resolves() -> None:
+    broken = []
+    for page in PAGES:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # a URL
+            file, _, anchor = target.partition("#")
+            path = (page.parent / file).resolve() if file else page
+            if str(path.relative_to(ROOT)) in PENDING_PAGES and not path.exists():
+                continue
+            if not path.exists() or (anchor and path.suffix == ".md" and anchor not in anchors(path)):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, f"links to no file or no heading: {broken}"
