@@ -318,7 +318,12 @@ def run_block(block: Block, tmp_path: Path, prepared: Callable[[str], Path], mon
             monkeypatch.chdir(where)
             for key, value in environment().items():
                 monkeypatch.setenv(key, value)
-            exec(compile(code, block.page, "exec"), namespace)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # the tiny models run fastest on one thread, as the trainer runs them
+            try:
+                exec(compile(code, block.page, "exec"), namespace)
+            finally:
+                torch.set_num_threads(threads)
         elif block.lang == "python":
             proc = run_python(code, where)
             assert proc.returncode == 0, f"{block.name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
