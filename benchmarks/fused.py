@@ -6,6 +6,9 @@ For each size (N = B*T tokens, H hidden, V vocabulary) it times forward + backwa
 - ``logits``: ``policy_loss(log_softmax(h W^T)[y])`` with autograd (holds the (N, V) logits);
 - ``liger`` / ``liger-compiled``: ``LigerFusedLinearGRPOLoss(compiled=False / True)`` (when installed);
   the compiled variant's first call minus its median is reported as its compile time;
+- ``trl-head``: TRL's default log-prob head, as ``GRPOTrainer`` (TRL 1.16) calls it: ``ChunkedLogProbFunction``
+  (a Triton kernel on CUDA, torch ops elsewhere; log-probs and entropies, vocabulary chunks of 32768 columns),
+  then ``policy_loss`` (when TRL is installed);
 - ``drgrpo``: :func:`drgrpo.fused.fused_policy_loss`.
 
 Every (size, method) runs in its own subprocess, so the peak-memory figure of one method is not
@@ -37,7 +40,7 @@ import time
 from pathlib import Path
 
 DEFAULT_SIZES = "2048x512x32000,2048x512x151936,4096x256x50257"
-METHODS = ("floor", "logits", "liger", "liger-compiled", "drgrpo")
+METHODS = ("floor", "logits", "liger", "liger-compiled", "trl-head", "drgrpo")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -177,6 +180,22 @@ def worker(method: str, n: int, h: int, v: int, dtype: str, device: str, reps: i
             loss, _ = liger(hidden, weight, target, mask, adv, old_per_token_logps=old)
             loss.backward()
             return loss
+
+    elif method == "trl-head":
+        try:
+            from trl.kernels import ChunkedLogProbFunction
+            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as columns
+        except ImportError as e:
+            return {"method": method, "skipped": f"trl not importable: {e}"}
+        result["chunk_size"] = columns
+
+        def step():
+            logp, _entropy, *_ = ChunkedLogProbFunction.apply(
+                hidden.reshape(n, h), weight, None, target.reshape(n), 1.0, columns, None, 1.0, ("log_probs", "entropy")
+            )
+            out = policy_loss(logp.reshape(target.shape), old, adv, mask, config, validate=False)
+            out.loss.backward()
+            return out.loss
 
     else:
         raise ValueError(f"unknown method {method!r}")
@@ -320,11 +339,11 @@ def table(results: dict, sizes: list[tuple[int, int, int]]) -> str:
                 notes.append(f"floor in this process {r['floor_here']:.3f} s")
             if m == "liger-compiled":
                 notes.append(f"compile ~{r['first'] - t:.1f} s (first call {r['first']:.1f} s)")
-            if m in ("drgrpo", "liger", "liger-compiled"):
-                notes.append(f"chunk_size {r['chunk_size']}")
+            if m in ("drgrpo", "liger", "liger-compiled", "trl-head"):
+                notes.append(f"chunk_size {r['chunk_size']}" + (" columns" if m == "trl-head" else ""))
             if m not in ("floor", "logits") and "loss" in ref and "loss" in r:
                 notes.append(
-                    "vs logits path: loss {:.0e}, |dh| {:.0e}, |dW| {:.0e}".format(
+                    "vs logits path: loss {:.0e}, norm(dh) {:.0e}, norm(dW) {:.0e}".format(
                         rel(r["loss"], ref["loss"]),
                         rel(r["dh_norm"], ref["dh_norm"]),
                         rel(r["dw_norm"], ref["dw_norm"]),

@@ -50,12 +50,18 @@ G = 4  # completions per prompt
 MAX_NEW = 8  # max_completion_length: L of dr_grpo
 
 
-def save_tiny_model(path: Path, seed: int = 0, vocab_extra: int = 0, hidden: int = 64) -> Path:
-    """The project's tiny Llama and tokenizer, saved as a local model directory."""
+def save_tiny_model(path: Path, seed: int = 0, vocab_extra: int = 0, hidden: int = 64, tied: bool = True) -> Path:
+    """The project's tiny Llama and tokenizer, saved as a local model directory.
+
+    ``tied=False``: ``lm_head`` gets a weight of its own (a copy of the embedding's), as larger models have.
+    """
     tokenizer = build_tokenizer()
     model = build_model(TinyModelConfig(hidden_size=hidden), tokenizer, seed=seed)
     if vocab_extra:
         model.resize_token_embeddings(len(tokenizer) + vocab_extra)
+    if not tied:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -112,8 +118,16 @@ class BeforeEachStep(TrainerCallback):
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         module = model.module if hasattr(model, "module") else model
         named = list(module.named_parameters())
-        self.grads.append({n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for n, p in named})
-        self.params.append({n: p.detach().clone() for n, p in named})
+        self.grads.append({n: _full(p.grad) if p.grad is not None else torch.zeros_like(_full(p)) for n, p in named})
+        self.params.append({n: _full(p) for n, p in named})
+
+
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """A detached copy; an FSDP2 ``DTensor`` (one shard per process) is gathered whole (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    x = x.detach()
+    return x.full_tensor() if isinstance(x, DTensor) else x.clone()
 
 
 class Recorder:
@@ -145,7 +159,7 @@ def run(trainer_cls: type, model_dir: Path, args: GRPOConfig, **kwargs: Any) -> 
     recording = type(f"Recording{trainer_cls.__name__}", (Recorder, trainer_cls), {})
     steps = BeforeEachStep()
     trainer = recording(
-        model=str(model_dir),
+        model=kwargs.pop("model", None) or str(model_dir),
         reward_funcs=kwargs.pop("reward_funcs", digit_reward),
         args=args,
         train_dataset=kwargs.pop("dataset", None) or train_dataset(),
@@ -289,6 +303,29 @@ def merge_ranks(per_rank: list[list[tuple[list[dict], dict[str, torch.Tensor]]]]
     return merged
 
 
+def preset_config(name: str) -> LossConfig:
+    """The loss config DrGRPOTrainer runs for a preset name here: ``L = max_completion_length`` where L is used."""
+    if name in ("dr_grpo", "trl.dr_grpo"):
+        return LossConfig.preset(name, max_completion_length=MAX_NEW)
+    return LossConfig.preset(name)
+
+
+def whole_batch_of_ranks(
+    records: list[dict], config: LossConfig, model_dir: Path, k: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], Rollout]:
+    """The oracle for the first optimizer step of one job run on several processes (``records[rank]``).
+
+    Returns the whole-batch loss and gradient (:func:`whole_batch_gradient`) over the step's rows from every
+    rank (the first ``k`` micro-batches of each), and those rows.
+    """
+    pad = build_tokenizer().pad_token_id
+    generations = merge_ranks([r["generations"] for r in records], pad)
+    micro = [mb for r in records for mb in r["micro"][:k]]
+    rollout = step_rollout(generations, micro, config, build_tokenizer())
+    loss, grads, _ = whole_batch_gradient(model_dir, rollout, config)
+    return loss, grads, rollout
+
+
 # --------------------------------------------------------------------------- several processes
 
 RANK_TIMEOUT_S = 240  # a stuck rank dumps its Python stacks after this long
@@ -297,6 +334,10 @@ TIMEOUT_S = 300  # and the parent gives up
 
 def run_ranks(jobs: list[dict[str, Any]], model_dir: Path, world_size: int, out_dir: Path) -> list[list[dict]]:
     """Run ``jobs`` (``run`` arguments) on ``world_size`` gloo processes; returns ``[rank][job]`` records.
+
+    A job is ``{"trainer": "drgrpo" or "stock", "k", "spg", "per_device", "loss_config", "fused"}`` plus any
+    GRPOConfig field; ``"model_dir"`` replaces ``model_dir`` for that job, and ``"fsdp2": plan`` or
+    ``"zero3": True`` shard the model (``sharding.py``; such a record also has ``head`` and ``layout``).
 
     Each rank is a fresh ``python`` interpreter (not a fork of pytest's, whose thread pools are running) with
     one thread, the loopback interface and a file rendezvous (no port to pick); it initialises the process
@@ -326,6 +367,7 @@ def _rank_main(argv: list[str]) -> None:
     import torch.distributed as dist
     from trl import GRPOTrainer
 
+    import sharding
     from drgrpo.integrations.trl import DrGRPOTrainer
     from gloo_ranks import leave
 
@@ -352,15 +394,22 @@ def _rank_main(argv: list[str]) -> None:
                 if cls is DrGRPOTrainer
                 else {}
             )
+            job_model = Path(job.pop("model_dir", model_dir))
+            sharded = sharding.setup(job, job_model, world_size)  # FSDP2 or ZeRO-3: see sharding.py
+            if sharded is not None:
+                job.update(sharded.args)
+                kwargs["model"] = sharded.model
             args = grpo_args(out_dir / f"run{j}", k, spg, per_device=per_device, **job)
-            trainer = run(cls, Path(model_dir), args, **kwargs)
+            trainer = run(cls, job_model, args, **kwargs)
             assert trainer.accelerator.num_processes == world_size
             record = {
-                "grads": trainer.step_grads,
+                "grads": sharded.grads if sharded is not None and sharded.grads else trainer.step_grads,
                 "generations": trainer.generations,
                 "micro": trainer.micro,
                 "losses": trainer.losses,
             }
+            if sharded is not None:
+                record.update(head=sharded.head, layout=sharding.layout(trainer.model))
             torch.save(record, out_dir / f"rank{rank}_job{j}.pt")
         dist.barrier()  # both ranks saved everything
     finally:

@@ -1,4 +1,4 @@
-"""One GRPO training step inside TRL on CPU: time and peak memory of the loss step, by how the loss is computed.
+"""One GRPO training step inside TRL: time and peak memory of the loss step, by how the loss is computed.
 
 Variants (each in a fresh subprocess, run side by side A B C D A B C D ...):
 
@@ -14,16 +14,19 @@ Variants (each in a fresh subprocess, run side by side A B C D A B C D ...):
 The model is the project's tiny Llama with the vocabulary enlarged to V (default 151,936, Qwen's) and hidden
 size H; every completion is exactly ``--length`` tokens (``min_new_tokens``), so each step scores
 N = completions x length tokens. The loss is the token mean with TRL's advantages (``trl.dapo`` /
-``loss_type="dapo"``), float32, ``steps_per_generation = K = 1``.
+``loss_type="dapo"``), float32 (``--dtype bfloat16``: a bf16 model, ``bf16=True``), ``steps_per_generation = K = 1``.
 
 Measured around each micro-step's ``compute_loss`` call and its backward (generation excluded): wall time, and
 the peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs`` just before the forward) minus
 the resident size then. glibc returns blocks over 64 KiB to the OS on free (``MALLOC_MMAP_THRESHOLD_``), so
 resident size follows live tensors. The first step of each process is a warm-up; the figure of a process is the
-median of the other steps; the table gives the median over processes and the ratio to stock TRL.
+median of the other steps; the table gives the median over processes and the ratio to stock TRL. With
+``--device cuda`` (TRL's head is then its Triton kernel) the memory is ``torch.cuda.max_memory_allocated()``
+(its counter reset just before the forward) minus the memory allocated then.
 
     python benchmarks/trl_step.py                                   # V = 151936, H = 128, 32 x 64 tokens
     python benchmarks/trl_step.py --vocab 32000 --repeats 3 --out benchmarks/results/trl-step-32k.md
+    python benchmarks/trl_step.py --device cuda --dtype bfloat16 --out benchmarks/results/trl-step-cuda.md
 """
 
 from __future__ import annotations
@@ -83,7 +86,38 @@ def reward(completions: list[str], **kwargs: object) -> list[float]:
     return [float(len(set(c.split()))) for c in completions]
 
 
-def child(variant: str, model_dir: str, completions: int, length: int, steps: int, threads: int) -> dict:
+def _start_peak(device: str) -> int:
+    """Reset the peak-memory counter; returns the bytes in use now (resident on CPU, allocated on CUDA)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    _reset_peak()
+    return _status_kib("VmRSS") * 1024
+
+
+def _peak(device: str) -> int:
+    """The peak bytes in use since :func:`_start_peak` (the step's kernels finished)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return _status_kib("VmHWM") * 1024
+
+
+def child(
+    variant: str,
+    model_dir: str,
+    completions: int,
+    length: int,
+    steps: int,
+    threads: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     import torch
@@ -106,8 +140,9 @@ def child(variant: str, model_dir: str, completions: int, length: int, steps: in
         generation_kwargs={"min_new_tokens": length},
         max_steps=steps,
         learning_rate=1e-5,
-        bf16=False,
-        use_cpu=True,
+        bf16=dtype == "bfloat16",
+        use_cpu=device == "cpu",
+        model_init_kwargs={"dtype": dtype},
         report_to=[],
         save_strategy="no",
         logging_steps=1,
@@ -122,8 +157,7 @@ def child(variant: str, model_dir: str, completions: int, length: int, steps: in
     class Timed(base):  # type: ignore[misc,valid-type]
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self._tokens = int(inputs["completion_mask"].sum())
-            _reset_peak()
-            self._rss0 = _status_kib("VmRSS")
+            self._rss0 = _start_peak(device)
             self._t0 = time.perf_counter()
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
@@ -134,9 +168,9 @@ def child(variant: str, model_dir: str, completions: int, length: int, steps: in
 
     def timed_backward(loss, **kw):
         backward(loss, **kw)
+        peak = _peak(device) - trainer._rss0  # (synchronises on CUDA)
         seconds = time.perf_counter() - trainer._t0
-        peak = _status_kib("VmHWM") - trainer._rss0
-        records.append({"seconds": seconds, "peak_mib": peak / 1024, "tokens": trainer._tokens})
+        records.append({"seconds": seconds, "peak_mib": peak / 2**20, "tokens": trainer._tokens})
 
     trainer.accelerator.backward = timed_backward
     trainer.train()
@@ -164,13 +198,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="training steps per process (the first is a warm-up)")
     parser.add_argument("--repeats", type=int, default=2, help="processes per variant, interleaved A B C D A B C D")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "trl-step-cpu.md"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.child:
-        result = child(a.child, a.model_dir, a.completions, a.length, a.steps, a.threads)
+        result = child(a.child, a.model_dir, a.completions, a.length, a.steps, a.threads, a.device, a.dtype)
         print("RESULT " + json.dumps(result))
         return
 
@@ -188,6 +224,7 @@ def main() -> None:
                 command = [sys.executable, __file__, "--child", variant, "--model-dir", str(model_dir)]
                 command += ["--completions", str(a.completions), "--length", str(a.length)]
                 command += ["--steps", str(a.steps), "--threads", str(a.threads)]
+                command += ["--device", a.device, "--dtype", a.dtype]
                 out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
                 line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
                 if out.returncode != 0 or not line:
@@ -213,21 +250,26 @@ def main() -> None:
     n_tokens = next(iter(summary.values()))["tokens"]
     logits_mib = n_tokens * a.vocab * 4 / 2**20
     lines = [
-        "# One GRPO step inside TRL, CPU, float32",
+        f"# One GRPO step inside TRL, {a.device.replace('cpu', 'CPU')}, {a.dtype}",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs; torch "
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs{_gpu(a.device)}; torch "
         f"{_version('torch')} ({a.threads} threads), TRL {_version('trl')}, transformers {_version('transformers')}, "
         f"liger-kernel {_version('liger_kernel')}; Python {platform.python_version()}. Load average before "
         f"{load_before[0]:.1f}, after {load_after[0]:.1f} (other jobs shared the CPUs). "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, total {time.time() - started:.0f} s.",
         "",
         f"Command: `python benchmarks/trl_step.py --vocab {a.vocab} --hidden {a.hidden} --completions "
-        f"{a.completions} --length {a.length} --steps {a.steps} --repeats {a.repeats} --threads {a.threads}`",
+        f"{a.completions} --length {a.length} --steps {a.steps} --repeats {a.repeats} --threads {a.threads} "
+        f"--device {a.device} --dtype {a.dtype}`",
         "",
         f"Tiny Llama (2 layers, H = {a.hidden}), V = {a.vocab:,}, N = {n_tokens:,} completion tokens per step "
         f"(the (N, V) float32 logits would be {logits_mib:,.0f} MiB). Loss forward + backward of one step "
         "(generation excluded), median over steps 2.. of each process, then over processes; peak memory is the "
-        "resident high-water mark during that forward + backward minus the resident size before it.",
+        + (
+            "resident high-water mark during that forward + backward minus the resident size before it."
+            if a.device == "cpu"
+            else "CUDA max_memory_allocated during that forward + backward minus the memory allocated before it."
+        ),
         "",
         "| variant | loss step (s) | x stock TRL | peak memory increment | x stock TRL |",
         "|---|---:|---:|---:|---:|",
@@ -255,6 +297,15 @@ def main() -> None:
     out.with_suffix(".json").write_text(
         json.dumps({"args": vars(a), "summary": summary, "runs": results, "failures": failures}, indent=1)
     )
+
+
+def _gpu(device: str) -> str:
+    """``", GPU: <name>"`` on CUDA (in a subprocess: this process never initialises CUDA)."""
+    if device != "cuda":
+        return ""
+    code = "import torch; print(torch.cuda.get_device_name(0))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return f", GPU: {out.stdout.strip() or 'unknown'}"
 
 
 def _version(name: str) -> str:

@@ -83,6 +83,21 @@ def test_policy_loss_errors(changes, error, message):
         call(**changes)
 
 
+@pytest.mark.parametrize("name", ["logp", "old_logp", "advantages", "mask", "ref_logp"])
+@pytest.mark.parametrize("validate", [True, False])
+def test_device_mismatch_names_the_argument_and_devices(name, validate):
+    # the meta device stands for a second device on a machine without a GPU; checked even with validate=False
+    args = inputs(ref_logp=-torch.rand(B, T, dtype=torch.float64))
+    args[name] = args[name].to("meta")
+    ref = args.pop("ref_logp")
+    other, first = (name, "logp") if name != "logp" else ("mask", "logp")
+    devices = ("meta", "cpu") if name != "logp" else ("cpu", "meta")
+    message = f"{other} is on {devices[0]} but {first} is on {devices[1]}; move them to one device"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        policy_loss(args["logp"], args["old_logp"], args["advantages"], args["mask"], args["config"], ref_logp=ref,
+                    validate=validate)  # fmt: skip
+
+
 def test_non_finite_values_on_padding_are_ignored():
     mask = torch.ones(B, T)
     mask[1, 3:] = 0
@@ -126,12 +141,12 @@ def test_infinite_reward_is_an_error_even_when_nan_is_ignored():
         ({"ratio_level": "seq"}, ValueError, "ratio_level must be one of 'token', 'sequence'; got 'seq'"),
         ({"max_completion_length": 0}, ValueError, "max_completion_length must be >= 1, got 0"),
         ({"max_completion_length": 12.5}, TypeError, "max_completion_length must be an int, got float"),
-        ({"clip_low": None}, ValueError, "clip_low=None (no lower clip) is only meaningful for surrogate='cispo'"),
+        ({"clip_low": None}, ValueError, "clip_low none (no lower clip) needs surrogate 'cispo', got 'ppo'"),
         ({"sapo_tau_neg": 0.0}, ValueError, "sapo_tau_neg must be positive"),
         (
             {"forced_aggregation": "seq-mean-token-mean", "aggregation": "token-mean", "beta": 0.1},
             ValueError,
-            "drgrpo applies one aggregation to both terms; set aggregation='seq-mean-token-mean' or beta=0",
+            "drgrpo applies one rule to both; set aggregation to 'seq-mean-token-mean' or beta to 0",
         ),
     ],
 )

@@ -336,6 +336,59 @@ def test_error_shapes_and_missing_ref():
         call(d, config=preset("grpo"))
 
 
+def nonfinite(x, pos, value):
+    x = x.detach().clone()
+    x[pos] = value
+    return x
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_error_non_finite_hidden_weight_bias(value):
+    # make(): row 0 is all real, row 2 all padding; the message names the first bad element
+    d = make()
+    with pytest.raises(ValueError, match=rf"hidden has a non-finite value {value} at position \(0, 4, 3\)"):
+        call(d, hidden=nonfinite(d["hidden"], (0, 4, 3), value))
+    with pytest.raises(ValueError, match=rf"weight has a non-finite value {value} at position \(11, 6\)"):
+        call(d, weight=nonfinite(d["weight"], (11, 6), value))
+    with pytest.raises(ValueError, match=rf"bias has a non-finite value {value} at position \(36,\)"):
+        call(d, bias=nonfinite(d["bias"], 36, value))
+    with pytest.raises(ValueError, match=rf"old_logp has a non-finite value {value} at position \(0, 1\)"):
+        call(d, old_logp=nonfinite(d["old"], (0, 1), value))
+
+
+def test_non_finite_hidden_on_padding_is_ignored_like_policy_loss():
+    # policy_loss ignores padding; the fused path computes nothing there, so it may hold anything too
+    d = make()
+    assert d["mask"][2].sum() == 0 and d["mask"][1, -1] == 0
+    hidden = nonfinite(nonfinite(d["hidden"], (2, 0, 0), float("nan")), (1, -1, 5), float("inf"))
+    out = call(d, hidden=hidden.requires_grad_(True))
+    reference = call(d)  # the same real tokens
+    assert torch.isfinite(out.loss) and out.loss.item() == reference.loss.item()
+
+
+def test_validate_false_skips_the_data_checks():
+    d = make()
+    out = call(d, hidden=nonfinite(d["hidden"], (0, 0, 0), float("nan")), validate=False)
+    assert torch.isnan(out.loss)  # not refused: the caller asked for no data checks
+    with pytest.raises(ValueError, match="mask must have shape"):  # shapes are checked either way
+        call(d, mask=d["mask"][:, :-1], validate=False)
+    module = FusedPolicyLoss(preset("dapo"), validate=False)
+    hidden = nonfinite(d["hidden"], (0, 0, 0), float("nan"))
+    assert torch.isnan(module(hidden, d["weight"], d["target"], d["mask"], d["adv"]).loss)
+
+
+def test_error_device_mismatch_names_the_argument():
+    # the meta device stands for a second device on a machine without a GPU
+    d = make()
+    meta = torch.device("meta")
+    with pytest.raises(ValueError, match=r"advantages is on meta but logp is on cpu; move them to one device"):
+        call(d, advantages=d["adv"].to(meta))
+    with pytest.raises(ValueError, match=r"old_logp is on meta but logp is on cpu"):
+        call(d, old_logp=d["old"].to(meta))
+    with pytest.raises(ValueError, match=r"weight is on meta but hidden is on cpu"):
+        call(d, weight=d["weight"].detach().to(meta))
+
+
 # --------------------------------------------------------------------------- GPU
 
 

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from drgrpo.field_error import FieldError
+
 Surrogate = Literal["ppo", "cispo", "sapo"]
 RatioLevel = Literal["token", "sequence"]
 KLKind = Literal["k1", "k2", "k3", "low_var_kl", "abs"]
@@ -55,47 +57,62 @@ class LossConfig:
     """
 
     surrogate: Surrogate = "ppo"
-    """Per-token surrogate: ``"ppo"`` clipped ratio, ``"cispo"`` clipped stop-grad weight on log-prob, ``"sapo"`` soft gate."""
+    """Per-token surrogate: ppo, the clipped importance ratio; cispo, a clipped stop-gradient weight on the
+    log-prob; sapo, a soft gate instead of the clip."""
     ratio_level: RatioLevel = "token"
-    """``"token"``: r = exp(logp - old_logp) per token; ``"sequence"`` (GSPO): s_i = exp(mean_t(logp - old_logp)) per completion."""
+    """Importance ratio per token (token: r = exp(logp - old_logp)) or one per completion (sequence, GSPO: the exp
+    of the mean of logp - old_logp over the completion's tokens)."""
     clip_low: float | None = 0.2
-    """Lower clip range eps_low: the ratio is clipped below at 1 - eps_low (``None``: no lower clip, CISPO only)."""
+    """Lower clip range eps_low: the ratio is clipped below at 1 - eps_low; none: no lower clip (cispo only)."""
     clip_high: float = 0.2
     """Upper clip range eps_high: the ratio is clipped above at 1 + eps_high (DAPO's clip-higher: 0.28)."""
     dual_clip: float | None = None
-    """Dual-clip constant c > 1 (verl ``clip_ratio_c``): for A < 0 the per-token loss is capped at -c*A."""
+    """Dual-clip constant c > 1 (verl's clip_ratio_c): for a negative advantage A the per-token loss is capped at
+    -c A; none: no dual clip."""
     delta: float | None = None
-    """Two-sided clip (TRL ``delta``): the unclipped ratio is clamped above at delta (> 1 + clip_high)."""
+    """Two-sided clip (TRL's delta): the unclipped ratio is also clamped above at this value, which must exceed
+    1 + ``clip_high``; none: off."""
     cispo_cap: float | None = None
-    """CISPO upper cap on the stop-grad ratio weight; ``None`` means 1 + clip_high."""
+    """Upper cap of the cispo surrogate's stop-gradient ratio weight; none: 1 + ``clip_high``."""
     sapo_tau_pos: float = 1.0
-    """SAPO gate temperature for A > 0."""
+    """Temperature of the sapo gate for a positive advantage."""
     sapo_tau_neg: float = 1.05
-    """SAPO gate temperature for A <= 0."""
+    """Temperature of the sapo gate for a zero or negative advantage."""
     kl: KLKind = "k3"
-    """KL estimator per token: k1 = logp - ref, k2 = (logp - ref)^2 / 2, k3 = exp(ref - logp) - (ref - logp) - 1, ``low_var_kl`` = clamped k3 (verl), ``abs`` = |logp - ref|."""
+    """KL estimator per token, with d = ref - logp (ref: the reference model's log-prob): k1 = -d,
+    k2 = d^2 / 2, k3 = exp(d) - d - 1, low_var_kl = k3 clamped (verl), abs = |d|."""
     beta: float = 0.0
-    """KL coefficient: the per-token loss gets + beta * kl (0 disables the penalty and needs no reference)."""
+    """KL coefficient: each token's loss gets + beta * kl (0: no penalty, and no reference model needed)."""
     kl_importance_weight: bool = False
-    """Multiply the per-token KL by the (unclipped, differentiable) importance ratio before adding it (TRL's ``use_bias_correction_kl``, on by default there; DeepSeek-V3.2)."""
+    """Multiply each token's KL by the importance ratio (unclipped, differentiable) before adding it: TRL's
+    use_bias_correction_kl, on by default there (DeepSeek-V3.2)."""
     aggregation: Aggregation = "seq-mean-token-sum-norm"
-    """How per-token losses become one number; see :func:`drgrpo.aggregation.token_weights`."""
+    """How the per-token losses become one number: seq-mean-token-mean divides each completion's sum by its
+    length |o_i| (GRPO), seq-mean-token-sum-norm by the constant L (Dr. GRPO), token-mean averages all tokens
+    (DAPO); docs/design.md gives the weight of every choice."""
     max_completion_length: int | None = None
-    """The constant L of ``seq-mean-token-sum-norm`` (Dr. GRPO: the generation budget); for ``token-sum-norm``, ``None`` means the padded width T of each call (verl <= 0.7's default)."""
+    """The constant L that seq-mean-token-sum-norm divides by (Dr. GRPO: the generation budget; drgrpo train sets
+    it to --max-new-tokens); with token-sum-norm, none means the padded width T of each call (verl 0.7 and
+    earlier)."""
     forced_aggregation: Aggregation | None = None
-    """If set, used instead of ``aggregation`` (verl 0.9.1's ``sapo`` loss mode aggregates its surrogate with ``seq-mean-token-mean``, whatever ``loss_agg_mode`` says); with ``beta > 0`` it must equal ``aggregation``."""
+    """Used instead of ``aggregation`` when set (verl 0.9.1's sapo loss mode aggregates its surrogate with
+    seq-mean-token-mean whatever its loss_agg_mode says); with ``beta`` above 0 it must equal ``aggregation``;
+    none: off."""
     advantage_std: AdvantageStd = "none"
-    """Advantage scaling: divide r - mean_group(r) by the ``"group"`` std, the ``"batch"`` std, or ``"none"`` (Dr. GRPO)."""
+    """Advantage scaling: the reward minus its group's mean is divided by the group's std (group), the whole
+    batch's std (batch), or nothing (none, Dr. GRPO)."""
     std_unbiased: bool = True
-    """Use the unbiased std (ddof=1) rather than the population std (ddof=0)."""
+    """Use the unbiased std (divide by n - 1) rather than the population std (divide by n)."""
     std_eps: float = 0.0
-    """Added to the std before dividing (TRL 1e-4, verl 1e-6, oat 1e-8)."""
+    """Added to the std before dividing by it (TRL 1e-4, verl 1e-6, oat 1e-8)."""
     std_zero_threshold: float | None = None
-    """If set, a group (or batch) whose std is below this gets advantage 0 everywhere (the specification's 1e-8 rule)."""
+    """A group (or batch) whose std is below this gets advantage 0 everywhere (the specification's 1e-8 rule);
+    none: off."""
     singleton_advantage: SingletonAdvantage = "zero"
-    """Advantage of a group of one completion: ``"zero"`` (r - mean = 0), or ``"reward"`` (verl: mean 0 and std 1, so A = r / (1 + std_eps), or r without the std)."""
+    """Advantage of a group of one completion: zero (r - mean = 0), or reward (verl: mean 0 and std 1, so
+    A = r / (1 + ``std_eps``), or r without the std division)."""
     nan_rewards: NanRewards = "error"
-    """``"error"``: a NaN reward raises; ``"ignore"`` (TRL): NaN rewards are left out of the statistics and get advantage 0."""
+    """What a NaN reward does: error raises; ignore (TRL) leaves it out of the statistics with advantage 0."""
     per_call_normalization: bool = False
     """True for peer presets whose denominators are defined per call (per micro-batch); they refuse a step normalizer."""
     name: str | None = None
@@ -114,36 +131,48 @@ class LossConfig:
         if self.clip_low is not None:
             _check_nonnegative("clip_low", self.clip_low)
         elif self.surrogate != "cispo":
-            raise ValueError(
-                f"clip_low=None (no lower clip) is only meaningful for surrogate='cispo', got surrogate={self.surrogate!r}"
+            raise FieldError(
+                LossConfig,
+                ("clip_low", "surrogate"),
+                f"clip_low none (no lower clip) needs surrogate 'cispo', got {self.surrogate!r}",
             )
         _check_finite("clip_high", self.clip_high)
         if self.clip_high <= 0:
-            raise ValueError(f"clip_high must be positive, got {self.clip_high}")
+            raise FieldError(LossConfig, "clip_high", f"clip_high must be positive, got {self.clip_high}")
         if self.dual_clip is not None:
             _check_finite("dual_clip", self.dual_clip)
             if self.dual_clip <= 1:
-                raise ValueError(f"dual_clip must be > 1 (verl clip_ratio_c, typically 3), got {self.dual_clip}")
+                raise FieldError(
+                    LossConfig,
+                    "dual_clip",
+                    f"dual_clip must be > 1 (verl's clip_ratio_c, typically 3), got {self.dual_clip}",
+                )
         if self.delta is not None:
             _check_finite("delta", self.delta)
             if self.delta <= 1 + self.clip_high:
-                raise ValueError(f"delta must be > 1 + clip_high = {1 + self.clip_high}, got {self.delta}")
+                raise FieldError(
+                    LossConfig,
+                    ("delta", "clip_high"),
+                    f"delta must be > 1 + clip_high = {1 + self.clip_high}, got {self.delta}",
+                )
         if self.cispo_cap is not None:
             _check_finite("cispo_cap", self.cispo_cap)
             if self.cispo_cap <= 0:
-                raise ValueError(f"cispo_cap must be positive, got {self.cispo_cap}")
+                raise FieldError(LossConfig, "cispo_cap", f"cispo_cap must be positive, got {self.cispo_cap}")
         for field in ("sapo_tau_pos", "sapo_tau_neg"):
             value = getattr(self, field)
             _check_finite(field, value)
             if value <= 0:
-                raise ValueError(f"{field} must be positive, got {value}")
+                raise FieldError(LossConfig, field, f"{field} must be positive, got {value}")
         _check_nonnegative("beta", self.beta)
         if self.forced_aggregation not in (None, self.aggregation) and self.beta != 0:
-            raise ValueError(
-                f"forced_aggregation={self.forced_aggregation!r} with aggregation={self.aggregation!r} and "
-                f"beta={self.beta}: the peer (verl's sapo) aggregates its surrogate with forced_aggregation and its KL "
-                "term with aggregation, but drgrpo applies one aggregation to both terms; set "
-                f"aggregation={self.forced_aggregation!r} or beta=0"
+            raise FieldError(
+                LossConfig,
+                ("forced_aggregation", "aggregation", "beta"),
+                f"forced_aggregation {self.forced_aggregation!r} differs from aggregation {self.aggregation!r} while "
+                f"beta is {self.beta}: the peer (verl's sapo) aggregates its surrogate term one way and its KL term "
+                f"the other, but drgrpo applies one rule to both; set aggregation to {self.forced_aggregation!r} "
+                "or beta to 0",
             )
         _check_nonnegative("std_eps", self.std_eps)
         if self.std_zero_threshold is not None:
@@ -154,7 +183,11 @@ class LossConfig:
                     f"max_completion_length must be an int, got {type(self.max_completion_length).__name__}"
                 )
             if self.max_completion_length < 1:
-                raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+                raise FieldError(
+                    LossConfig,
+                    "max_completion_length",
+                    f"max_completion_length must be >= 1, got {self.max_completion_length}",
+                )
 
     @property
     def epsilon_low(self) -> float:
@@ -233,18 +266,18 @@ def check_constant_length(aggregation: str, length: int | None, where: str = "")
 
 def _check_choice(field: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{field} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        raise FieldError(LossConfig, field, f"{field} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
 def _check_finite(field: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{field} must be a number, got {type(value).__name__}")
     if not math.isfinite(value):
-        raise ValueError(f"{field} must be finite, got {value}")
+        raise FieldError(LossConfig, field, f"{field} must be finite, got {value}")
 
 
 def _check_nonnegative(field: str, value: object) -> None:
     _check_finite(field, value)
     assert isinstance(value, (int, float))
     if value < 0:
-        raise ValueError(f"{field} must be >= 0, got {value}")
+        raise FieldError(LossConfig, field, f"{field} must be >= 0, got {value}")

@@ -72,7 +72,7 @@ from torch import Tensor, nn
 from drgrpo.aggregation import token_weights
 from drgrpo.config import LossConfig
 from drgrpo.loss import LossOutput, compute_dtype, per_token_loss, policy_loss, validate_inputs
-from drgrpo.validation import check_shape
+from drgrpo.validation import check_finite_large, check_finite_rows, check_shape
 
 if TYPE_CHECKING:
     from drgrpo.normalizer import StepNormalizer
@@ -368,6 +368,7 @@ def fused_policy_loss(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     normalizer: StepNormalizer | None = None,
+    validate: bool = True,
 ) -> LossOutput:
     r"""``policy_loss(log_softmax((hidden @ weight.T + bias) / temperature)[target_ids], ...)`` without the logits.
 
@@ -386,16 +387,27 @@ def fused_policy_loss(
         chunk_size: real tokens per chunk (extra memory ``~ chunk_size * V`` floats);
             ``None`` uses :func:`default_chunk_size`. Sequence-level configs chunk by whole rows.
         normalizer: a :class:`~drgrpo.normalizer.StepNormalizer` for split-invariant aggregation.
+        validate: check the data as :func:`~drgrpo.policy_loss` does: no NaN or inf in the rows of ``hidden`` at
+            real tokens, in ``weight`` and ``bias``, in ``advantages`` and in ``old_logp``/``ref_logp`` at real
+            tokens; ``target_ids`` in ``[0, V)`` and ``mask`` 0/1 at real tokens. One pass over ``hidden`` and
+            ``weight`` for their min and max (no ``(N, V)`` or ``(V, H)`` temporary) and a device sync;
+            ``False`` skips it. Types, shapes and devices are checked either way.
 
     Returns:
         :class:`~drgrpo.loss.LossOutput`: ``loss`` (scalar, float32 for half-precision inputs; backward gives
         gradients for ``hidden``, ``weight`` and ``bias``), ``metrics`` as :func:`~drgrpo.policy_loss`, and
         ``logp`` ``(B, T)`` detached per-token log-probs (0 on padding).
     """
-    _check_inputs(hidden, weight, target_ids, mask, bias, temperature, chunk_size)
+    _check_inputs(hidden, weight, target_ids, mask, bias, temperature, chunk_size, values=validate)
     b, t, _ = hidden.shape
     adt = compute_dtype(weight.dtype)
-    validate_inputs(torch.zeros(b, t, dtype=adt, device=hidden.device), old_logp, advantages, mask, config, ref_logp)
+    logp_shape = torch.zeros(b, t, dtype=adt, device=hidden.device)  # stands for logp in the checks of the rest
+    validate_inputs(logp_shape, old_logp, advantages, mask, config, ref_logp, values=validate)
+    if validate:
+        check_finite_rows("hidden", hidden, mask)
+        check_finite_large("weight", weight)
+        if bias is not None:
+            check_finite_large("bias", bias)
     grad_on = torch.is_grad_enabled()
     problem = _Problem(
         target_ids=target_ids.reshape(-1).long(),
@@ -461,7 +473,9 @@ class FusedPolicyLoss(nn.Module):
         out.loss.backward()
     """
 
-    def __init__(self, config: LossConfig, *, temperature: float = 1.0, chunk_size: int | None = None) -> None:
+    def __init__(
+        self, config: LossConfig, *, temperature: float = 1.0, chunk_size: int | None = None, validate: bool = True
+    ) -> None:
         super().__init__()
         if not isinstance(config, LossConfig):
             raise TypeError(f"config must be a LossConfig, got {type(config).__name__}")
@@ -469,6 +483,7 @@ class FusedPolicyLoss(nn.Module):
         self.config = config
         self.temperature = float(temperature)
         self.chunk_size = chunk_size
+        self.validate = validate  # the data checks of fused_policy_loss (a device sync per call)
 
     def forward(
         self,
@@ -502,6 +517,7 @@ class FusedPolicyLoss(nn.Module):
             temperature=self.temperature,
             chunk_size=self.chunk_size,
             normalizer=normalizer,
+            validate=self.validate,
         )
 
     def extra_repr(self) -> str:
@@ -531,8 +547,11 @@ def _check_inputs(
     bias: Any,
     temperature: float,
     chunk_size: int | None,
+    values: bool = True,
 ) -> None:
-    """Errors that name the argument, what it got and what was expected (the loss inputs: ``validate_inputs``)."""
+    """Errors that name the argument, what it got and what was expected (the loss inputs: ``validate_inputs``).
+
+    ``values``: also check that ``target_ids`` are in ``[0, V)`` at real tokens (reads them: a device sync)."""
     _check_scalars(temperature, chunk_size)
     for name, x in (("hidden", hidden), ("weight", weight), ("target_ids", target_ids), ("mask", mask)):
         if not isinstance(x, Tensor):
@@ -569,6 +588,8 @@ def _check_inputs(
     if target_ids.is_floating_point() or target_ids.dtype == torch.bool or target_ids.is_complex():
         raise TypeError(f"target_ids must be an integer tensor, got dtype {target_ids.dtype}")
     check_shape("mask", mask, (b, t), "(B, T)")  # advantages: checked by validate_inputs
+    if not values:
+        return
     bad = ((target_ids < 0) | (target_ids >= v)) & mask.bool()
     if bool(bad.any()):
         first = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())

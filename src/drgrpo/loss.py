@@ -29,6 +29,7 @@ from drgrpo.validation import (
     check_finite_where,
     check_floating,
     check_mask,
+    check_same_device,
     check_shape,
 )
 
@@ -130,14 +131,14 @@ def policy_loss(
         normalizer: a :class:`~drgrpo.normalizer.StepNormalizer` with the whole optimizer step's counts,
             so that summing this over micro-batches (and DDP-averaging over processes) equals the
             whole batch's loss; ``None`` normalises by this batch's own counts.
-        validate: check shapes, mask values and finiteness (reads the data: a device sync).
+        validate: check the mask's values and finiteness on real tokens (reads the data: a device sync); types,
+            shapes and devices are checked either way.
 
     Returns:
         :class:`LossOutput` with ``loss`` (scalar; float32 for bf16/fp16 inputs) and detached metrics
         ``clip_frac_low``, ``clip_frac_high``, ``ratio_mean``, ``kl_mean`` (over real tokens) and ``num_tokens``.
     """
-    if validate:
-        validate_inputs(logp, old_logp, advantages, mask, config, ref_logp)
+    validate_inputs(logp, old_logp, advantages, mask, config, ref_logp, values=validate)
     terms = per_token_loss(logp, old_logp, advantages, mask, config, ref_logp)
     weights = token_weights(mask.to(terms.loss.dtype), config, normalizer)
     loss = (terms.loss * weights).sum()
@@ -167,8 +168,11 @@ def validate_inputs(
     mask: Tensor,
     config: LossConfig,
     ref_logp: Tensor | None,
+    *,
+    values: bool = True,
 ) -> None:
-    """Raise a ValueError/TypeError naming the first bad argument (shapes, dtypes, mask values, NaN/inf)."""
+    """Raise a ValueError/TypeError naming the first bad argument: types, shapes and devices, then (with
+    ``values``) the mask's values and NaN/inf on real tokens, which read the data (a device sync)."""
     if not isinstance(config, LossConfig):
         raise TypeError(f"config must be a LossConfig, got {type(config).__name__}")
     logp = as_tensor("logp", logp)
@@ -178,17 +182,22 @@ def validate_inputs(
     b, t = logp.shape
     mask = as_tensor("mask", mask)
     check_shape("mask", mask, (b, t), "(B, T)")
-    check_mask("mask", mask)
     advantages = as_tensor("advantages", advantages)
     check_floating("advantages", advantages)
     check_shape("advantages", advantages, (b,), "(B,)")
-    check_finite("advantages", advantages)
-    check_finite_where("logp", logp, mask)
     for name, other in (("old_logp", old_logp), ("ref_logp", ref_logp)):
         if other is not None:
             other = as_tensor(name, other)
             check_floating(name, other)
             check_shape(name, other, (b, t), "(B, T)")
-            check_finite_where(name, other, mask)
+    check_same_device("logp", logp, mask=mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp)
     if config.beta > 0 and ref_logp is None:
         raise ValueError(f"config.beta={config.beta} > 0 needs ref_logp (B, T); pass it or set beta=0")
+    if not values:
+        return
+    check_mask("mask", mask)
+    check_finite("advantages", advantages)
+    check_finite_where("logp", logp, mask)
+    for name, other in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if other is not None:
+            check_finite_where(name, other, mask)

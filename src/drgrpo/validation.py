@@ -38,6 +38,36 @@ def check_finite_where(name: str, x: Tensor, mask: Tensor) -> None:
     _raise_at_first_bad(name, x, ~torch.isfinite(x) & mask.bool())
 
 
+def check_finite_large(name: str, x: Tensor) -> None:
+    """Like :func:`check_finite` for a large tensor (an output layer ``(V, H)``): one pass for its min and max,
+    which NaN and infinity reach, and no tensor of ``x``'s size unless it holds a bad value."""
+    if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
+        check_finite(name, x)
+
+
+def check_finite_rows(name: str, x: Tensor, mask: Tensor) -> None:
+    """Raise if a row ``x[i, t, :]`` where ``mask[i, t]`` is 1 holds NaN or inf, naming the first bad position.
+
+    One pass over ``x`` for each row's min and max, which NaN and infinity reach; only ``mask``-sized tensors
+    are allocated (no copy of the rows), so padding rows may hold anything and cost nothing extra.
+    """
+    if x.numel() == 0:
+        return
+    lo, hi = torch.aminmax(x, dim=-1)
+    bad = ~(torch.isfinite(lo) & torch.isfinite(hi)) & mask.bool()
+    if bool(bad.any()):
+        row = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
+        pos = (*row, int(torch.nonzero(~torch.isfinite(x[row]))[0, 0]))
+        raise ValueError(f"{name} has a non-finite value {x[pos].item()} at position {pos}")
+
+
+def check_same_device(name: str, x: Tensor, **others: object) -> None:
+    """Every tensor among ``others`` is on ``x``'s device; else a ValueError naming which argument is on which."""
+    for other, y in others.items():
+        if isinstance(y, Tensor) and y.device != x.device:
+            raise ValueError(f"{other} is on {y.device} but {name} is on {x.device}; move them to one device")
+
+
 def _raise_at_first_bad(name: str, x: Tensor, bad: Tensor) -> None:
     if bool(bad.any()):
         first = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())

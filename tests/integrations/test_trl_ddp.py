@@ -15,8 +15,6 @@ import pytest
 pytest.importorskip("trl")
 
 import trl_harness as h
-from drgrpo import LossConfig
-from drgrpo.train.tiny import build_tokenizer
 
 PRESETS = ["dr_grpo", "dapo", "bnpo", "grpo"]
 SPLITS = [(1, 1), (2, 1), (4, 2), (2, 4)]  # (K, spg); 2 completions per process per micro-step
@@ -33,18 +31,13 @@ def test_two_processes_give_the_whole_batch_gradient(tmp_path: Path) -> None:
     # the fused loss runs inside DDP's forward (forward redirection): DDP must still average its gradients
     jobs += [{**job, "fused": True} for job in jobs if job["loss_config"] in ("dr_grpo", "grpo") and job["k"] > 1]
     ranks = h.run_ranks(jobs, model_dir, 2, tmp_path / "ranks")
-    tokenizer = build_tokenizer()
     worst = 0.0
     for j, job in enumerate(jobs):
-        config = LossConfig.preset(job["loss_config"], max_completion_length=h.MAX_NEW)
-        if job["loss_config"] != "dr_grpo":
-            config = LossConfig.preset(job["loss_config"])
         k = job["k"]
-        generations = h.merge_ranks([r[j]["generations"] for r in ranks], tokenizer.pad_token_id)
-        micro = [mb for r in ranks for mb in r[j]["micro"][:k]]
-        rollout = h.step_rollout(generations, micro, config, tokenizer)
+        loss, grads, rollout = h.whole_batch_of_ranks(
+            [r[j] for r in ranks], h.preset_config(job["loss_config"]), model_dir, k
+        )
         assert rollout.mask.shape[0] == 2 * 2 * k  # both processes' rows
-        loss, grads, _ = h.whole_batch_gradient(model_dir, rollout, config)
         for rank, r in enumerate(ranks):
             diff = h.relative_difference(r[j]["grads"][0], grads)
             assert diff <= 1e-5, f"{job}: rank {rank} gradient differs from the whole batch's by {diff:.3g}"

@@ -128,6 +128,49 @@ def test_a_nan_loss(tmp_path: Path, reference: Path, monkeypatch, capsys):
     assert_same_end(run, reference)
 
 
+def poison_weights_at(monkeypatch, optimizer_step: int) -> None:
+    """Fault injection: the RL optimizer's ``optimizer_step``-th step (1-based) leaves a NaN in a weight."""
+    from drgrpo.train.config import TrainConfig
+
+    make = TrainConfig.optimizer
+
+    def optimizer(self, params):
+        opt = make(self, params)
+        real, calls = opt.step, []
+
+        def step(*args, **kwargs):
+            out = real(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == optimizer_step:
+                with torch.no_grad():
+                    opt.param_groups[0]["params"][1].view(-1)[7] = float("nan")
+            return out
+
+        opt.step = step
+        return opt
+
+    monkeypatch.setattr(TrainConfig, "optimizer", optimizer)
+
+
+def test_non_finite_weights_are_never_saved(tmp_path: Path, reference: Path, monkeypatch, capsys):
+    # the optimizer step of step 4 leaves a NaN in the weights (after AdamW's real step): the failure keeps the
+    # last good checkpoint (step 2), never saves the poisoned weights, and a resume ends like the reference
+    poison_weights_at(monkeypatch, 4)
+    run = tmp_path / "run"
+    assert main(["train", "--output-dir", str(run), *STEPS, *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "FloatingPointError: step 4: the optimizer step made the weights non-finite (model." in err
+    assert "the learning rate is too large for the weights' dtype (--lr 0.01, --dtype float32)" in err
+    assert "step 4 failed (FloatingPointError) while updating the weights (not saved); the last checkpoint is" in err
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_000002"]
+    saved = load_file(str(run / "checkpoints" / "step_000002" / "model.safetensors"))
+    assert all(bool(torch.isfinite(w).all()) for w in saved.values())
+    monkeypatch.undo()
+    resume(run)
+    assert_same_end(run, reference)
+
+
 def test_an_out_of_memory_error(tmp_path: Path, reference: Path, monkeypatch, capsys):
     import drgrpo.train.trainer as trainer
     from drgrpo.train.cli import train_config_from_args

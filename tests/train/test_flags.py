@@ -154,8 +154,13 @@ def test_a_config_file_equals_the_same_flags(tmp_path: Path, suffix: str, text: 
         ("lr: [1, 2]\n", "key 'lr' takes one value, got [1, 2]"),
         ("- lr\n", "expected a mapping of flag names to values, got list"),
         ("lr: [\n", "not valid YAML"),
-        ("lr: fast\n", "argument --lr: expected float, got 'fast'"),
-        ("loss: dapo\nkl: k9\n", "argument --kl: invalid choice: 'k9'"),
+        ("lr: fast\n", "argument --lr: expected a number, got 'fast'"),
+        ("loss: dapo\nkl: k9\n", "argument --kl: invalid choice 'k9' (choose from k1, k2, k3, low_var_kl, abs)"),
+        (
+            "forced-aggregation: mean\n",
+            "(choose from token-mean, seq-mean-token-mean, seq-mean-token-sum, "
+            "seq-mean-token-sum-norm, token-sum, token-sum-norm, none)",
+        ),
     ],
 )
 def test_bad_config_files_are_named(tmp_path: Path, capsys, text: str, message: str):
@@ -205,3 +210,42 @@ def test_a_run_writes_its_config_and_reruns_from_it_bit_for_bit(tmp_path: Path):
     a = load_file(str(first / "checkpoints" / "step_000002" / "model.safetensors"))
     b = load_file(str(second / "checkpoints" / "step_000002" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- Dr. GRPO's L: one value
+
+
+def test_L_is_the_generation_budget_given_once():
+    # one flag sets both the budget and L
+    cfg = parse_train(["--max-new-tokens", "12"])
+    assert (cfg.max_new_tokens, cfg.loss_config().max_completion_length) == (12, 12)
+    # TRL's name for the budget is accepted (not shown in --help) and means the same
+    alias = parse_train(["--max-completion-length", "12"])
+    assert alias == cfg
+    assert parse_train(["--max-completion-length", "12", "--max-new-tokens", "12"]) == cfg
+    help_text = subparser("train").format_help()
+    assert "--max-new-tokens" in help_text and "--max-completion-length" not in help_text
+    # a config file may use either key
+    assert cfg.to_flags()["max-new-tokens"] == 12 and "max-completion-length" not in cfg.to_flags()
+
+
+def test_L_given_twice_with_different_values_is_an_error(tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    argv = ["train", "--max-new-tokens", "8", "--max-completion-length", "16", "--output-dir", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("drgrpo train: error: --max-completion-length 16 and --max-new-tokens 8 disagree")
+    assert not out.exists()
+    (tmp_path / "c.yaml").write_text("max-completion-length: 6\n")
+    assert parse_train(["--config", str(tmp_path / "c.yaml")]).max_new_tokens == 6
+    cp = compare_config_from_args(parse_with_config(build_parser(), ["compare", "--max-completion-length", "6"]))
+    assert cp.train.max_new_tokens == 6 and cp.train.loss_config().max_completion_length == 6
+
+
+def test_L_in_python_follows_max_new_tokens():
+    assert TrainConfig(max_new_tokens=6).loss_config().max_completion_length == 6
+    same = TrainConfig(max_new_tokens=6, loss_overrides=(("max_completion_length", 6),))
+    assert same.loss_config().max_completion_length == 6
+    for other in (16, None):  # None (no constant L) contradicts it as well
+        with pytest.raises(ValueError, match=f"max_completion_length {other} .* disagrees with max_new_tokens 6"):
+            TrainConfig(max_new_tokens=6, loss_overrides=(("max_completion_length", other),))

@@ -70,11 +70,11 @@ def test_corrupt_last_digit_by_hand():
 
 
 def test_bad_noise_settings_name_the_field():
-    with pytest.raises(ValueError, match=r"answer_noise must be in \[0, 0\.9\) for noise_kind='digit'.*got 0\.95"):
+    with pytest.raises(ValueError, match=r"answer_noise must be in \[0, 0\.9\) for noise_kind 'digit'.*got 0\.95"):
         TaskConfig(answer_noise=0.95)
     with pytest.raises(ValueError, match=r"answer_noise must be in \[0, 0\.9\).*got -0\.1"):
         TaskConfig(answer_noise=-0.1)
-    with pytest.raises(ValueError, match=r"answer_noise must be in \[0, 0\.5\) for noise_kind='symbol'.*got 0\.6"):
+    with pytest.raises(ValueError, match=r"answer_noise must be in \[0, 0\.5\) for noise_kind 'symbol'.*got 0\.6"):
         TaskConfig(answer_noise=0.6, noise_kind="symbol")
     assert TaskConfig(answer_noise=0.6).answer_noise == 0.6  # 0.6 / 9 per wrong digit: the right one still leads
     with pytest.raises(ValueError, match="noise_kind must be 'digit' or 'symbol', got 'letter'"):

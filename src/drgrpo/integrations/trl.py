@@ -14,7 +14,7 @@ drgrpo's::
    and ``lm_head`` with ``fused=True`` (no ``(B, T, V)`` logits, no TRL head), wired like TRL's fused
    paths: the whole computation runs inside the wrapped model's forward (``_ForwardRedirection``, so
    DDP/FSDP/ZeRO-3 hooks fire), ``lm_head`` is gathered under ZeRO-3 (``maybe_gather_lm_head_ctx``)
-   and FSDP2 DTensors are materialised.
+   and, when FSDP2 has it sharded, by its own ``fully_shard`` group (so FSDP averages its gradient).
 3. **One** :class:`drgrpo.StepNormalizer` **per optimizer step**, counted over every micro-batch of the
    accumulation window and every process (one ``all_reduce``), so the accumulated gradient is the
    gradient of the whole step's loss for every split-invariant preset, whatever
@@ -41,7 +41,8 @@ touches with the weights stock TRL would use (the optimizer has not stepped insi
 rollout distribution, and for a model without dropout (whose loss passes draw no random numbers) the very
 rollout stock TRL draws for the same seed; then the step's counts are reduced once and the micro-batches
 are served one by one. No gradient is touched after the fact, so nothing has to reach into DeepSpeed's or FSDP's
-gradient buffers (tested here: one process and DDP over gloo; DeepSpeed, FSDP, PEFT and vLLM untested).
+gradient buffers (tested here on a CPU: one process, and two gloo processes under DDP, FSDP2 and DeepSpeed
+ZeRO-3, against the whole batch's gradient; PEFT and vLLM untested).
 Cost: with spg < K up to K / spg generation batches are held at once (stock TRL holds one). Anything that
 would break the bookkeeping (a micro-step whose raw batch is not the next one of the window the Trainer
 fetched, a process group other than the data-parallel one) raises instead of normalising wrongly.
@@ -487,6 +488,8 @@ class DrGRPOTrainer(GRPOTrainer):
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         multimodal = {k: inputs.get(k) for k in _MULTIMODAL_KEYS}
+        causal_lm = self._unwrapped_causal_lm()
+        _unshard_fsdp2_head(causal_lm, causal_lm.get_output_embeddings())  # else TRL's head would take full_tensor()
         logp, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model,
             input_ids,
@@ -530,10 +533,8 @@ class DrGRPOTrainer(GRPOTrainer):
             hidden = causal_lm.base_model(**model_inputs).last_hidden_state  # (B, P + T, H)
         hidden = hidden[:, -t - 1 : -1]  # (B, T, H): position p predicts token p + 1
         lm_head = causal_lm.get_output_embeddings()
+        _unshard_fsdp2_head(causal_lm, lm_head)
         weight, bias = lm_head.weight, lm_head.bias  # (V, H), (V,) or None
-        if _is_dtensor(weight):  # FSDP2: the full head for the products (as TRL's fused head does)
-            weight = weight.full_tensor()
-            bias = None if bias is None else bias.full_tensor()
         hidden = hidden.to(weight.device)
         # The products run in the head's dtype (float32 master weights under autocast; bf16 for a bf16 model).
         with torch.autocast(hidden.device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
@@ -603,6 +604,37 @@ _MULTIMODAL_KEYS = (
     "mm_token_type_ids",
     "image_position_ids",
 )
+
+
+def _unshard_fsdp2_head(causal_lm: Any, lm_head: Any) -> None:
+    """FSDP2: gather a sharded ``lm_head`` weight through the ``fully_shard`` group that owns it.
+
+    Under FSDP2 a group's parameters are sharded DTensors outside its module's forward. The loss runs inside
+    the root module's forward, after the backbone's, so their groups are gathered; but ``lm_head``'s own
+    forward never runs, so a head with a group of its own that is freed after each forward (transformers'
+    plan ``{"lm_head": "free_full_weight"}``) is still sharded here. ``unshard()`` makes the module hold the
+    full weight: its gradient then lands in FSDP's unsharded parameter, which FSDP reduce-scatters (averages
+    over the processes) after the backward like every group's. ``weight.full_tensor()``, which TRL 1.16's head
+    takes, leaves each process the shard of its *own* gradient, never averaged (docs/sharded.md). Does nothing
+    for other tensors.
+    """
+    weight = lm_head.weight
+    if not _is_dtensor(weight):
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in (lm_head, *causal_lm.modules()):  # the head's own group, or (tied weights) the embedding's
+        owns = any(p is weight for p in module.parameters(recurse=False))
+        if owns and isinstance(module, FSDPModule):
+            module.unshard()
+            break
+    if _is_dtensor(lm_head.weight):
+        raise ValueError(
+            f"DrGRPOTrainer needs lm_head's full weight for the loss, but it is a DTensor (placements "
+            f"{getattr(weight, 'placements', '?')}) that no fully_shard group of lm_head, or of the embedding tied "
+            "to it, gathers; its gradient would not be averaged over the processes. Shard lm_head with fully_shard "
+            "(or leave it in the root module's group)"
+        )
 
 
 def _is_dtensor(x: Any) -> bool:

@@ -6,7 +6,7 @@ The flags of ``train``, ``eval`` and ``compare`` are generated from their config
 (:mod:`drgrpo.train.flags`): kebab-case names, the field docstrings as help. Each also reads
 ``--config FILE`` (YAML or TOML, keys = flag names), overridden by the flags given::
 
-    drgrpo train --output-dir runs/default                  # built-in task and model, about 2 minutes on CPU
+    drgrpo train --output-dir runs/default                  # built-in task and model, minutes on a CPU
     drgrpo train --model PATH --dataset train.jsonl --reward mymod:correct --loss grpo --beta 0.0
     drgrpo train --config runs/default/config.yaml --output-dir runs/again   # rerun a run
     drgrpo train --resume runs/default --steps 400          # continue exactly where it stopped
@@ -14,94 +14,198 @@ The flags of ``train``, ``eval`` and ``compare`` are generated from their config
     drgrpo plot runs/default                                # runs/default/plots/*.png
     torchrun --nproc-per-node 2 -m drgrpo train ...         # DDP (gloo on CPU)
 
-Exit codes: 0 done, 2 a configuration error (one line, before any work), 1 a failure during training
-(after the last completed step was saved), 130 stopped by SIGINT/SIGTERM (after a checkpoint).
+Dr. GRPO's constant L is the generation budget, ``--max-new-tokens``; ``--max-completion-length`` (TRL's
+name for the same budget) is a hidden alias of it, and giving both with different values is an error.
+
+A configuration error is one line naming the flag (:class:`~drgrpo.field_error.FieldError` messages are
+reworded with the command's flags). Exit codes: 0 done, 2 a configuration error (before any work), 1 a
+failure during training (after the last completed step was saved; an error raised inside a step is a failure,
+whatever its type), 130 stopped by SIGINT/SIGTERM (after a checkpoint). docs/faults.md lists every case.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import os
 import sys
+import textwrap
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from drgrpo.config import LossConfig, preset_names
+from drgrpo.field_error import FieldError
 from drgrpo.train.checkpoint import find_checkpoint, read_state
 from drgrpo.train.compare import CompareConfig
 from drgrpo.train.config import EvalConfig, TrainConfig
 from drgrpo.train.data import RewardError
-from drgrpo.train.flags import add_flags, given, nested_replace, parse_with_config
+from drgrpo.train.flags import Flag, add_flags, flag_names, given, nested_replace, parse_with_config
 
 LOSS_SKIP = ("name", "per_call_normalization")
 """LossConfig fields that are not flags: the preset's name, and a property of peer presets."""
+LENGTH_ALIAS = "max_completion_length"
+"""The LossConfig field that is no loss flag: L is --max-new-tokens, and --max-completion-length its hidden alias."""
+
+EXIT_CODES = (
+    "Exit status: 0 done; 2 a configuration error, reported in one line before any work; 1 a failure during "
+    "training, after the last completed step was saved; 130 stopped by SIGINT or SIGTERM, after a checkpoint."
+)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help for people: flags never break at their hyphens, and descriptions keep their paragraphs.
+
+    A description or epilog is paragraphs separated by blank lines, each wrapped to the terminal; a
+    paragraph whose lines start with two spaces (a command line) is printed as written.
+    """
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for paragraph in text.split("\n\n"):
+            if paragraph.startswith("  "):
+                paragraphs.append("\n".join(indent + line for line in paragraph.splitlines()))
+            else:
+                words = " ".join(paragraph.split())
+                paragraphs.append(
+                    textwrap.fill(words, width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False)
+                )
+        return "\n\n".join(paragraphs)
+
+
+def version() -> str:
+    """The installed package's version (its metadata), or "unknown" when run from a source tree not installed."""
+    try:
+        return importlib.metadata.version("drgrpo")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drgrpo",
-        description="Dr. GRPO and the GRPO family: train, evaluate, compare, plot.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Dr. GRPO and the GRPO family of policy losses: train, evaluate, compare, plot.",
+        epilog="Run drgrpo COMMAND --help for the flags of a command.",
+        formatter_class=HelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    config_help = "YAML or TOML file of flags (keys are flag names without dashes); flags given here override it"
+    parser.add_argument("--version", action="version", version=f"drgrpo {version()}", help="Print the version.")
+    sub = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
+    config_help = (
+        "A YAML or TOML file of flags: its keys are flag names without the dashes; flags given on the command "
+        "line override it."
+    )
 
     tr = sub.add_parser(
         "train",
-        help="train with Dr. GRPO (or any GRPO-family loss)",
+        help="Train a policy with Dr. GRPO or another GRPO-family loss.",
+        usage="%(prog)s [--config FILE] [flags]",
         description=(
-            "Without --model: build a tiny Llama-style model locally, warm-start it on the built-in addition task, "
-            "then run Dr. GRPO on it (about 2 minutes on a 2-core CPU). With --model PATH: any local Hugging Face "
-            "causal LM. Writes OUTPUT_DIR/config.yaml, OUTPUT_DIR/metrics.jsonl and OUTPUT_DIR/checkpoints/."
+            "Train a policy with Dr. GRPO or another GRPO-family loss.\n\n"
+            "Without --model: build a tiny Llama-style model, warm-start it on the built-in addition task and "
+            "train it on that task; this runs on a CPU in minutes (the README gives a measured time). With "
+            "--model DIR: any local Hugging Face causal LM, with --dataset and --reward.\n\n"
+            "Writes OUTPUT_DIR/config.yaml (drgrpo train --config reruns it), OUTPUT_DIR/metrics.jsonl and "
+            "OUTPUT_DIR/checkpoints/. Dr. GRPO's constant L is --max-new-tokens."
         ),
+        epilog=EXIT_CODES,
+        formatter_class=HelpFormatter,
     )
     tr.add_argument("--config", metavar="FILE", help=config_help)
-    add_flags(tr.add_argument_group("run"), TrainConfig, "train")
-    loss = tr.add_argument_group("loss", f"--loss picks a preset ({', '.join(preset_names())}); these override it.")
-    add_flags(loss, LossConfig, "loss", default_text="the --loss preset's", skip=LOSS_SKIP)
+    train_flags = add_flags(tr.add_argument_group("run"), TrainConfig, "train")
+    _add_loss_flags(tr, train_flags, "the --loss preset", "the preset's")
 
     ev = sub.add_parser(
         "eval",
-        help="held-out accuracy and lengths of a checkpoint, a run or a local model",
-        description="Evaluate --model on the held-out set it was trained with (the built-in task by default) or on "
-        "--eval-dataset. Unset flags take the values of the run that made the model.",
+        help="Held-out accuracy and lengths of a checkpoint, a run or a local model.",
+        usage="%(prog)s --model MODEL [--config FILE] [flags]",
+        description="Evaluate --model on the held-out prompts of the run that made it (the built-in task's by "
+        "default) or on --eval-dataset. A flag not given takes the value of that run.",
+        formatter_class=HelpFormatter,
     )
     ev.add_argument("--config", metavar="FILE", help=config_help)
-    add_flags(ev, EvalConfig, "eval")
+    eval_flags = add_flags(ev, EvalConfig, "eval", unset_text="the run's")
+    # eval's flags set the evaluated run's TrainConfig fields of the same names: its errors name them too
+    ev.set_defaults(flag_names={**flag_names(eval_flags), **_as_train_fields(eval_flags)})
 
     cp = sub.add_parser(
         "compare",
-        help="train once per loss and seed from one initial policy; plot lengths of correct vs incorrect",
+        help="Train every loss with every seed from one initial policy; report the lengths of correct and "
+        "incorrect completions.",
+        usage="%(prog)s [--config FILE] [flags]",
         description=(
-            "The length-bias experiment of Dr. GRPO (docs/length-bias.md): every loss trained with every seed\n"
-            "from one warm start (or --model), then a report of reward, accuracy and the lengths of correct and\n"
-            "incorrect completions. Every flag of drgrpo train applies to every run."
+            "The length-bias experiment of Dr. GRPO (docs/length-bias.md): every loss of --losses trained with "
+            "every seed of --seeds from one warm start (or --model), then a report of reward, held-out accuracy "
+            "and the lengths of correct and incorrect completions.\n\n"
+            "The flags of drgrpo train set every run alike, with these differences: --losses takes the place of "
+            "--loss and --seeds of --seed (the runs of each loss use seeds 0 to N-1); --output-dir is the "
+            "comparison's directory (run N of loss X writes to OUTPUT_DIR/runs/X/seedN); --beta sets the KL "
+            "coefficient of every loss (default 0, not the preset's); the loss flags override that setting of "
+            "every preset; --threads is per run (default 1). There is no --resume (a rerun reuses the cached "
+            "warm start and trains every run again) and no progress bar."
         ),
         epilog=(
-            "Task variant for the length bias, a model that answers right at greedy decoding and samples\n"
-            "mistakes it could see in its own prefix:\n"
+            "Task variant for the length bias, a model that answers right at greedy decoding and samples "
+            "mistakes it could see in its own prefix:\n\n"
             "  --task-answer-noise 0.3 --warm-start-target-accuracy 0.9 --warm-start-steps 3000 \\\n"
-            "  --task-max-work 8 --max-new-tokens 12   (add --task-noise-kind symbol for a mistake visible\n"
-            "  as a token). --task-work-position before puts the working tokens before the answer.\n"
-            "Results, and the controlled policy that isolates the mechanism (drgrpo.length_bias):\n"
-            "docs/length-bias.md."
+            "  --task-max-work 8 --max-new-tokens 12\n\n"
+            "Add --task-noise-kind symbol for a mistake visible as a token; --task-work-position before puts "
+            "the working tokens before the answer. Results, and the controlled policy that isolates the "
+            "mechanism (drgrpo.length_bias): docs/length-bias.md."
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     cp.add_argument("--config", metavar="FILE", help=config_help)
-    add_flags(cp, CompareConfig, "compare")
-    add_flags(
-        cp.add_argument_group("loss"), LossConfig, "loss", default_text="each preset's", skip=(*LOSS_SKIP, "beta")
-    )
+    compare_flags = add_flags(cp, CompareConfig, "compare")
+    _add_loss_flags(cp, compare_flags, "every preset in --losses", "each preset's", skip=("beta",))  # --beta: compare's
 
-    pl = sub.add_parser("plot", help="plot a run's metrics.jsonl to DIR/plots/*.png")
-    pl.add_argument("run_dir", help="a drgrpo train output directory")
-    pl.add_argument("--smooth", type=int, default=5, help="moving-average window of per-step curves (default: 5)")
+    pl = sub.add_parser(
+        "plot",
+        help="Plot a run's metrics.jsonl to RUN_DIR/plots/*.png.",
+        description="Plot the metrics of a drgrpo train run to RUN_DIR/plots/*.png.",
+        formatter_class=HelpFormatter,
+    )
+    pl.add_argument("run_dir", metavar="RUN_DIR", help="A drgrpo train output directory (holding metrics.jsonl).")
+    pl.add_argument(
+        "--smooth",
+        type=int,
+        default=5,
+        metavar="STEPS",
+        help="Moving-average window of the per-step curves, in steps (default: 5).",
+    )
     return parser
+
+
+def _add_loss_flags(
+    parser: argparse.ArgumentParser, others: list[Flag], presets: str, default_text: str, skip: Sequence[str] = ()
+) -> None:
+    """The loss flags of ``parser`` (one per LossConfig field, each overriding ``presets``' setting), and the
+    names its errors give fields: the loss flags and ``others``, the command's other flags.
+
+    L is no loss flag (it is --max-new-tokens); --max-completion-length, TRL's name for the generation
+    budget, is accepted as a hidden alias of --max-new-tokens (see :func:`with_length_alias`).
+    """
+    group = parser.add_argument_group(
+        "loss", f"Each flag overrides one setting of {presets}. Presets: {', '.join(preset_names())}."
+    )
+    loss_flags = add_flags(group, LossConfig, "loss", default_text=default_text, skip=(*LOSS_SKIP, LENGTH_ALIAS, *skip))
+    parser.add_argument(
+        "--max-completion-length",
+        dest=f"alias.{LENGTH_ALIAS}",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
+    )
+    parser.set_defaults(flag_names=flag_names([*others, *loss_flags]))
+
+
+def _as_train_fields(flags: Sequence[Flag]) -> dict[tuple[type, str], str]:
+    return {(TrainConfig, flag.field): f"--{flag.name}" for flag in flags}
 
 
 def with_loss_overrides(config: Any, groups: dict[str, dict[str, Any]]) -> Any:
@@ -110,9 +214,29 @@ def with_loss_overrides(config: Any, groups: dict[str, dict[str, Any]]) -> Any:
     return config.replace(loss_overrides=tuple(sorted(overrides.items())))
 
 
+def with_length_alias(groups: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``groups`` with --max-completion-length given as --max-new-tokens (an error if both differ).
+
+    Dr. GRPO's L is the generation budget: one value, --max-new-tokens. TRL calls the budget
+    max_completion_length, so that flag is accepted too, as the same value.
+    """
+    alias = groups.pop("alias", {}).get(LENGTH_ALIAS)
+    if alias is None:
+        return groups
+    train = groups.setdefault("train", {})
+    budget = train.get("max_new_tokens", alias)
+    if budget != alias:
+        raise ValueError(
+            f"--max-completion-length {alias} and --max-new-tokens {budget} disagree: both set the generation "
+            "budget, which is also Dr. GRPO's constant L; give --max-new-tokens only"
+        )
+    train["max_new_tokens"] = alias
+    return groups
+
+
 def train_config_from_args(ns: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of ``drgrpo train``: the defaults (or the resumed run's config) + the flags given."""
-    groups = given(ns)
+    groups = with_length_alias(given(ns))
     resume = groups.get("train", {}).get("resume")
     if resume:
         ckpt = find_checkpoint(resume)
@@ -125,7 +249,7 @@ def train_config_from_args(ns: argparse.Namespace) -> TrainConfig:
 
 def compare_config_from_args(ns: argparse.Namespace) -> CompareConfig:
     """The CompareConfig of ``drgrpo compare``: its defaults + the flags given (train and loss flags: every run's)."""
-    groups = given(ns)
+    groups = with_length_alias(given(ns))
     config: CompareConfig = nested_replace(CompareConfig(), groups, "compare")
     return dataclasses.replace(config, train=with_loss_overrides(config.train, groups))
 
@@ -156,11 +280,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in plot_run(Path(ns.run_dir), smooth=ns.smooth):
                 print(path)
             return 0
-    except (ValueError, FileNotFoundError, TypeError) as exc:
-        print(f"drgrpo {ns.command}: error: {exc}", file=sys.stderr)  # configuration errors: one line
-        return 2
     except (RewardError, FloatingPointError) as exc:  # a failed step (anything else: Python's own traceback)
         return _failure(exc)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        from drgrpo.train.trainer import FAILED_STEP
+
+        if hasattr(exc, FAILED_STEP):  # raised by a step, not by the set-up: a failure (exit 1), with its traceback
+            raise
+        message = exc.renamed(getattr(ns, "flag_names", {})) if isinstance(exc, FieldError) else str(exc)
+        print(f"drgrpo {ns.command}: error: {message}", file=sys.stderr)  # configuration errors: one line, with flags
+        return 2
     return 1
 
 

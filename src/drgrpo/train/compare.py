@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from drgrpo.config import preset_names
+from drgrpo.field_error import FieldError, check_finite_fields
 from drgrpo.train.config import TrainConfig
 
 PER_RUN = ("output_dir", "loss", "seed", "resume", "progress")
@@ -36,39 +37,49 @@ class CompareConfig:
     """One comparison: every loss in ``losses`` trained with every seed, from one warm start."""
 
     output_dir: str = "runs/compare"
-    """Directory for warm_start/, runs/<loss>/seed<k>/, report.md and the plots."""
+    """Directory of the comparison: warm_start/, runs/LOSS/seedN/ (one run each), report.md and the plots."""
     losses: tuple[str, ...] = ("grpo", "dr_grpo")
-    """Loss presets to compare (space- or comma-separated)."""
+    """Loss presets to compare, each trained with every seed (separated by spaces or commas)."""
     seeds: int = 3
-    """Seeds per loss (0 .. seeds-1): rollout sampling and prompt order; the warm start is shared."""
+    """Seeds per loss: the runs of each loss use seeds 0 to N-1 (prompt order and sampling); the warm start is
+    shared."""
     beta: float = 0.0
-    """KL coefficient for every loss (0, as in the paper's comparison)."""
+    """KL coefficient of every loss (0, as in the paper's comparison)."""
     jobs: int = 0
-    """Runs in parallel (one CPU thread each); 0: the number of CPU cores, at most 4."""
+    """Runs in parallel, one CPU thread each; 0: the number of CPU cores, at most 4."""
     window: int = 10
     """Steps in the moving average of the per-step rollout curves."""
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(progress=False, threads=1), metadata={"prefix": "", "skip": PER_RUN}
     )
     """Every run's TrainConfig (its flags are those of drgrpo train); compare sets output_dir, loss, seed per run.
-    With a `model` every run starts from that local model instead of the built-in warm start."""
+    With a ``model`` every run starts from that local model instead of the built-in warm start."""
     extra: dict[str, Any] = field(default_factory=dict, metadata={"flag": None, "via": "the Python API"})
     """Free-form notes recorded in the report (e.g. the command line)."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)  # --beta nan
         # "grpo,dr_grpo" (one comma-separated flag value) names two presets
         object.__setattr__(
             self, "losses", tuple(n.strip() for item in self.losses for n in item.split(",") if n.strip())
         )
         if not self.losses:
-            raise ValueError("losses must name at least one preset, e.g. 'grpo,dr_grpo'")
+            raise FieldError(CompareConfig, "losses", "losses must name at least one preset, e.g. grpo,dr_grpo")
         unknown = [name for name in self.losses if name not in preset_names()]
         if unknown:
-            raise ValueError(f"unknown loss preset(s) {unknown}; valid presets: {', '.join(preset_names())}")
+            raise FieldError(
+                CompareConfig,
+                "losses",
+                f"losses: unknown loss preset(s) {', '.join(unknown)}; valid presets: {', '.join(preset_names())}",
+            )
         if self.seeds < 1:
-            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
-        if self.jobs < 0 or self.window < 1:
-            raise ValueError(f"jobs must be >= 0 and window >= 1, got jobs={self.jobs}, window={self.window}")
+            raise FieldError(CompareConfig, "seeds", f"seeds must be >= 1, got {self.seeds}")
+        if self.beta < 0:
+            raise FieldError(CompareConfig, "beta", f"beta must be >= 0, got {self.beta}")
+        if self.jobs < 0:
+            raise FieldError(CompareConfig, "jobs", f"jobs must be >= 0, got {self.jobs}")
+        if self.window < 1:
+            raise FieldError(CompareConfig, "window", f"window must be >= 1, got {self.window}")
 
 
 def run_dir(out: Path, loss: str, seed: int) -> Path:
@@ -86,6 +97,7 @@ def compare(config: CompareConfig) -> Path:
 
     out = Path(config.output_dir)
     base = config.train.replace(output_dir=str(out))
+    base.check_trainable()  # --dtype float16: refused before the warm start
     if base.model is not None:
         base = base.replace(model=str(resolve_model_dir(base.model)))
     out.mkdir(parents=True, exist_ok=True)

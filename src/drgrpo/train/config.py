@@ -2,8 +2,9 @@
 
 The CLI (:mod:`drgrpo.train.cli`) exposes every field as a kebab-case flag whose help text is the
 field's docstring (:mod:`drgrpo.train.flags`), so ``drgrpo train --help`` and this file never
-disagree. A run writes its resolved configuration to ``OUTPUT_DIR/config.yaml``, keyed by those
-flags: ``drgrpo train --config OUTPUT_DIR/config.yaml`` reruns it.
+disagree: the docstrings are written as that help, for people. A run writes its resolved
+configuration to ``OUTPUT_DIR/config.yaml``, keyed by those flags: ``drgrpo train --config
+OUTPUT_DIR/config.yaml`` reruns it.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from drgrpo.config import LossConfig
+from drgrpo.config import LossConfig, preset_names
+from drgrpo.field_error import FieldError, check_finite_fields
 from drgrpo.train.flags import add_flags, config_flags
 from drgrpo.train.task import TaskConfig
 from drgrpo.train.tiny import TinyModelConfig
@@ -25,14 +27,15 @@ from drgrpo.train.tiny import TinyModelConfig
 
 @dataclass(frozen=True)
 class WarmStartConfig:
-    """The supervised warm start of the built-in model (only used when no ``--model`` is given)."""
+    """The supervised warm start of the built-in model (only used when no model is given)."""
 
     steps: int = 400
-    """At most this many supervised steps on the train split."""
+    """At most this many supervised steps of the warm start, on the train split."""
     target_accuracy: float = 0.25
-    """Stop as soon as greedy accuracy on a probe of the train split reaches this (0: always run all steps)."""
+    """Stop the warm start once greedy accuracy on a probe of the train split reaches this (0: always run every
+    step)."""
     check_every: int = 10
-    """Measure the probe accuracy every this many steps."""
+    """Measure the probe accuracy every this many warm-start steps."""
     probe_size: int = 200
     """Train-split prompts in the probe (at most a quarter of the split), kept out of the supervised data."""
     batch_size: int = 128
@@ -40,124 +43,197 @@ class WarmStartConfig:
     lr: float = 3e-3
     """AdamW learning rate of the warm start."""
     seed: int = 0
-    """Seed of the model initialisation and the warm-start data order."""
+    """Seed of the model's initialisation and of the warm-start data order."""
     model: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"prefix": "tiny-"})
     """Shape of the built-in model."""
+
+    def __post_init__(self) -> None:
+        check_finite_fields(self)
+        for name in ("steps", "check_every", "batch_size"):
+            if getattr(self, name) < 1:
+                raise FieldError(WarmStartConfig, name, f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.target_accuracy <= 1:
+            raise FieldError(
+                WarmStartConfig, "target_accuracy", f"target_accuracy must be in [0, 1], got {self.target_accuracy}"
+            )
+        if not self.lr > 0:
+            raise FieldError(WarmStartConfig, "lr", f"lr must be > 0, got {self.lr}")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One Dr. GRPO (or GRPO-family) training run: a rollout, reward, advantage, loss, step loop."""
+    """One Dr. GRPO (or GRPO-family) training run: a rollout, reward, advantage, loss, step loop.
+
+    Its checks name fields as Python does (``eval_size must be >= 0``); ``drgrpo train`` prints the same
+    messages with its flags (``--eval-size must be >= 0``), see :class:`drgrpo.field_error.FieldError`.
+    """
 
     output_dir: str = "runs/default"
-    """Directory for metrics.jsonl, checkpoints/, plots/ and the cached warm start."""
+    """Directory of the run: config.yaml, metrics.jsonl, checkpoints/, plots/ and the cached warm start."""
     model: str | None = None
-    """Initial policy: a local Hugging Face model directory (config + weights + tokenizer), or a drgrpo run directory,
-    its checkpoints/latest or a checkpoint; None builds and warm-starts the tiny model."""
+    """Initial policy: a local Hugging Face model directory (config, weights and tokenizer), a drgrpo run
+    directory, its checkpoints/latest or one checkpoint. Not set: a tiny model built here and warm-started on
+    the built-in task."""
     dataset: str | None = None
-    """JSONL training prompts (one JSON object per line); None uses the built-in addition task."""
+    """Training prompts: a JSONL file, one JSON object per line with the prompt under ``prompt_field``. Not set:
+    the built-in addition task."""
     eval_dataset: str | None = None
-    """JSONL held-out prompts for evaluation; None: the built-in held-out split (no evaluation with --dataset)."""
+    """Held-out prompts for evaluation, a JSONL file like ``dataset``. Not set: the built-in task's held-out split
+    (no evaluation when ``dataset`` is set)."""
     prompt_field: str = "prompt"
-    """Field of a dataset line holding the prompt (a string, or a list of chat messages)."""
+    """Key of a dataset line that holds the prompt: a string, or a list of chat messages."""
     rewards: tuple[str, ...] = field(default=(), metadata={"flag": "reward", "repeat": True})
-    """Reward callable 'module:function' taking (completion, example) -> float; repeat the flag for several. The first
-    is the correctness reward behind 'accuracy'. Empty: the built-in task's exact match."""
+    """A reward function, module:function, called as function(completion, example) and returning a float; give
+    the flag once per reward. The first reward decides correctness (the accuracy metrics). Not set: exact match
+    on the built-in task."""
     reward_weights: tuple[float, ...] = ()
-    """One weight per reward (default 1 each); the first reward is the correctness reward used for accuracy."""
+    """Weight of each reward in the total, one per reward in the order given. Not set: 1 for each."""
     loss: str = "dr_grpo"
-    """Loss preset name (dr_grpo, grpo, dapo, ...); LossConfig fields can be overridden with loss_overrides."""
+    """The loss: a preset such as dr_grpo, grpo, dapo, gspo, cispo or sapo, or a peer framework's (trl.grpo,
+    verl.grpo, oat.drgrpo, ...); single settings of it can be changed one by one."""
     loss_overrides: tuple[tuple[str, Any], ...] = field(default=(), metadata={"flag": None, "via": "loss"})
-    """(field, value) overrides applied to the preset, one flag per LossConfig field; max_completion_length
-    defaults to max_new_tokens."""
+    """(field, value) overrides of the preset's LossConfig, one per loss flag given. Its L, max_completion_length,
+    is max_new_tokens: an override of it must agree."""
     steps: int = 300
-    """RL steps (one rollout batch each; ppo_epochs optimizer steps per rollout)."""
+    """RL steps: one rollout batch each, followed by ``ppo_epochs`` optimizer steps."""
     prompts_per_step: int = 64
-    """Prompts per rollout batch (all processes together); must be divisible by the number of processes."""
+    """Prompts per rollout batch, all processes together; must be divisible by the number of processes."""
     group_size: int = 8
     """Completions sampled per prompt (G)."""
     max_new_tokens: int = 8
-    """Generation budget per completion; also Dr. GRPO's constant L unless overridden."""
+    """Generation budget: at most this many tokens per completion. Also Dr. GRPO's constant L: the loss divides
+    each completion's summed token losses by it."""
     temperature: float = 1.0
-    """Sampling temperature of rollouts (log-probs are computed at the same temperature)."""
+    """Sampling temperature of rollouts; log-probs are computed at the same temperature."""
     top_p: float = 1.0
-    """Nucleus sampling threshold of rollouts (1 disables it)."""
+    """Nucleus sampling threshold of rollouts (1: off)."""
     ppo_epochs: int = 1
-    """Optimizer steps per rollout batch, each over the whole batch (>1 makes the clipped ratio matter)."""
+    """Optimizer steps per rollout batch, each over the whole batch (above 1 the clipped ratio matters)."""
     micro_batch_size: int = 128
-    """Completions per forward/backward; gradients accumulate over micro-batches with one exact step normaliser."""
+    """Completions per forward and backward pass; gradients add up over the micro-batches of a step, normalised
+    once for the whole step."""
     lr: float = 5e-4
-    """AdamW learning rate (constant after warmup)."""
+    """AdamW learning rate, constant after the warmup."""
     warmup_steps: int = 0
-    """Linear learning-rate warmup, in optimizer steps."""
+    """Optimizer steps of linear learning-rate warmup."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 disables clipping; the norm is logged either way)."""
+    """Clip the global gradient norm to this (0 turns clipping off; the norm is logged either way)."""
     fused: bool = False
-    """Use drgrpo.fused.fused_policy_loss (chunked log-probs from the hidden states) instead of full logits."""
+    """Compute log-probs from the hidden states in chunks (drgrpo.fused) instead of from the full logits: less
+    memory for a large vocabulary."""
     seed: int = 0
-    """Seed of prompt order and sampling (each step reseeds from (seed, step, rank): resume is exact)."""
+    """Seed of the prompt order and of sampling. Each step reseeds from (seed, step, process), so a resumed run
+    ends exactly where an uninterrupted one does."""
     device: str = "cpu"
-    """torch device, e.g. 'cpu', 'cuda', 'cuda:1' (DDP ranks use their LOCAL_RANK on CUDA)."""
+    """Torch device: cpu, cuda or cuda:N (several processes on CUDA take one GPU each, by LOCAL_RANK)."""
     threads: int = 0
-    """torch CPU threads (torch.set_num_threads); 0: 1 for the built-in tiny model (its ops are too small to
-    split, and spare cores keep it fast on a busy machine), torch's default for --model."""
-    dtype: str = "float32"
-    """Parameter dtype: float32, bfloat16 or float16."""
+    """CPU threads torch uses; 0: one for the built-in model (its operations are too small to split, and spare
+    cores keep it fast on a busy machine), torch's own choice with ``model``."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Data type of the parameters: float32 or bfloat16 (float16 cannot train: it needs float32 master weights
+    and loss scaling, which drgrpo does not do; drgrpo eval takes it)."""
     eval_every: int = 25
-    """Evaluate on the held-out split every this many steps (and at step 0 and at the end); 0 disables."""
+    """Evaluate on the held-out prompts every this many steps, and at step 0 and at the end (0: never)."""
     eval_size: int = 200
-    """Held-out prompts per evaluation (the first eval_size of the split)."""
+    """Held-out prompts per evaluation (the first ones of the held-out set); at least 1 while evaluation is on
+    (``eval_every`` 0 turns it off)."""
     eval_temperature: float = 0.0
     """Sampling temperature of evaluation (0: greedy)."""
     eval_sampled: bool = True
-    """Also evaluate at the rollout temperature (logged as eval_sampled/*)."""
+    """Also evaluate by sampling at the rollout temperature (logged next to the greedy evaluation)."""
     checkpoint_every: int = 50
-    """Save a checkpoint every this many steps (and at the end and on SIGINT/SIGTERM); 0: only those."""
+    """Save a checkpoint every this many steps; also at the end and when stopped by SIGINT or SIGTERM (0: only
+    then)."""
     resume: str | None = None
-    """An earlier run to continue exactly: its output directory, its checkpoints/latest, or a checkpoint directory."""
+    """Continue an earlier run exactly: its output directory, its checkpoints/latest or one checkpoint. Not set: a
+    new run."""
     ref_kl: bool = True
-    """Keep a frozen reference copy of the initial model to log KL(policy || reference) even when beta = 0."""
+    """Keep a frozen copy of the initial model to log the policy's KL to it, even without a KL penalty."""
     progress: bool = True
-    """Show a progress bar (rank 0 only)."""
+    """Show a progress bar (on the first process only)."""
     tensorboard: bool = False
-    """Also write TensorBoard events to output_dir/tensorboard (needs the tensorboard package)."""
+    """Also write TensorBoard events to OUTPUT_DIR/tensorboard (needs the tensorboard package)."""
     deterministic: bool = True
-    """torch.use_deterministic_algorithms(True): bitwise-reproducible CPU runs and exact resume."""
+    """Use deterministic torch algorithms: CPU runs repeat bit for bit and resume exactly."""
     task: TaskConfig = field(default_factory=TaskConfig)
     """The built-in addition task (used when no dataset is given)."""
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     """The supervised warm start of the built-in model (used when no model is given)."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)  # --lr nan, --reward-weights inf, ...: refused like any bad value
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "micro_batch_size")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+                raise FieldError(TrainConfig, name, f"{name} must be a positive integer, got {value!r}")
         for name in ("eval_every", "checkpoint_every", "warmup_steps", "eval_size", "threads"):
             if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+                raise FieldError(TrainConfig, name, f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("lr", "weight_decay", "eval_temperature"):
+            if getattr(self, name) < 0:
+                raise FieldError(TrainConfig, name, f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.grad_clip < 0:
+            raise FieldError(
+                TrainConfig, "grad_clip", f"grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}"
+            )
         if not self.temperature > 0:
-            raise ValueError(f"TrainConfig.temperature must be > 0 (log-probs divide by it), got {self.temperature}")
+            raise FieldError(
+                TrainConfig, "temperature", f"temperature must be > 0 (log-probs divide by it), got {self.temperature}"
+            )
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"TrainConfig.top_p must be in (0, 1], got {self.top_p}")
-        if self.eval_temperature < 0:
-            raise ValueError(f"TrainConfig.eval_temperature must be >= 0, got {self.eval_temperature}")
+            raise FieldError(TrainConfig, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"TrainConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+            raise FieldError(TrainConfig, "dtype", f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.eval_size == 0 and self.eval_every:
+            raise FieldError(
+                TrainConfig,
+                ("eval_size", "eval_every"),
+                f"eval_size 0 with eval_every {self.eval_every} would evaluate no prompt; "
+                "to turn evaluation off, set eval_every 0",
+            )
         if self.reward_weights and len(self.reward_weights) != max(len(self.rewards), 1):
-            raise ValueError(
-                f"TrainConfig.reward_weights has {len(self.reward_weights)} weights for "
-                f"{max(len(self.rewards), 1)} reward(s); give one weight per reward"
+            raise FieldError(
+                TrainConfig,
+                "reward_weights",
+                f"reward_weights has {len(self.reward_weights)} weight(s) for {max(len(self.rewards), 1)} reward(s); "
+                "give one weight per reward",
+            )
+        if self.loss not in preset_names():
+            raise FieldError(
+                TrainConfig, "loss", f"loss: unknown preset {self.loss!r}; valid presets: {', '.join(preset_names())}"
+            )
+        length = dict(self.loss_overrides).get("max_completion_length", self.max_new_tokens)
+        if length != self.max_new_tokens:
+            raise FieldError(
+                TrainConfig,
+                "max_new_tokens",
+                f"max_completion_length {length} (a loss override) disagrees with max_new_tokens "
+                f"{self.max_new_tokens}: Dr. GRPO's constant L is the generation budget, so the loss takes it "
+                "from max_new_tokens",
+            )
+
+    def check_trainable(self) -> None:
+        """Refuse what this configuration can describe but not train (``drgrpo eval`` may still use it).
+
+        ``--dtype float16``: AdamW on float16 weights breaks at the first step (its eps 1e-8 rounds to 0 in
+        float16, so a parameter with a zero second moment gets an infinite update); float16 training needs
+        float32 master weights and loss scaling, which drgrpo does not do. bfloat16 has float32's range.
+        """
+        if self.dtype == "float16":
+            raise FieldError(
+                TrainConfig,
+                "dtype",
+                "dtype float16 cannot train: AdamW on float16 weights turns them non-finite (its eps 1e-8 is 0 "
+                "in float16) and float16 training needs float32 master weights and loss scaling, which drgrpo "
+                "does not do; use dtype bfloat16 (same memory, float32's range) or float32",
             )
 
     def loss_config(self) -> LossConfig:
-        """The resolved :class:`LossConfig`: the preset, L = max_new_tokens by default, then the overrides."""
-        overrides = dict(self.loss_overrides)
-        if "max_completion_length" not in overrides:
-            overrides["max_completion_length"] = self.max_new_tokens
+        """The resolved :class:`LossConfig`: the preset with the overrides, and L = ``max_new_tokens``."""
+        overrides = {**dict(self.loss_overrides), "max_completion_length": self.max_new_tokens}
         return LossConfig.preset(self.loss, **overrides)
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -174,7 +250,11 @@ class TrainConfig:
     def check_world_size(self, world: int) -> None:
         """Raise unless the step's prompts split evenly over ``world`` processes (whole groups on each)."""
         if self.prompts_per_step % world:
-            raise ValueError(f"prompts_per_step={self.prompts_per_step} must be divisible by the {world} processes")
+            raise FieldError(
+                TrainConfig,
+                "prompts_per_step",
+                f"prompts_per_step ({self.prompts_per_step}) must be divisible by the number of processes ({world})",
+            )
 
     def apply_torch_settings(self) -> None:
         """Deterministic algorithms (bitwise-reproducible CPU runs) and the CPU thread count."""
@@ -217,7 +297,10 @@ class TrainConfig:
         flags = add_flags(argparse.ArgumentParser(add_help=False), TrainConfig, "train")
         groups = {"train": self, "task": self.task, "warm_start": self.warm_start, "model": self.warm_start.model}
         values = config_flags(flags, groups)
-        values.update({name.replace("_", "-"): value for name, value in self.loss_overrides})
+        # L is --max-new-tokens (max_completion_length, when overridden at all, agrees with it)
+        values.update(
+            {name.replace("_", "-"): value for name, value in self.loss_overrides if name != "max_completion_length"}
+        )
         return values
 
     def write(self, out_dir: str | Path) -> Path:
@@ -240,31 +323,42 @@ CONFIG_FILE = "config.yaml"
 class EvalConfig:
     """``drgrpo eval``: a model's held-out accuracy and lengths. Unset fields come from the run that made it."""
 
-    model: str | None = None
-    """The model to evaluate: a checkpoint, a run directory (its latest checkpoint), its checkpoints/latest, or a
-    local Hugging Face model directory (required)."""
+    model: str | None = field(default=None, metadata={"required": True})
+    """The model to evaluate: a drgrpo run directory (its latest checkpoint), its checkpoints/latest, one
+    checkpoint, or a local Hugging Face model directory. Required, on the command line or in the --config file."""
     eval_dataset: str | None = None
-    """JSONL held-out prompts; None: the run's own held-out set (the built-in split for the default run)."""
+    """Held-out prompts, a JSONL file (for a run on the built-in task: its held-out split)."""
     prompt_field: str | None = None
-    """Field of a dataset line holding the prompt; None: the run's."""
+    """Key of a dataset line that holds the prompt."""
     rewards: tuple[str, ...] = field(default=(), metadata={"flag": "reward", "repeat": True})
-    """Reward callable 'module:function' (repeat for several; the first is the correctness reward); empty: the run's."""
+    """A reward function, module:function (once per reward; the first decides correctness)."""
     max_new_tokens: int | None = None
-    """Generation budget per completion; None: the run's."""
+    """Generation budget: at most this many tokens per completion."""
     eval_size: int | None = None
-    """Held-out prompts to evaluate (the first ones); None: the run's."""
+    """Held-out prompts to evaluate (the first ones)."""
     eval_temperature: float | None = None
-    """Sampling temperature (0: greedy); None: the run's (greedy by default)."""
+    """Sampling temperature (0: greedy)."""
     top_p: float | None = None
-    """Nucleus sampling threshold; None: the run's."""
+    """Nucleus sampling threshold (1: off)."""
     device: str | None = None
-    """torch device; None: the run's."""
+    """Torch device: cpu, cuda or cuda:N."""
     dtype: str | None = None
-    """Parameter dtype (float32, bfloat16, float16); None: the run's."""
+    """Data type of the parameters: float32, bfloat16 or float16."""
     seed: int | None = None
-    """Seed of sampled evaluation; None: the run's."""
+    """Seed of sampled evaluation."""
     json: bool = False
     """Print one JSON object instead of a table."""
+
+    def __post_init__(self) -> None:
+        check_finite_fields(self)
+        if self.eval_size is not None and self.eval_size < 1:
+            raise FieldError(EvalConfig, "eval_size", f"eval_size must be >= 1 (prompts), got {self.eval_size}")
+        if self.eval_temperature is not None and self.eval_temperature < 0:
+            raise FieldError(
+                EvalConfig, "eval_temperature", f"eval_temperature must be >= 0, got {self.eval_temperature}"
+            )
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise FieldError(EvalConfig, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
         """``base`` (the evaluated run's configuration) with the fields set here."""

@@ -19,6 +19,7 @@ from drgrpo.train.config import TrainConfig
 from drgrpo.train.data import Example, Rewards, load_examples
 from drgrpo.train.metrics import length_sums, mean_or_none, sum_across_processes
 from drgrpo.train.model import load_model, load_tokenizer
+from drgrpo.train.preflight import check_device, prompt_check
 from drgrpo.train.rollout import generate, prompt_texts
 from drgrpo.train.seeds import EVAL_STREAM, derive_seed
 from drgrpo.train.task import TaskConfig
@@ -119,8 +120,10 @@ def evaluate_model(model: str | Path, config: TrainConfig | None = None) -> dict
     rewards = Rewards.from_specs(config.rewards, config.reward_weights)
     if config.dataset and not config.eval_dataset:
         raise ValueError("evaluating a model trained on --dataset needs --eval-dataset FILE.jsonl (held-out prompts)")
-    _, examples = load_examples(None, config.eval_dataset, config.prompt_field, config.task)  # never the train set
+    check_device(config.device)
+    tokenizer = load_tokenizer(model_dir)  # refuses a model that needs its own Python code
+    check = prompt_check(model_dir, config, tokenizer) if config.eval_dataset else None  # empty or too long prompts
+    _, examples = load_examples(None, config.eval_dataset, config.prompt_field, config.task, check)  # never train's
     config.apply_torch_settings()  # as in training: deterministic, 1 thread for the built-in tiny model
-    tokenizer = load_tokenizer(model_dir)
     net = load_model(model_dir, config.dtype, torch.device(config.device)).eval()
     return {"model": str(model_dir), **evaluate(net, tokenizer, examples[: config.eval_size], rewards, config)}

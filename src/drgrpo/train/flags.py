@@ -8,7 +8,15 @@ read from the annotation. A field can adjust its flag through ``dataclasses.fiel
   for a field that has no flag of its own (say where its values come from in ``via``);
 - ``repeat``: the flag is given once per value (``--reward a --reward b``) instead of
   ``--reward-weights 1 0.5``;
-- ``prefix``: for a nested dataclass, the prefix of its fields' flags (``task-``, ``tiny-``).
+- ``prefix``: for a nested dataclass, the prefix of its fields' flags (``task-``, ``tiny-``);
+- ``required``: the command needs the flag (on its command line or in its config file).
+
+Field docstrings are written for people, as the help of their flags: plain words, values as a user
+types them (none, not None), units. The one piece of markup they may hold is a cross-reference to
+another field of the same dataclass, its name in double backquotes (``clip_high``): the help shows it
+as the flag, --clip-high (:func:`help_text`). The help of a flag ends with its default: on/off for a
+switch, the values of a list; a field whose default is None or empty says in its docstring what
+happens when it is not set, or the command gives one text for all of those (``unset_text``).
 
 A config file (YAML or TOML) is a mapping from flag names, without the dashes, to values;
 :func:`file_args` turns it into the argument list the same parser reads, so a file and the
@@ -24,11 +32,12 @@ import dataclasses
 import inspect
 import itertools
 import json
+import re
 import sys
 import textwrap
 import types
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -47,8 +56,10 @@ class Flag:
     """``group.field`` where the value lands, e.g. ``train.max_new_tokens``, ``task.max_operand``."""
     field: str
     """The dataclass field."""
+    owner: type
+    """The dataclass that holds the field (``TaskConfig`` for ``--task-max-operand``)."""
     help: str
-    """The field's docstring."""
+    """The field's docstring as help: cross-references to fields written as their flags."""
     kwargs: dict[str, Any]
     """argparse keyword arguments (type, choices, nargs, action)."""
 
@@ -83,7 +94,11 @@ def _optional(tp: Any) -> tuple[Any, bool]:
 
 
 def _converter(tp: Any, optional: bool, flag: str) -> tuple[Any, tuple[Any, ...] | None]:
-    """(argparse ``type`` callable, choices or None) for a scalar annotation."""
+    """(argparse ``type`` callable, choices or None) for a scalar annotation.
+
+    The callable checks the choices itself, so a bad value's message lists them as a user types them
+    (``none`` included for an optional field), not as Python writes them.
+    """
     choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
     base: Any = type(choices[0]) if choices else tp
     if base not in (int, float, str):
@@ -93,12 +108,24 @@ def _converter(tp: Any, optional: bool, flag: str) -> tuple[Any, tuple[Any, ...]
         if optional and text in NONE_WORDS:
             return None
         try:
-            return base(text)
+            value = base(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {_TYPE_WORDS[base]}, got {text!r}") from None
+        if choices and value not in choices:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice {text!r} (choose from {', '.join(_choice_words(choices, optional))})"
+            )
+        return value
 
     convert.__name__ = base.__name__  # argparse names the type in its error message
-    return convert, (tuple(choices) + ((None,) if optional else ())) if choices else None
+    return convert, tuple(choices) if choices else None
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _choice_words(choices: Sequence[Any], optional: bool) -> list[str]:
+    return [str(c) for c in choices] + (["none"] if optional else [])
 
 
 def _kwargs(tp: Any, meta: typing.Mapping[str, Any], flag: str) -> dict[str, Any]:
@@ -113,14 +140,30 @@ def _kwargs(tp: Any, meta: typing.Mapping[str, Any], flag: str) -> dict[str, Any
             kw["action"] = "append"
         else:
             kw["nargs"] = "+"
-        if choices:
-            kw["choices"] = choices
         return kw
     convert, choices = _converter(tp, optional, flag)
-    kw = {"type": convert, "metavar": "{" + ",".join(map(str, choices)) + "}" if choices else flag.upper()}
-    if choices:
-        kw["choices"] = choices
-    return kw
+    metavar = "{" + ",".join(_choice_words(choices, optional)) + "}" if choices else flag.upper()
+    return {"type": convert, "metavar": metavar}
+
+
+def flag_name(f: dataclasses.Field[Any], prefix: str = "") -> str | None:
+    """The flag of field ``f`` without dashes (its ``flag`` metadata or its kebab-case name), or None."""
+    if "flag" in f.metadata and f.metadata["flag"] is None:
+        return None
+    return prefix + f.metadata.get("flag", f.name.replace("_", "-"))
+
+
+CROSS_REFERENCE = re.compile(r"``([a-z][a-z0-9_]*)``")
+"""A reference to another field in a field docstring: ``clip_high``."""
+
+
+def help_text(doc: str, flags: Mapping[str, str]) -> str:
+    """A field docstring as the help of its flag: each ``field`` of the same dataclass becomes its flag.
+
+    ``flags`` maps field names to flag names without dashes. Any other markup is left as written, where
+    the help test finds it.
+    """
+    return CROSS_REFERENCE.sub(lambda m: f"--{flags[m.group(1)]}" if m.group(1) in flags else m.group(0), doc)
 
 
 def flags_of(
@@ -136,23 +179,26 @@ def flags_of(
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     defaults = cls() if defaults is None else defaults
+    fields = [f for f in dataclasses.fields(cls) if not _nested(getattr(defaults, f.name))]  # type: ignore[arg-type]
+    names = {f.name: name for f in fields if (name := flag_name(f, prefix)) is not None}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name in skip:
             continue
         value = getattr(defaults, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if _nested(value):
             nested_prefix = f.metadata.get("prefix", f.name.replace("_", "-") + "-")
             yield from flags_of(type(value), f.name, nested_prefix, f.metadata.get("skip", ()), value)
             continue
-        if "flag" in f.metadata and f.metadata["flag"] is None:
+        if f.name not in names:
             yield None, f, value
             continue
-        name = prefix + f.metadata.get("flag", f.name.replace("_", "-"))
-        yield (
-            Flag(name, f"{group}.{f.name}", f.name, docs.get(f.name, ""), _kwargs(hints[f.name], f.metadata, name)),
-            f,
-            value,
-        )
+        name = names[f.name]
+        doc = help_text(docs.get(f.name, ""), names)
+        yield Flag(name, f"{group}.{f.name}", f.name, cls, doc, _kwargs(hints[f.name], f.metadata, name)), f, value
+
+
+def _nested(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
 def add_flags(
@@ -161,23 +207,45 @@ def add_flags(
     group: str,
     *,
     default_text: str | None = None,
+    unset_text: str | None = None,
     skip: Sequence[str] = (),
     defaults: Any = None,
 ) -> list[Flag]:
     """Add one flag per field of ``cls`` (and of its nested dataclasses) to ``parser``; returns them.
 
     Values land in ``group.field`` only when given (``argparse.SUPPRESS``), so a missing flag leaves the
-    field to the base configuration. ``default_text`` replaces the shown default (e.g. "the preset's").
+    field to the base configuration. Each help ends with ``(default: ...)``: ``default_text`` for every
+    flag when given (e.g. "the preset's"), else the field's default in words (:func:`default_words`), or
+    ``unset_text`` for a default of ``None`` or empty (else nothing: the docstring says what happens).
     """
     added = []
-    for flag, _, default in flags_of(cls, group, skip=skip, defaults=defaults):
+    for flag, f, default in flags_of(cls, group, skip=skip, defaults=defaults):
         if flag is None:
             continue
-        shown = default_text or (list(default) if isinstance(default, tuple) else default)
-        help_text = f"{flag.help} (default: {shown})".replace("%", "%%")
-        parser.add_argument(f"--{flag.name}", dest=flag.dest, default=argparse.SUPPRESS, help=help_text, **flag.kwargs)
+        required = f.metadata.get("required", False)
+        shown = None if required else default_text or default_words(default) or unset_text
+        text = flag.help + (f" (default: {shown})" if shown else "")
+        parser.add_argument(
+            f"--{flag.name}", dest=flag.dest, default=argparse.SUPPRESS, help=text.replace("%", "%%"), **flag.kwargs
+        )
         added.append(flag)
     return added
+
+
+def default_words(value: Any) -> str | None:
+    """A default as help shows it: on/off for a switch, a list's values separated by spaces, None if unset."""
+    if value is None or value == ():
+        return None
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def flag_names(flags: Sequence[Flag]) -> dict[tuple[type, str], str]:
+    """``{(dataclass, field): "--flag"}`` for ``flags``: how a command names the fields an error names."""
+    return {(flag.owner, flag.field): f"--{flag.name}" for flag in flags}
 
 
 def given(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -246,7 +314,8 @@ def file_args(data: dict[str, Any], parser: argparse.ArgumentParser, source: str
         name = str(key).replace("_", "-")
         action = actions.get(name)
         if action is None or name in ("config", "help"):
-            valid = ", ".join(sorted(k for k in actions if not k.startswith("no-") and k not in ("config", "help")))
+            shown = {k for k, a in actions.items() if a.help != argparse.SUPPRESS and k not in ("config", "help")}
+            valid = ", ".join(sorted(k for k in shown if not k.startswith("no-")))
             raise ValueError(f"{source}: unknown key {key!r} (not a flag of this command); valid keys: {valid}")
         if isinstance(action, argparse.BooleanOptionalAction):
             if not isinstance(value, bool):

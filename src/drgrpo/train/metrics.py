@@ -50,6 +50,7 @@ def step_metrics(
     batch: Rollout,
     rewards: list[float],
     firsts: list[float],
+    advantages: torch.Tensor,
     update: UpdateStats,
     config: Any,
     procs: Processes,
@@ -63,15 +64,17 @@ def step_metrics(
     ``rewards`` are the weighted totals, ``firsts`` the correctness reward (a completion is correct when it
     is >= 0.5); ``reward``, ``accuracy`` and the lengths are means over completions, the loss metrics
     (``clip_frac_*``, ``ratio_mean``, ``kl``) means over real tokens. ``loss`` is the step's objective.
+    ``frac_groups_no_signal`` is the share of groups whose ``advantages`` (``(B,)``, as the loss got them) are
+    all 0 (equal rewards, or differences the advantages' dtype cannot hold): 1.0 means the policy loss gave no
+    gradient this step (a KL penalty still may).
     ``seconds`` is the step's wall time, ``elapsed`` the run's so far.
     """
     group_size = config.group_size
-    groups = torch.tensor(rewards, dtype=torch.float64).view(-1, group_size)
     local = {
         "reward": sum(rewards),
         "reward_sq": sum(r * r for r in rewards),
         "accuracy": sum(firsts),
-        "flat_groups": float((groups.max(-1).values == groups.min(-1).values).sum()),  # no learning signal
+        "flat_groups": float((advantages.view(-1, group_size) == 0).all(-1).sum()),  # no learning signal
         "truncated": float(batch.truncated.sum()),
         "loss": update.loss,
         **update.token_sums,

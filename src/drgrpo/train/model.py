@@ -1,14 +1,20 @@
-"""Loading a policy: a local Hugging Face causal LM, its tokenizer, and a run's initial training state."""
+"""Loading a policy: a local Hugging Face causal LM, its tokenizer, and a run's initial training state.
+
+Nothing here runs code from a model directory: every ``from_pretrained`` gets ``trust_remote_code=False``, and a
+directory whose classes exist only in its own Python files (``auto_map`` in config.json or tokenizer_config.json
+for a type transformers does not have built in) is refused before anything is loaded (:func:`check_local_code`).
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from drgrpo.train.checkpoint import load_optimizer_state, read_state
 from drgrpo.train.update import TrainState
@@ -16,17 +22,71 @@ from drgrpo.train.update import TrainState
 
 def load_model(path: str | Path, dtype: str, device: torch.device) -> Any:
     """``AutoModelForCausalLM`` from a local directory, with parameters in ``dtype`` ('float32', 'bfloat16', ...)."""
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    check_local_code(path)
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=False)
     return model.to(device)
 
 
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer of a local model directory, left-padding (prompts end in one column) with a pad token."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    check_local_code(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     tokenizer.padding_side = "left"  # generation appends on the right: prompts end in the same column
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_local_code(path: str | Path) -> None:
+    """Refuse (ValueError) a model directory that needs its own Python code to load.
+
+    Its ``config.json`` or ``tokenizer_config.json`` then has an ``auto_map`` (classes in the directory's .py
+    files) for a model type or tokenizer class that transformers does not have built in. drgrpo never runs such
+    code (no trust_remote_code), so transformers never asks its [y/N] question. With a built-in type the
+    ``auto_map`` is ignored and transformers' own classes load the weights, as ``trust_remote_code=False`` does.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    path = Path(path)
+    config, tok = _json_or_empty(path / "config.json"), _json_or_empty(path / "tokenizer_config.json")
+    model_type = config.get("model_type")
+    built_in = model_type in CONFIG_MAPPING
+    if "auto_map" in config and not built_in:
+        raise ValueError(
+            f"{path}: needs remote code: config.json has auto_map (its model classes are Python files in the "
+            f"directory) for model_type {model_type!r}, which transformers does not have built in; drgrpo never "
+            "runs code from a model directory (no trust_remote_code): use a model transformers supports natively"
+        )
+    name = str(tok.get("tokenizer_class") or "")
+    if (
+        "auto_map" in tok
+        and not built_in
+        and not (name and (tokenizer_class_from_name(name) or tokenizer_class_from_name(name + "Fast")))
+    ):
+        raise ValueError(
+            f"{path}: needs remote code: tokenizer_config.json has auto_map (its tokenizer class {name or '(unnamed)'} "
+            "is a Python file in the directory); drgrpo never runs code from a model directory (no "
+            "trust_remote_code): use a tokenizer transformers supports natively"
+        )
+
+
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    """A JSON object file, or {} when it is missing or not an object (transformers reports a broken one itself)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def context_length(path: str | Path) -> int | None:
+    """The longest sequence (prompt + completion, in tokens) the model in ``path`` takes: ``max_position_embeddings``
+    of its config (``n_positions`` for GPT-2 style configs), or None when the config does not say."""
+    check_local_code(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def initial_policy_dir(

@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from drgrpo.field_error import FieldError
+
 WORK_TOKEN = "."
 """The working token: filler a completion may emit before its answer."""
 
@@ -47,18 +49,18 @@ class TaskConfig:
     """The built-in addition task."""
 
     max_operand: int = 49
-    """Operands are drawn from ``0..max_operand`` inclusive."""
+    """Operands are drawn from 0 to this number, inclusive."""
     max_work: int = 4
-    """The warm-start data put ``0..max_work`` working tokens in each completion (uniformly)."""
+    """The warm-start data put 0 to this many working tokens in each completion (uniformly)."""
     work_position: Literal["after", "before"] = "after"
-    """Where working tokens go: "after" the answer (pure length) or "before" it (also extra compute)."""
+    """Where the working tokens go: after the answer (pure length) or before it (also room to compute)."""
     answer_noise: float = 0.0
-    """Share of warm-start completions whose last answer digit is replaced (0: none; see noise_kind). The
+    """Share of warm-start completions whose last answer digit is wrong (0: none; see ``noise_kind``). The
     length-bias variant: warm-started to high greedy accuracy (e.g. --warm-start-target-accuracy 0.9), the
     model answers right at greedy decoding but samples a wrong last digit about this often."""
     noise_kind: Literal["digit", "symbol"] = "digit"
-    """What replaces the last digit under answer_noise: "digit", a random other digit (a mistake the model can
-    only see by redoing the sum), or "symbol", the token "-" (a mistake visible in the prefix as a token)."""
+    """What replaces the last digit under ``answer_noise``: digit, a random other digit (a mistake the model can
+    only see by redoing the sum), or symbol, the token "-" (a mistake visible in the prefix as a token)."""
     num_eval: int = 200
     """Size of the held-out split (operand pairs never seen in training)."""
     seed: int = 1234
@@ -66,24 +68,33 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         if self.max_operand < 1:
-            raise ValueError(f"TaskConfig.max_operand must be >= 1, got {self.max_operand}")
+            raise FieldError(TaskConfig, "max_operand", f"max_operand must be >= 1, got {self.max_operand}")
         if self.work_position not in ("before", "after"):
-            raise ValueError(f"TaskConfig.work_position must be 'before' or 'after', got {self.work_position!r}")
+            raise FieldError(
+                TaskConfig, "work_position", f"work_position must be 'before' or 'after', got {self.work_position!r}"
+            )
         if self.max_work < 0:
-            raise ValueError(f"TaskConfig.max_work must be >= 0, got {self.max_work}")
+            raise FieldError(TaskConfig, "max_work", f"max_work must be >= 0, got {self.max_work}")
         if self.noise_kind not in ("digit", "symbol"):
-            raise ValueError(f"TaskConfig.noise_kind must be 'digit' or 'symbol', got {self.noise_kind!r}")
+            raise FieldError(
+                TaskConfig, "noise_kind", f"noise_kind must be 'digit' or 'symbol', got {self.noise_kind!r}"
+            )
         # the right answer must stay the most likely one: against 9 wrong digits sharing the noise, or one symbol
         limit = 0.9 if self.noise_kind == "digit" else 0.5
         if not 0.0 <= self.answer_noise < limit:
-            raise ValueError(
-                f"TaskConfig.answer_noise must be in [0, {limit}) for noise_kind={self.noise_kind!r} (the right answer "
-                f"must stay the most likely one), got {self.answer_noise}"
+            raise FieldError(
+                TaskConfig,
+                ("answer_noise", "noise_kind"),
+                f"answer_noise must be in [0, {limit}) for noise_kind {self.noise_kind!r} (the right answer "
+                f"must stay the most likely one), got {self.answer_noise}",
             )
         pairs = (self.max_operand + 1) ** 2
         if not 0 < self.num_eval < pairs:
-            raise ValueError(
-                f"TaskConfig.num_eval must be in 1..{pairs - 1} (there are {pairs} operand pairs), got {self.num_eval}"
+            raise FieldError(
+                TaskConfig,
+                ("num_eval", "max_operand"),
+                f"num_eval must be in 1..{pairs - 1} (max_operand {self.max_operand} gives {pairs} operand pairs), "
+                f"got {self.num_eval}",
             )
 
     @property

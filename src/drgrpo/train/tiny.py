@@ -30,11 +30,11 @@ class TinyModelConfig:
     num_layers: int = 2
     """Number of transformer blocks."""
     num_heads: int = 4
-    """Attention heads per block (head size H / num_heads)."""
+    """Attention heads per block (each of width H / heads)."""
     intermediate_size: int = 256
     """Width of the SwiGLU MLP."""
     max_positions: int = 64
-    """Longest sequence (prompt + completion) the model accepts."""
+    """Longest sequence the model accepts, prompt and completion together, in tokens."""
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -26,6 +26,7 @@ an exception inside a step first saves the last completed step, then propagates.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 
 from drgrpo.distributed import any_process, global_group_advantages, init_processes, shutdown
+from drgrpo.loss import compute_dtype
 from drgrpo.train.checkpoint import (
     clean_stale,
     config_state,
@@ -46,7 +48,8 @@ from drgrpo.train.config import TrainConfig
 from drgrpo.train.data import RewardError, Rewards, load_examples, prompts_for_step, score
 from drgrpo.train.evaluation import held_out_metrics
 from drgrpo.train.metrics import MetricsLog, step_metrics
-from drgrpo.train.model import initial_policy_dir, load_train_state
+from drgrpo.train.model import check_local_code, initial_policy_dir, load_train_state
+from drgrpo.train.preflight import check_device, check_output_dir, check_tensorboard, prompt_check
 from drgrpo.train.progress import ProgressBar, StopOnSignal
 from drgrpo.train.rollout import generate, prompt_texts
 from drgrpo.train.seeds import seed_step
@@ -54,7 +57,11 @@ from drgrpo.train.update import TrainState, policy_update
 from drgrpo.train.warmstart import warm_start
 
 COLLECTIVE_FAILURES = (RewardError, FloatingPointError)
-"""Errors every process raises at the same point (rewards are agreed on, gradient norms are shared)."""
+"""Errors every process raises at the same point (rewards are agreed on, gradient norms and weights are shared)."""
+
+FAILED_STEP = "drgrpo_failed_step"
+"""Attribute :func:`train` sets on an exception raised after the set-up: the step that failed (the CLI exits with
+code 1 for these, code 2 for a configuration error found before any work)."""
 
 
 @dataclass
@@ -84,11 +91,21 @@ def train(config: TrainConfig) -> TrainResult:
     started = time.perf_counter()
 
     # ---------------------------------------------------------------------------- set-up: errors before any work
+    config.check_trainable()  # --dtype float16
     loss_config = config.loss_config()  # unknown preset or bad override: a ValueError listing the valid ones
     rewards = Rewards.from_specs(config.rewards, config.reward_weights)  # import errors now, not at step 1
-    train_examples, eval_examples = load_examples(config.dataset, config.eval_dataset, config.prompt_field, config.task)
     resume_from = find_checkpoint(config.resume) if config.resume else None
     model_dir = resolve_model_dir(config.model) if config.model else None
+    weights_dir = resume_from or model_dir
+    if weights_dir is not None:
+        check_local_code(weights_dir)  # a model that needs its own Python code is refused, never run
+    check = prompt_check(weights_dir, config) if config.dataset or config.eval_dataset else None  # empty, too long
+    train_examples, eval_examples = load_examples(
+        config.dataset, config.eval_dataset, config.prompt_field, config.task, check
+    )
+    check_device(config.device)
+    check_tensorboard(config.tensorboard)
+    check_output_dir(config.output_dir)  # a file, or not writable
     config.apply_torch_settings()  # deterministic algorithms, threads
     procs = init_processes(config.device)  # rank, world size, device; starts the process group under torchrun
     config.check_world_size(procs.world)
@@ -107,6 +124,10 @@ def train(config: TrainConfig) -> TrainResult:
     log = MetricsLog(out_dir, procs.rank, result.step if resume_from else None, config.tensorboard)
     progress = ProgressBar(config.progress and procs.rank == 0, config.steps, result.step)
     G = config.group_size
+    adv_dtype = compute_dtype(getattr(torch, config.dtype))  # the loss's arithmetic: float32
+    # a reward up to half the dtype's largest value keeps every advantage (at most max - min) finite in it
+    reward_limit = torch.finfo(adv_dtype).max / 2
+    adv_device = procs.device if procs.device.type != "mps" else torch.device("cpu")  # mps has no float64
 
     def evaluate(step: int) -> None:
         if eval_examples and config.eval_every:
@@ -137,18 +158,20 @@ def train(config: TrainConfig) -> TrainResult:
                 # (B = len(prompts) * G rows, prompt j's completions in rows j*G .. j*G + G - 1)
 
                 # ---------------------------------------------------------------- reward
-                totals, firsts = score(rewards, batch.texts, repeat(examples, G), repeat(idx, G))  # B floats each
+                totals, firsts = score(rewards, batch.texts, repeat(examples, G), repeat(idx, G), reward_limit)
 
                 # ---------------------------------------------------------------- advantages
-                # Dr. GRPO: A_i = r_i - mean_group(r), no std division (the preset's advantage_std = "none")
-                advantages = global_group_advantages(torch.tensor(totals, device=procs.device), G, loss_config)  # (B,)
+                # Dr. GRPO: A_i = r_i - mean_group(r), no std division (the preset's advantage_std = "none"),
+                # from the float64 rewards (1e8 + r has the advantages of r), then in the loss's dtype
+                rewards64 = torch.tensor(totals, dtype=torch.float64, device=adv_device)  # (B,)
+                advantages = global_group_advantages(rewards64, G, loss_config).to(procs.device, adv_dtype)  # (B,)
 
                 # ---------------------------------------------------------------- policy update
                 update = policy_update(state, batch, advantages, loss_config, config, step)
 
                 # ---------------------------------------------------------------- log
                 result.step, result.last_metrics = step, step_metrics(
-                    step, batch, totals, firsts, update, config, procs, state.ref_model is not None,
+                    step, batch, totals, firsts, advantages, update, config, procs, state.ref_model is not None,
                     seconds=time.perf_counter() - step_started, elapsed=time.perf_counter() - started,
                 )  # fmt: skip
                 log(result.last_metrics)
@@ -167,6 +190,8 @@ def train(config: TrainConfig) -> TrainResult:
                     progress.print(f"stopped by a signal at step {step}; checkpoint {result.checkpoint}")
                     break
     except Exception as exc:
+        with contextlib.suppress(AttributeError):  # (an exception class with __slots__ takes no attribute)
+            setattr(exc, FAILED_STEP, result.step + 1)  # a failure during the work, not a configuration error
         save_after_failure(exc, state, result, save)
         raise
     finally:
@@ -191,10 +216,9 @@ def save_after_failure(exc: Exception, state: TrainState, result: TrainResult, s
     all raised (:data:`COLLECTIVE_FAILURES`); after an error of one process only, rank 0 writes alone.
     """
     where = f"step {result.step + 1} failed ({type(exc).__name__})"
-    if state.step is None:
-        print(
-            f"drgrpo: {where} while updating the weights; the last checkpoint is {result.checkpoint}", file=sys.stderr
-        )
+    if state.step is None:  # the weights may be half-updated or non-finite: never saved
+        last = f"the last checkpoint is {result.checkpoint}" if result.checkpoint else "no checkpoint was written yet"
+        print(f"drgrpo: {where} while updating the weights (not saved); {last}", file=sys.stderr)
         return
     if state.step > result.checkpoint_step:  # the same decision on every process: all save, or none
         # after an error of one process only, the others may wait elsewhere: rank 0 writes, no barrier

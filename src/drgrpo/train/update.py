@@ -96,7 +96,8 @@ def policy_update(
     Raises:
         ValueError: for ``beta > 0`` without a reference model.
         FloatingPointError: when the gradient norm is not finite (checked before the optimizer step, on the
-            gradients all processes share, so every process raises at the same point).
+            gradients all processes share, so every process raises at the same point), or when the optimizer step
+            made a weight non-finite (:func:`check_finite_weights`; ``state.step`` is then left None).
     """
     if loss_config.beta > 0 and state.ref_model is None:
         raise ValueError(f"loss beta={loss_config.beta} > 0 needs a reference model (state.ref_model is None)")
@@ -141,8 +142,30 @@ def policy_update(
             )
         state.step = None  # the parameters change from here until the step is complete
         state.optimizer.step()
+        check_finite_weights(state.model, step, stats.grad_norm, config)  # never a non-finite checkpoint
     state.step = step
     return stats
+
+
+def check_finite_weights(model: Any, step: int, grad_norm: float, config: Any) -> None:
+    """Raise FloatingPointError when an optimizer step left a NaN or an infinity in the weights.
+
+    The largest magnitude of each parameter tensor (one multi-tensor ``_foreach_norm(ord=inf)``, as
+    ``clip_grad_norm_`` uses; NaN and infinity reach it, a finite maximum never overflows), read once: a pass
+    over the weights and one device sync per optimizer step (on a GPU the sync waits for the step to finish).
+    ``state.step`` stays None on this error, so the failure path saves nothing of the step: the last checkpoint
+    stays the last good one. Every process holds the same weights after a step, so all raise together.
+    """
+    params = [p.detach() for p in model.parameters() if p.is_floating_point()]
+    if not params or bool(torch.stack(torch._foreach_norm(params, math.inf)).isfinite().all()):
+        return
+    bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    raise FloatingPointError(
+        f"step {step}: the optimizer step made the weights non-finite ({names}) from a finite gradient (norm "
+        f"{grad_norm:.3g}): the learning rate is too large for the weights' dtype (--lr {config.lr}, --dtype "
+        f"{config.dtype}); lower --lr, add --warmup-steps or train in float32. The weights of this step are not saved"
+    )
 
 
 def micro_batch_loss(
@@ -175,6 +198,7 @@ def micro_batch_loss(
             bias=bias,
             temperature=config.temperature,
             normalizer=normalizer,
+            validate=False,
         )
     logp = token_logp(state.policy, mb, config.temperature)  # (b, T)
     return policy_loss(

@@ -1,0 +1,144 @@
+"""Checks before any work: what a run can find wrong before it builds, loads or trains anything.
+
+Each check raises a ValueError that names the flag or the file, what it found and what was expected;
+``drgrpo train`` prints it on one line and exits with code 2, before the warm start. The numeric flags are
+checked earlier still, by the configuration dataclasses themselves (:mod:`drgrpo.train.config`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from drgrpo.train.model import context_length, load_tokenizer
+from drgrpo.train.rollout import prompt_texts
+
+
+def check_output_dir(path: str | Path) -> None:
+    """Create the output directory if needed and make sure this process can write into it.
+
+    Raises ValueError when ``path`` (or a parent) is a file, or when the directory cannot be created or
+    written (permissions, a read-only file system).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output-dir {str(path)!r} is a file; expected a directory (created if missing)")
+    probe = path / f".drgrpo_write_test_{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ValueError(
+            f"--output-dir {str(path)!r} cannot be written ({reason}); expected a directory this user can write"
+        ) from None
+
+
+def check_device(device: str) -> None:
+    """``device`` names a torch device that exists here (``cuda`` needs a CUDA build and a visible GPU)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a torch device; expected cpu, cuda, cuda:1, mps, ...") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"--device {device}: CUDA is not available ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        return
+    backend = getattr(torch, dev.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise ValueError(f"--device {device}: the {dev.type} backend is not available here; use --device cpu")
+
+
+def check_tensorboard(enabled: bool) -> None:
+    """With ``--tensorboard``, the tensorboard package must be importable."""
+    if not enabled:
+        return
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "--tensorboard needs the tensorboard package (pip install tensorboard); without it, leave out "
+            "--tensorboard: metrics.jsonl holds every value"
+        ) from None
+
+
+CHARS_PER_TOKEN = 64
+"""A prompt longer than this many characters per token of room is measured on a prefix only: the tokens of its
+first ``CHARS_PER_TOKEN * room`` characters. No tokenizer packs more characters into a token on ordinary text, so a
+huge prompt is refused after tokenizing a bounded prefix, never the whole of it."""
+
+
+@dataclass(frozen=True)
+class PromptCheck:
+    """Whether a dataset prompt fits the model: ``check(prompt)`` returns what is wrong with it, or None.
+
+    A prompt is templated and tokenized as the rollout does it (:func:`drgrpo.train.rollout.generate`); it must have
+    at least one token, and its tokens plus ``max_new_tokens`` must fit the model's ``context`` (prompt and completion
+    share the position embeddings). :func:`drgrpo.train.data.load_jsonl` adds the file and the line.
+    """
+
+    tokenizer: Any
+    """The policy's tokenizer (with its chat template, if any)."""
+    context: int | None
+    """The model's context in tokens (max_position_embeddings); None: unknown, only emptiness is checked."""
+    max_new_tokens: int
+    """The generation budget of every completion (--max-new-tokens)."""
+    source: str = "the model's config"
+    """Where ``context`` comes from, for the message."""
+
+    def __post_init__(self) -> None:
+        if self.context is not None and self.max_new_tokens >= self.context:
+            raise ValueError(
+                f"--max-new-tokens {self.max_new_tokens} leaves no room for a prompt in the model's context of "
+                f"{self.context:,} tokens ({self.source})"
+            )
+
+    def __call__(self, prompt: str | list[dict[str, Any]]) -> str | None:
+        try:
+            text = prompt_texts([prompt], self.tokenizer)[0]
+        except ValueError as exc:  # chat messages without a chat template
+            return str(exc)
+        except Exception as exc:  # the template itself failed on these messages
+            return f"the chat template fails on this prompt ({type(exc).__name__}: {exc})"
+        room = None if self.context is None else self.context - self.max_new_tokens
+        chat = bool(getattr(self.tokenizer, "chat_template", None))
+        cap = None if room is None else CHARS_PER_TOKEN * room
+        partial = cap is not None and len(text) > cap
+        ids = self.tokenizer(text[:cap] if partial else text, add_special_tokens=not chat)["input_ids"]
+        if partial and room is not None and len(ids) <= room:  # over 64 characters a token: the whole prompt decides
+            partial, ids = False, self.tokenizer(text, add_special_tokens=not chat)["input_ids"]
+        if not ids:
+            return "the prompt has no tokens (empty after tokenization)"
+        if room is None or len(ids) <= room:
+            return None
+        size = f"at least {len(ids):,} tokens (in its first {cap:,} characters)" if partial else f"{len(ids):,} tokens"
+        return (
+            f"the prompt is {size}, more than the model's context leaves for it: {self.context:,} tokens "
+            f"({self.source}) minus --max-new-tokens {self.max_new_tokens} is {room:,}; shorten the prompt or lower "
+            "--max-new-tokens"
+        )
+
+
+def prompt_check(weights_dir: Path | None, config: Any, tokenizer: Any = None) -> PromptCheck:
+    """The :class:`PromptCheck` of a run's policy: the tokenizer (``tokenizer`` when already loaded) and context of
+    ``weights_dir`` (a model or checkpoint directory), or of the built-in tiny model when None (its tokenizer,
+    ``--tiny-max-positions``)."""
+    if weights_dir is None:
+        from drgrpo.train.tiny import build_tokenizer
+
+        positions = config.warm_start.model.max_positions
+        return PromptCheck(build_tokenizer(), positions, config.max_new_tokens, "--tiny-max-positions")
+    source = f"max_position_embeddings in {weights_dir / 'config.json'}"
+    tokenizer = load_tokenizer(weights_dir) if tokenizer is None else tokenizer
+    return PromptCheck(tokenizer, context_length(weights_dir), config.max_new_tokens, source)

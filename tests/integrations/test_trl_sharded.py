@@ -1,0 +1,122 @@
+"""``DrGRPOTrainer.train()`` with the model sharded over two gloo processes on a CPU: FSDP2 and DeepSpeed ZeRO-3.
+
+As in ``test_trl_ddp``, each rank generates its share of the rows, accumulates its K micro-batches and the
+sharding engine averages the gradients; the gradient of the first optimizer step, gathered from the shards,
+must equal the single-process gradient of the whole step's rows (``trl_harness.whole_batch_of_ranks``). How
+each engine is set up on a CPU, and why not through accelerate's FSDP plugin, is in ``sharding.py``; each run
+also records that its parameters really were sharded and in what state the loss found ``lm_head``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+import trl_harness as h
+
+TOL = 1e-5  # relative, float32 (measured 2e-7 to 3e-7)
+PER_DEVICE = 2  # completions per process per micro-step
+FREE_HEAD = {"lm_head": "free_full_weight"}  # FSDP2 plan: lm_head a group of its own, resharded after its forward
+
+
+def check(job: dict, records: list[dict], model_dir: Path) -> float:
+    """The job's first step on both ranks against the whole batch; returns the largest relative difference."""
+    k = job["k"]
+    loss, grads, rollout = h.whole_batch_of_ranks(records, h.preset_config(job["loss_config"]), model_dir, k)
+    assert rollout.mask.shape[0] == 2 * PER_DEVICE * k  # both processes' rows
+    assert int(rollout.mask.sum(1).min()) < int(rollout.mask.sum(1).max())  # ragged: the counts matter
+    worst = 0.0
+    for rank, r in enumerate(records):
+        diff = h.relative_difference(r["grads"][0], grads)
+        assert diff <= TOL, f"{job}: rank {rank} gradient differs from the whole batch's by {diff:.3g}"
+        worst = max(worst, diff)
+    # each process's losses are its share times P: their sum over both processes is twice the whole loss
+    total = sum(float(x) for r in records for x in r["losses"][:k])
+    assert abs(total - 2 * float(loss)) <= TOL * max(1.0, abs(float(loss)))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sharded")
+    return {"tied": h.save_tiny_model(root / "tied"), "untied": h.save_tiny_model(root / "untied", tied=False)}
+
+
+@pytest.mark.slow
+def test_fsdp2_gives_the_whole_batch_gradient(models: dict[str, Path], tmp_path: Path) -> None:
+    common = {"trainer": "drgrpo", "per_device": PER_DEVICE}
+    jobs = [
+        # the fused loss, lm_head sharded when the loss needs it (the adapter gathers it through its group)
+        {**common, "loss_config": "dr_grpo", "k": 2, "spg": 2, "fused": True, "fsdp2": FREE_HEAD, "model": "untied"},
+        # the fused loss, transformers' own plan (lm_head kept gathered; tied to the embedding), KL to a reference
+        {**common, "loss_config": "grpo", "k": 2, "spg": 4, "fused": True, "fsdp2": {}, "model": "tied"},
+        # the logits path (TRL's head) with lm_head sharded
+        {**common, "loss_config": "dapo", "k": 2, "spg": 1, "fused": False, "fsdp2": FREE_HEAD, "model": "untied"},
+    ]
+    # The check can fail: stock TRL's head takes lm_head.weight.full_tensor(), whose gradient is each
+    # process's own, never averaged (K = 1: TRL's per-micro-batch dr_grpo is then the whole step's).
+    stock = {"trainer": "stock", "loss_type": "dr_grpo", "k": 1, "spg": 1}
+    jobs.append({**stock, "per_device": PER_DEVICE, "fsdp2": FREE_HEAD, "model": "untied"})
+    ranks = run(jobs, models, tmp_path)
+
+    worst = 0.0
+    for j, job in enumerate(jobs[:3]):
+        records = [r[j] for r in ranks]
+        for r in records:  # every parameter a DTensor holding half the rows
+            assert r["layout"]["dtensor"] == r["layout"]["params"] > 0, r["layout"]
+        head = {state.split(" ")[0] for r in records for state in r["head"]}
+        assert head == ({"DTensor"} if job["fsdp2"] == FREE_HEAD else {"full"}), (job, head)
+        worst = max(worst, check(job, records, models[job["model"]]))
+
+    records = [r[3] for r in ranks]
+    _, grads, _ = h.whole_batch_of_ranks(records, h.preset_config("trl.dr_grpo"), models["untied"], 1)
+    rest = {n: g for n, g in grads.items() if n != "lm_head.weight"}
+    assert h.relative_difference(records[0]["grads"][0], rest) <= TOL  # the backbone is right...
+    head_diff = h.relative_difference(records[0]["grads"][0], {"lm_head.weight": grads["lm_head.weight"]})
+    assert head_diff > 0.1  # ...lm_head's gradient is not averaged over the processes
+    print(f"FSDP2, P = 2: largest relative difference {worst:.3g}; stock TRL's lm_head gradient {head_diff:.3g}")
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_gives_the_whole_batch_gradient(models: dict[str, Path], tmp_path: Path) -> None:
+    if importlib.util.find_spec("deepspeed") is None:  # CI installs it: a missing DeepSpeed fails, not skips
+        pytest.fail("DeepSpeed is not installed: bash scripts/setup.sh train,trl,peers,dev,verl,deepspeed")
+    common = {"trainer": "drgrpo", "per_device": PER_DEVICE, "zero3": True}
+    jobs = [
+        # the fused loss: lm_head's own ZeRO-3 partition is gathered for it (maybe_gather_lm_head_ctx)
+        {**common, "loss_config": "dr_grpo", "k": 2, "spg": 2, "fused": True, "model": "untied"},
+        # the logits path, KL to a reference model (TRL builds it as a ZeRO-3 inference engine)
+        {**common, "loss_config": "grpo", "k": 2, "spg": 1, "fused": False, "model": "untied"},
+    ]
+    ranks = run(jobs, models, tmp_path)
+    worst = 0.0
+    for j, job in enumerate(jobs):
+        records = [r[j] for r in ranks]
+        for r in records:  # every parameter partitioned: each process holds part of it
+            assert r["layout"]["zero3"] == r["layout"]["params"] > 0, r["layout"]
+        if job["fused"]:  # (later calls find it gathered: ZeRO-3 fetches it with the root module from then on)
+            assert all(r["head"][0].startswith("ZeRO-3 partition") for r in records), records[0]["head"]
+        worst = max(worst, check(job, records, models[job["model"]]))
+    print(f"DeepSpeed ZeRO-3, P = 2: largest relative difference from the whole batch {worst:.3g}")
+
+
+def run(jobs: list[dict], models: dict[str, Path], tmp_path: Path) -> list[list[dict]]:
+    """``trl_harness.run_ranks`` with each job's model directory taken from ``models``."""
+    jobs = [{**{k: v for k, v in job.items() if k != "model"}, "model_dir": str(models[job["model"]])} for job in jobs]
+    return h.run_ranks(jobs, models["tied"], 2, tmp_path / "ranks")
+
+
+def test_a_sharded_head_that_no_fsdp_group_gathers_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DTensor lm_head outside any fully_shard group: an error, not a gradient that is never averaged."""
+    import drgrpo.integrations.trl as adapter
+
+    head = torch.nn.Linear(4, 3, bias=False)
+    monkeypatch.setattr(adapter, "_is_dtensor", lambda x: x is head.weight)  # as if sharded, by no FSDP group
+    with pytest.raises(ValueError, match=r"lm_head.s full weight .* DTensor .* no fully_shard group"):
+        adapter._unshard_fsdp2_head(torch.nn.Sequential(head), head)
+    adapter._unshard_fsdp2_head(torch.nn.Sequential(torch.nn.Linear(4, 3)), torch.nn.Linear(4, 3))  # plain: nothing

@@ -1,0 +1,247 @@
+"""Exit codes of ``drgrpo train`` as docs/faults.md and the README state them: one test per row of the table.
+
+2: a configuration error, one line, before any work (no warm start, nothing written but an existing output
+directory); 1: a step failed, after the last completed step was saved (never non-finite weights). Exit 0 and
+130 are tested in test_cli.py (test_cli_smoke_train_eval_plot, test_sigterm_saves_a_checkpoint_and_resume_continues).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import ENV, TINY
+from test_faults import poison_weights_at
+
+from drgrpo.train.checkpoint import find_checkpoint, read_state
+from drgrpo.train.cli import main
+
+QUICK = ["--steps", "4", "--eval-every", "0", "--checkpoint-every", "1"]
+
+
+def error_line(capsys: pytest.CaptureFixture, *argv: str) -> str:
+    """Run ``drgrpo ARGV`` expecting a configuration error: exit 2 and one line on stderr, which is returned."""
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"drgrpo {argv[0]}: error: "), err
+    return lines[0]
+
+
+def refused(capsys: pytest.CaptureFixture, out: Path, *args: str) -> str:
+    """``drgrpo train`` with the tiny settings refused before any work: returns the error line."""
+    line = error_line(capsys, "train", "--output-dir", str(out), *TINY, *args)
+    assert not (out / "warm_start").exists() and not (out / "metrics.jsonl").exists()  # before any work
+    return line
+
+
+# --------------------------------------------------------------------------- 2: configuration errors
+
+
+def test_output_directory_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.write_text("notes\n")
+    line = refused(capsys, out, "--steps", "1")
+    assert f"--output-dir '{out}' is a file; expected a directory" in line
+    assert out.read_text() == "notes\n"  # left as it was
+
+
+def test_output_directory_is_a_file_in_a_real_process(tmp_path: Path) -> None:
+    # the same row through `python -m drgrpo`: the process's exit code, one line, no traceback
+    out = tmp_path / "out"
+    out.write_text("")
+    p = subprocess.run(
+        [sys.executable, "-m", "drgrpo", "train", "--output-dir", str(out)],
+        capture_output=True, text=True, timeout=300, env=ENV,
+    )  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines() == [
+        f"drgrpo train: error: --output-dir '{out}' is a file; expected a directory (created if missing)"
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory (chmod does not stop it)")
+def test_read_only_output_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        line = refused(capsys, parent / "run", "--steps", "1")
+    finally:
+        parent.chmod(0o755)
+    assert f"--output-dir '{parent / 'run'}' cannot be written (Permission denied)" in line
+
+
+def test_read_only_file_system_output_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # runs as root too: the file system refuses the output directory (EROFS injected where it is created)
+    out = tmp_path / "ro" / "run"
+    real = pathlib.Path.mkdir
+
+    def read_only(self: Path, *args, **kwargs) -> None:
+        if self == out:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    line = refused(capsys, out, "--steps", "1")
+    assert f"--output-dir '{out}' cannot be written (Read-only file system)" in line
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_device_cuda_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    line = refused(capsys, tmp_path / "out", "--device", "cuda")
+    assert "--device cuda: CUDA is not available" in line and "use --device cpu" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_that_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    line = refused(capsys, tmp_path / "out", "--device", "gpu0")
+    assert "--device 'gpu0' is not a torch device" in line
+
+
+def test_tensorboard_without_its_package(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as without the package
+    line = refused(capsys, tmp_path / "out", "--tensorboard")
+    assert "--tensorboard needs the tensorboard package (pip install tensorboard)" in line
+
+
+def test_reward_weights_nan(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    line = refused(capsys, tmp_path / "out", "--reward-weights", "nan")
+    assert line.endswith("--reward-weights must be a finite number, got nan")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--weight-decay", "--warm-start-lr", "--temperature", "--top-p"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_numbers_before_the_warm_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, value: str
+) -> None:
+    line = refused(capsys, tmp_path / "out", flag, value)
+    assert line.endswith(f"{flag} must be a finite number, got {value}")
+    assert not (tmp_path / "out").exists()  # the warm start would have made out/warm_start
+
+
+def test_eval_size_zero_with_evaluation_on(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    line = refused(capsys, tmp_path / "out", "--eval-size", "0", "--eval-every", "5")
+    assert "--eval-size 0 with --eval-every 5 would evaluate no prompt" in line
+    assert line.endswith("to turn evaluation off, set --eval-every 0")
+
+
+@pytest.mark.parametrize(("value", "shown"), [("-1", "-1.0"), ("nan", "nan"), ("inf", "inf")])
+def test_grad_clip_negative_or_not_finite(tmp_path: Path, capsys: pytest.CaptureFixture, value: str, shown: str):
+    line = refused(capsys, tmp_path / "out", "--grad-clip", value)
+    assert "--grad-clip must be" in line and line.endswith(f"got {shown}")
+    if value == "-1":
+        assert "(0 turns clipping off)" in line
+
+
+@pytest.mark.parametrize(("value", "shown"), [("nan", "nan"), ("-0.5", "-0.5")])
+def test_eval_temperature_nan_or_negative(tmp_path: Path, capsys: pytest.CaptureFixture, value: str, shown: str):
+    line = refused(capsys, tmp_path / "out", "--eval-temperature", value)
+    assert "--eval-temperature must be" in line and line.endswith(f"got {shown}")
+
+
+def test_dtype_float16(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    line = refused(capsys, tmp_path / "out", "--dtype", "float16")
+    assert "--dtype float16 cannot train" in line and "use --dtype bfloat16" in line
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- 1: a failed step
+
+BAD_AT_STEP_3 = """
+import math
+from drgrpo.train.task import exact_match
+
+CALLS = [0]
+
+
+def reward(completion, example):
+    CALLS[0] += 1
+    if CALLS[0] == 2 * 16 + 6:  # 16 completions a step: the 6th of step 3 (row 5 of its batch)
+        return VALUE
+    return exact_match(completion, example)
+"""
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("'yes'", "returned 'yes' (str), expected a float,"),
+        ("None", "returned None (NoneType), expected a float,"),
+        ("math.nan", "returned nan (not finite)"),
+        ("10 ** 400", "returned 100000000000000000...0000000000000000000 (int), too large for a float,"),
+        ("1e39", "returned 1e+39, beyond 1.7e+38, the largest reward whose advantages the loss's dtype holds"),
+    ],
+)
+def test_a_bad_reward_value_at_step_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, value: str, message: str
+) -> None:
+    name = f"bad_reward_{abs(hash(value))}"
+    (tmp_path / f"{name}.py").write_text(BAD_AT_STEP_3.replace("VALUE", value))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    code = main(["train", "--output-dir", str(run), *TINY, *QUICK, "--reward", f"{name}:reward"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert f"drgrpo train: error: RewardError: reward {name}:reward {message}" in err
+    assert "completion 5 of the batch" in err  # which completion, and on which example
+    assert "on example #" in err
+    assert "step 3 failed (RewardError); the last completed step is saved in" in err
+    assert read_state(find_checkpoint(run))["step"] == 2
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_non_finite_weights_after_the_optimizer_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the first RL optimizer step leaves a NaN in a weight (fault injection): step 1 fails before anything is
+    # saved (no checkpoint, no latest) and the message names the weights, --lr and --dtype
+    poison_weights_at(monkeypatch, 1)
+    run = tmp_path / "run"
+    code = main(["train", "--output-dir", str(run), *TINY, *QUICK])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "FloatingPointError: step 1: the optimizer step made the weights non-finite (model." in err
+    assert "(--lr 0.01, --dtype float32); lower --lr" in err
+    assert "step 1 failed (FloatingPointError) while updating the weights (not saved)" in err
+    assert "no checkpoint was written yet" in err
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+    assert (run / "metrics.jsonl").read_text() == ""  # no step was completed
+
+
+def test_any_other_error_in_a_step_is_a_failure(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a ValueError raised inside a step (here injected into the rollout of step 3) is not a configuration error:
+    # exit 1 with its traceback, after saving the last completed step
+    import drgrpo.train.trainer as trainer
+
+    real, calls = trainer.generate, []
+
+    def fail_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("injected: a rollout that fails")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "generate", fail_at_step_3)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="injected") as info:  # python -m drgrpo: the traceback, exit code 1
+        main(["train", "--output-dir", str(run), *TINY, *QUICK, "--checkpoint-every", "0"])
+    assert getattr(info.value, trainer.FAILED_STEP) == 3
+    assert "step 3 failed (ValueError); the last completed step is saved in" in capsys.readouterr().err
+    assert read_state(find_checkpoint(run))["step"] == 2  # saved by the failure path (no scheduled checkpoint)

@@ -1,0 +1,270 @@
+"""Help and errors written for people: flags named as flags, no docstring markup or Python values.
+
+The scan reads the help of ``drgrpo`` and of each sub-command and looks for what code-facing text leaks:
+RST/Sphinx markup (double backquotes, roles such as :func:), the Python spellings of values (None, True,
+False, [], ()), the names of configuration fields (``eval_size``) where a flag (--eval-size) is meant, two
+defaults for one flag, flags without help, and flags named in a help string that the command does not have.
+The oracle is the list of field names, read from the dataclasses here, not from the help builder.
+Configuration errors are checked word for word (hand-written expected lines): on the command line they
+name flags, from Python the fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from drgrpo.config import LossConfig, preset_names
+from drgrpo.field_error import FieldError
+from drgrpo.train import cli
+from drgrpo.train.cli import build_parser, main
+from drgrpo.train.compare import CompareConfig
+from drgrpo.train.config import EvalConfig, TrainConfig, WarmStartConfig
+from drgrpo.train.task import TaskConfig
+from drgrpo.train.tiny import TinyModelConfig
+
+COMMANDS = ("train", "eval", "compare", "plot")
+CONFIGS = (TrainConfig, WarmStartConfig, TinyModelConfig, TaskConfig, LossConfig, EvalConfig, CompareConfig)
+FIELD_NAMES = sorted({f.name for cls in CONFIGS for f in dataclasses.fields(cls) if "_" in f.name})
+"""Field names that cannot be mistaken for a word: the ones with an underscore (eval_size, clip_high, ...)."""
+
+MARKUP = re.compile(r"``|`|:(?:func|class|mod|attr|meth|data|obj|ref|doc|py):")
+PYTHON_VALUES = re.compile(r"\bNone\b|\bTrue\b|\bFalse\b|\[\]|\(\)")
+FIELD = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, FIELD_NAMES)) + r")(?![\w/-])")
+FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
+
+
+def subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]  # type: ignore[no-any-return]
+    raise AssertionError(f"no sub-command {name}")
+
+
+def help_pages() -> dict[str, tuple[argparse.ArgumentParser, str]]:
+    parser = build_parser()
+    pages = {"drgrpo": (parser, parser.format_help())}
+    for name in COMMANDS:
+        sub = subparser(parser, name)
+        pages[name] = (sub, sub.format_help())
+    return pages
+
+
+def problems(text: str) -> list[str]:
+    """What a help text or an error message must not contain, each found instance named."""
+    found = [f"markup {m.group(0)!r}" for m in MARKUP.finditer(text)]
+    found += [f"Python value {m.group(0)!r}" for m in PYTHON_VALUES.finditer(text)]
+    found += [f"field name {m.group(1)!r} (a flag is meant)" for m in FIELD.finditer(text)]
+    found += [f"class-qualified field {m.group(0)!r}" for m in re.finditer(r"\b[A-Z]\w*Config\.\w+", text)]
+    return found
+
+
+def test_the_scan_finds_what_it_looks_for():
+    # the scanner's own oracle: hand-written bad and good lines
+    bad = (
+        "Operands in ``0..max_operand``; see :func:`drgrpo.x`. (default: None) (default: []) eval_size "
+        "TrainConfig.dtype must be"
+    )
+    assert problems(bad) == [
+        "markup '``'",
+        "markup '``'",
+        "markup ':func:'",
+        "markup '`'",
+        "markup '`'",
+        "Python value 'None'",
+        "Python value '[]'",
+        "field name 'max_operand' (a flag is meant)",
+        "field name 'eval_size' (a flag is meant)",
+        "class-qualified field 'TrainConfig.dtype'",
+    ]
+    good = "Held-out prompts per evaluation (--eval-size); presets dr_grpo, low_var_kl; none: off (default: on)"
+    assert problems(good) == []
+
+
+@pytest.mark.parametrize("page", ["drgrpo", *COMMANDS])
+def test_help_has_no_markup_python_values_or_field_names(page: str):
+    _, text = help_pages()[page]
+    found = problems(text)
+    assert found == [], f"drgrpo {page} --help shows {len(found)} problem(s): {found}"
+
+
+@pytest.mark.parametrize("page", COMMANDS)
+def test_every_flag_has_help_one_default_and_names_only_real_flags(page: str):
+    parser, _ = help_pages()[page]
+    have = {opt[2:] for action in parser._actions for opt in action.option_strings if opt.startswith("--")}
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            continue
+        name = action.option_strings[-1] if action.option_strings else action.dest
+        text = " ".join((action.help or "").split())
+        assert text, f"drgrpo {page} {name} has no help"
+        assert text.count("(default") <= 1, f"drgrpo {page} {name} shows two defaults: {text}"
+        assert text[0].isupper(), f"drgrpo {page} {name}: help should read as a sentence: {text}"
+        for flag in FLAG.findall(text):
+            assert flag in have, f"drgrpo {page} {name} names --{flag}, which drgrpo {page} does not have"
+
+
+def test_booleans_show_on_or_off():
+    parser, _ = help_pages()["train"]
+    helps = {opt: " ".join((a.help or "").split()) for a in parser._actions for opt in a.option_strings}
+    assert helps["--fused"].endswith("(default: off)")
+    assert helps["--ref-kl"].endswith("(default: on)")
+    # --reward-weights used to show "(default 1 each) ... (default: [])"; an unset default is said in words
+    assert helps["--reward-weights"].endswith("Not set: 1 for each.")
+
+
+def test_eval_usage_shows_model_as_required():
+    _, text = help_pages()["eval"]
+    usage = " ".join(text.split("\n\n")[0].split())
+    assert "--model MODEL" in usage and "[--model MODEL]" not in usage, usage
+
+
+def test_compare_help_describes_the_flags_it_has():
+    parser, text = help_pages()["compare"]
+    flat = " ".join(text.split())
+    have = {opt for action in parser._actions for opt in action.option_strings}
+    assert {"--losses", "--seeds", "--beta"} <= have
+    assert not {"--loss", "--seed", "--resume", "--progress"} & have
+    assert "Every flag of drgrpo train applies" not in flat
+    # the description says what replaces each train flag compare does not have
+    for absent, instead in (("--loss", "--losses"), ("--seed", "--seeds")):
+        assert f"{absent} " in flat and instead in flat, (absent, instead)
+    assert "--resume" in flat
+
+
+def test_help_quotes_no_run_time():
+    # the README quotes the measured time of the default run; --help must not quote a different figure
+    for page, (_, text) in help_pages().items():
+        flat = " ".join(text.split())
+        assert not re.search(r"\b(about|takes|in) \d+(\.\d+)? ?(s|seconds|minutes?|min)\b", flat), (page, flat)
+
+
+def test_version_prints_the_installed_package_version():
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    expected = pyproject["project"]["version"]
+    assert importlib.metadata.version("drgrpo") == expected  # the editable install of this tree
+    p = subprocess.run([sys.executable, "-m", "drgrpo", "--version"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"drgrpo {expected}"
+
+
+# ----------------------------------------------------------------------------- error messages
+
+PRESETS = ", ".join(preset_names())
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--eval-size", "-1"], "--eval-size must be >= 0, got -1"),
+        (["train", "--steps", "0"], "--steps must be a positive integer, got 0"),
+        (["train", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+        (
+            ["train", "--reward", "a:b", "--reward-weights", "1", "2"],
+            "--reward-weights has 2 weight(s) for 1 reward(s); give one weight per reward",
+        ),
+        (["train", "--loss", "nope"], f"--loss: unknown preset 'nope'; valid presets: {PRESETS}"),
+        (["train", "--clip-high", "0"], "--clip-high must be positive, got 0.0"),
+        (["train", "--delta", "1.1"], "--delta must be > 1 + --clip-high = 1.2, got 1.1"),
+        (["train", "--clip-low", "none"], "--clip-low none (no lower clip) needs --surrogate 'cispo', got 'ppo'"),
+        (["train", "--std-eps", "inf"], "--std-eps must be finite, got inf"),
+        (["train", "--task-max-operand", "0"], "--task-max-operand must be >= 1, got 0"),
+        (
+            ["train", "--task-answer-noise", "0.95"],
+            "--task-answer-noise must be in [0, 0.9) for --task-noise-kind 'digit' (the right answer must stay the "
+            "most likely one), got 0.95",
+        ),
+        (
+            ["train", "--forced-aggregation", "token-mean", "--beta", "0.1"],
+            "--forced-aggregation 'token-mean' differs from --aggregation 'seq-mean-token-sum-norm' while --beta is "
+            "0.1: the peer (verl's sapo) aggregates its surrogate term one way and its KL term the other, but drgrpo "
+            "applies one rule to both; set --aggregation to 'token-mean' or --beta to 0",
+        ),
+        (
+            ["train", "--max-completion-length", "16", "--max-new-tokens", "8"],
+            "--max-completion-length 16 and --max-new-tokens 8 disagree: both set the generation budget, which is "
+            "also Dr. GRPO's constant L; give --max-new-tokens only",
+        ),
+        (["compare", "--seeds", "0"], "--seeds must be >= 1, got 0"),
+        (["compare", "--beta", "-1"], "--beta must be >= 0, got -1.0"),
+        (["compare", "--losses", "grpo,nope"], f"--losses: unknown loss preset(s) nope; valid presets: {PRESETS}"),
+        (["compare", "--eval-size", "-1"], "--eval-size must be >= 0, got -1"),
+        (["compare", "--task-max-work", "-2"], "--task-max-work must be >= 0, got -2"),
+    ],
+)
+def test_configuration_errors_name_the_flags(tmp_path: Path, capsys, argv: list[str], message: str):
+    out = tmp_path / "out"
+    assert main([*argv, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"drgrpo {argv[0]}: error: {message}\n"
+    assert problems(err) == []
+    assert not out.exists()  # the error came before any work
+
+
+def test_compare_names_loss_settings_by_its_flags():
+    # a bad loss flag of compare surfaces when its runs are built (after the warm start): its names, checked here
+    names = subparser(build_parser(), "compare").get_default("flag_names")
+    with pytest.raises(FieldError) as info:
+        LossConfig(clip_high=-1.0)
+    assert info.value.renamed(names) == "--clip-high must be positive, got -1.0"
+    assert names[(TrainConfig, "max_new_tokens")] == "--max-new-tokens" and (LossConfig, "beta") not in names
+
+
+def test_eval_errors_name_its_flags(tmp_path: Path, capsys, monkeypatch):
+    # eval's flags set the evaluated run's fields: a bad one is named by its eval flag
+    import drgrpo.train.checkpoint as checkpoint
+    import drgrpo.train.evaluation as evaluation
+
+    monkeypatch.setattr(checkpoint, "resolve_model_dir", lambda path: Path(path))
+    monkeypatch.setattr(evaluation, "saved_train_config", lambda path: TrainConfig())
+    assert main(["eval", "--model", str(tmp_path), "--eval-size", "-3"]) == 2
+    assert capsys.readouterr().err == "drgrpo eval: error: --eval-size must be >= 1 (prompts), got -3\n"
+    assert main(["eval"]) == 2
+    assert "drgrpo eval: error: drgrpo eval needs --model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: TrainConfig(eval_size=-1), "eval_size must be >= 0, got -1"),
+        (lambda: TrainConfig(dtype="float64"), "dtype must be float32, bfloat16 or float16, got 'float64'"),  # type: ignore[arg-type]
+        (lambda: LossConfig(delta=1.1), "delta must be > 1 + clip_high = 1.2, got 1.1"),
+        (lambda: TaskConfig(max_operand=0), "max_operand must be >= 1, got 0"),
+        (lambda: CompareConfig(seeds=0), "seeds must be >= 1, got 0"),
+    ],
+)
+def test_python_callers_read_field_names(make, message: str):
+    # the same checks from Python name the fields as Python does, without a class prefix
+    with pytest.raises(ValueError) as info:
+        make()
+    assert str(info.value) == message
+
+
+def test_field_error_renames_only_whole_field_names():
+    error = FieldError(TrainConfig, ("steps", "max_new_tokens"), "steps 3 < max_steps; max_new_tokens 2 (steps)")
+    names = {(TrainConfig, "steps"): "--steps", (TrainConfig, "max_new_tokens"): "--max-new-tokens"}
+    assert error.renamed(names) == "--steps 3 < max_steps; --max-new-tokens 2 (--steps)"
+    assert error.renamed({(LossConfig, "steps"): "--x"}) == str(error)  # another dataclass's field: unchanged
+    assert isinstance(error, ValueError)
+    copy = pickle.loads(pickle.dumps(error))  # drgrpo compare's runs send errors between processes
+    assert (type(copy), copy.owner, copy.fields, str(copy)) == (FieldError, TrainConfig, error.fields, str(error))
+
+
+def test_version_from_a_tree_that_is_not_installed(monkeypatch):
+    def missing(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert cli.version() == "unknown"
