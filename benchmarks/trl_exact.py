@@ -3,7 +3,7 @@
 For each case (preset, gradient accumulation K, ``steps_per_generation`` spg, fused or TRL's head, dtype) it
 trains one optimizer step of the project's tiny Llama with ``DrGRPOTrainer.train()`` on the device, reads the
 gradient just before the optimizer step, and compares it with the gradient of drgrpo's loss over all the step's
-rows in one batch, computed in float32 on the CPU with no TRL code (``tests/integrations/trl_harness.py``, the
+rows in one batch, computed in float32 on the CPU with no TRL code (``benchmarks/trl_harness.py``, the
 oracle of the test suite), and the sum of the micro-batches' losses with the whole batch's loss. Figures:
 ``max |g - g_whole| / max |g_whole|`` over all parameters, and the loss's relative difference. float32 cases must
 agree to 1e-4 (device kernels against CPU ones; on a CPU they agree to about 3e-7); the bf16 case (autocast,
@@ -24,8 +24,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "integrations"))  # the tests' harness: runs and oracle
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "src"))  # trl_harness, the runs and the oracle shared with the tests, is beside this file
 
 TOL = 1e-4
 # (preset, K, spg, fused, dtype); spg < K: one window spans two generation batches; grpo: KL to a reference model
@@ -47,8 +46,8 @@ CASES = {
 def check_case(case: tuple, device: str, model_dir: Path, out_dir: Path) -> dict:
     """Train one step of ``case`` on ``device``; its gradient and loss against the CPU whole-batch oracle."""
     import torch
-    import trl_harness as h
 
+    import trl_harness as h
     from drgrpo.integrations.trl import DrGRPOTrainer
 
     preset, k, spg, fused, dtype = case

@@ -1,11 +1,11 @@
 """Stock TRL vs DrGRPOTrainer: how far the first optimizer step's gradient is from the whole step's gradient.
 
 For the token-mean losses (TRL ``loss_type="bnpo"`` and ``"dapo"``; drgrpo's ``bnpo`` and ``dapo`` presets) with
-gradient accumulation K = 4 and ``steps_per_generation`` 2 and 4, on one process and on two gloo processes
-(16 completions per optimizer step in both cases), it runs ``trainer.train()`` for one step, reads the gradient
-just before the optimizer step, and compares it with the gradient of the token mean over all the step's rows in
-one batch (``tests/integrations/trl_harness.py``: no TRL code, advantages from the run's own rewards). The oracle
-is the split-invariant objective each run claims: for stock TRL, the token mean over the step with TRL's
+gradient accumulation K = 4 and ``steps_per_generation`` 2 and 4, on one process and on two gloo processes (16
+completions per optimizer step in both cases), it runs ``trainer.train()`` for one step, reads the gradient just
+before the optimizer step, and compares it with the gradient of the token mean over all the step's rows in one
+batch (``benchmarks/trl_harness.py``, shared with the tests: no TRL code, advantages from the run's own rewards).
+The oracle is the split-invariant objective each run claims: for stock TRL, the token mean over the step with TRL's
 advantages (``trl.dapo``: what ``bnpo``/``dapo`` are meant to be when the batch is not split); for drgrpo, its
 own preset. Figures: ``max |g - g_whole| / max |g_whole|`` over all parameters, max over ``--seeds`` seeds.
 
@@ -22,32 +22,30 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+from trl import GRPOTrainer
+
+import trl_harness as h  # beside this file: the TRL runs and the oracle, shared with the tests
+from drgrpo import LossConfig
+from drgrpo.integrations.trl import DrGRPOTrainer
+from drgrpo.train.tiny import build_tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "integrations"))  # the tests' harness: runs and oracle
-
-import torch  # noqa: E402
-import trl_harness as h  # noqa: E402
-from trl import GRPOTrainer  # noqa: E402
-
-from drgrpo import LossConfig  # noqa: E402
-from drgrpo.integrations.trl import DrGRPOTrainer  # noqa: E402
-from drgrpo.train.tiny import build_tokenizer  # noqa: E402
 
 K = 4
 ROWS_PER_STEP = 16
 
 
-def jobs_for(seeds: list[int], processes: int) -> list[dict]:
+def jobs_for(seeds: list[int], processes: int, spgs: list[int], losses: list[str]) -> list[dict]:
     per_device = ROWS_PER_STEP // K // processes
     jobs = []
     for seed in seeds:
-        for spg in (2, 4):
-            for loss in ("bnpo", "dapo"):
+        for spg in spgs:
+            for loss in losses:
                 common = {"k": K, "spg": spg, "per_device": per_device, "seed": seed}
                 jobs.append({"trainer": "stock", "loss_type": loss, **common})
                 jobs.append({"trainer": "drgrpo", "loss_config": loss, **common})
@@ -101,15 +99,24 @@ def _fingerprint(generations: list) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--losses", default="bnpo,dapo", help="token-mean losses to run (default: bnpo,dapo)")
+    parser.add_argument("--spg", default="2,4", help="steps_per_generation values (default: 2,4)")
+    parser.add_argument("--processes", default="1,2", help="process counts (default: 1,2)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "trl-split.md"))
     a = parser.parse_args()
+    losses, spgs, counts = (
+        a.losses.split(","),
+        [int(v) for v in a.spg.split(",")],
+        [int(v) for v in a.processes.split(",")],
+    )
     torch.set_num_threads(1)
     load_before, started = os.getloadavg(), time.time()
     seeds = list(range(a.seeds))
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = h.save_tiny_model(Path(tmp) / "tiny")
-        rows = one_process(jobs_for(seeds, 1), model_dir, Path(tmp))
-        rows += two_processes(jobs_for(seeds, 2), model_dir, Path(tmp))
+        rows = one_process(jobs_for(seeds, 1, spgs, losses), model_dir, Path(tmp)) if 1 in counts else []
+        if 2 in counts:
+            rows += two_processes(jobs_for(seeds, 2, spgs, losses), model_dir, Path(tmp))
     load_after = os.getloadavg()
 
     lines = [
@@ -119,7 +126,13 @@ def main() -> None:
         f"the tiny Llama (float32, CPU, gloo for P = 2), {ROWS_PER_STEP} completions of up to {h.MAX_NEW} tokens "
         f"per optimizer step, K = {K}, seeds {seeds}. Load average before {load_before[0]:.1f}, after "
         f"{load_after[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
-        f"{time.time() - started:.0f} s. Command: `python benchmarks/trl_split.py --seeds {a.seeds}`.",
+        f"{time.time() - started:.0f} s. Command: `python benchmarks/trl_split.py --seeds {a.seeds}"
+        + (
+            ""
+            if (a.losses, a.spg, a.processes) == ("bnpo,dapo", "2,4", "1,2")
+            else f" --losses {a.losses} --spg {a.spg} --processes {a.processes}"
+        )
+        + "`.",
         "",
         "`max |g - g_whole| / max |g_whole|`, largest over the seeds (median in parentheses). Oracle: the token mean "
         "over the whole step (stock TRL: with TRL's advantages, `trl.dapo`; drgrpo: its own preset).",
@@ -127,9 +140,9 @@ def main() -> None:
         "| loss | spg | P | stock TRL | DrGRPOTrainer | same rollout |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    for loss in ("bnpo", "dapo"):
-        for spg in (2, 4):
-            for processes in (1, 2):
+    for loss in losses:
+        for spg in spgs:
+            for processes in counts:
                 sel = [r for r in rows if r["spg"] == spg and r["processes"] == processes]
                 stock = [r for r in sel if r["trainer"] == "stock" and r["loss_type"] == loss]
                 ours = [r for r in sel if r["trainer"] == "drgrpo" and r["loss_config"] == loss]

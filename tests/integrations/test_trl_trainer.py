@@ -18,9 +18,9 @@ import torch
 
 pytest.importorskip("trl")
 
-import trl_harness as h
 from trl import GRPOConfig, GRPOTrainer
 
+import trl_harness as h
 from drgrpo import LossConfig
 from drgrpo.integrations.trl import DrGRPOTrainer
 from drgrpo.train.tiny import build_tokenizer

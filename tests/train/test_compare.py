@@ -199,3 +199,44 @@ def test_compare_from_a_local_model(tmp_path):
             )
             assert state["init_model"] == str(model_dir.resolve())
     assert f"initial policy {model_dir}" in (out / "report.md").read_text()
+
+
+def test_runs_without_evaluations_give_a_report(tmp_path):
+    # --eval-every 0: no evaluation lines; the held-out columns read n/a (this raised IndexError before)
+    path = tmp_path / "s0"
+    path.mkdir()
+    rows = [{"step": s, "reward": 0.5, "length_correct": 3.0, "length_incorrect": 5.0} for s in (1, 2)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (row,) = summary_rows({"dr_grpo": [load_metrics(path)]})
+    assert all(math.isnan(v) for v in row["acc_first"] + row["acc_last"])
+    assert row["len_incorrect"] == (5.0, 0.0)
+
+
+def test_the_warm_start_runs_with_the_settings_of_drgrpo_train(tmp_path, monkeypatch):
+    # drgrpo train warm-starts on 1 thread with deterministic algorithms (TrainConfig.apply_torch_settings);
+    # compare used torch's default thread count in its own process, 10 to 15 times slower on a busy machine
+    import torch
+
+    import drgrpo.train.warmstart as warmstart
+    from drgrpo.train.compare import compare
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(*args, **kwargs):
+        seen.update(threads=torch.get_num_threads(), deterministic=torch.are_deterministic_algorithms_enabled())
+        raise Stop
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setattr(warmstart, "warm_start", record)
+    try:
+        torch.set_num_threads(2)
+        torch.use_deterministic_algorithms(False)
+        with pytest.raises(Stop):
+            compare(CompareConfig(output_dir=str(tmp_path / "cmp")))
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+    assert seen == {"threads": 1, "deterministic": True}

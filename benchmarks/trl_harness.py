@@ -1,5 +1,8 @@
 """Runs TRL's ``GRPOTrainer`` / ``DrGRPOTrainer`` for real on the tiny model, and the independent oracle.
 
+Shared by the TRL tests (``tests/integrations/``, which find it through ``tests/conftest.py``) and
+``benchmarks/trl_split.py``, so the benchmark runs on its own from a clone.
+
 What a run records (``Recorder``, a mixin placed in front of the trainer class):
 
 - every generation batch as TRL produced it, before its rows are shuffled: the raw examples (one per
@@ -361,10 +364,10 @@ def _rank_main(argv: list[str]) -> None:
     import json
     from datetime import timedelta
 
-    import sharding
     import torch.distributed as dist
     from trl import GRPOTrainer
 
+    import sharding
     from drgrpo.integrations.trl import DrGRPOTrainer
     from gloo_ranks import leave
 

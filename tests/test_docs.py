@@ -1,0 +1,543 @@
+"""The docs are tested: every code block of README.md and docs/*.md runs as written, read from the Markdown.
+
+The convention (docs/testing.md, "Docs are tested", says the same for writers):
+
+- Every fenced block names its language. ``bash`` and ``sh`` blocks run with ``bash -euo pipefail``, ``python``
+  blocks with this suite's Python; ``text`` blocks (output, formulas, layouts) are shown, not run. Any other
+  language, or none, fails :func:`test_every_block_is_runnable_or_text`.
+- A block runs in a fresh directory that stands for the repository root: copies of ``README.md``, ``LICENSE``,
+  ``benchmarks/``, ``docs/`` and ``examples/``, links to the code and the environments (``src/``, ``scripts/``,
+  ``tests/``, ``.venv``, ...) and an empty ``runs/``, so the docs' relative paths work and what a block writes
+  lands in the directory, which is thrown away. A block may not write over a shipped file (a report, a result, the
+  data): :func:`run_block` checks the copies. ``.venv/bin`` comes first on PATH; Hugging Face libraries are offline.
+- Directives, in HTML comments on the lines right above a block (the rendered page does not show them, so the
+  page says in words, next to the block, when a block is shortened):
+
+  ``<!-- doc-test: short -->``
+      append the flags of :data:`SHORT` to every ``drgrpo train`` and ``drgrpo compare`` command of the block
+      (a few steps, a short warm start, small evaluations);
+  ``<!-- doc-test: replace `OLD` with `NEW` -->``
+      run the block with OLD replaced by NEW (OLD must occur in it);
+  ``<!-- doc-test: needs runs/default -->``
+      start from a directory that already holds a prepared run at that path (:data:`FIXTURES`: made once per
+      session, copied for each block);
+  ``<!-- doc-test: in .venv-verl -->``
+      run with ``.venv-verl/bin`` first on PATH (verl's own environment);
+  ``<!-- doc-test: verl-launch -->``
+      a ``python -m verl.trainer.main_ppo`` command line, which needs a cluster: its Hydra overrides are composed
+      with verl's configuration in ``.venv-verl`` and the loss mode they select is run on a small batch and
+      compared with drgrpo's reference (``tests/verl_live/launch_check.py``).
+
+- Lines that are checked instead of run: ``bash scripts/setup.sh EXTRAS`` and ``pip install '.[EXTRAS]'`` (the
+  suite runs inside the environment they make: every extra must exist in pyproject.toml; what follows ``&&`` on
+  the line runs), the CI command (it must be exactly the last line of ``.ci/run``), and a ``pytest`` line (its
+  paths must exist inside this suite, which runs them).
+- :data:`CHECKS` holds an oracle check for a block whose output is a number to verify (it then runs in this
+  process and gets the block's variables); :data:`NOT_RUN` lists, with the reason, the blocks that cannot run at
+  all. Both are keyed by :attr:`Block.name` ("page: first line"); a key that matches no block fails.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+RUN = {"bash": "bash", "sh": "bash", "python": "python"}
+SHOWN = {"text"}
+COPIED = ("README.md", "LICENSE", "benchmarks", "docs", "examples")
+"""What a block's directory holds copies of: what blocks read and could write over (reports, results, data)."""
+LINKED = ("pyproject.toml", ".ci", "scripts", "src", "tests", ".venv", ".venv-verl")
+"""What it links to (when it exists in the repository): the code and the environments."""
+TIMEOUT_S = 1800
+
+SHORT = {
+    "train": "--steps 2 --eval-every 1 --eval-size 8 --prompts-per-step 8 --warm-start-steps 10 "
+    "--warm-start-target-accuracy 0",
+    "compare": "--steps 2 --seeds 1 --eval-every 1 --eval-size 8 --prompts-per-step 8 --warm-start-steps 10 "
+    "--warm-start-target-accuracy 0",
+}
+"""What ``<!-- doc-test: short -->`` appends to ``drgrpo train`` and ``drgrpo compare`` commands."""
+
+FIXTURES = {
+    "runs/default": f"drgrpo train --output-dir runs/default {SHORT['train']}",
+    "tiny-llama": "python -c 'from drgrpo.train import TaskConfig, WarmStartConfig, warm_start; "
+    'warm_start("tiny-llama", WarmStartConfig(), TaskConfig())\'',  # the TRL examples' model, made once
+}
+"""What ``<!-- doc-test: needs PATH -->`` prepares: the command that makes PATH (run once per session)."""
+
+NOT_RUN: dict[str, str] = {}
+"""Blocks that cannot run at all, by :attr:`Block.name`, with the reason."""
+
+
+# --------------------------------------------------------------------------- reading the Markdown
+
+
+@dataclass(frozen=True)
+class Block:
+    """One fenced code block of a page."""
+
+    page: str
+    """The page, relative to the repository root."""
+    line: int
+    """The line of the opening fence (1-based)."""
+    lang: str
+    """The fence's language ("" when it names none)."""
+    code: str
+    """The block's text."""
+    directives: tuple[str, ...]
+    """The doc-test directives above it."""
+
+    @property
+    def name(self) -> str:
+        first = next((ln.strip() for ln in self.code.splitlines() if ln.strip()), "")
+        return f"{self.page}: {first}"
+
+
+DIRECTIVE = re.compile(r"^<!--\s*doc-test:\s*(.*?)\s*-->$")
+FENCE = re.compile(r"^```(\S*)\s*$")
+
+
+def read_blocks(path: Path) -> list[Block]:
+    """The fenced blocks of a Markdown page, with the doc-test directives on the lines right above each."""
+    lines = path.read_text().splitlines()
+    page = str(path.relative_to(ROOT))
+    blocks, i = [], 0
+    while i < len(lines):
+        fence = FENCE.match(lines[i])
+        if not fence:
+            i += 1
+            continue
+        directives, j = [], i - 1
+        while j >= 0 and DIRECTIVE.match(lines[j]):
+            directives.insert(0, DIRECTIVE.match(lines[j]).group(1))  # type: ignore[union-attr]
+            j -= 1
+        end = next((k for k in range(i + 1, len(lines)) if lines[k].strip() == "```"), None)
+        assert end is not None, f"{page}:{i + 1}: a code block that is never closed"
+        blocks.append(Block(page, i + 1, fence.group(1), "\n".join(lines[i + 1 : end]) + "\n", tuple(directives)))
+        i = end + 1
+    return blocks
+
+
+ALL = [block for page in PAGES for block in read_blocks(page)]
+
+
+def runnable() -> list[Block]:
+    """The blocks to run: each distinct one once (a page may repeat another's block: the README's verl line)."""
+    seen, out = set(), []
+    for b in ALL:
+        if b.lang in RUN and b.name not in NOT_RUN and (b.lang, b.code, b.directives) not in seen:
+            seen.add((b.lang, b.code, b.directives))
+            out.append(b)
+    return out
+
+
+# --------------------------------------------------------------------------- preparing a block
+
+
+def ci_command() -> str:
+    """The command CI runs: the last line of .ci/run."""
+    return [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln.strip()][-1].strip()
+
+
+def extras() -> set[str]:
+    """The package's extras, and ``verl`` (setup.sh makes .venv-verl for it)."""
+    return set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]) | {"verl"}
+
+
+def check_extras(names: str, where: str) -> None:
+    unknown = [n for n in names.split(",") if n not in extras()]
+    assert not unknown, f"{where}: {unknown} are not extras of pyproject.toml (known: {sorted(extras())})"
+
+
+def checked_lines(code: str, where: str) -> str:
+    """The bash code with the checked-not-run lines checked and taken out (see the module docstring)."""
+    out = []
+    for line in code.replace("\\\n", " ").splitlines():
+        text = line.strip()
+        if text == ci_command():
+            continue  # CI runs it (test_ci_runs_the_readme_test_command)
+        setup = re.match(r"^bash scripts/setup\.sh (\S+)(?:\s*&&\s*(.*))?$", text)
+        pip = re.match(r"^(?:python -m )?pip install (?:-e )?'\.\[([\w,]+)\]'(?:\s*#.*)?$", text)
+        pytest_line = re.match(
+            r"^(?:\.venv/bin/)?(?:python -m )?pytest((?:\s+[^-\s]\S*)*)(?:\s+-\S+)*\s*(?:#.*)?$", text
+        )
+        if setup:
+            check_extras(setup.group(1), where)
+            text = setup.group(2) or ""
+        elif pip:
+            check_extras(pip.group(1), where)
+            text = ""
+        elif pytest_line:
+            for target in pytest_line.group(1).split():
+                path = ROOT / target.split("::")[0]
+                assert path.exists() and path.is_relative_to(ROOT / "tests"), f"{where}: pytest {target}: no such test"
+            text = ""
+        out.append(text)
+    return "\n".join(out) + "\n"
+
+
+def apply_directives(block: Block) -> tuple[str, dict[str, Any]]:
+    """The code to run and the settings the directives ask for."""
+    code, settings = block.code, {"needs": [], "venv": ".venv", "verl_launch": False}
+    for directive in block.directives:
+        replace = re.fullmatch(r"replace `(.+?)` with `(.*)`", directive)
+        if directive == "short":
+            pattern = re.compile(r"(\bdrgrpo (train|compare)\b[^\n#]*?)(\s*(#[^\n]*)?)$", re.M)
+            code, count = pattern.subn(lambda m: f"{m.group(1)} {SHORT[m.group(2)]}{m.group(3)}", _joined(code))
+            assert count, f"{block.name}: 'short' on a block with no drgrpo train or drgrpo compare command"
+        elif replace:
+            assert replace.group(1) in code, f"{block.name}: cannot replace {replace.group(1)!r}: not in the block"
+            code = code.replace(replace.group(1), replace.group(2))
+        elif directive.startswith("needs "):
+            path = directive.removeprefix("needs ")
+            assert path in FIXTURES, f"{block.name}: no fixture makes {path!r} (known: {sorted(FIXTURES)})"
+            settings["needs"].append(path)
+        elif directive == "in .venv-verl":
+            settings["venv"] = ".venv-verl"
+        elif directive == "verl-launch":
+            settings["verl_launch"] = True
+        else:
+            raise AssertionError(f"{block.name}: unknown doc-test directive {directive!r}")
+    return code, settings
+
+
+def _joined(code: str) -> str:
+    return code.replace("\\\n", " ")
+
+
+# --------------------------------------------------------------------------- running a block
+
+
+def environment(venv: str = ".venv") -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    bins = [str(ROOT / venv / "bin"), str(Path(sys.executable).parent)]
+    env.update(
+        PATH=os.pathsep.join([*bins, env.get("PATH", "")]),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        MPLBACKEND="Agg",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
+def workdir(path: Path) -> Path:
+    """A directory standing for the repository root (copies and links, see COPIED and LINKED) with an empty runs/."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif (ROOT / name).exists():
+            shutil.copy2(ROOT / name, path / name)
+    for name in LINKED:
+        if (ROOT / name).exists():
+            (path / name).symlink_to(ROOT / name)
+    (path / "runs").mkdir()
+    return path
+
+
+def snapshot(where: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file of the copies in ``where`` (a block's directory)."""
+    found = {}
+    for name in COPIED:
+        base = where / name
+        files = (
+            [base] if base.is_file() else [p for p in base.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        )
+        for p in files:
+            st = p.stat()
+            found[str(p.relative_to(where))] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def run_shell(code: str, cwd: Path, venv: str = ".venv") -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", code], cwd=cwd, env=environment(venv), capture_output=True, text=True,
+        timeout=TIMEOUT_S,
+    )  # fmt: skip
+    return proc
+
+
+def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    (cwd / "doc_block.py").write_text(code)
+    return subprocess.run(
+        [sys.executable, "doc_block.py"], cwd=cwd, env=environment(), capture_output=True, text=True,
+        timeout=TIMEOUT_S,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``prepared(path)``: a directory holding the fixture ``path`` (made on first use, once per session)."""
+    made: dict[str, Path] = {}
+
+    def get(path: str) -> Path:
+        if path not in made:
+            where = workdir(tmp_path_factory.mktemp("fixture"))
+            proc = run_shell(FIXTURES[path], where)
+            assert proc.returncode == 0, f"fixture {path}: {FIXTURES[path]}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+            made[path] = where / path
+        return made[path]
+
+    return get
+
+
+def run_block(block: Block, tmp_path: Path, prepared: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Run one block as the module docstring says; returns its variables for a python block with a CHECK."""
+    code, settings = apply_directives(block)
+    where = workdir(tmp_path / "repo")
+    for path in settings["needs"]:
+        shutil.copytree(prepared(path), where / path, symlinks=True)
+    before = snapshot(where)
+    namespace: dict[str, Any] = {}
+    try:
+        if settings["verl_launch"]:
+            namespace = verl_launch(code, where)
+        elif block.lang == "python" and block.name in CHECKS:
+            monkeypatch.chdir(where)
+            for key, value in environment().items():
+                monkeypatch.setenv(key, value)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # the tiny models run fastest on one thread, as the trainer runs them
+            try:
+                exec(compile(code, block.page, "exec"), namespace)
+            finally:
+                torch.set_num_threads(threads)
+        elif block.lang == "python":
+            proc = run_python(code, where)
+            assert proc.returncode == 0, f"{block.name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+        else:
+            shell = checked_lines(code, block.name)
+            proc = run_shell(shell, where, settings["venv"])
+            namespace = {"stdout": proc.stdout, "stderr": proc.stderr, "where": where}
+            assert proc.returncode == 0, (
+                f"{block.name} failed (exit {proc.returncode}); ran:\n{shell}\n"
+                f"{proc.stdout[-3000:]}{proc.stderr[-4000:]}"
+            )
+    finally:
+        changed = sorted(k for k, v in snapshot(where).items() if before.get(k) != v)
+        assert not changed, f"{block.name} changed the repository: {changed[:10]}"
+    return namespace
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", runnable(), ids=lambda b: f"{b.page}:{b.line}")
+def test_block_runs(block: Block, tmp_path: Path, prepared: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    namespace = run_block(block, tmp_path, prepared, monkeypatch)
+    if block.name in CHECKS:
+        CHECKS[block.name](namespace)
+
+
+# --------------------------------------------------------------------------- the verl launch line
+
+
+def verl_launch(code: str, where: Path) -> dict[str, Any]:
+    """Compose the command line's overrides with verl's config and run the loss mode they select (in .venv-verl)."""
+    import json
+
+    words = shlex.split(_joined(code), comments=True)
+    assert words[:3] == ["python", "-m", "verl.trainer.main_ppo"], f"not a verl launch line: {words[:3]}"
+    overrides = [w for w in words[3:] if w != "..."]
+    assert overrides and all("=" in w for w in overrides), f"expected KEY=VALUE overrides, got {overrides}"
+    python = ROOT / ".venv-verl" / "bin" / "python"
+    assert python.exists(), f"{python} is missing: bash scripts/setup.sh train,trl,peers,dev,verl makes it"
+    out = where / "launch.json"
+    env = {k: v for k, v in environment(".venv-verl").items() if not k.startswith("VERL_USE_EXTERNAL")}
+    proc = subprocess.run(
+        [str(python), str(ROOT / "tests" / "verl_live" / "launch_check.py"), str(out), *overrides],
+        cwd=where, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"verl rejected the overrides {overrides}:\n{proc.stderr[-4000:]}"
+    result = json.loads(out.read_text())
+    return {"overrides": dict(w.split("=", 1) for w in overrides), **result}
+
+
+def check_verl_launch(ns: dict[str, Any]) -> None:
+    """The loss verl runs for the launch line is drgrpo's preset with verl's settings (float64 reference)."""
+    from drgrpo import LossConfig, reference
+
+    settings = ns["overrides"]
+    assert ns["loss_mode"] == settings["actor_rollout_ref.actor.policy_loss.loss_mode"]
+    assert ns["loss_function"].startswith("drgrpo.integrations.verl.")
+    preset = ns["loss_mode"].removeprefix("drgrpo.")
+    config = LossConfig.preset(
+        preset,
+        max_completion_length=ns["loss_scale_factor"],
+        clip_low=ns["clip_ratio_low"],
+        clip_high=ns["clip_ratio_high"],
+        dual_clip=ns["clip_ratio_c"],
+    )
+    inputs = {k: np.array(v) for k, v in ns["inputs"].items()}
+    want = reference.policy_loss(inputs["logp"], inputs["old"], inputs["adv"], inputs["mask"], config)
+    assert ns["loss"] == pytest.approx(want, rel=1e-10, abs=1e-15)
+    assert str(ns["norm_adv_by_std_in_grpo"]) == settings.get("algorithm.norm_adv_by_std_in_grpo", "True")
+
+
+# --------------------------------------------------------------------------- oracle checks of single blocks
+
+
+def check_loss_example(ns: dict[str, Any]) -> None:
+    """README's loss example: its loss against the float64 reference, its advantages by hand."""
+    from drgrpo import reference
+
+    out, logp, mask, adv, config = (ns[k] for k in ("out", "logp", "mask", "adv", "config"))
+    assert logp.grad is not None and torch.isfinite(logp.grad).all()
+    lp = logp.detach().double().numpy()
+    expected = reference.policy_loss(lp, lp - 0.1, adv.double().numpy(), mask.double().numpy(), config)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+    # rewards (1, 0, 0, 1) and (1, 1, 0, 1): group means 0.5 and 0.75, no std division
+    np.testing.assert_allclose(adv.numpy(), [0.5, -0.5, -0.5, 0.5, 0.25, 0.25, -0.75, 0.25])
+
+
+def check_trl_example(ns: dict[str, Any]) -> None:
+    """The TRL example trained (one step under the suite) from the saved warm start, and moved the weights."""
+    from transformers import AutoModelForCausalLM
+
+    trainer = ns["trainer"]
+    assert trainer.state.global_step == 1
+    assert trainer.loss_config.max_completion_length == 8 and trainer.fused
+    assert trainer.args.loss_type == "dr_grpo" and trainer.args.scale_rewards == "none"  # set from loss_config
+    saved = AutoModelForCausalLM.from_pretrained(ns["model_dir"]).state_dict()
+    trained = trainer.model.state_dict()
+    assert any(not torch.equal(saved[k], trained[k]) for k in saved)
+
+
+def check_trl_page_example(ns: dict[str, Any]) -> None:
+    """trl.md's Python example: two steps from the warm start, TRL's names describing the loss that ran."""
+    from transformers import AutoModelForCausalLM
+
+    trainer = ns["trainer"]
+    assert trainer.state.global_step == 2
+    assert trainer.loss_config.max_completion_length == 8 and trainer.fused
+    assert trainer.args.loss_type == "dr_grpo" and trainer.args.scale_rewards == "none"
+    saved = AutoModelForCausalLM.from_pretrained(ns["model_dir"]).state_dict()
+    trained = trainer.model.state_dict()
+    assert any(not torch.equal(saved[k], trained[k]) for k in saved)
+
+
+def check_trl_command_line(ns: dict[str, Any]) -> None:
+    """trl.md's command line: two steps from the YAML file, the settings warning printed, the model saved."""
+    assert "Training completed; model saved to runs/trl-cli" in ns["stdout"]
+    assert "loss_type 'dapo' -> 'dr_grpo'; scale_rewards 'group' -> 'none'" in ns["stderr"]
+    assert (ns["where"] / "runs" / "trl-cli" / "model.safetensors").exists()
+
+
+def check_split_step(ns: dict[str, Any]) -> None:
+    """distributed.md: the micro-batch losses add up to the whole batch's float64 reference loss."""
+    from drgrpo import reference
+
+    mask = ns["mask"].double().numpy()
+    logp = ns["logp"].detach().double().numpy()  # the same weights: the step came after the check
+    want = reference.policy_loss(logp, logp, ns["adv"].double().numpy(), mask, ns["config"])
+    assert ns["step_loss"] == pytest.approx(want, rel=1e-5)
+    assert (ns["whole_grad"] - ns["accumulated"]).abs().max() <= 1e-6 * ns["whole_grad"].abs().max()
+
+
+def check_spec_example(ns: dict[str, Any]) -> None:
+    """losses.md: the specified function and the paper's variant against the values derived by hand."""
+    e = math.exp(0.1) + math.exp(-0.1) - 2
+    assert ns["spec"] == pytest.approx(-(e / (3 * math.sqrt(2)) - 0.04 * 0.1 / 3), rel=1e-12)
+    assert ns["paper"] == pytest.approx(-e / 9, rel=1e-12)
+
+
+CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "README.md: import torch": check_loss_example,
+    "README.md: from datasets import Dataset": check_trl_example,
+    "docs/trl.md: from datasets import Dataset": check_trl_page_example,
+    "docs/trl.md: python - <<'EOF'": check_trl_command_line,
+    "docs/distributed.md: import torch": check_split_step,
+    "docs/losses.md: import numpy as np": check_spec_example,
+    "README.md: python -m verl.trainer.main_ppo ... \\": check_verl_launch,
+    "docs/verl.md: python -m verl.trainer.main_ppo ... \\": check_verl_launch,
+}
+"""Oracle checks of single blocks, by :attr:`Block.name`."""
+
+
+# --------------------------------------------------------------------------- the convention itself
+
+
+def test_every_block_is_runnable_or_text() -> None:
+    bad = [f"{b.page}:{b.line} ```{b.lang}" for b in ALL if b.lang not in RUN and b.lang not in SHOWN]
+    assert not bad, f"code blocks must be bash, sh, python (run) or text (shown): {bad}"
+
+
+def test_directives_and_lists_name_real_blocks() -> None:
+    names = [b.name for b in ALL]
+    for block in ALL:
+        if block.lang in RUN:
+            apply_directives(block)  # unknown directives, replacements that match nothing
+    for listed in (*CHECKS, *NOT_RUN):
+        assert listed in names, f"{listed!r} names no block of README.md or docs/*.md"
+    checked = [n for n in names if n in CHECKS]
+    assert len(checked) == len(set(checked)), "two blocks share a name that CHECKS uses: make their first lines differ"
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    # the README's set-up block: its second line is the test command, which CI (.ci/run) runs as it is
+    readme = next(b for b in ALL if b.page == "README.md" and b.lang == "bash")
+    lines = [ln.strip() for ln in readme.code.splitlines() if ln.strip()]
+    assert lines[1] == ci_command(), f"README's test command {lines[1]!r} is not .ci/run's {ci_command()!r}"
+    assert lines[0].startswith("bash scripts/setup.sh train && .venv/bin/drgrpo train --output-dir runs/default")
+
+
+def test_setup_lines_are_checked_not_run() -> None:
+    # the rules of checked_lines on lines written here (an independent statement of the convention)
+    assert checked_lines("bash scripts/setup.sh train && . .venv/bin/activate\n", "t").strip() == ". .venv/bin/activate"
+    assert checked_lines("pip install '.[trl]'\n", "t").strip() == ""
+    assert checked_lines(".venv/bin/python -m pytest tests/peers -q\n", "t").strip() == ""
+    with pytest.raises(AssertionError, match="not extras"):
+        checked_lines("pip install '.[nope]'\n", "t")
+    with pytest.raises(AssertionError, match="no such test"):
+        checked_lines("pytest tests/nowhere.py\n", "t")
+    assert checked_lines("drgrpo train --output-dir runs/x\n", "t") == "drgrpo train --output-dir runs/x\n"
+
+
+def test_short_appends_before_a_comment() -> None:
+    block = Block("p", 1, "bash", "drgrpo train --output-dir runs/a   # note\ndrgrpo plot runs/a\n", ("short",))
+    code, _ = apply_directives(block)
+    assert code == f"drgrpo train --output-dir runs/a {SHORT['train']}   # note\ndrgrpo plot runs/a\n"
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    out = set()
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            out.add(re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", title)))
+    return out
+
+
+def test_every_relative_link_resolves() -> None:
+    broken = []
+    for page in PAGES:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # a URL
+            file, _, anchor = target.partition("#")
+            path = (page.parent / file).resolve() if file else page
+            if not path.exists() or (anchor and path.suffix == ".md" and anchor not in anchors(path)):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, f"links to no file or no heading: {broken}"
