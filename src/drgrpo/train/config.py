@@ -150,8 +150,9 @@ class TrainConfig:
     """Keep only the newest this many checkpoints, removing older ones once a new one is written (0: keep all, the
     default: a run's checkpoints are its history, and a full disk stops the run with a clear message instead)."""
     resume: str | None = None
-    """Continue an earlier run exactly: its output directory, its checkpoints/latest or one checkpoint. Not set: a
-    new run."""
+    """Continue an earlier run exactly: its output directory, its checkpoints/latest or one checkpoint. A checkpoint
+    older than the run's newest continues only as a branch into a new --output-dir (the old run stays as it was).
+    Not set: a new run."""
     ref_kl: bool = True
     """Keep a frozen copy of the initial model to log the policy's KL to it, even without a KL penalty."""
     reward_timeout: float = 0.0

@@ -14,8 +14,58 @@ from typing import Any
 
 import torch
 
-from drgrpo.train.model import context_length, load_tokenizer
+from drgrpo.config import LossConfig
+from drgrpo.train.checkpoint import resolve_model_dir
+from drgrpo.train.config import TrainConfig
+from drgrpo.train.data import Example, Rewards, load_examples
+from drgrpo.train.model import check_local_code, context_length, load_tokenizer
+from drgrpo.train.resume import RunStart, plan_run
 from drgrpo.train.rollout import prompt_texts
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What :func:`check_run` found a run will use, every part of it checked."""
+
+    loss_config: LossConfig
+    """The loss: the preset with its overrides and L = --max-new-tokens."""
+    rewards: Rewards
+    """The reward callables, imported."""
+    start: RunStart
+    """New, resumed or branched: the checkpoint to start from, its step and the run's history."""
+    model_dir: Path | None
+    """The initial model (--model), a local directory; None: the built-in warm start."""
+    train_examples: list[Example]
+    """The training prompts (--dataset, or the built-in task's train split)."""
+    eval_examples: list[Example]
+    """The held-out prompts (--eval-dataset, or the task's held-out split; empty: no evaluation)."""
+
+
+def check_run(config: TrainConfig) -> RunPlan:
+    """Every check a run can make before any work, in the order a user would fix them.
+
+    The flags' combination (--dtype float16), the loss preset and its overrides, the reward imports, the resume
+    (a damaged checkpoint, a refused flag), the model's need for its own Python code, every dataset line (empty,
+    too long for the model, not UTF-8), the device, the tensorboard package, then the output directory. Each
+    raises a ValueError naming the flag or file (``drgrpo train`` exits with code 2), nothing is loaded onto a
+    device and nothing is written but the output directory itself.
+    """
+    config.check_trainable()  # --dtype float16
+    loss_config = config.loss_config()  # unknown preset or bad override: a ValueError listing the valid ones
+    rewards = Rewards.from_specs(config.rewards, config.reward_weights)  # import errors now, not at step 1
+    start = plan_run(config)  # new, resumed or branched: a damaged checkpoint or a refused flag is an error here
+    model_dir = resolve_model_dir(config.model) if config.model else None
+    weights_dir = start.checkpoint or model_dir
+    if weights_dir is not None:
+        check_local_code(weights_dir)  # a model that needs its own Python code is refused, never run
+    check = prompt_check(weights_dir, config) if config.dataset or config.eval_dataset else None  # empty, too long
+    train_examples, eval_examples = load_examples(
+        config.dataset, config.eval_dataset, config.prompt_field, config.task, check
+    )
+    check_device(config.device)
+    check_tensorboard(config.tensorboard)
+    check_output_dir(config.output_dir)  # a file, or not writable
+    return RunPlan(loss_config, rewards, start, model_dir, train_examples, eval_examples)
 
 
 def check_output_dir(path: str | Path) -> None:

@@ -39,22 +39,16 @@ import torch
 
 from drgrpo.distributed import any_process, global_group_advantages, init_processes, shutdown
 from drgrpo.loss import compute_dtype
-from drgrpo.train.checkpoint import (
-    CheckpointWriteFailed,
-    clean_stale,
-    config_state,
-    resolve_model_dir,
-    save_run_checkpoint,
-)
+from drgrpo.train.checkpoint import CheckpointWriteFailed, clean_stale, config_state, save_run_checkpoint
 from drgrpo.train.config import TrainConfig
-from drgrpo.train.data import Rewards, load_examples, prompts_for_step
+from drgrpo.train.data import prompts_for_step
 from drgrpo.train.disk import WriteFailed
 from drgrpo.train.evaluation import held_out_metrics
 from drgrpo.train.metrics import MetricsLog, step_metrics
-from drgrpo.train.model import check_local_code, initial_policy_dir, load_train_state
-from drgrpo.train.preflight import check_device, check_output_dir, check_tensorboard, prompt_check
+from drgrpo.train.model import initial_policy_dir, load_train_state
+from drgrpo.train.preflight import check_run
 from drgrpo.train.progress import ProgressBar
-from drgrpo.train.resume import check_run_dir, plan_run, start_lines
+from drgrpo.train.resume import check_run_dir, start_lines
 from drgrpo.train.rollout import generate, prompt_texts
 from drgrpo.train.runlock import hold_run_dir
 from drgrpo.train.seeds import seed_step
@@ -98,22 +92,9 @@ def train(config: TrainConfig) -> TrainResult:
     started = time.perf_counter()
 
     # ---------------------------------------------------------------------------- set-up: errors before any work
-    config.check_trainable()  # --dtype float16
-    loss_config = config.loss_config()  # unknown preset or bad override: a ValueError listing the valid ones
-    rewards = Rewards.from_specs(config.rewards, config.reward_weights)  # import errors now, not at step 1
-    start = plan_run(config)  # new, resumed or branched: a damaged checkpoint or a refused flag is an error here
-    resume_from = start.checkpoint
-    model_dir = resolve_model_dir(config.model) if config.model else None
-    weights_dir = resume_from or model_dir
-    if weights_dir is not None:
-        check_local_code(weights_dir)  # a model that needs its own Python code is refused, never run
-    check = prompt_check(weights_dir, config) if config.dataset or config.eval_dataset else None  # empty, too long
-    train_examples, eval_examples = load_examples(
-        config.dataset, config.eval_dataset, config.prompt_field, config.task, check
-    )
-    check_device(config.device)
-    check_tensorboard(config.tensorboard)
-    check_output_dir(config.output_dir)  # a file, or not writable
+    plan = check_run(config)  # flags, loss, rewards, resume, model, datasets, device, output directory
+    loss_config, rewards, start = plan.loss_config, plan.rewards, plan.start
+    train_examples, eval_examples = plan.train_examples, plan.eval_examples
     config.apply_torch_settings()  # deterministic algorithms, threads
     procs = init_processes(config.device)  # rank, world size, device; starts the process group under torchrun
     config.check_world_size(procs.world)
@@ -159,7 +140,7 @@ def train(config: TrainConfig) -> TrainResult:
             log = MetricsLog(out_dir, procs.rank, lines, config.tensorboard)
             with agreed(stop, procs.device):  # rank 0 makes the warm start, the others wait; a signal abandons it
                 init_dir = initial_policy_dir(
-                    model_dir, start.checkpoint, out_dir, lambda p: warm_start(p, config.warm_start, config.task)
+                    plan.model_dir, start.checkpoint, out_dir, lambda p: warm_start(p, config.warm_start, config.task)
                 )
             needs_ref = loss_config.beta > 0 or config.ref_kl
             state = load_train_state(start.checkpoint or init_dir, init_dir, config, procs.device, needs_ref,
