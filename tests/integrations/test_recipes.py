@@ -22,7 +22,6 @@ import yaml
 pytest.importorskip("trl")
 
 import trl_harness as h
-
 from drgrpo import LossConfig
 from drgrpo.integrations.trl_cli import build_parser
 from drgrpo.integrations.trl_settings import resolve_loss_config

@@ -21,7 +21,6 @@ import pytest
 pytest.importorskip("trl")
 
 import trl_harness as h
-
 from drgrpo import LossConfig
 from drgrpo.integrations.trl_cli import DrGRPOArguments, build_parser, loss_config_from, reward_function
 

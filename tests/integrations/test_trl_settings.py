@@ -20,9 +20,9 @@ import torch
 
 pytest.importorskip("trl")
 
-import trl_harness as h
 from trl import GRPOConfig, GRPOTrainer
 
+import trl_harness as h
 from drgrpo import LossConfig, group_advantages, preset_names
 from drgrpo.integrations.trl import DRGRPO_LOSS_TYPE, DrGRPOTrainer, resolve_loss_config
 
