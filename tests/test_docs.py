@@ -183,16 +183,16 @@ def checked_lines(code: str, where: str) -> str:
         )
         if setup:
             check_extras(setup.group(1), where)
-            text = setup.group(2) or ""
+            line = setup.group(2) or ""
         elif pip:
             check_extras(pip.group(1), where)
-            text = ""
+            line = ""
         elif pytest_line:
             for target in pytest_line.group(1).split():
                 path = ROOT / target.split("::")[0]
                 assert path.exists() and path.is_relative_to(ROOT / "tests"), f"{where}: pytest {target}: no such test"
-            text = ""
-        out.append(text)
+            line = ""
+        out.append(line)  # any other line as written: its indentation matters inside a here-document
     return "\n".join(out) + "\n"
 
 
@@ -511,6 +511,8 @@ def test_setup_lines_are_checked_not_run() -> None:
     with pytest.raises(AssertionError, match="no such test"):
         checked_lines("pytest tests/nowhere.py\n", "t")
     assert checked_lines("drgrpo train --output-dir runs/x\n", "t") == "drgrpo train --output-dir runs/x\n"
+    heredoc = "python - <<'EOF'\nfor i in range(2):\n    print(i)\nEOF\n"
+    assert checked_lines(heredoc, "t") == heredoc  # indentation kept
 
 
 def test_short_appends_before_a_comment() -> None:

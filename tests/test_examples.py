@@ -6,6 +6,7 @@ rerun from the config file); here their inputs are checked against values derive
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
@@ -19,12 +20,13 @@ EXAMPLES = ROOT / "examples"
 
 
 @pytest.fixture
-def rewards(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(EXAMPLES))
-    import my_rewards
-
-    yield my_rewards
-    sys.modules.pop("my_rewards", None)
+def rewards():
+    # loaded from its file: another test may have imported a different module named my_rewards
+    spec = importlib.util.spec_from_file_location("examples_my_rewards", EXAMPLES / "my_rewards.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_every_answer_is_the_difference_its_prompt_asks_for():
