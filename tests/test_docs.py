@@ -169,6 +169,28 @@ def check_extras(names: str, where: str) -> None:
     assert not unknown, f"{where}: {unknown} are not extras of pyproject.toml (known: {sorted(extras())})"
 
 
+PYTEST = (["pytest"], ["python", "-m", "pytest"], [".venv/bin/pytest"], [".venv/bin/python", "-m", "pytest"])
+PYTEST_VALUE_OPTIONS = {"-k", "-m", "-p", "--maxfail", "--durations"}
+
+
+def pytest_targets(text: str) -> list[str] | None:
+    """The test paths of a pytest command line, its options anywhere (None: the line is not a pytest command)."""
+    try:
+        words = shlex.split(text, comments=True)
+    except ValueError:
+        return None
+    prefix = next((p for p in PYTEST if words[: len(p)] == p), None)
+    if prefix is None:
+        return None
+    targets, rest = [], iter(words[len(prefix) :])
+    for word in rest:
+        if word in PYTEST_VALUE_OPTIONS:
+            next(rest, None)
+        elif not word.startswith("-"):
+            targets.append(word)
+    return targets
+
+
 def checked_lines(code: str, where: str) -> str:
     """The bash code with the checked-not-run lines checked and taken out (see the module docstring)."""
     out = []
@@ -178,17 +200,15 @@ def checked_lines(code: str, where: str) -> str:
             continue  # CI runs it (test_ci_runs_the_readme_test_command)
         setup = re.match(r"^bash scripts/setup\.sh (\S+)(?:\s*&&\s*(.*))?$", text)
         pip = re.match(r"^(?:python -m )?pip install (?:-e )?'\.\[([\w,]+)\]'(?:\s*#.*)?$", text)
-        pytest_line = re.match(
-            r"^(?:\.venv/bin/)?(?:python -m )?pytest((?:\s+[^-\s]\S*)*)(?:\s+-\S+)*\s*(?:#.*)?$", text
-        )
+        targets = pytest_targets(text)
         if setup:
             check_extras(setup.group(1), where)
             line = setup.group(2) or ""
         elif pip:
             check_extras(pip.group(1), where)
             line = ""
-        elif pytest_line:
-            for target in pytest_line.group(1).split():
+        elif targets is not None:
+            for target in targets:
                 path = ROOT / target.split("::")[0]
                 assert path.exists() and path.is_relative_to(ROOT / "tests"), f"{where}: pytest {target}: no such test"
             line = ""
@@ -506,6 +526,10 @@ def test_setup_lines_are_checked_not_run() -> None:
     assert checked_lines("bash scripts/setup.sh train && . .venv/bin/activate\n", "t").strip() == ". .venv/bin/activate"
     assert checked_lines("pip install '.[trl]'\n", "t").strip() == ""
     assert checked_lines(".venv/bin/python -m pytest tests/peers -q\n", "t").strip() == ""
+    assert checked_lines(".venv/bin/python -m pytest -q tests/peers -k verl  # note\n", "t").strip() == ""
+    line = "python -m pytest -q tests/a.py -k 'x and y' tests/b.py::t"
+    assert pytest_targets(line) == ["tests/a.py", "tests/b.py::t"]
+    assert pytest_targets("python -m drgrpo train") is None
     with pytest.raises(AssertionError, match="not extras"):
         checked_lines("pip install '.[nope]'\n", "t")
     with pytest.raises(AssertionError, match="no such test"):
