@@ -201,6 +201,16 @@ def test_compare_from_a_local_model(tmp_path):
     assert f"initial policy {model_dir}" in (out / "report.md").read_text()
 
 
+def test_a_cut_off_last_metrics_line_is_left_out_with_a_warning(tmp_path, capsys):
+    # a write that did not finish (a full disk): the report reads the complete lines, as drgrpo plot does
+    _write_run(tmp_path / "s0", [4.0, 5.0], (0.2, 0.6))
+    with open(tmp_path / "s0" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "rew')
+    curves = load_metrics(tmp_path / "s0")
+    assert curves.steps == [1, 2] and curves.length_incorrect == [4.0, 5.0] and curves.eval_steps == [0, 2]
+    assert "metrics.jsonl: line 5 is cut off" in capsys.readouterr().err
+
+
 def test_runs_without_evaluations_give_a_report(tmp_path):
     # --eval-every 0: no evaluation lines; the held-out columns read n/a (this raised IndexError before)
     path = tmp_path / "s0"

@@ -80,7 +80,19 @@ def checkpoints_of(root: str | Path) -> list[Path]:
     found = [
         p for p in root.iterdir() if STEP_NAME.fullmatch(p.name) and not p.is_symlink() and (p / STATE_FILE).is_file()
     ]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+    return sorted(found, key=step_of)
+
+
+def step_of(ckpt: Path) -> int:
+    """The step of a checkpoint directory ``step_N``."""
+    return int(ckpt.name.split("_")[1])
+
+
+def newest_intact(root: str | Path, optimizer: bool = True, skip: Path | None = None) -> Path | None:
+    """The newest checkpoint of ``root`` whose files are whole (:func:`checkpoint_problem`), other than ``skip``."""
+    return next(
+        (p for p in reversed(checkpoints_of(root)) if p != skip and checkpoint_problem(p, optimizer) is None), None
+    )
 
 
 def save_checkpoint(
@@ -117,8 +129,8 @@ def save_checkpoint(
     except Exception as exc:
         error = write_error(f"the checkpoint of step {step} to {root}", exc, root, needed)
         shutil.rmtree(tmp, ignore_errors=True)
-        intact = [p for p in checkpoints_of(root) if checkpoint_problem(p) is None]
-        last = f"the last intact checkpoint is {intact[-1]}" if intact else "no checkpoint was written before"
+        intact = newest_intact(root)
+        last = f"the last intact checkpoint is {intact}" if intact else "no checkpoint was written before"
         raise CheckpointWriteFailed(f"{error}; {last}") from exc
     if keep > 0:
         prune(root, keep, final)
@@ -285,10 +297,9 @@ def resolve_model_dir(path: str | Path) -> Path:
 def read_state(ckpt: str | Path) -> dict[str, Any]:
     """The ``trainer_state.json`` of a checkpoint (:class:`CheckpointError` naming the file when it is damaged)."""
     path = Path(ckpt) / STATE_FILE
-    problem = _json_problem(path)
+    state, problem = _read_json(path)
     if problem is not None:
         raise CheckpointError(problem)
-    state = json.loads(path.read_text())
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"{path} is not a drgrpo trainer state (expected a JSON object with an integer 'step')")
     return state
@@ -356,8 +367,8 @@ def check_checkpoint(ckpt: str | Path, optimizer: bool = True) -> Path:
     problem = checkpoint_problem(ckpt, optimizer)
     if problem is None:
         return ckpt
-    intact = [p for p in checkpoints_of(ckpt.parent) if p != ckpt and checkpoint_problem(p, optimizer) is None]
-    hint = f"the newest intact checkpoint is {intact[-1]}" if intact else f"no intact checkpoint in {ckpt.parent}"
+    intact = newest_intact(ckpt.parent, optimizer, skip=ckpt)
+    hint = f"the newest intact checkpoint is {intact}" if intact else f"no intact checkpoint in {ckpt.parent}"
     raise CheckpointError(f"{problem}; {hint}")
 
 
@@ -373,15 +384,19 @@ def _weights_files(model_dir: Path) -> list[Path]:
 
 
 def _json_problem(path: Path) -> str | None:
+    return _read_json(path)[1]
+
+
+def _read_json(path: Path) -> tuple[Any, str | None]:
+    """(the parsed file, None), or (None, what is wrong with it: missing, not UTF-8, not JSON)."""
     if not path.is_file():
-        return f"{path} is missing"
+        return None, f"{path} is missing"
     try:
-        json.loads(path.read_text())
+        return json.loads(path.read_text()), None
     except UnicodeDecodeError:
-        return f"{path} is damaged (not UTF-8 text)"
+        return None, f"{path} is damaged (not UTF-8 text)"
     except ValueError as exc:
-        return f"{path} is cut off or damaged (not valid JSON: {exc})"
-    return None
+        return None, f"{path} is cut off or damaged (not valid JSON: {exc})"
 
 
 def _safetensors_problem(path: Path) -> str | None:

@@ -13,7 +13,6 @@ Dr. GRPO modifications: the std division of the advantage and the ``1/|o_i|`` vs
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -27,6 +26,7 @@ from typing import Any
 from drgrpo.config import preset_names
 from drgrpo.field_error import FieldError, check_finite_fields
 from drgrpo.train.config import TrainConfig
+from drgrpo.train.metrics import METRICS_FILE, read_metrics_file
 
 PER_RUN = ("output_dir", "loss", "seed", "resume", "progress")
 """TrainConfig fields that compare sets for each run itself (they are not flags of drgrpo compare)."""
@@ -172,20 +172,16 @@ class RunCurves:
 def load_metrics(path: Path) -> RunCurves:
     """Parse ``metrics.jsonl``: lines with ``reward`` are rollout steps, lines with ``eval/accuracy`` evaluations."""
     curves = RunCurves([], [], [], [], [], [])
-    with open(path / "metrics.jsonl") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "eval/accuracy" in row:
-                curves.eval_steps.append(int(row["step"]))
-                curves.eval_accuracy.append(float(row["eval/accuracy"]))
-            elif "reward" in row:
-                curves.steps.append(int(row["step"]))
-                curves.reward.append(row["reward"])
-                curves.length_correct.append(row.get("length_correct"))
-                curves.length_incorrect.append(row.get("length_incorrect"))
-                curves.frac_truncated.append(row.get("frac_truncated"))
+    for row in read_metrics_file(path / METRICS_FILE):  # a cut-off last line is left out, with a warning
+        if "eval/accuracy" in row:
+            curves.eval_steps.append(int(row["step"]))
+            curves.eval_accuracy.append(float(row["eval/accuracy"]))
+        elif "reward" in row:
+            curves.steps.append(int(row["step"]))
+            curves.reward.append(row["reward"])
+            curves.length_correct.append(row.get("length_correct"))
+            curves.length_incorrect.append(row.get("length_incorrect"))
+            curves.frac_truncated.append(row.get("frac_truncated"))
     return curves
 
 

@@ -28,7 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drgrpo.train.checkpoint import check_checkpoint, checkpoint_problem, checkpoints_of, find_checkpoint, read_state
+from drgrpo.train.checkpoint import (
+    check_checkpoint,
+    checkpoint_problem,
+    checkpoints_of,
+    find_checkpoint,
+    read_state,
+    step_of,
+)
 from drgrpo.train.config import ON_RESUME, TrainConfig
 from drgrpo.train.flags import flags_of
 from drgrpo.train.metrics import METRICS_FILE, read_metrics_file, warn_line
@@ -66,8 +73,6 @@ class RunStart:
     """The run directory the checkpoint belongs to."""
     branch: bool = False
     """True when the run continues into another directory than the checkpoint's run."""
-    changes: tuple[Change, ...] = ()
-    """The flags given with values other than the run's (accepted ones: a refused one is an error)."""
     history: tuple[dict[str, Any], ...] = ()
     """The run's resumes and branches so far, this one last (saved in every later checkpoint)."""
     checkpoint_lines: tuple[dict[str, Any], ...] = ()
@@ -111,7 +116,6 @@ def plan_run(config: TrainConfig) -> RunStart:
         step=state["step"],
         source_run=run_dir,
         branch=branch,
-        changes=tuple(changes),
         history=(*state.get("history", ()), entry),
         checkpoint_lines=tuple(lines or ()),
         eval_pending=config.eval_due(state["step"]) and state["step"] > 0 and not evaluated,
@@ -245,7 +249,3 @@ def show(value: Any) -> str:
 
 def jsonable(value: Any) -> Any:
     return [jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
-
-
-def step_of(ckpt: Path) -> int:
-    return int(ckpt.name.split("_")[1])
