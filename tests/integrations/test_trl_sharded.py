@@ -10,6 +10,9 @@ also records that its parameters really were sharded and in what state the loss 
 from __future__ import annotations
 
 import importlib.util
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +123,45 @@ def test_a_sharded_head_that_no_fsdp_group_gathers_is_refused(monkeypatch: pytes
     with pytest.raises(ValueError, match=r"lm_head.s full weight .* DTensor .* no fully_shard group"):
         adapter._unshard_fsdp2_head(torch.nn.Sequential(head), head)
     adapter._unshard_fsdp2_head(torch.nn.Sequential(torch.nn.Linear(4, 3)), torch.nn.Linear(4, 3))  # plain: nothing
+
+
+ROOT_GROUP_HEAD = """
+import os, sys, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo", rank=0, world_size=1)
+from torch.distributed.fsdp import fully_shard
+from drgrpo.integrations.trl import _is_dtensor, _unshard_fsdp2_head
+from drgrpo.train.tiny import TinyModelConfig, build_model, build_tokenizer
+
+def untied():
+    model = build_model(TinyModelConfig(), build_tokenizer(), seed=0)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    return model
+
+whole = untied()
+ids = torch.randint(0, whole.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+whole(input_ids=ids).logits.log_softmax(-1).sum().backward()
+sharded = untied()
+for layer in sharded.model.layers:
+    fully_shard(layer)
+fully_shard(sharded)  # lm_head in the root's group, as a hand-written wrapping leaves it
+assert _is_dtensor(sharded.lm_head.weight)  # before the root's forward: sharded
+_unshard_fsdp2_head(sharded, sharded.lm_head)  # where the logits path calls it
+assert not _is_dtensor(sharded.lm_head.weight)
+sharded(input_ids=ids).logits.log_softmax(-1).sum().backward()
+grad = sharded.lm_head.weight.grad.full_tensor()
+print(float((grad - whole.lm_head.weight.grad).abs().max() / whole.lm_head.weight.grad.abs().max()))
+dist.destroy_process_group()
+"""
+
+
+def test_a_head_in_the_root_group_is_gathered_before_the_roots_forward() -> None:
+    """fully_shard on the layers and the root only: the logits path gathers lm_head through the root's group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-c", ROOT_GROUP_HEAD, str(port)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split()[-1]) <= TOL  # the gradient of the unsharded model

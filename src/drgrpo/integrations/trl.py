@@ -520,10 +520,11 @@ _MULTIMODAL_KEYS = (
 def _unshard_fsdp2_head(causal_lm: Any, lm_head: Any) -> None:
     """FSDP2: gather a sharded ``lm_head`` weight through the ``fully_shard`` group that owns it.
 
-    Under FSDP2 a group's parameters are sharded DTensors outside its module's forward. The loss runs inside
-    the root module's forward, after the backbone's, so their groups are gathered; but ``lm_head``'s own
+    Under FSDP2 a group's parameters are sharded DTensors outside its module's forward. The fused loss runs
+    inside the root module's forward, after the backbone's, so their groups are gathered; but ``lm_head``'s own
     forward never runs, so a head with a group of its own that is freed after each forward (transformers'
-    plan ``{"lm_head": "free_full_weight"}``) is still sharded here. ``unshard()`` makes the module hold the
+    plan ``{"lm_head": "free_full_weight"}``) is still sharded here. The logits path calls this before the root's
+    forward, where a head in the root's own group is still sharded too. ``unshard()`` makes the module hold the
     full weight: its gradient then lands in FSDP's unsharded parameter, which FSDP reduce-scatters (averages
     over the processes) after the backward like every group's. ``weight.full_tensor()``, which TRL 1.16's head
     takes, leaves each process the shard of its *own* gradient, never averaged (docs/sharded.md). Does nothing
@@ -534,17 +535,24 @@ def _unshard_fsdp2_head(causal_lm: Any, lm_head: Any) -> None:
         return
     from torch.distributed.fsdp import FSDPModule
 
-    for module in (lm_head, *causal_lm.modules()):  # the head's own group, or (tied weights) the embedding's
-        owns = any(p is weight for p in module.parameters(recurse=False))
-        if owns and isinstance(module, FSDPModule):
-            module.unshard()
+    # the group of a parameter is that of the nearest fully_shard module at or above the module holding it: the
+    # head's own, the tied embedding's, or an enclosing one such as the root's (before the root's forward, in
+    # which a later unshard is then a no-op)
+    modules = dict(causal_lm.named_modules())
+    holders = [name for name, m in modules.items() if any(p is weight for p in m.parameters(recurse=False))]
+    for name in holders:
+        parts = name.split(".") if name else []
+        enclosing = (modules[".".join(parts[:depth])] for depth in range(len(parts), -1, -1))
+        group = next((m for m in enclosing if isinstance(m, FSDPModule)), None)
+        if group is not None:
+            group.unshard()
             break
     if _is_dtensor(lm_head.weight):
         raise ValueError(
             f"DrGRPOTrainer needs lm_head's full weight for the loss, but it is a DTensor (placements "
-            f"{getattr(weight, 'placements', '?')}) that no fully_shard group of lm_head, or of the embedding tied "
-            "to it, gathers; its gradient would not be averaged over the processes. Shard lm_head with fully_shard "
-            "(or leave it in the root module's group)"
+            f"{getattr(weight, 'placements', '?')}) that no fully_shard group holding lm_head (or the embedding tied "
+            "to it) gathers; its gradient would not be averaged over the processes. Apply fully_shard to lm_head "
+            "or to a module that contains it (the root, for instance)"
         )
 
 
