@@ -51,7 +51,7 @@ def token_weights(mask: Tensor, config: LossConfig, normalizer: StepNormalizer |
         num_sequences = normalizer.num_sequences
         scale = float(normalizer.world_size)
 
-    agg = config.forced_aggregation or config.aggregation
+    agg = config.effective_aggregation
     if agg == "token-mean":
         w = m / num_tokens
     elif agg == "seq-mean-token-mean":

@@ -190,6 +190,16 @@ class LossConfig:
                 )
 
     @property
+    def effective_aggregation(self) -> str:
+        """The aggregation the loss uses: the one its surrogate forces (``forced_aggregation``), else ``aggregation``."""
+        return self.forced_aggregation or self.aggregation
+
+    @property
+    def divides_by_constant_length(self) -> bool:
+        """True when the loss divides by the constant L = ``max_completion_length`` (``seq-mean-token-sum-norm``)."""
+        return self.effective_aggregation == "seq-mean-token-sum-norm"
+
+    @property
     def epsilon_low(self) -> float:
         """Alias of ``clip_low`` under TRL's name (0 when there is no lower clip)."""
         return 0.0 if self.clip_low is None else self.clip_low
@@ -210,9 +220,7 @@ class LossConfig:
         without ``max_completion_length``.
         """
         config = preset_config(name).replace(**overrides)
-        check_constant_length(
-            config.forced_aggregation or config.aggregation, config.max_completion_length, f"preset {name!r}: "
-        )
+        check_constant_length(config.effective_aggregation, config.max_completion_length, f"preset {name!r}: ")
         return config
 
 

@@ -114,7 +114,7 @@ def length_distribution(p_stop: float, max_length: int) -> tuple[np.ndarray, np.
 
 def sequence_weight(length: np.ndarray, config: LossConfig) -> np.ndarray:
     """Per-token weight of a completion of each length, times the number of completions: ``1/|o|`` or ``1/L``."""
-    agg = config.forced_aggregation or config.aggregation
+    agg = config.effective_aggregation
     if agg == "seq-mean-token-mean":
         return 1.0 / length
     if agg == "seq-mean-token-sum-norm":

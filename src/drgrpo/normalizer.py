@@ -53,7 +53,7 @@ def check_step_normalizable(config: LossConfig, length: int | None) -> None:
             f"preset {config.name!r} normalises per call (per micro-batch) by definition, so it has no "
             "step-wide normaliser; use the equivalent split-invariant core preset (e.g. 'dr_grpo', 'dapo')"
         )
-    aggregation = config.forced_aggregation or config.aggregation
+    aggregation = config.effective_aggregation
     check_constant_length(aggregation, length)
     if aggregation == "token-sum-norm" and length is None:
         raise ValueError(

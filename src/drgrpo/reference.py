@@ -213,7 +213,7 @@ def policy_loss(
     return aggregate(
         per_token,
         np.asarray(mask),
-        config.forced_aggregation or config.aggregation,
+        config.effective_aggregation,
         config.max_completion_length,
         num_tokens=num_tokens,
         num_sequences=num_sequences,

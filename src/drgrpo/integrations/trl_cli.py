@@ -63,7 +63,7 @@ def build_parser(prog: str | None = None) -> Any:
     return TrlParser(dataclasses, prog=prog)
 
 
-def main(argv: Sequence[str] | None = None, *, trainer_cls: type | None = None, prog: str | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, trainer_cls: type, prog: str | None = None) -> int:
     """Parse ``argv`` (``sys.argv[1:]`` by default) like ``trl grpo``, train with ``trainer_cls``, save the model.
 
     ``trainer_cls`` is ``DrGRPOTrainer`` (``drgrpo.integrations.trl`` passes it in; this module does not import it).
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None, *, trainer_cls: type | None = None, 
     try:
         script_args, training_args, model_args, dataset_args, drgrpo_args = parser.parse_args_and_config(argv)
         trainer = _build_trainer(script_args, training_args, model_args, dataset_args, drgrpo_args, trainer_cls)
-    except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, OSError) as error:
+    except (ValueError, TypeError, KeyError, ImportError, OSError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
@@ -108,7 +108,7 @@ def loss_config_from(value: Any, max_completion_length: int | None) -> LossConfi
     if not isinstance(name, str):
         raise ValueError(f"--loss_config {value!r} has no preset: add preset: <name> (e.g. preset: dr_grpo)")
     config = preset_config(name).replace(**fields)
-    if (config.forced_aggregation or config.aggregation) == "seq-mean-token-sum-norm":
+    if config.divides_by_constant_length:
         fields.setdefault("max_completion_length", max_completion_length)  # the generation budget, as for a name
     return LossConfig.preset(name, **fields)
 

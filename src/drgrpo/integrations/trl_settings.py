@@ -139,7 +139,7 @@ def trl_loss_type(config: LossConfig, max_completion_length: int | None) -> str:
     """
     if config.name in _PER_CALL_LOSS_TYPES:
         return _PER_CALL_LOSS_TYPES[config.name]
-    aggregation = config.forced_aggregation or config.aggregation
+    aggregation = config.effective_aggregation
     if config.beta != 0 and config.kl != "k3":
         return DRGRPO_LOSS_TYPE
     if config.surrogate == "ppo" and config.dual_clip is None:
@@ -207,7 +207,7 @@ def _as_config(loss_config: LossConfig | str, args: GRPOConfig) -> LossConfig:
     """A preset name with L from ``args`` where it needs one, or the LossConfig as given."""
     if isinstance(loss_config, str):
         config = LossConfig.preset(loss_config, max_completion_length=args.max_completion_length)
-        if (config.forced_aggregation or config.aggregation) != "seq-mean-token-sum-norm":
+        if not config.divides_by_constant_length:
             config = LossConfig.preset(loss_config)  # L unused, or (token-sum-norm) the padded width by definition
     elif isinstance(loss_config, LossConfig):
         config = loss_config
@@ -279,7 +279,7 @@ def _contradiction(name: str, current: Any, config: LossConfig, implied: Any) ->
         fix = f"loss_config.replace({field}={current!r})"
     else:
         length = ""
-        if (config.forced_aggregation or config.aggregation) == "seq-mean-token-sum-norm":
+        if config.divides_by_constant_length:
             length = f"max_completion_length={config.max_completion_length}, "
         fix = f"LossConfig.preset({config.name!r}, {length}{field}={current!r})"
     raise ValueError(

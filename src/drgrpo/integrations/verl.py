@@ -114,7 +114,7 @@ def loss_config(preset: str, actor: Mapping[str, Any]) -> LossConfig:
         mapped["dual_clip"] = ("clip_ratio_c", actor.get("clip_ratio_c"))
     if actor.get("loss_scale_factor") is not None:
         mapped["max_completion_length"] = ("loss_scale_factor", actor.get("loss_scale_factor"))
-    aggregation = base.forced_aggregation or base.aggregation
+    aggregation = base.effective_aggregation
     if aggregation in _NEEDS_L and "max_completion_length" not in mapped and base.max_completion_length is None:
         raise ValueError(
             f"loss_mode {LOSS_PREFIX}{preset} ({aggregation}) divides by a constant L, and "
