@@ -54,11 +54,8 @@ def check_finite_rows(name: str, x: Tensor, mask: Tensor) -> None:
     if x.numel() == 0:
         return
     lo, hi = torch.aminmax(x, dim=-1)
-    bad = ~(torch.isfinite(lo) & torch.isfinite(hi)) & mask.bool()
-    if bool(bad.any()):
-        row = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
-        pos = (*row, int(torch.nonzero(~torch.isfinite(x[row]))[0, 0]))
-        raise ValueError(f"{name} has a non-finite value {x[pos].item()} at position {pos}")
+    if bool((~(torch.isfinite(lo) & torch.isfinite(hi)) & mask.bool()).any()):
+        check_finite_where(name, x, mask.bool().unsqueeze(-1))  # only now: the message, at the first bad position
 
 
 def check_same_device(name: str, x: Tensor, **others: object) -> None:
