@@ -84,9 +84,11 @@ def two_processes(jobs: list[dict], model_dir: Path, out: Path) -> list[dict]:
     rows = []
     pad = build_tokenizer().pad_token_id
     for j, job in enumerate(jobs):
-        generations = h.merge_ranks([r[j]["generations"] for r in ranks], pad)
-        micro = [mb for r in ranks for mb in r[j]["micro"][:K]]
-        diffs = [measure(job, generations, micro, r[j]["grads"][0], model_dir) for r in ranks]
+        records = [r[j] for r in ranks]
+        _, whole, rollout = h.whole_batch_of_ranks(records, oracle_config(job), model_dir, K)  # once for both ranks
+        assert rollout.mask.shape[0] == ROWS_PER_STEP
+        diffs = [h.relative_difference(r["grads"][0], whole) for r in records]
+        generations = h.merge_ranks([r["generations"] for r in records], pad)
         rows.append({**job, "processes": 2, "rel_diff": max(diffs), "rollout": _fingerprint(generations)})
         print(f"P=2 {job}: {max(diffs):.3g}", flush=True)
     return rows
