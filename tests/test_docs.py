@@ -463,6 +463,35 @@ def check_trl_command_line(ns: dict[str, Any]) -> None:
     assert (ns["where"] / "runs" / "trl-cli" / "model.safetensors").exists()
 
 
+def check_config_errors(ns: dict[str, Any]) -> None:
+    """faults.md: TrainConfig refuses each bad value, naming the field (the messages the page prints)."""
+    assert ns["messages"] == [
+        "lr must be a finite number, got nan",
+        "grad_clip must be >= 0 (0 turns clipping off), got -1.0",
+        "reward_weights must be a finite number, got inf",
+    ]
+
+
+def check_resume_and_branch(ns: dict[str, Any]) -> None:
+    """faults.md: the older checkpoint is refused in its run (exit 2, naming both steps); the branch records --lr."""
+    assert "refused: exit code 2" in ns["stdout"]
+    assert "is step 2 of the run in runs/faults, whose newest checkpoint is step 6" in ns["stderr"]
+    assert "branched at step 2 from" in ns["stdout"] and "--lr 0.0005 -> 0.0001" in ns["stdout"]
+
+
+def check_rerun_from_config(ns: dict[str, Any]) -> None:
+    """training.md: the run again from its config.yaml ends on the same weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    def last_weights(run: str) -> dict[str, torch.Tensor]:
+        newest = max((ns["where"] / run / "checkpoints").glob("step_*"))
+        return load_file(newest / "model.safetensors")
+
+    first, again = last_weights("runs/default"), last_weights("runs/again")
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
 def check_split_step(ns: dict[str, Any]) -> None:
     """distributed.md: the micro-batch losses add up to the whole batch's float64 reference loss."""
     from drgrpo import reference
@@ -486,6 +515,12 @@ CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "README.md: from datasets import Dataset": check_trl_example,
     "docs/trl.md: from datasets import Dataset": check_trl_page_example,
     "docs/trl.md: python - <<'EOF'": check_trl_command_line,
+    "docs/faults.md: import math": check_config_errors,
+    "docs/faults.md: drgrpo train --output-dir runs/faults --steps 4 --checkpoint-every 2 --eval-every 0 "
+    "--prompts-per-step 8 \\": check_resume_and_branch,
+    "docs/training.md: drgrpo eval --model runs/default" + " " * 46 + "# its latest checkpoint": (
+        check_rerun_from_config
+    ),
     "docs/distributed.md: import torch": check_split_step,
     "docs/losses.md: import numpy as np": check_spec_example,
     "README.md: python -m verl.trainer.main_ppo ... \\": check_verl_launch,

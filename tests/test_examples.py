@@ -77,13 +77,11 @@ def test_make_model_writes_a_model_directory_the_trainer_loads(tmp_path, monkeyp
     from make_model import make_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from drgrpo.train.tiny import TinyModelConfig
-
     out = make_model(tmp_path / "my-model", seed=3)
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    assert model.config.hidden_size == TinyModelConfig().hidden_size
-    assert model.config.num_hidden_layers == TinyModelConfig().num_layers
+    # the shape make_model.py states: 2 layers, H = 64
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
     # every prompt of the data is in the tokenizer's vocabulary
     prompts = [json.loads(x)["prompt"] for x in (EXAMPLES / "data" / "train.jsonl").read_text().splitlines()]
     assert tokenizer.unk_token_id not in {i for p in prompts for i in tokenizer(p)["input_ids"]}
