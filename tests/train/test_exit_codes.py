@@ -154,6 +154,20 @@ def test_eval_temperature_nan_or_negative(tmp_path: Path, capsys: pytest.Capture
     assert "--eval-temperature must be" in line and line.endswith(f"got {shown}")
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--keep-checkpoints", "-1", "--keep-checkpoints must be >= 0 (0: keep all), got -1"),
+        ("--reward-timeout", "-1", "--reward-timeout must be a number of seconds >= 0 (0: no limit), got -1.0"),
+        ("--reward-timeout", "nan", "--reward-timeout must be a finite number, got nan"),
+    ],
+)
+def test_keep_checkpoints_and_reward_timeout_refuse_bad_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, value: str, expected: str
+) -> None:
+    assert refused(capsys, tmp_path / "out", flag, value).endswith(expected)
+
+
 def test_dtype_float16(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     line = refused(capsys, tmp_path / "out", "--dtype", "float16")
     assert "--dtype float16 cannot train" in line and "use --dtype bfloat16" in line
