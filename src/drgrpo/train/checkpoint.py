@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from drgrpo.train.disk import WriteFailed, free_bytes, write_error
+from drgrpo.train.identity import config_run_id
 from drgrpo.train.stopping import deferred
 
 STATE_FILE = "trainer_state.json"
@@ -268,20 +269,77 @@ def check_latest(root: Path) -> None:
         )
 
 
+def run_id_of(ckpt: str | Path) -> str | None:
+    """The run id a checkpoint records (None: written before drgrpo recorded one, or unreadable)."""
+    state, _ = _read_json(Path(ckpt) / STATE_FILE)
+    run_id = state.get("run_id") if isinstance(state, dict) else None
+    return run_id if isinstance(run_id, str) else None
+
+
+def owner_problem(ckpt: Path) -> str | None:
+    """Why ``ckpt``, found where it is (``RUN/checkpoints/NAME``), is not a checkpoint of the run in RUN, or None.
+
+    It is another run's when it lies elsewhere (``NAME`` is a link out of RUN: ``latest`` or a ``step_*`` linked to
+    another run's checkpoint), or when the run id it records is not RUN's (a ``step_*`` copied in from another run):
+    RUN's id is the one on its config.yaml's run line and in its other checkpoints. A checkpoint written before run
+    ids (no ``run_id``) cannot be told apart and is taken to be RUN's. A checkpoint outside any ``checkpoints/``
+    directory belongs to no run directory: None.
+    """
+    place = Path(os.path.abspath(ckpt))
+    if place.parent.name != "checkpoints":
+        return None
+    run_dir = place.parent.parent
+    real = place.resolve()
+    if real.parent.parent != run_dir.resolve():
+        other, here = run_id_of(real), config_run_id(run_dir)
+        return (
+            f"{place} leads to {real}, a checkpoint of another run{f' ({other})' if other else ''}, not of the run "
+            f"in {run_dir}{f' ({here})' if here else ''}"
+        )
+    own = run_id_of(place)
+    if own is None:
+        return None
+    found = config_run_id(run_dir)
+    if found is not None and found != own:
+        return f"{place} is a checkpoint of run {own}, not of run {found}, the run in {run_dir} (its config.yaml)"
+    for sibling in checkpoints_of(place.parent):
+        other = run_id_of(sibling)
+        if other is not None and other != own:
+            return f"{place} is a checkpoint of run {own}, not of run {other}, the run in {run_dir} ({sibling.name})"
+    return None
+
+
+def check_owner(ckpt: Path, use: str) -> None:
+    """Raise :class:`CheckpointError` when ``ckpt`` is not a checkpoint of the run it was found in
+    (:func:`owner_problem`); ``use`` ends the message with what the caller may do instead."""
+    problem = owner_problem(ckpt)
+    if problem is not None:
+        raise CheckpointError(f"{problem}: refused, so that no run is continued or scored with another run's weights. "
+                              f"{use}")  # fmt: skip
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """A Hugging Face model directory from ``path``: a model directory itself (it has ``config.json``),
     or a checkpoint named as :func:`find_checkpoint` accepts (a run directory, ``checkpoints/latest``).
 
     Raises FileNotFoundError when ``path`` is none of these, and :class:`CheckpointError` when its weights or
-    configuration are damaged (:func:`check_checkpoint`; the optimizer state is not needed here).
+    configuration are damaged (:func:`check_checkpoint`; the optimizer state is not needed here) or when the
+    checkpoint is another run's, reached through a link or copied into the run (:func:`check_owner`).
     """
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
-        return check_checkpoint(path, optimizer=False)
-    try:
-        return check_checkpoint(find_checkpoint(path), optimizer=False)
-    except FileNotFoundError:
-        pass
+        found = path
+    else:
+        try:
+            found = find_checkpoint(path)
+        except FileNotFoundError:
+            found = None
+    if found is not None:
+        if (found / STATE_FILE).is_file():
+            real = found.resolve()
+            check_owner(found, f"To use that checkpoint, name it: {real}" if real != found.absolute() else
+                        "Move it out of this run's checkpoints/ directory and name it where it is")  # fmt: skip
+        return check_checkpoint(found, optimizer=False)
     if not path.exists():
         raise FileNotFoundError(
             f"--model {str(path)!r} is not a directory (expected a local Hugging Face model directory, "

@@ -8,6 +8,7 @@ for a type transformers does not have built in) is refused before anything is lo
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,75 @@ def load_model(path: str | Path, dtype: str, device: torch.device) -> Any:
     """``AutoModelForCausalLM`` from a local directory, with parameters in ``dtype`` ('float32', 'bfloat16', ...)."""
     check_local_code(path)
     model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=False)
-    return model.to(device)
+    model = model.to(device)
+    check_finite_weights(model, path)
+    return model
+
+
+def check_finite_weights(model: Any, path: str | Path) -> None:
+    """Refuse (ValueError naming the weights file and the tensors) a model loaded from ``path`` with a NaN or an
+    infinity in its weights: training or scoring it gives no meaningful number (sampling fails, or every
+    completion is the same). drgrpo never saves such weights, so the file was changed or made elsewhere.
+
+    One pass over the floating-point tensors of the state dict and one device sync (the max-abs of each tensor,
+    which NaN and infinity reach); the tensors are named only when one is bad.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, t in model.state_dict().items():  # a tied tensor (lm_head = embed_tokens) once, by its first name
+        if t.is_floating_point() and t.numel() and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            tensors[key] = t.detach()
+    if not tensors:
+        return
+    largest = [n.float() for n in torch._foreach_norm(list(tensors.values()), math.inf)]  # max |w| per tensor
+    if bool(torch.stack(largest).isfinite().all()):
+        return
+    bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    raise ValueError(non_finite_message(weights_file(Path(path), bad[0]), bad))
+
+
+def check_finite_files(model_dir: str | Path) -> None:
+    """Refuse (ValueError, as :func:`check_finite_weights`) a model directory whose safetensors files hold a NaN or
+    an infinity, reading them one tensor at a time on the CPU: the check a run makes before it writes anything
+    (one pass over the weights; :func:`load_model` checks them again on the device, where that is one sync)."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    index = _json_or_empty(model_dir / "model.safetensors.index.json").get("weight_map")
+    names = sorted(set(index.values())) if isinstance(index, dict) else ["model.safetensors"]
+    for name in names:
+        path = model_dir / str(name)
+        if not path.is_file():
+            continue  # a model in another format: load_model checks it once loaded
+        with safe_open(str(path), framework="pt") as f:
+            bad = [k for k in f.keys() if _has_non_finite(f.get_tensor(k))]  # noqa: SIM118  (safe_open: no __iter__)
+        if bad:
+            raise ValueError(non_finite_message(path, bad))
+
+
+def _has_non_finite(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and t.numel() > 0 and not bool(torch.isfinite(t).all())
+
+
+def non_finite_message(path: Path, bad: list[str]) -> str:
+    """The one-line refusal of weights with a NaN or an infinity: the file and the first tensors that hold one."""
+    names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return (
+        f"{path} holds non-finite weights (NaN or infinity in {names}): refused, since training or evaluating it "
+        "gives no meaningful result. drgrpo never saves such weights: use an earlier checkpoint of the run, or the "
+        "model as it was made"
+    )
+
+
+def weights_file(model_dir: Path, tensor: str) -> Path:
+    """The safetensors file of ``model_dir`` that holds ``tensor`` (the index's shard for a sharded model)."""
+    index = _json_or_empty(model_dir / "model.safetensors.index.json")
+    shards = index.get("weight_map") if isinstance(index.get("weight_map"), dict) else None
+    if shards:
+        return model_dir / str(shards.get(tensor, "model.safetensors.index.json"))
+    single = model_dir / "model.safetensors"
+    return single if single.is_file() else model_dir
 
 
 def load_tokenizer(path: str | Path) -> Any:

@@ -18,7 +18,7 @@ from drgrpo.config import LossConfig
 from drgrpo.train.checkpoint import resolve_model_dir
 from drgrpo.train.config import TrainConfig
 from drgrpo.train.data import Example, Rewards, load_examples
-from drgrpo.train.model import check_local_code, context_length, load_tokenizer
+from drgrpo.train.model import check_finite_files, check_local_code, context_length, load_tokenizer
 from drgrpo.train.resume import RunStart, plan_run
 from drgrpo.train.rollout import prompt_texts
 
@@ -58,6 +58,7 @@ def check_run(config: TrainConfig) -> RunPlan:
     weights_dir = start.checkpoint or model_dir
     if weights_dir is not None:
         check_local_code(weights_dir)  # a model that needs its own Python code is refused, never run
+        check_finite_files(weights_dir)  # a NaN or an infinity in the weights: refused before anything is written
     check = prompt_check(weights_dir, config) if config.dataset or config.eval_dataset else None  # empty, too long
     train_examples, eval_examples = load_examples(
         config.dataset, config.eval_dataset, config.prompt_field, config.task, check

@@ -12,6 +12,12 @@ One run per directory, and a run's history is one line of steps:
   another run, which is only read, never changed. NEW must hold no checkpoint; its metrics.jsonl starts with
   the old run's lines up to the checkpoint's step.
 
+A run's files are its own (:mod:`drgrpo.train.identity`): a resume refuses a checkpoint of another run reached
+through ``latest``, a link or a ``step_*`` copied into the run (naming it as a branch's source is the way to start
+from it), and another number of processes than the checkpoint's (the sampling of a step depends on the process
+rank); a new run or a branch never replaces a metrics.jsonl with lines or a config.yaml it did not write, and a
+resume never overwrites an edit of config.yaml.
+
 Flags that change what the run computes (:data:`~drgrpo.train.config.ON_RESUME`) are refused on resume, with
 the list of what differs (flag, the run's value, the value given); a branch may change them. Flags that change
 only how it runs (``--steps``, the cadences, devices, logging) are accepted. Every resume and branch is recorded
@@ -23,21 +29,28 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from drgrpo.train.checkpoint import (
+    LATEST,
+    STATE_FILE,
     check_checkpoint,
+    check_owner,
     checkpoint_problem,
     checkpoints_of,
     find_checkpoint,
+    owner_problem,
     read_state,
     step_of,
 )
 from drgrpo.train.config import ON_RESUME, TrainConfig
 from drgrpo.train.flags import flags_of
+from drgrpo.train.identity import config_problem, config_run_id, new_run_id
 from drgrpo.train.metrics import METRICS_FILE, read_metrics_file, warn_line
 
 EVAL_KEY = "eval/accuracy"
@@ -80,6 +93,14 @@ class RunStart:
     eval_pending: bool = False
     """The evaluation due at the checkpoint's step is not in its lines (a signal abandoned it): the run does it
     first, so that its metrics are those of an uninterrupted run."""
+    run_id: str = ""
+    """The run's id: new for a new run or a branch, the checkpoint's on a resume (:mod:`drgrpo.train.identity`)."""
+    parent: dict[str, Any] | None = None
+    """A branch's origin, kept by its resumes: the parent run's id, the step and the checkpoint it started from."""
+    world_size: int | None = None
+    """The number of processes that wrote the checkpoint (None: a new run, or a checkpoint that does not say)."""
+    saved_config: TrainConfig | None = None
+    """The checkpoint's TrainConfig (None for a new run)."""
 
     def notes(self) -> list[str]:
         """The history as comment lines for config.yaml."""
@@ -92,12 +113,18 @@ def plan_run(config: TrainConfig) -> RunStart:
     checkpoint) listing the refused flags; :func:`check_run_dir` checks the output directory, under its lock.
     """
     if not config.resume:
-        return RunStart()
-    ckpt = check_checkpoint(find_checkpoint(config.resume))
+        return RunStart(run_id=new_run_id())
+    named = Path(config.resume)
+    ckpt = check_checkpoint(find_checkpoint(named))
     state = read_state(ckpt)
     saved = TrainConfig.from_dict(state["train_config"])
-    run_dir = ckpt.parent.parent
-    branch = Path(config.output_dir).resolve() != run_dir.resolve()
+    run_dir = ckpt.resolve().parent.parent  # where the checkpoint is, links followed
+    out = Path(config.output_dir).resolve()
+    direct = (named / STATE_FILE).is_file() and named.name != LATEST  # the checkpoint itself is named
+    if not direct or out == Path(os.path.abspath(ckpt)).parent.parent.resolve():  # reached in, or continued in place
+        check_owner(ckpt, f"To start a new run from it, name it as a branch's source: --resume {ckpt.resolve()} "
+                          "--output-dir NEW_DIR")  # fmt: skip
+    branch = out != run_dir
     changes = config_changes(saved, config)
     refused = [c for c in changes if c.kind == "checkpoint" or (c.kind == "meaning" and not branch)]
     if refused:
@@ -111,21 +138,57 @@ def plan_run(config: TrainConfig) -> RunStart:
     }
     lines = state.get("metrics")  # None: a checkpoint from before drgrpo saved them
     evaluated = lines is None or any(EVAL_KEY in line for line in lines)
+    run_id, parent = state.get("run_id"), state.get("parent_run")
+    if branch:
+        parent = {"run_id": run_id, "step": state["step"], "checkpoint": str(ckpt.resolve())}
+        run_id = new_run_id()
+    elif not isinstance(run_id, str):
+        run_id = config_run_id(run_dir) or new_run_id()  # a run of those days resumed since has an id already
+        warn_line(f"{ckpt} records no run id (written before drgrpo recorded one): it is taken to be a checkpoint of "
+                  f"the run in {run_dir}, which is run {run_id} from now on")  # fmt: skip
+    world = state.get("world_size")
     return RunStart(
         checkpoint=ckpt,
         step=state["step"],
-        source_run=run_dir,
+        source_run=run_dir
+        if owner_problem(ckpt.resolve()) is None
+        else None,  # a copied-in checkpoint: not that run's lines
         branch=branch,
         history=(*state.get("history", ()), entry),
         checkpoint_lines=tuple(lines or ()),
         eval_pending=config.eval_due(state["step"]) and state["step"] > 0 and not evaluated,
+        run_id=run_id,
+        parent=parent if isinstance(parent, dict) else None,
+        world_size=world if isinstance(world, int) else None,
+        saved_config=saved,
     )
 
 
-def check_run_dir(out_dir: Path, start: RunStart, warn: Callable[[str], None] | None = None) -> None:
+def check_processes(start: RunStart, world: int) -> RunStart:
+    """``start`` once ``world`` processes run it: a resume in place needs the checkpoint's number of processes
+    (ValueError saying why); a branch may change it, and records it in its history entry."""
+    if start.checkpoint is None or start.world_size in (None, world):
+        return start
+    if not start.branch:
+        raise ValueError(
+            f"--resume {start.checkpoint}: the run ran on {start.world_size} processes, this resume on {world}. "
+            "Every step samples from (seed, step, process rank), so another number of processes draws other "
+            "completions than the uninterrupted run would: resume it on "
+            f"{start.world_size} (torchrun --nproc-per-node {start.world_size}, or no torchrun for 1), or start a "
+            f"branch on {world}: --resume {start.checkpoint} --output-dir NEW_DIR"
+        )
+    entry = {**start.history[-1], "processes": [start.world_size, world]}
+    return dataclasses.replace(start, history=(*start.history[:-1], entry))
+
+
+def check_run_dir(
+    out_dir: Path, start: RunStart, warn: Callable[[str], None] | None = None, config: TrainConfig | None = None
+) -> None:
     """Raise ValueError unless ``out_dir`` may take the run ``start`` describes (call it holding the directory's
-    lock): a new run or a branch needs a directory without checkpoints; a resume in place needs the checkpoint
-    to be the run's newest intact one (newer damaged ones are replaced as the run goes on: ``warn`` says so)."""
+    lock): a new run or a branch needs a directory without checkpoints and without metrics lines; a resume in place
+    needs the checkpoint to be the run's newest intact one (newer damaged ones are replaced as the run goes on:
+    ``warn`` says so). With the run's ``config``, its config.yaml must be one the run may replace
+    (:func:`~drgrpo.train.identity.config_problem`: not written by a person, not edited)."""
     ckpts = checkpoints_of(out_dir / "checkpoints")
     if start.checkpoint is None or start.branch:
         if ckpts:
@@ -138,7 +201,16 @@ def check_run_dir(out_dir: Path, start: RunStart, warn: Callable[[str], None] | 
                 f"--output-dir {out_dir} already holds a run (checkpoints up to {ckpts[-1].name}); one run per "
                 f"directory: {way} (or delete {out_dir / 'checkpoints'} first)"
             )
+        problem = unsaved_metrics(out_dir / METRICS_FILE, start)
+        if problem is None and config is not None:
+            problem = config_problem(out_dir, config, start.run_id, None)
+        if problem is not None:
+            raise ValueError(problem)
         return
+    if config is not None:
+        problem = config_problem(out_dir, config, start.run_id, start.saved_config)
+        if problem is not None:
+            raise ValueError(problem)
     for newer in reversed([c for c in ckpts if step_of(c) > start.step]):
         problem = checkpoint_problem(newer)
         if problem is None:
@@ -149,6 +221,27 @@ def check_run_dir(out_dir: Path, start: RunStart, warn: Callable[[str], None] | 
                 f"from step {start.step} into a new run: --resume {start.checkpoint} --output-dir NEW_DIR"
             )
         (warn or warn_line)(f"{problem}; the run continues from step {start.step} and writes {newer.name} again")
+
+
+def unsaved_metrics(path: Path, start: RunStart) -> str | None:
+    """Why a new run or a branch may not replace ``path`` (a metrics.jsonl with lines), or None."""
+    if not path.is_file():
+        return None
+    rows = [line for line in path.read_bytes().decode("utf-8", errors="replace").splitlines() if line.strip()]
+    if not rows:
+        return None
+    steps = []
+    for row in rows:
+        try:
+            steps.append(int(json.loads(row)["step"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    span = f" (steps {min(steps)} to {max(steps)})" if steps else ""
+    what = "a branch" if start.branch else "a new run"
+    return (
+        f"{path} holds {len(rows)} lines{span} of a run that left no checkpoint, so there is nothing to --resume, "
+        f"and {what} would replace them: start it in another --output-dir, or move or delete {path} first"
+    )
 
 
 def start_lines(out_dir: Path, start: RunStart, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
@@ -179,7 +272,8 @@ def config_changes(saved: TrainConfig, new: TrainConfig) -> list[Change]:
     """Every flag whose value in ``new`` differs from ``saved`` (the run's), with its class in ON_RESUME.
 
     Nested configurations give their own flags (``--task-max-operand``, ``--tiny-hidden-size``); the loss gives
-    ``--loss`` and every LossConfig field that differs once resolved (``--clip-high``, ``--beta``, ...).
+    ``--loss`` and every LossConfig field that differs once resolved (``--clip-high``, ``--beta``, ...). A
+    ``--model`` naming the run's model directory otherwise (relatively, absolutely) is no change.
     """
     names = {flag.dest: flag.name for flag, _, _ in flags_of(TrainConfig, "train") if flag is not None}
     changes = []
@@ -187,7 +281,7 @@ def config_changes(saved: TrainConfig, new: TrainConfig) -> list[Change]:
         if f.name in ("output_dir", "resume", "loss", "loss_overrides"):
             continue
         for dest, old, new_value in _leaves(getattr(saved, f.name), getattr(new, f.name), "train", f.name):
-            if old != new_value:
+            if old != new_value and not (f.name == "model" and same_directory(old, new_value)):
                 changes.append(Change(names.get(dest, dest), ON_RESUME[f.name], old, new_value))
     if saved.loss != new.loss:
         changes.append(Change("loss", ON_RESUME["loss"], saved.loss, new.loss))
@@ -199,6 +293,11 @@ def config_changes(saved: TrainConfig, new: TrainConfig) -> list[Change]:
         if old != new_value and (saved.loss == new.loss or f.name in given):
             changes.append(Change(f.name.replace("_", "-"), ON_RESUME["loss_overrides"], old, new_value))
     return changes
+
+
+def same_directory(old: Any, new: Any) -> bool:
+    """Two --model values that name one directory (written relatively and absolutely, or through a link)."""
+    return isinstance(old, str) and isinstance(new, str) and os.path.realpath(old) == os.path.realpath(new)
 
 
 def _leaves(old: Any, new: Any, group: str, name: str) -> Iterator[tuple[str, Any, Any]]:
@@ -233,6 +332,9 @@ def history_note(entry: dict[str, Any]) -> str:
     """One history entry as a line: 'resumed at step 4 from CKPT (TIME): --steps 6 -> 10'."""
     what = "branched" if entry.get("branch") else "resumed"
     changed = ", ".join(f"--{flag} {show(old)} -> {show(new)}" for flag, (old, new) in entry["changed"].items())
+    if "processes" in entry:  # a branch on another number of processes
+        old, new = entry["processes"]
+        changed = ", ".join(filter(None, (changed, f"processes {old} -> {new}")))
     return f"{what} at step {entry['step']} from {entry['from']} ({entry['time']}): {changed or 'no flag changed'}"
 
 

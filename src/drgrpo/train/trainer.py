@@ -44,11 +44,12 @@ from drgrpo.train.config import TrainConfig
 from drgrpo.train.data import prompts_for_step
 from drgrpo.train.disk import WriteFailed
 from drgrpo.train.evaluation import held_out_metrics
+from drgrpo.train.identity import write_config
 from drgrpo.train.metrics import MetricsLog, step_metrics
 from drgrpo.train.model import initial_policy_dir, load_train_state
 from drgrpo.train.preflight import check_run
 from drgrpo.train.progress import ProgressBar
-from drgrpo.train.resume import check_run_dir, start_lines
+from drgrpo.train.resume import check_processes, check_run_dir, start_lines
 from drgrpo.train.rollout import generate, prompt_texts
 from drgrpo.train.runlock import hold_run_dir
 from drgrpo.train.seeds import seed_step
@@ -98,6 +99,7 @@ def train(config: TrainConfig) -> TrainResult:
     config.apply_torch_settings()  # deterministic algorithms, threads
     procs = init_processes(config.device)  # rank, world size, device; starts the process group under torchrun
     config.check_world_size(procs.world)
+    start = check_processes(start, procs.world)  # a resume on another number of processes samples otherwise
     out_dir = Path(config.output_dir)
     result = TrainResult(output_dir=out_dir, step=start.step, checkpoint=start.checkpoint, checkpoint_step=start.step)
     state: TrainState | None = None
@@ -124,17 +126,18 @@ def train(config: TrainConfig) -> TrainResult:
     def save(step: int, barrier: bool = True) -> None:
         lines = [m for m in (result.last_metrics, *result.evals[-1:]) if m.get("step") == step]  # restored if lost
         extra = {"init_model": str(init_dir.resolve()), "world_size": procs.world, "history": list(start.history),
-                 "metrics": lines}  # fmt: skip
+                 "metrics": lines, "run_id": start.run_id, "parent_run": start.parent,
+                 "run_dir": str(out_dir.resolve())}  # fmt: skip
         result.checkpoint = save_run_checkpoint(out_dir, step, state, config_state(config, loss_config, **extra),
                                                 procs.rank, barrier, config.keep_checkpoints)  # fmt: skip
         result.checkpoint_step = step
 
-    owned = hold_run_dir(out_dir, procs, lambda: check_run_dir(out_dir, start))  # a second run is refused
+    owned = hold_run_dir(out_dir, procs, lambda: check_run_dir(out_dir, start, config=config))  # one run a directory
     stop = StopOnSignal(config.reward_timeout, escalate=procs.world == 1)  # SIGINT/SIGTERM: stopping.py
     with owned, stop:
         try:
             if procs.rank == 0:
-                config.write(out_dir, start.notes())  # OUTPUT_DIR/config.yaml: `drgrpo train --config` reruns it
+                write_config(out_dir, config, start.run_id, start.notes())  # `drgrpo train --config` reruns it
                 clean_stale(out_dir / "checkpoints")  # what a killed checkpoint write left behind
             lines = start_lines(out_dir, start) if procs.rank == 0 else []  # the run's history on resume
             log = MetricsLog(out_dir, procs.rank, lines, config.tensorboard)
