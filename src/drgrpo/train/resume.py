@@ -101,6 +101,8 @@ class RunStart:
     """The number of processes that wrote the checkpoint (None: a new run, or a checkpoint that does not say)."""
     saved_config: TrainConfig | None = None
     """The checkpoint's TrainConfig (None for a new run)."""
+    note: str = ""
+    """A warning for the user once the run is accepted (a checkpoint from before run ids), or ''."""
 
     def notes(self) -> list[str]:
         """The history as comment lines for config.yaml."""
@@ -138,21 +140,19 @@ def plan_run(config: TrainConfig) -> RunStart:
     }
     lines = state.get("metrics")  # None: a checkpoint from before drgrpo saved them
     evaluated = lines is None or any(EVAL_KEY in line for line in lines)
-    run_id, parent = state.get("run_id"), state.get("parent_run")
+    run_id, parent, note = state.get("run_id"), state.get("parent_run"), ""
     if branch:
         parent = {"run_id": run_id, "step": state["step"], "checkpoint": str(ckpt.resolve())}
         run_id = new_run_id()
     elif not isinstance(run_id, str):
         run_id = config_run_id(run_dir) or new_run_id()  # a run of those days resumed since has an id already
-        warn_line(f"{ckpt} records no run id (written before drgrpo recorded one): it is taken to be a checkpoint of "
-                  f"the run in {run_dir}, which is run {run_id} from now on")  # fmt: skip
+        note = (f"{ckpt} records no run id (written before drgrpo recorded one): it is taken to be a checkpoint of "
+                f"the run in {run_dir}, which is run {run_id} from now on")  # fmt: skip
     world = state.get("world_size")
     return RunStart(
         checkpoint=ckpt,
         step=state["step"],
-        source_run=run_dir
-        if owner_problem(ckpt.resolve()) is None
-        else None,  # a copied-in checkpoint: not that run's lines
+        source_run=None if owner_problem(ckpt.resolve()) else run_dir,  # copied in: not that directory's lines
         branch=branch,
         history=(*state.get("history", ()), entry),
         checkpoint_lines=tuple(lines or ()),
@@ -161,6 +161,7 @@ def plan_run(config: TrainConfig) -> RunStart:
         parent=parent if isinstance(parent, dict) else None,
         world_size=world if isinstance(world, int) else None,
         saved_config=saved,
+        note=note,
     )
 
 

@@ -45,7 +45,7 @@ from drgrpo.train.data import prompts_for_step
 from drgrpo.train.disk import WriteFailed
 from drgrpo.train.evaluation import held_out_metrics
 from drgrpo.train.identity import write_config
-from drgrpo.train.metrics import MetricsLog, step_metrics
+from drgrpo.train.metrics import MetricsLog, step_metrics, warn_line
 from drgrpo.train.model import initial_policy_dir, load_train_state
 from drgrpo.train.preflight import check_run
 from drgrpo.train.progress import ProgressBar
@@ -137,6 +137,8 @@ def train(config: TrainConfig) -> TrainResult:
     with owned, stop:
         try:
             if procs.rank == 0:
+                if start.note:
+                    warn_line(start.note)  # a checkpoint from before run ids: taken as the run's
                 write_config(out_dir, config, start.run_id, start.notes())  # `drgrpo train --config` reruns it
                 clean_stale(out_dir / "checkpoints")  # what a killed checkpoint write left behind
             lines = start_lines(out_dir, start) if procs.rank == 0 else []  # the run's history on resume
