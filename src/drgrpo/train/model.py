@@ -8,7 +8,6 @@ for a type transformers does not have built in) is refused before anything is lo
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,8 @@ def check_finite_weights(model: Any, path: str | Path) -> None:
     infinity in its weights: training or scoring it gives no meaningful number (sampling fails, or every
     completion is the same). drgrpo never saves such weights, so the file was changed or made elsewhere.
 
-    One pass over the floating-point tensors of the state dict and one device sync (the max-abs of each tensor,
-    which NaN and infinity reach); the tensors are named only when one is bad.
+    One pass over the floating-point tensors of the state dict and one device sync (the minimum and maximum of
+    each tensor, which NaN and infinity reach); the tensors are named only when one is bad.
     """
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -46,8 +45,7 @@ def check_finite_weights(model: Any, path: str | Path) -> None:
             tensors[key] = t.detach()
     if not tensors:
         return
-    largest = [n.float() for n in torch._foreach_norm(list(tensors.values()), math.inf)]  # max |w| per tensor
-    if bool(torch.stack(largest).isfinite().all()):
+    if bool(torch.stack([_min_max(t) for t in tensors.values()]).isfinite().all()):
         return
     bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
     raise ValueError(non_finite_message(weights_file(Path(path), bad[0]), bad))
@@ -73,7 +71,14 @@ def check_finite_files(model_dir: str | Path) -> None:
 
 
 def _has_non_finite(t: torch.Tensor) -> bool:
-    return t.is_floating_point() and t.numel() > 0 and not bool(torch.isfinite(t).all())
+    return t.is_floating_point() and t.numel() > 0 and not bool(_min_max(t).isfinite().all())
+
+
+def _min_max(t: torch.Tensor) -> torch.Tensor:
+    """``(min, max)`` of ``t`` in float32: both finite exactly when every element is (NaN and infinity propagate to
+    them). One read of ``t`` and nothing of its size allocated (``isfinite`` would allocate a bool tensor; the
+    max-norm is 10 times slower on a CPU)."""
+    return torch.stack(torch.aminmax(t)).float()
 
 
 def non_finite_message(path: Path, bad: list[str]) -> str:
