@@ -230,10 +230,10 @@ def test_an_edit_of_config_yaml_is_never_overwritten_by_a_resume(tmp_path: Path,
     before = tree(run)
     assert main(["train", "--resume", str(run)]) == 2
     assert one_line_error(capsys) == (
-        f"{path} was edited since the run wrote it (steps: 3 in the file, 2 for the run): --resume takes the run's "
-        f"flags from its checkpoint and the command line, and would overwrite the file. To continue with the file's "
-        f"flags add --config {path} (flags that change what the run computes need a branch); to continue as the run "
-        "was, undo the edit or delete the file (the run writes it again)"
+        f"{path} was edited since the run wrote it (steps: 3 in the file, 2 in the checkpoint): --resume takes the "
+        "run's flags from its checkpoint and the command line, and would overwrite the file. To continue with the "
+        f"file's flags add --config {path} (flags that change what the run computes need a branch); to continue as "
+        "the run was, undo the edit or delete the file (the run writes it again)"
     )
     assert tree(run) == before
     # with the file's flags, the resume runs them: the edit is what the run does now, recorded in its history

@@ -290,22 +290,23 @@ def owner_problem(ckpt: Path) -> str | None:
         return None
     run_dir = place.parent.parent
     real = place.resolve()
+    shown, shown_run = Path(ckpt), Path(ckpt).parent.parent  # as the user named them
     if real.parent.parent != run_dir.resolve():
         other, here = run_id_of(real), config_run_id(run_dir)
         return (
-            f"{place} leads to {real}, a checkpoint of another run{f' ({other})' if other else ''}, not of the run "
-            f"in {run_dir}{f' ({here})' if here else ''}"
+            f"{shown} leads to {real}, a checkpoint of another run{f' ({other})' if other else ''}, not of the run "
+            f"in {shown_run}{f' ({here})' if here else ''}"
         )
     own = run_id_of(place)
     if own is None:
         return None
     found = config_run_id(run_dir)
     if found is not None and found != own:
-        return f"{place} is a checkpoint of run {own}, not of run {found}, the run in {run_dir} (its config.yaml)"
+        return f"{shown} is a checkpoint of run {own}, not of run {found}, the run in {shown_run} (its config.yaml)"
     for sibling in checkpoints_of(place.parent):
         other = run_id_of(sibling)
         if other is not None and other != own:
-            return f"{place} is a checkpoint of run {own}, not of run {other}, the run in {run_dir} ({sibling.name})"
+            return f"{shown} is a checkpoint of run {own}, not of run {other}, the run in {shown_run} ({sibling.name})"
     return None
 
 

@@ -100,13 +100,13 @@ def config_run_id(run_dir: str | Path) -> str | None:
     return found.run_id if found else None
 
 
-def flag_differences(found: dict[str, Any], config: Any) -> list[str]:
-    """The keys of ``found`` (a config.yaml's flags) whose values differ from ``config``'s (a TrainConfig), where
-    keys left out: 'lr: 0.02 in the file, 0.01 for the run' items."""
+def flag_differences(found: dict[str, Any], config: Any, where: str = "for the run") -> list[str]:
+    """The keys of ``found`` (a config.yaml's flags) whose values differ from ``config``'s (a TrainConfig), but
+    those of :data:`WHERE_KEYS`: 'lr: 0.02 in the file, 0.01 for the run' items (``where`` ends them)."""
     expected = yaml.safe_load(config_body(config))
     keys = [k for k in {**expected, **found} if k not in WHERE_KEYS]
     return [
-        f"{k}: {_show(found.get(k, '(missing)'))} in the file, {_show(expected.get(k, '(no such flag)'))} for the run"
+        f"{k}: {_show(found.get(k, '(missing)'))} in the file, {_show(expected.get(k, '(no such flag)'))} {where}"
         for k in keys
         if found.get(k, "(missing)") != expected.get(k, "(no such flag)")
     ]
@@ -148,7 +148,7 @@ def config_problem(run_dir: Path, config: Any, run_id: str | None, resumed: Any 
     elif found.flags is None:
         what = "was edited since the run wrote it (it is not a YAML mapping of flags)"
     else:
-        diffs = flag_differences(found.flags, config)
+        diffs = flag_differences(found.flags, resumed, "in the checkpoint") or flag_differences(found.flags, config)
         shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
         what = f"was edited since the run wrote it ({shown})"
     return (
