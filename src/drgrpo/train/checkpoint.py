@@ -18,8 +18,10 @@ write left behind, and restores a checkpoint whose replacement was cut short.
 
 A run's history is one line of checkpoints: the run's checkpoint is its newest ``step_*``, which ``latest``
 names too (a write cut between the rename and the update of ``latest`` leaves a newer complete checkpoint, which
-is the run's). ``latest`` naming anything but a checkpoint directory of its own run is refused. With
-``keep_checkpoints = N`` only the newest N are kept, removed after a new one is complete, never the newest.
+is the run's). ``latest`` naming anything but a checkpoint directory of its own run is refused, and so is a
+checkpoint reached inside a run that is another run's: a link out of it, or a copy with another run id
+(:func:`check_owner`, :mod:`drgrpo.train.identity`). With ``keep_checkpoints = N`` only the newest N are kept,
+removed after a new one is complete, never the newest.
 
 Nothing is unpickled: the weights are safetensors, the optimizer state is read with
 ``torch.load(..., weights_only=True)`` (a file carrying anything but tensors, numbers, strings,
