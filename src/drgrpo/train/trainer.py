@@ -99,8 +99,9 @@ def train(config: TrainConfig) -> TrainResult:
     config.apply_torch_settings()  # deterministic algorithms, threads
     procs = init_processes(config.device)  # rank, world size, device; starts the process group under torchrun
     config.check_world_size(procs.world)
-    out_dir = Path(os.path.abspath(config.output_dir))  # where --output-dir said, whatever changes the cwd later
-    result = TrainResult(output_dir=out_dir, step=start.step, checkpoint=start.checkpoint, checkpoint_step=start.step)
+    given = Path(config.output_dir)  # as the user wrote it, for messages
+    out_dir = Path(os.path.abspath(given))  # where --output-dir said, whatever changes the working directory later
+    result = TrainResult(output_dir=given, step=start.step, checkpoint=start.checkpoint, checkpoint_step=start.step)
     state: TrainState | None = None
     log: MetricsLog | None = None
     progress = ProgressBar(False, 0, 0)  # replaced once the run is set up
@@ -132,7 +133,7 @@ def train(config: TrainConfig) -> TrainResult:
                                                 procs.rank, barrier, config.keep_checkpoints)  # fmt: skip
         result.checkpoint_step = step
 
-    owned = hold_run_dir(out_dir, procs, lambda: check_run_dir(out_dir, start))  # a second run is refused
+    owned = hold_run_dir(given, procs, lambda: check_run_dir(given, start))  # a second run is refused
     stop = StopOnSignal(config.reward_timeout, escalate=procs.world == 1)  # SIGINT/SIGTERM: stopping.py
     with owned, stop:
         try:
