@@ -1,7 +1,8 @@
 """Reward throughput: completions scored per second by the trainer's reward call (``Rewards``), in one process.
 
-Two rewards, each on the built-in task's examples and completions that are right half the time:
+Three rewards, each on the built-in task's examples and completions that are right half the time:
 
+- ``constant``: returns 1.0 (what the trainer's call costs by itself, as microseconds a call);
 - ``exact_match``: the built-in task's reward (a few microseconds a call: the trainer's own cost dominates);
 - ``sleep_10ms``: exact match after a 10 ms sleep (a reward that waits on something: the trainer's cost vanishes).
 
@@ -31,6 +32,11 @@ def sleep_10ms(completion: str, example: dict) -> float:
     return exact_match(completion, example)
 
 
+def constant(completion: str, example: dict) -> float:
+    """1.0, whatever the completion."""
+    return 1.0
+
+
 def measure(fn_name: str, calls: int) -> float:
     """Calls per second of ``Rewards.__call__`` on ``calls`` completions (one batch, as a step scores them)."""
     from drgrpo.train.data import Rewards
@@ -39,7 +45,7 @@ def measure(fn_name: str, calls: int) -> float:
     examples = make_splits(TaskConfig())[0][:calls]
     examples = (examples * (calls // len(examples) + 1))[:calls]
     completions = [e["answer"] if i % 2 else "0" for i, e in enumerate(examples)]
-    fn = exact_match if fn_name == "exact_match" else sleep_10ms
+    fn = {"constant": constant, "exact_match": exact_match, "sleep_10ms": sleep_10ms}[fn_name]
     rewards = Rewards((f"bench:{fn_name}",), (fn,), (1.0,))
     rewards(completions[:10], examples[:10], list(range(10)))  # warm-up
     started = time.perf_counter()
@@ -60,6 +66,7 @@ def main() -> None:
 
     figures = {
         "source": str(Path(drgrpo.__file__).parent),
+        "constant_us_per_call": min(1e6 / measure("constant", args.calls) for _ in range(3)),
         "exact_match_calls_per_s": measure("exact_match", args.calls),
         "sleep_10ms_calls_per_s": measure("sleep_10ms", args.sleep_calls),
     }
