@@ -13,11 +13,13 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_cli import TINY
+from test_cli import ENV, TINY
 
 from drgrpo.train import TrainConfig
 from drgrpo.train.checkpoint import find_checkpoint, read_state
@@ -228,3 +230,36 @@ def test_train_config_refuses_reward_callables_and_nan_weights() -> None:
         TrainConfig(reward_weights=[math.nan])  # type: ignore[arg-type]
     config = TrainConfig(rewards=["drgrpo.train.task:exact_match"], reward_weights=[2])  # type: ignore[arg-type]
     assert config.rewards == ("drgrpo.train.task:exact_match",) and config.reward_weights == (2.0,)
+
+
+def test_a_reward_that_forks_never_trains_twice_in_a_real_process(tmp_path: Path) -> None:
+    """``python -m drgrpo train`` with a reward that forks at step 2: exit 1, one process trained, once."""
+    (tmp_path / "forking_reward.py").write_text(
+        AT_STEP_2.replace("ACTION", "open(PIDFILE, 'a').write(f'{os.fork()}\\n')").replace(
+            "PIDFILE", repr(str(tmp_path / "pids"))
+        )
+    )
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), ENV.get("PYTHONPATH", "")]))}
+    run = tmp_path / "run"
+    argv = ["train", "--output-dir", str(run), *TINY, *RUN, "--reward", "forking_reward:reward"]
+    p = subprocess.run([sys.executable, "-m", "drgrpo", *argv], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 1, p.stderr[-3000:]
+    error = [line for line in p.stderr.splitlines() if line.startswith("drgrpo train: error: ")]
+    assert len(error) == 1 and "reward forking_reward:reward called os.fork()" in error[0] and ", at step 2" in error[0]
+    assert p.stderr.count("step 2 failed (RewardError)") == 1  # the child printed nothing
+    assert p.stdout.count("warm start:") <= 1  # no buffered output flushed twice
+    assert read_state(find_checkpoint(run))["step"] == 1 and steps_logged(run) == [1]
+    child = max(int(x) for x in (tmp_path / "pids").read_text().split())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _running(child):
+        time.sleep(0.1)
+    assert not _running(child)  # ended at once, not training on
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, ended but not yet reaped, is not)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return fields[0] not in ("Z", "X")
