@@ -121,7 +121,8 @@ try:
     from trl.trainer.utils import maybe_gather_lm_head_ctx
 except ImportError as error:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
-        "drgrpo.integrations.trl needs TRL (and accelerate, transformers, datasets): pip install drgrpo[trl]"
+        "drgrpo.integrations.trl needs TRL (and accelerate, transformers, datasets): from a clone of drgrpo, "
+        "pip install -e '.[trl]' (or bash scripts/setup.sh train,trl)"
     ) from error
 
 import torch
@@ -142,7 +143,7 @@ SUPPORTED_TRL = (Version("1.16"), Version("1.17"))
 if not SUPPORTED_TRL[0] <= Version(Version(trl.__version__).base_version) < SUPPORTED_TRL[1]:
     raise ImportError(
         f"drgrpo.integrations.trl is tested with trl>={SUPPORTED_TRL[0]},<{SUPPORTED_TRL[1]} and overrides private "
-        f"GRPOTrainer methods; found trl {trl.__version__}: pip install 'drgrpo[trl]'"
+        f"GRPOTrainer methods; found trl {trl.__version__}: from a clone of drgrpo, pip install -e '.[trl]'"
     )
 
 from drgrpo.integrations.trl_settings import DRGRPO_LOSS_TYPE, resolve_loss_config, settings_warning  # noqa: E402

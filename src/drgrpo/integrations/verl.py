@@ -1,10 +1,11 @@
 r"""drgrpo's presets as verl policy-loss modes: ``actor_rollout_ref.actor.policy_loss.loss_mode=drgrpo.<preset>``.
 
-``pip install drgrpo[verl]`` declares this module as a ``verl.plugins`` entry point, and ``import verl``
-imports every such entry point, so each Ray worker registers the losses without user code. One verl
-policy loss is registered per drgrpo preset (``drgrpo.dr_grpo``, ``drgrpo.dapo``, ``drgrpo.gspo``, ...,
-``drgrpo.verl.vanilla``, ...), except the presets defined per micro-batch (``trl.grpo``, ``trl.bnpo``,
-``trl.dr_grpo``), which have no step-wide form. Each is verl's policy-loss function::
+Installing drgrpo with its ``verl`` extra (from a clone: ``pip install -e '.[verl]'``) declares this module
+as a ``verl.plugins`` entry point, and ``import verl`` imports every such entry point, so each Ray worker
+registers the losses without user code. One verl policy loss is registered per drgrpo preset
+(``drgrpo.dr_grpo``, ``drgrpo.dapo``, ``drgrpo.gspo``, ..., ``drgrpo.verl.vanilla``, ...), except the presets
+defined per micro-batch (``trl.grpo``, ``trl.bnpo``, ``trl.dr_grpo``), which have no step-wide form. Each is
+verl's policy-loss function::
 
     fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
         -> (pg_loss, metrics)
@@ -63,8 +64,9 @@ try:
     from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_loss
 except ImportError as err:  # pragma: no cover - exercised in the main environment, where verl is absent
     raise ImportError(
-        "drgrpo.integrations.verl needs verl (>=0.9.1,<0.10): pip install 'drgrpo[verl]'; "
-        "verl pins transformers<5.11, so give it its own virtual environment"
+        "drgrpo.integrations.verl needs verl (>=0.9.1,<0.10): from a clone of drgrpo, pip install -e '.[verl]'; "
+        "verl pins transformers<5.11, so give it its own virtual environment (bash scripts/setup.sh verl makes "
+        ".venv-verl)"
     ) from err
 
 __all__ = [
