@@ -604,7 +604,7 @@ def test_every_relative_link_resolves() -> None:
     assert not broken, f"links to no file or no heading: {broken}"
 
 
-SECTION_NAMED = re.compile(r'\b(?:see|in|under) (?:the )?(?:section )?"([^"]+)"')
+SECTION_NAMED = re.compile(r'\b(?:see|section) "([^"]+)"', re.I)
 """A section named in words ('see "Use with verl"'), which no link check reads: it must be a heading somewhere."""
 
 
