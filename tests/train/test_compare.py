@@ -384,3 +384,31 @@ def test_each_loss_is_named_once(tmp_path, capsys):
         "own runs/LOSS directory; name each loss once\n"
     )
     assert not out.exists()  # before any work
+
+
+def test_the_report_says_what_the_comparison_shows(tmp_path):
+    # hand-written runs: grpo's incorrect lengths ramp 4 -> 13 in seed 0 and stay at 4 in seed 1 (gap changes 4 and
+    # 0: mean 2, sample std sqrt(8) = 2.83); dr_grpo's seed 0 stays at 4 (gap change 0); dr_grpo seed 1 is missing
+    _write_run(tmp_path / "g0", [4.0 + i for i in range(10)], (0.2, 0.6))
+    _write_run(tmp_path / "g1", [4.0] * 10, (0.4, 0.8))
+    _write_run(tmp_path / "d0", [4.0] * 10, (0.3, 0.7))
+    curves = {
+        "grpo": [load_metrics(tmp_path / "g0"), load_metrics(tmp_path / "g1")],
+        "dr_grpo": [load_metrics(tmp_path / "d0")],
+    }
+    plots = {k: tmp_path / f"{k}.png" for k in ("all", "reward", "eval_accuracy", "length_correct", "length_incorrect")}
+    text = render_report(CompareConfig(seeds=2), _Base(), curves, plots, 60.0, ["dr_grpo seed 1"])
+    assert "## What this shows" in text
+    assert "Dr. GRPO removes that pull, it does not lengthen anything" in text
+    assert "docs/length-bias.md" in text
+    partial = "**Partial report**: 1 of 4 runs did not finish (dr_grpo seed 1); the same command again continues them"
+    assert partial in text
+    assert (
+        "Reading: over the run the gap (incorrect minus correct length) changed by +2.00 tokens under GRPO and +0.00 "
+        "under Dr. GRPO; GRPO's length bias predicts a positive difference, here +2.00, within the two losses' "
+        "spreads over seeds added (2.83)."
+    ) in text
+    one_seed = {"grpo": [load_metrics(tmp_path / "g0")], "dr_grpo": [load_metrics(tmp_path / "d0")]}
+    text = render_report(CompareConfig(seeds=1), _Base(), one_seed, plots, 60.0)
+    assert "here +4.00, with one seed and so no spread to compare it with (use --seeds 3 or more)." in text
+    assert "Partial report" not in text

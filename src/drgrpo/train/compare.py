@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import multiprocessing
 import os
 import signal
 import statistics
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -199,7 +199,9 @@ def train_all(runs: list[TrainConfig], jobs: int, finished: list[TrainConfig]) -
     sent SIGTERM (it saves its last completed step), the rest never start, and the error propagates."""
     if not runs:
         return
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+    spawn = get_context("spawn")
+    pids = spawn.SimpleQueue()  # each worker's process id, sent as it starts
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn, initializer=_started, initargs=(pids,)) as pool:
         futures = {pool.submit(_train_one, run): run for run in runs}
         try:
             for future in as_completed(futures):
@@ -213,9 +215,15 @@ def train_all(runs: list[TrainConfig], jobs: int, finished: list[TrainConfig]) -
         except BaseException:
             for future in futures:
                 future.cancel()
-            for child in multiprocessing.active_children():  # this pool's processes: each saves, then ends
-                child.terminate()
+            while not pids.empty():  # SIGTERM to the pool's processes: each run saves its last completed step
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pids.get(), signal.SIGTERM)
             raise
+
+
+def _started(pids: Any) -> None:
+    """A worker of :func:`train_all` starts: it tells its process id (a queue of the pool's processes)."""
+    pids.put(os.getpid())
 
 
 def _train_one(run: TrainConfig) -> tuple[float, int, bool]:
@@ -414,8 +422,8 @@ def plot_comparison(curves: dict[str, list[RunCurves]], out: Path, window: int) 
             target.grid(alpha=0.3)
             target.legend(fontsize=8)
         if key.startswith("length"):
-            single.text(0.5, 0.005, PLOT_NOTE, ha="center", va="bottom", fontsize=6)
-            single.tight_layout(rect=(0, 0.04, 1, 1))
+            single.text(0.5, 0.01, textwrap.fill(PLOT_NOTE, 90), ha="center", va="bottom", fontsize=7)
+            single.tight_layout(rect=(0, 0.08, 1, 1))
         else:
             single.tight_layout()
         paths[key] = out / f"{key}.png"
