@@ -307,6 +307,8 @@ def test_a_failed_run_writes_the_report_of_the_others_and_a_rerun_continues(tmp_
     last = err.strip().splitlines()[-1]
     assert last.startswith("drgrpo compare: error: RewardError: reward counting_rewards:judge raised"), err
     assert "RuntimeError: judge gave up at call 49" in last
+    reward = err.split("Traceback of the reward (most recent call last):\n")[1]  # the reward's own frames, as train's
+    assert reward.startswith(f'  File "{tmp_path / "counting_rewards.py"}", line 12, in judge\n'), err
     assert read_state_step(out / "runs" / "dr_grpo" / "seed0") == 1
     report = (out / "report.md").read_text()
     assert (

@@ -382,14 +382,27 @@ def _eval(config: EvalConfig) -> int:
 
 def _failure(exc: BaseException, command: str = "train") -> int:
     """A failure during training: its cause in one paragraph, with the user's own traceback for a reward."""
-    cause = exc.__cause__
-    if isinstance(exc, RewardError) and cause is not None:
-        frames = traceback.extract_tb(cause.__traceback__)[1:]  # drop drgrpo's call_reward frame: the user's code
+    frames = reward_traceback(exc)
+    if frames:
         print("Traceback of the reward (most recent call last):", file=sys.stderr)
-        print("".join(traceback.format_list(frames)).rstrip(), file=sys.stderr)
+        print(frames, file=sys.stderr)
     kind = "" if isinstance(exc, (WriteFailed, FailedElsewhere)) else f"{type(exc).__name__}: "  # says it all
     print(f"drgrpo {command}: error: {kind}{exc}", file=sys.stderr)
     return 1
+
+
+REWARD_TRACEBACK = "reward_traceback"
+"""The attribute of a RewardError that holds :func:`reward_traceback`, set where the reward ran when the error
+crosses a process (``drgrpo compare``'s runs): a traceback does not."""
+
+
+def reward_traceback(exc: BaseException) -> str:
+    """The frames of the user's reward in a RewardError's cause, formatted ('' for any other error)."""
+    text = getattr(exc, REWARD_TRACEBACK, None)
+    if text is None and isinstance(exc, RewardError) and exc.__cause__ is not None:
+        frames = traceback.extract_tb(exc.__cause__.__traceback__)[1:]  # drop drgrpo's call_reward frame
+        text = "".join(traceback.format_list(frames)).rstrip()
+    return text or ""
 
 
 def _quiet_transformers() -> None:

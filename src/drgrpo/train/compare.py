@@ -230,12 +230,18 @@ def _train_one(run: TrainConfig) -> tuple[float, int, bool]:
     """Train one run (in a process of the pool): (seconds, its last step, whether a signal stopped it)."""
     from transformers.utils import logging as hf_logging
 
+    from drgrpo.train.cli import REWARD_TRACEBACK, reward_traceback
+    from drgrpo.train.data import RewardError
     from drgrpo.train.trainer import train
 
     hf_logging.disable_progress_bar()  # as drgrpo's own command does: no loading bars from every run
     hf_logging.set_verbosity_error()
     started = time.time()
-    result = train(run)
+    try:
+        result = train(run)
+    except RewardError as exc:  # its traceback stays in this process: the reward's frames go with it as text
+        setattr(exc, REWARD_TRACEBACK, reward_traceback(exc))
+        raise
     return time.time() - started, result.step, result.interrupted
 
 
