@@ -214,6 +214,13 @@ def test_a_config_yaml_of_a_run_that_left_nothing_else_is_replaced(tmp_path: Pat
     (run / "metrics.jsonl").write_text("")
     config = TrainConfig(output_dir=str(run))
     check_run_dir(run, plan_run(config), config=config)  # accepted
+    # stopped in its first step: only the evaluation of the initial model (step 0), which the new run makes again
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/accuracy": 0.25}) + "\n")
+    check_run_dir(run, plan_run(config), config=config)  # accepted
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/accuracy": 0.25}) + '\n{"step": 1}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl holds 2 lines \(steps 0 to 1\) of a run that left no"):
+        check_run_dir(run, plan_run(config), config=config)  # a completed step: kept
+    (run / "metrics.jsonl").write_text("")
     (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("lr: 0.002", "lr: 0.003"))
     with pytest.raises(ValueError, match="was not written by drgrpo, or was edited since"):
         check_run_dir(run, plan_run(config), config=config)  # edited: kept

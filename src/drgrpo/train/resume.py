@@ -225,23 +225,25 @@ def check_run_dir(
 
 
 def unsaved_metrics(path: Path, start: RunStart) -> str | None:
-    """Why a new run or a branch may not replace ``path`` (a metrics.jsonl with lines), or None."""
+    """Why a new run or a branch may not replace ``path``, a metrics.jsonl with lines of steps (a run stopped before
+    its first checkpoint), or None. Lines of step 0 only (the evaluation of the initial model, which the new run
+    makes again: a run stopped in its first step) are replaced; so is a line that is not JSON with a step."""
     if not path.is_file():
         return None
-    rows = [line for line in path.read_bytes().decode("utf-8", errors="replace").splitlines() if line.strip()]
-    if not rows:
-        return None
     steps = []
-    for row in rows:
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
-            steps.append(int(json.loads(row)["step"]))
+            steps.append(int(json.loads(line)["step"]))
         except (ValueError, KeyError, TypeError):
             continue
-    span = f" (steps {min(steps)} to {max(steps)})" if steps else ""
+    done = [step for step in steps if step > 0]
+    if not done:
+        return None
     what = "a branch" if start.branch else "a new run"
     return (
-        f"{path} holds {len(rows)} lines{span} of a run that left no checkpoint, so there is nothing to --resume, "
-        f"and {what} would replace them: start it in another --output-dir, or move or delete {path} first"
+        f"{path} holds {len(steps)} lines (steps {min(steps)} to {max(steps)}) of a run that left no checkpoint, so "
+        f"there is nothing to --resume, and {what} would replace them: start it in another --output-dir, or move or "
+        f"delete {path} first"
     )
 
 
