@@ -25,6 +25,8 @@ from trl import GRPOConfig, GRPOTrainer
 import trl_harness as h
 from drgrpo import LossConfig, group_advantages, preset_names
 from drgrpo.integrations.trl import DRGRPO_LOSS_TYPE, DrGRPOTrainer, resolve_loss_config
+from drgrpo.integrations.trl_cli import loss_config_from
+from drgrpo.integrations.trl_settings import command_line_hints, settings_warning
 
 TOL = 1e-5  # relative, float32
 LOGGER = "drgrpo.integrations.trl"
@@ -82,7 +84,7 @@ def test_default_grpo_config_trains_trls_default_loss(tmp_path: Path):
     assert config.name == "trl.dr_grpo" and config.max_completion_length == h.MAX_NEW
     config, _ = resolve_loss_config(None, _args(tmp_path, loss_type="cispo", epsilon_high=5.0))
     assert config.cispo_cap == 5.0
-    with pytest.raises(ValueError, match=r"loss_type='vespo' has no drgrpo equivalent.*pass loss_config"):
+    with pytest.raises(ValueError, match=r"loss_type='vespo' has no drgrpo equivalent.*loss_config='dr_grpo'"):
         resolve_loss_config(None, _args(tmp_path, loss_type="vespo"))
 
 
@@ -215,6 +217,79 @@ def test_contradicting_trl_settings_raise_naming_the_field(tmp_path: Path, overr
         resolve_loss_config(loss_config, _args(tmp_path, **overrides))
 
 
+HINT_CASES = [
+    ({"scale_rewards": "batch"}, "dr_grpo"),
+    ({"epsilon": 0.1}, LossConfig.preset("dapo", clip_high=0.3)),  # the user's own clip_high is kept in the hint
+    ({"epsilon_high": 5.0}, "trl.cispo"),
+    ({"sapo_temperature_pos": 2.0}, "sapo"),
+    ({"beta": 0.1}, "grpo"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "loss_config"), HINT_CASES)
+def test_the_python_hint_is_a_loss_config_that_agrees(tmp_path: Path, overrides: dict, loss_config):
+    """The hint, run as Python, gives a loss config the same arguments accept (nothing left to contradict)."""
+    args = _args(tmp_path, **overrides)
+    with pytest.raises(ValueError, match="contradicts") as error:
+        resolve_loss_config(loss_config, args)
+    hint = str(error.value).rsplit("put the value into the loss config: ", 1)[1]
+    assert hint.startswith("loss_config=LossConfig.preset(") and "--" not in hint
+    fixed = eval(hint.removeprefix("loss_config="), {"LossConfig": LossConfig})
+    config, _ = resolve_loss_config(fixed, args)
+    if isinstance(loss_config, LossConfig):
+        assert config.clip_high == loss_config.clip_high
+
+
+@pytest.mark.parametrize(("overrides", "loss_config"), HINT_CASES)
+def test_the_command_line_hint_is_a_loss_config_flag_that_agrees(tmp_path: Path, overrides: dict, loss_config):
+    """From drgrpo trl the hint is --loss_config '{"preset": ...}', which the command line parses into a loss config
+    the same arguments accept."""
+    args = _args(tmp_path, **overrides)
+    with command_line_hints(), pytest.raises(ValueError, match="contradicts") as error:
+        resolve_loss_config(loss_config, args)
+    hint = str(error.value).rsplit("put the value into the loss config: ", 1)[1]
+    assert hint.startswith('--loss_config \'{"preset": ') and hint.endswith("}'") and "LossConfig" not in hint
+    fixed = loss_config_from(hint.removeprefix("--loss_config ").strip("'"), args.max_completion_length)
+    config, _ = resolve_loss_config(fixed, args)
+    if isinstance(loss_config, LossConfig):
+        assert config.clip_high == loss_config.clip_high
+    with pytest.raises(ValueError, match="contradicts") as python_error:  # outside the block: Python again
+        resolve_loss_config(loss_config, args)
+    assert "LossConfig.preset(" in str(python_error.value)
+
+
+def test_every_hint_takes_the_users_syntax(tmp_path: Path):
+    """The other hints (loss_type, no constant L, the warning's beta, a TRL loss type with no preset)."""
+    config, changes = resolve_loss_config("grpo", _args(tmp_path))
+    with command_line_hints():
+        warning = settings_warning(config, changes, _args(tmp_path))
+        with pytest.raises(ValueError) as loss_type:
+            resolve_loss_config("dr_grpo", _args(tmp_path, loss_type="grpo"))
+        with pytest.raises(ValueError) as no_length:
+            resolve_loss_config(
+                LossConfig.preset("dapo").replace(aggregation="seq-mean-token-sum-norm"), _args(tmp_path)
+            )
+        with pytest.raises(ValueError) as unknown:
+            resolve_loss_config(None, _args(tmp_path, loss_type="vespo"))
+    assert warning is not None and """--loss_config '{"preset": "grpo", "beta": 0.0}'""" in warning
+    assert "--loss_config trl.grpo" in str(loss_type.value)
+    assert "--loss_config dr_grpo takes max_completion_length" in str(no_length.value)
+    fix = """--loss_config '{"preset": "dapo", "aggregation": "seq-mean-token-sum-norm", "max_completion_length": 8}'"""
+    assert fix in str(no_length.value)
+    assert "e.g. --loss_config dr_grpo" in str(unknown.value)
+    for error in (loss_type, no_length, unknown):
+        assert "loss_config=" not in str(error.value) and "LossConfig.preset" not in str(error.value)
+
+
+@pytest.mark.skipif("trl.vespo" in preset_names(), reason="drgrpo has the preset now")
+def test_a_trl_loss_type_without_a_preset_is_not_sent_to_one(tmp_path: Path):
+    """loss_type='vespo' beside a loss_config: the error says drgrpo has no preset for it (trl.vespo does not exist)."""
+    with pytest.raises(ValueError, match="loss_type='vespo' contradicts") as error:
+        resolve_loss_config("dr_grpo", _args(tmp_path, loss_type="vespo"))
+    assert "trl.vespo" not in str(error.value)
+    assert "drgrpo has no preset for TRL's 'vespo' loss" in str(error.value)
+
+
 def test_a_custom_configs_hint_uses_replace(tmp_path: Path):
     custom = LossConfig(aggregation="token-mean", advantage_std="none")
     with pytest.raises(ValueError, match=r"loss_config=loss_config\.replace\(clip_low=0\.3\)"):
@@ -264,7 +339,9 @@ def test_bad_arguments_are_named(tmp_path: Path):
 )
 def test_a_config_without_its_constant_l_fails_at_construction(tmp_path: Path, config: LossConfig):
     args = _args(tmp_path)
-    with pytest.raises(ValueError, match=r"cannot run: .*max_completion_length=8 in the LossConfig") as error:
+    with pytest.raises(
+        ValueError, match=r"cannot run: .*loss_config=loss_config\.replace\(max_completion_length=8\)"
+    ) as error:
         DrGRPOTrainer("never-loaded", h.digit_reward, args, loss_config=config)  # before the model is even read
     assert "aggregation" in str(error.value)
     ok = config.replace(max_completion_length=args.max_completion_length)

@@ -128,7 +128,7 @@ def test_trl_grpo_with_kl_and_two_iterations_gives_stock_numbers(model_dir: Path
     kl = [row["kl"] for row in ours.state.log_history if "kl" in row]
     stock_kl = [row["kl"] for row in stock.state.log_history if "kl" in row]
     assert kl[0] == pytest.approx(0.0, abs=1e-7) and stock_kl[0] == pytest.approx(0.0, abs=1e-7)
-    assert kl[1] > 1e-3 and stock_kl[1] > 1e-3  # (TRL logs k3 * ratio, drgrpo the k3 estimate itself)
+    assert kl[1] == pytest.approx(stock_kl[1], rel=1e-4) and kl[1] > 1e-3  # k3 * ratio, as TRL logs it
 
 
 # --------------------------------------------------------------------------- fused
@@ -185,6 +185,50 @@ def test_metrics_have_trls_names_and_values(model_dir: Path, tmp_path: Path):
     assert rows[0][0]["clip_ratio/high_max"] == 0 and rows[0][1]["clip_ratio/high_max"] > 0  # the second step clips
     assert rows[0][1]["clip_ratio/high_max"] > rows[0][1]["clip_ratio/high_mean"] > 0  # one completion vs the mean
     assert rows[2][0]["entropy"] == pytest.approx(rows[1][0]["entropy"], rel=1e-6)  # same weights: float32 rounding
+
+
+LOSS_METRICS = (*TRL_METRICS, "cispo_clip_ratio", "kl")  # what TRL's loss logs (besides vespo's, policy_loss)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"loss_type": "grpo", "epsilon": 0.01},
+        {"loss_type": "bnpo", "epsilon": 0.01},
+        {"loss_type": "dr_grpo", "epsilon": 0.01},
+        {"loss_type": "dapo", "epsilon": 0.01, "beta": 0.04},  # kl: TRL's k3 weighted by the ratio
+        {"loss_type": "dapo", "epsilon": 0.01, "beta": 0.04, "use_bias_correction_kl": False},
+        {"loss_type": "grpo", "epsilon": 0.01, "importance_sampling_level": "sequence"},  # GSPO: shares of completions
+        {"loss_type": "cispo"},  # TRL's cap is epsilon_high = epsilon = 0.2: every token with A > 0 is capped
+        {"loss_type": "cispo", "epsilon_high": 1.0},  # the second step caps some tokens
+        {"loss_type": "sapo"},
+    ],
+    ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()),
+)
+def test_every_loss_type_logs_trls_metrics_with_trls_values(model_dir: Path, tmp_path: Path, fields: dict):
+    """For each TRL loss type, DrGRPOTrainer with no loss_config logs the loss metrics stock GRPOTrainer logs, with
+    stock's values, on both steps of a two-step run (the second one off-policy) from the same seed."""
+    common = dict(num_iterations=2, max_steps=2, learning_rate=3e-3, **fields)
+    stock = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "s", 2, 2, **common))
+    ours = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "o", 2, 2, **common))
+    rows = [[row for row in t.state.log_history if "entropy" in row] for t in (stock, ours)]
+    assert [len(r) for r in rows] == [2, 2]
+    for step, (want, got) in enumerate(zip(*rows)):
+        logged = {key for key in LOSS_METRICS if key in want}
+        assert logged == {key for key in LOSS_METRICS if key in got}, step
+        for key in logged:
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (step, key, want[key], got[key])
+    if fields["loss_type"] == "cispo":
+        assert "drgrpo/clip_frac_high" not in rows[1][1]
+        if "epsilon_high" not in fields:
+            assert rows[0][0]["cispo_clip_ratio"] > 0  # TRL counts only tokens with A > 0, not every capped one
+        else:
+            assert rows[0][0]["cispo_clip_ratio"] == 0 < rows[0][1]["cispo_clip_ratio"]
+    if fields.get("importance_sampling_level") == "sequence":  # a share of the 16 completions: a multiple of 1/16
+        share = rows[0][1]["clip_ratio/region_mean"]
+        assert share > 0 and share * 16 == pytest.approx(round(share * 16))
+    if "beta" in fields:
+        assert rows[0][1]["kl"] > 1e-4
 
 
 # --------------------------------------------------------------------------- the window and evaluation

@@ -96,14 +96,10 @@ importance-sampling correction (set ``vllm_importance_sampling_correction=False`
 itself works), ``multi_objective_aggregation="normalize_then_sum"``, tensor or context parallelism,
 and with ``fused=True`` MoE router losses and logit scaling or soft-capping.
 
-Logged under TRL's names and meanings: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
-``clip_ratio/region_mean`` (token means over all processes), ``clip_ratio/low_min`` and
-``clip_ratio/high_max`` (each completion's share of clipped tokens, gathered: the smallest and the largest)
-for the PPO surrogate; ``kl`` (``beta > 0``; the config's estimator, not weighted by the ratio) and
-``entropy`` (the token mean of the policy's entropy: TRL's head computes it, or with ``fused=True`` the
-fused pass from its logit chunks); ``drgrpo/ratio_mean`` (and ``drgrpo/clip_frac_low``/``high`` for the
-CISPO and SAPO surrogates) have no TRL name. Rewards, lengths and the completions table stay TRL's; the
-table's advantages are drgrpo's.
+Logged under TRL's names and meanings (docs/trl.md): ``clip_ratio/*`` (PPO surrogate; shares of completions at
+sequence level), ``cispo_clip_ratio``, ``kl`` (weighted by the ratio when ``kl_importance_weight``) and
+``entropy`` (with ``fused=True`` from the fused pass); ``drgrpo/ratio_mean`` has no TRL name. Rewards, lengths and
+the completions table stay TRL's; the table's advantages are drgrpo's.
 """
 
 from __future__ import annotations
@@ -145,7 +141,12 @@ if not SUPPORTED_TRL[0] <= Version(Version(trl.__version__).base_version) < SUPP
         f"GRPOTrainer methods; found trl {trl.__version__}: pip install 'drgrpo[trl]'"
     )
 
-from drgrpo.integrations.trl_settings import DRGRPO_LOSS_TYPE, resolve_loss_config, settings_warning  # noqa: E402
+from drgrpo.integrations.trl_settings import (  # noqa: E402
+    DRGRPO_LOSS_TYPE,
+    resolve_loss_config,
+    setting_hint,
+    settings_warning,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +235,8 @@ class DrGRPOTrainer(GRPOTrainer):
         if self.fused:
             if self.aux_loss_enabled:
                 raise ValueError(
-                    "fused=True does not add the MoE router loss: set router_aux_loss_coef=0 or use fused=False"
+                    f"fused=True does not add the MoE router loss: set {setting_hint('router_aux_loss_coef', 0)} or "
+                    f"use {setting_hint('fused', False)}"
                 )
             text_config = self._unwrapped_causal_lm().config.get_text_config()
             for name in _LOGIT_TRANSFORMS:
@@ -242,10 +244,12 @@ class DrGRPOTrainer(GRPOTrainer):
                 if value is not None and value != 1.0:
                     raise ValueError(
                         f"fused=True computes log_softmax(h W^T / temperature); the model's config has {name}={value}, "
-                        "which changes the logits: use fused=False (TRL's head applies it)"
+                        f"which changes the logits: use {setting_hint('fused', False)} (TRL's head applies it)"
                     )
             if getattr(text_config, "logits_scaling", None) is not None:
-                raise ValueError("fused=True does not apply the model's logits_scaling: use fused=False")
+                raise ValueError(
+                    f"fused=True does not apply the model's logits_scaling: use {setting_hint('fused', False)}"
+                )
 
     # ----------------------------------------------------------------------- advantages
 
@@ -416,7 +420,9 @@ class DrGRPOTrainer(GRPOTrainer):
         }
         present = [key for key in _MULTIMODAL_KEYS if inputs.get(key) is not None]
         if present:
-            raise ValueError(f"fused=True supports text-only models; this batch has {present}: use fused=False")
+            raise ValueError(
+                f"fused=True supports text-only models; this batch has {present}: use {setting_hint('fused', False)}"
+            )
         with self.accelerator.autocast():
             hidden = causal_lm.base_model(**model_inputs).last_hidden_state  # (B, P + T, H)
         hidden = hidden[:, -t - 1 : -1]  # (B, T, H): position p predicts token p + 1
@@ -455,48 +461,75 @@ class DrGRPOTrainer(GRPOTrainer):
     # ----------------------------------------------------------------------- metrics
 
     def _log_loss_metrics(self, mode: str, out: LossOutput, entropy: Tensor | None, inputs: dict[str, Any]) -> None:
-        """Token means over all processes (one reduce), under TRL's metric names where TRL has them."""
-        mask = _loss_mask(inputs)
-        m = out.metrics
-        count = m["num_tokens"].to(torch.float32)
-        parts = [m["clip_frac_low"], m["clip_frac_high"], m["ratio_mean"], m["kl_mean"]]
-        sums = [p.to(torch.float32) * count for p in parts]
-        if entropy is not None:
-            sums.append((entropy.detach().float() * mask).sum())
-        totals = self.accelerator.reduce(torch.stack([*sums, count]), reduction="sum")
-        values = (totals[:-1] / totals[-1].clamp(min=1.0)).tolist()
-        low, high, ratio, kl = values[:4]
-        metrics = self._metrics[mode]
-        if self.loss_config.surrogate == "ppo":
-            metrics["clip_ratio/low_mean"].append(low)
-            metrics["clip_ratio/high_mean"].append(high)
-            metrics["clip_ratio/region_mean"].append(low + high)  # disjoint: low needs A < 0, high A > 0
-            assert out.logp is not None  # both loss paths return it
-            low_min, high_max = self._completion_clip_extremes(out.logp, inputs, mask)
-            metrics["clip_ratio/low_min"].append(low_min)
-            metrics["clip_ratio/high_max"].append(high_max)
-        else:
-            metrics["drgrpo/clip_frac_low"].append(low)
-            metrics["drgrpo/clip_frac_high"].append(high)
-        metrics["drgrpo/ratio_mean"].append(ratio)
-        if self.loss_config.beta != 0.0:
-            metrics["kl"].append(kl)
-        if entropy is not None:
-            metrics["entropy"].append(values[4])
+        """The loss's metrics under TRL's names, with TRL's meanings (one reduce over the processes, and one gather
+        for the PPO surrogate's per-completion extremes).
 
-    def _completion_clip_extremes(self, logp: Tensor, inputs: dict[str, Any], mask: Tensor) -> tuple[float, float]:
-        """TRL's ``clip_ratio/low_min`` and ``clip_ratio/high_max``: each completion's share of clipped tokens,
-        gathered over the processes; the smallest low share and the largest high share (a completion with no
-        tokens has no share and is left out; NaN if none has one)."""
+        A share is a token mean over all processes, except at sequence level (GSPO), where TRL counts
+        completions: the share of all completions (empty ones included) whose ratio was clipped.
+        """
+        config = self.loss_config
+        mask = _loss_mask(inputs)
+        assert out.logp is not None  # both loss paths return it
+        advantages = inputs["advantages"]
         with torch.no_grad():
             terms = per_token_loss(
-                logp.detach(), inputs.get("old_per_token_logps"), inputs["advantages"], mask, self.loss_config
+                out.logp.detach(),
+                inputs.get("old_per_token_logps"),
+                advantages,
+                mask,
+                config,
+                ref_logp=inputs.get("ref_per_token_logps"),
             )
-            m = mask.to(torch.float32)
-            clipped = torch.stack([terms.clipped_low, terms.clipped_high], dim=-1).to(torch.float32)  # (B, T, 2)
+        m = mask.to(torch.float32)  # (B, T)
+        tokens = m.sum()
+        rows = m.new_tensor(float(m.shape[0]))
+        sequence = config.ratio_level == "sequence"
+
+        def share(flags: Tensor) -> tuple[Tensor, Tensor]:  # flags (B, T) bool, False on padding
+            if sequence:  # one ratio per completion: TRL counts completions
+                return flags.any(dim=-1).to(torch.float32).sum(), rows
+            return flags.to(torch.float32).sum(), tokens
+
+        def token_mean(x: Tensor) -> tuple[Tensor, Tensor]:
+            return (x.detach().to(torch.float32) * m).sum(), tokens
+
+        entries: dict[str, tuple[Tensor, Tensor]] = {"drgrpo/ratio_mean": token_mean(terms.ratio)}
+        if config.beta != 0.0 and terms.kl is not None:  # TRL logs the KL term it adds: weighted by the ratio if so
+            entries["kl"] = token_mean(terms.kl * terms.ratio if config.kl_importance_weight else terms.kl)
+        if entropy is not None:
+            entries["entropy"] = token_mean(entropy)
+        if config.surrogate == "ppo":
+            entries["clip_ratio/low_mean"] = share(terms.clipped_low)
+            entries["clip_ratio/high_mean"] = share(terms.clipped_high)
+            entries["clip_ratio/region_mean"] = share(terms.clipped_low | terms.clipped_high)
+        elif config.surrogate == "cispo":
+            # TRL: the weight was capped on a token whose advantage is positive (where the cap acts on the gradient)
+            entries["cispo_clip_ratio"] = share(terms.clipped_high & (advantages > 0).unsqueeze(-1))
+            if config.clip_low is not None:  # a lower clip of the weight (verl's CISPO): no TRL name
+                entries["drgrpo/clip_frac_low"] = share(terms.clipped_low)
+        sums = torch.stack([value for value, _ in entries.values()] + [count for _, count in entries.values()])
+        totals = self.accelerator.reduce(sums, reduction="sum")
+        n = len(entries)
+        metrics = self._metrics[mode]
+        for name, total, count in zip(entries, totals[:n].tolist(), totals[n:].tolist()):
+            metrics[name].append(total / max(count, 1.0))
+        if config.surrogate == "ppo":
+            low_min, high_max = self._completion_clip_extremes(terms.clipped_low, terms.clipped_high, m, sequence)
+            metrics["clip_ratio/low_min"].append(low_min)
+            metrics["clip_ratio/high_max"].append(high_max)
+
+    def _completion_clip_extremes(self, low: Tensor, high: Tensor, m: Tensor, sequence: bool) -> tuple[float, float]:
+        """TRL's ``clip_ratio/low_min`` and ``clip_ratio/high_max``: each completion's share of clipped tokens
+        (at sequence level: 1 if its ratio was clipped, else 0), gathered over the processes; the smallest low share
+        and the largest high share. At token level a completion with no tokens has no share and is left out (NaN if
+        none has one)."""
+        clipped = torch.stack([low, high], dim=-1).to(torch.float32)  # (B, T, 2)
+        if sequence:
+            shares = clipped.amax(dim=1)  # (B, 2)
+        else:
             shares = (clipped * m[..., None]).sum(1) / m.sum(1, keepdim=True)  # (B, 2); 0 / 0 = NaN
-            shares = self.accelerator.gather(shares)  # (P * B, 2)
-            scored = shares[~torch.isnan(shares[:, 0])]
+        shares = self.accelerator.gather(shares)  # (P * B, 2)
+        scored = shares[~torch.isnan(shares[:, 0])]
         if scored.numel() == 0:
             return float("nan"), float("nan")
         return float(scored[:, 0].min()), float(scored[:, 1].max())

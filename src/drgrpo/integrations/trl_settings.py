@@ -22,20 +22,27 @@ describe the same run, by this policy (docs/trl.md, "Settings"):
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from trl import GRPOConfig
 
-from drgrpo.config import LossConfig
+from drgrpo.config import LossConfig, preset_config, preset_names
 from drgrpo.normalizer import check_step_normalizable
 
 __all__ = [
     "DRGRPO_LOSS_TYPE",
     "FIELD_MAP",
     "TRL_DEFAULTS",
+    "command_line_hints",
     "loss_config_from_args",
+    "loss_config_hint",
     "refuse_unsupported",
     "resolve_loss_config",
+    "setting_hint",
     "settings_warning",
     "trl_loss_type",
 ]
@@ -62,6 +69,61 @@ cap, ``cispo_cap``, for a CISPO loss with no lower clip). ``loss_type`` maps to 
 
 _PER_CALL_LOSS_TYPES = {"trl.grpo": "grpo", "trl.bnpo": "bnpo", "trl.dr_grpo": "dr_grpo"}
 _TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")  # those drgrpo has a trl.* preset for
+
+
+# --------------------------------------------------------------------------- fix hints, in the user's syntax
+
+_COMMAND_LINE: ContextVar[bool] = ContextVar("drgrpo_trl_command_line", default=False)
+
+
+@contextmanager
+def command_line_hints() -> Iterator[None]:
+    """Inside this block the fix hints of errors and warnings are command-line flags (``drgrpo trl``,
+    ``python -m drgrpo.integrations.trl``: ``--loss_config '{"preset": ...}'``, ``--beta 0.0``), not Python."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
+
+def setting_hint(name: str, value: Any) -> str:
+    """How the user sets a ``GRPOConfig`` field (or ``DrGRPOTrainer`` argument) where they are:
+    ``beta=0.0`` from Python, ``--beta 0.0`` on the command line."""
+    if _COMMAND_LINE.get():
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        return f"--{name} {shown}"
+    return f"{name}={value!r}"
+
+
+def loss_config_hint(config: LossConfig, **fields: Any) -> str:
+    """How the user passes ``config`` with ``fields`` replaced, where they are.
+
+    A preset's config is written as the preset and every field that differs from it (so the user's own
+    changes are kept): ``loss_config=LossConfig.preset('dapo', clip_low=0.1)`` from Python, ``--loss_config
+    '{"preset": "dapo", "clip_low": 0.1}'`` on the command line; a config from no preset as
+    ``loss_config=loss_config.replace(...)``.
+    """
+    if config.name is None:
+        return "loss_config=loss_config.replace(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
+    preset = preset_config(config.name)
+    changed = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.name not in ("name", "nan_rewards", *fields) and getattr(config, f.name) != getattr(preset, f.name)
+    }
+    changed.update(fields)
+    if _COMMAND_LINE.get():
+        if not changed:
+            return f"--loss_config {config.name}"
+        return "--loss_config '" + json.dumps({"preset": config.name, **changed}) + "'"
+    arguments = "".join(f", {k}={v!r}" for k, v in changed.items())
+    return f"loss_config=LossConfig.preset({config.name!r}{arguments})"
+
+
+def _preset_name_hint(name: str) -> str:
+    """A preset passed by name, where the user is: ``loss_config='dr_grpo'`` or ``--loss_config dr_grpo``."""
+    return f"--loss_config {name}" if _COMMAND_LINE.get() else f"loss_config={name!r}"
 
 
 # --------------------------------------------------------------------------- the policy
@@ -106,8 +168,8 @@ def loss_config_from_args(args: GRPOConfig) -> LossConfig:
     if loss_type not in _TRL_LOSS_TYPES:
         raise ValueError(
             f"GRPOConfig.loss_type={loss_type!r} has no drgrpo equivalent (drgrpo reproduces TRL's "
-            f"{', '.join(repr(t) for t in _TRL_LOSS_TYPES)}): pass loss_config, a preset name such as 'dr_grpo' "
-            "or a LossConfig"
+            f"{', '.join(repr(t) for t in _TRL_LOSS_TYPES)}): choose the loss with a preset, e.g. "
+            f"{_preset_name_hint('dr_grpo')}"
         )
     high = args.epsilon if args.epsilon_high is None else args.epsilon_high  # TRL: unset means epsilon
     fields: dict[str, Any] = {
@@ -166,7 +228,7 @@ def settings_warning(config: LossConfig, changes: dict[str, Any], args: GRPOConf
         line = f"{name} {_show(old)} -> {_show(new)}"
         if name == "beta" and new > 0 and old == 0:
             line += (
-                f" (TRL now builds a reference model; for no KL term pass LossConfig.preset({config.name!r}, beta=0.0))"
+                f" (TRL now builds a reference model; for no KL term pass {loss_config_hint(config, beta=0.0)})"
                 if config.name
                 else " (TRL now builds a reference model)"
             )
@@ -191,7 +253,8 @@ def refuse_unsupported(args: GRPOConfig) -> None:
         problems.append("entropy_coef / use_adaptive_entropy (the entropy bonus)")
     if args.use_vllm and args.vllm_importance_sampling_correction:
         problems.append(
-            "vllm_importance_sampling_correction=True (set it to False: vLLM generation works, the correction "
+            "vllm_importance_sampling_correction=True (set "
+            f"{setting_hint('vllm_importance_sampling_correction', False)}: vLLM generation works, the correction "
             "weight is not in drgrpo's loss)"
         )
     if args.multi_objective_aggregation != "sum_then_normalize":
@@ -218,8 +281,8 @@ def _as_config(loss_config: LossConfig | str, args: GRPOConfig) -> LossConfig:
     if config.name == "trl.dr_grpo" and config.max_completion_length != args.max_completion_length:
         raise ValueError(
             f"trl.dr_grpo divides by TRL's max_completion_length ({args.max_completion_length}), but the loss "
-            f"config has max_completion_length={config.max_completion_length}: pass the preset by name, or use "
-            "the core 'dr_grpo' preset for another constant L"
+            f"config has max_completion_length={config.max_completion_length}: pass the preset by name "
+            f"({_preset_name_hint('trl.dr_grpo')}), or use the core 'dr_grpo' preset for another constant L"
         )
     return config
 
@@ -231,11 +294,17 @@ def _aligned_fields(config: LossConfig, args: GRPOConfig) -> dict[str, Any]:
     if args.loss_type != loss_type:
         # The default, or the config's own name (drgrpo's "bnpo" is TRL's "dapo": the step's token mean), is replaced.
         if args.loss_type not in (TRL_DEFAULTS["loss_type"], _base_name(config)):
+            peer = f"trl.{args.loss_type}"
+            own = (
+                f"TRL's {args.loss_type!r} loss is {_preset_name_hint(peer)}"
+                if peer in preset_names()
+                else f"drgrpo has no preset for TRL's {args.loss_type!r} loss"
+            )
+            set_it = "" if loss_type == DRGRPO_LOSS_TYPE else f" or set it to {loss_type!r}"
             raise ValueError(
                 f"GRPOConfig.loss_type={args.loss_type!r} contradicts loss_config {_label(config)}, whose TRL loss "
                 f"type is {loss_type!r}. DrGRPOTrainer's loss is the loss config's: leave loss_type at its default "
-                f"({TRL_DEFAULTS['loss_type']!r}) or set it to {loss_type!r}, and choose the loss with loss_config "
-                f"(TRL's {args.loss_type!r} loss is the preset 'trl.{args.loss_type}')"
+                f"({TRL_DEFAULTS['loss_type']!r}){set_it}, and choose the loss with the loss config ({own})"
             )
         changes["loss_type"] = loss_type
     for name, value in _trl_view(config).items():
@@ -275,17 +344,11 @@ def _contradiction(name: str, current: Any, config: LossConfig, implied: Any) ->
     field = FIELD_MAP[name]
     if name == "epsilon_high" and config.surrogate == "cispo":
         field = "cispo_cap"
-    if config.name is None:
-        fix = f"loss_config.replace({field}={current!r})"
-    else:
-        length = ""
-        if config.divides_by_constant_length:
-            length = f"max_completion_length={config.max_completion_length}, "
-        fix = f"LossConfig.preset({config.name!r}, {length}{field}={current!r})"
     raise ValueError(
         f"GRPOConfig.{name}={current!r} contradicts loss_config {_label(config)}, which implies {name}={implied!r} "
         f"({field}={_config_value(config, field)!r}). DrGRPOTrainer's loss is the loss config's: leave {name} at its "
-        f"default ({TRL_DEFAULTS[name]!r}), or put the value into the loss config: loss_config={fix}"
+        f"default ({TRL_DEFAULTS[name]!r}), or put the value into the loss config: "
+        f"{loss_config_hint(config, **{field: current})}"
     )
 
 
@@ -298,8 +361,8 @@ def _check_runnable(config: LossConfig, args: GRPOConfig) -> None:
     except ValueError as error:
         raise ValueError(
             f"loss_config {_label(config)} cannot run: {error}. For this run's generation budget pass "
-            f"max_completion_length={args.max_completion_length} in the LossConfig, or the preset by name "
-            "(e.g. loss_config='dr_grpo' takes GRPOConfig.max_completion_length)"
+            f"{loss_config_hint(config, max_completion_length=args.max_completion_length)}, or the preset by name "
+            f"({_preset_name_hint('dr_grpo')} takes max_completion_length from the TRL arguments)"
         ) from None
 
 
