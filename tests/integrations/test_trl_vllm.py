@@ -1,0 +1,92 @@
+"""TRL's vLLM path on a CPU: ``use_vllm=True`` with a stand-in for TRL's vLLM generation object.
+
+``trl_harness.StandInVLLM`` keeps TRL's ``VLLMGeneration.generate`` contract (prompt ids, completion ids, the sampled
+tokens' log-probs), samples with the policy itself and reports each log-prob with a known error ``e`` (and none at
+one position, as vLLM reports a token it could not score), so TRL builds its importance-sampling ratio exactly as
+with vLLM. The ratio it must build is known without TRL: ``exp(-e)`` per token (``exp(-sum_t e)`` per completion),
+1 where the sampler gave no log-prob, then truncated to or masked outside ``[clip_min, clip_max]``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from trl import GRPOTrainer
+
+import trl_harness as h
+
+MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+BOUNDS = {"vllm_importance_sampling_clip_min": 0.8, "vllm_importance_sampling_clip_max": 1.25}  # some ratios leave
+UNSCORED = 2  # the sampler reports no log-prob for each completion's third token
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return h.save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def vllm_args(out: Path, k: int, spg: int, mode: str, **overrides):
+    return h.grpo_args(out, k, spg, use_vllm=True, vllm_importance_sampling_mode=mode, **BOUNDS, **overrides)
+
+
+def expected_ratio(completion_ids: torch.Tensor, mask: torch.Tensor, mode: str, amplitude: float) -> np.ndarray:
+    """The ratio TRL must build, in float64 from the stand-in's known error: no TRL, no model."""
+    ids, m = completion_ids.numpy(), mask.numpy().astype(bool)
+    t = np.arange(ids.shape[1])
+    error = amplitude * np.sin(1.7 * ids + 2.3 * t + 0.5)
+    diff = np.where(m, -error, 0.0)
+    diff[:, UNSCORED] = 0.0  # no sampling log-prob: TRL's NaN rule, ratio 1
+    if mode.startswith("sequence"):
+        diff = diff.sum(axis=1, keepdims=True)
+    ratio = np.exp(diff)
+    low, high = BOUNDS["vllm_importance_sampling_clip_min"], BOUNDS["vllm_importance_sampling_clip_max"]
+    if mode.endswith("truncate"):
+        return np.clip(ratio, low, high)
+    return np.where((ratio < low) | (ratio > high), 0.0, ratio)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stock_grpo_trainer_trains_with_the_stand_in_in_every_mode(model_dir: Path, tmp_path: Path, mode: str):
+    """Two optimizer steps (two generations) of stock GRPOTrainer: TRL's ratio and its sampling/* metrics are the
+    ones the known error implies, and the sampler's log-probs are the policy's plus that error."""
+    with h.stand_in_vllm(amplitude=0.3, unscored_position=UNSCORED) as sampler:
+        trainer = h.run(GRPOTrainer, model_dir, vllm_args(tmp_path, 1, 1, mode, max_steps=2))
+    assert len(trainer.generations) == 2
+    rows = [row for row in trainer.state.log_history if "sampling/importance_sampling_ratio/mean" in row]
+    assert len(rows) == 2
+    for (_, batch), row in zip(trainer.generations, rows):
+        ids, mask = batch["completion_ids"], batch["completion_mask"]
+        want = expected_ratio(ids, mask, mode, sampler.amplitude)
+        got = batch["importance_sampling_ratio"].double().numpy()
+        assert got.shape == want.shape
+        if mode.startswith("token"):  # TRL's ratio on padding is exp(0) = 1, never used
+            got, want = got * mask.numpy(), want * mask.numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        # the sampler's log-probs are the trainer's own (old_per_token_logps, TRL's head) plus the known error
+        real = mask.bool().clone()
+        real[:, UNSCORED] = False
+        error = sampler.sampling_error(ids).float()
+        sampling, old = batch["sampling_per_token_logps"], batch["old_per_token_logps"]
+        assert torch.allclose(sampling[real] - old[real], error[real], atol=1e-5)
+        assert bool(torch.isnan(sampling[:, UNSCORED][mask[:, UNSCORED].bool()]).all())
+        # TRL's metrics: over real tokens (token modes) or completions (sequence modes)
+        flat = want[mask.numpy().astype(bool)] if mode.startswith("token") else want.ravel()
+        assert row["sampling/importance_sampling_ratio/mean"] == pytest.approx(flat.mean(), rel=1e-5)
+        assert row["sampling/importance_sampling_ratio/min"] == pytest.approx(flat.min(), rel=1e-5, abs=1e-7)
+        assert row["sampling/importance_sampling_ratio/max"] == pytest.approx(flat.max(), rel=1e-5)
+        scored = np.abs(error[real].double().numpy())
+        assert row["sampling/sampling_logp_difference/mean"] == pytest.approx(scored.mean(), rel=1e-4)
+        assert row["sampling/sampling_logp_difference/max"] == pytest.approx(scored.max(), rel=1e-4)
+    # every mode acts: some ratios were cut (to a bound, or to 0) on these completions
+    cut = [expected_ratio(b["completion_ids"], b["completion_mask"], mode, 0.3) for _, b in trainer.generations]
+    low, high = BOUNDS["vllm_importance_sampling_clip_min"], BOUNDS["vllm_importance_sampling_clip_max"]
+    hits = sum(int(np.isin(c, [0.0, low, high]).sum()) for c in cut)
+    assert hits > 0
+    assert all(math.isfinite(float(loss)) for loss in trainer.losses)
