@@ -209,7 +209,6 @@ def test_loss_type_names_the_trl_loss_or_the_drgrpo_marker(tmp_path: Path, prese
         ({"top_entropy_quantile": 0.2}, "dr_grpo", "top_entropy_quantile"),
         ({"off_policy_mask_threshold": 0.5}, "dr_grpo", "off_policy_mask_threshold"),
         ({"entropy_coef": 0.01}, "dr_grpo", "entropy bonus"),
-        ({"multi_objective_aggregation": "normalize_then_sum"}, "dr_grpo", "normalize_then_sum"),
     ],
 )
 def test_contradicting_trl_settings_raise_naming_the_field(tmp_path: Path, overrides: dict, loss_config, match):
@@ -416,3 +415,40 @@ def test_every_preset_leaves_unscored_completions_out_as_trl_does(tmp_path: Path
     got = group_advantages(torch.tensor(rewards), 4, config).numpy()
     np.testing.assert_allclose(got, _nan_aware_oracle(rewards, 4, config), rtol=1e-12, atol=1e-12)
     assert got[20:24].tolist() == [0.0] * 4 and got[1] == 0.0
+
+
+# --------------------------------------------------------------------------- several rewards: normalize_then_sum
+
+
+def test_normalize_then_sum_without_loss_config_is_stock_trl(model_dir: Path, tmp_path: Path):
+    """Two reward functions (one scoring a quarter of the completions), each normalised in its group before the
+    weighted sum, then over the whole batch: stock GRPOTrainer's advantages, losses and gradient."""
+    fields = dict(multi_objective_aggregation="normalize_then_sum", reward_weights=[1.0, 0.5], loss_type="grpo")
+    rewards = [h.digit_reward, _partial_other]
+    ours = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "o", 2, 2, **fields), reward_funcs=rewards)
+    stock = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "s", 2, 2, **fields), reward_funcs=rewards)
+    assert_same_run(ours, stock, 2)
+    sum_first = h.run(
+        DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "f", 2, 2, loss_type="grpo"), reward_funcs=rewards
+    )
+    for (_, a), (_, b) in zip(ours.generations, sum_first.generations):  # the setting acts: other advantages
+        assert torch.equal(a["completion_ids"], b["completion_ids"])
+        assert not torch.allclose(a["advantages"], b["advantages"], atol=1e-3)
+
+
+@pytest.mark.parametrize("preset", ["dr_grpo", "grpo"])
+def test_normalize_then_sum_with_a_loss_config_feeds_its_advantages(model_dir: Path, tmp_path: Path, preset: str):
+    """With a loss_config, each function's rewards are normalised in their group (TRL's first stage), summed with the
+    weights, and the config's own advantage rule applies to the sum (dr_grpo: centred, no std): float64 oracle."""
+    args = h.grpo_args(tmp_path, 1, 1, multi_objective_aggregation="normalize_then_sum", reward_weights=[1.0, 0.5])
+    rewards = [_partial, _partial_other]  # i % 4 == 1 scored by neither: advantage 0
+    trainer = h.run(DrGRPOTrainer, model_dir, args, loss_config=preset, reward_funcs=rewards)
+    per_func = trainer._rewards_per_func.double().numpy()  # (N, 2): TRL's rewards of the one generation batch
+    stage = LossConfig(advantage_std="group", std_eps=1e-4, nan_rewards="ignore")
+    columns = [_nan_aware_oracle(per_func[:, k], h.G, stage) for k in range(2)]
+    total = columns[0] * 1.0 + columns[1] * 0.5
+    total[np.isnan(per_func).all(axis=1)] = np.nan
+    want = _nan_aware_oracle(total, h.G, trainer.loss_config)
+    got = trainer.generations[0][1]["advantages"].double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.abs(want).max() > 0.1 and (want[1::4] == 0).all()

@@ -150,6 +150,9 @@ from drgrpo.integrations.trl_settings import (  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
+_PER_FUNCTION = LossConfig(advantage_std="group", std_eps=1e-4, nan_rewards="ignore")
+"""TRL's normalisation of each reward function's rewards in their group (``normalize_then_sum``)."""
+
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier")
 
 
@@ -268,13 +271,7 @@ class DrGRPOTrainer(GRPOTrainer):
             raise RuntimeError("TRL's _generate_and_score_completions did not call _calculate_rewards")
         mode = self._mode()
         group = self.num_generations if mode == "train" else self.num_generations_eval
-        # The total reward as TRL computes it for "sum_then_normalize": weighted sum, NaN if no function scored.
-        # A function returning None (TRL: "not applicable") adds nothing; a completion no function scored is NaN,
-        # left out of its group's statistics and given advantage 0 (the config has nan_rewards="ignore").
-        weights = self.reward_weights.to(per_func.device)
-        rewards = (per_func * weights.unsqueeze(0)).nansum(dim=1)  # (N_global,)
-        rewards = rewards.masked_fill(torch.isnan(per_func).all(dim=1), float("nan"))
-        advantages = group_advantages(rewards, group, self.loss_config)  # (N_global,) groups are contiguous
+        advantages = self._advantages(per_func, group)  # (N_global,) groups are contiguous
         local = output["advantages"].shape[0]
         start = self.accelerator.process_index * local
         output["advantages"] = advantages[start : start + local].to(output["advantages"].dtype)
@@ -284,6 +281,28 @@ class DrGRPOTrainer(GRPOTrainer):
             logged.pop()
         logged.extend(advantages.tolist())
         return output
+
+    def _advantages(self, per_func: Tensor, group: int) -> Tensor:
+        """Advantages ``(N,)`` from every process's rewards ``(N, F)`` (NaN: not scored), groups of ``group``.
+
+        The total reward is TRL's for ``multi_objective_aggregation``: ``sum_then_normalize``, the weighted sum;
+        ``normalize_then_sum``, the weighted sum of each function's rewards normalised in their group
+        (``(r - mean) / (std + 1e-4)``). A function returning None adds nothing; a completion no function scored is
+        NaN, left out of the statistics and given advantage 0 (every config has ``nan_rewards="ignore"``). The
+        advantages are then the config's :func:`drgrpo.group_advantages` of that total, except that a ``trl.*``
+        preset with ``normalize_then_sum`` normalises over the whole batch, as TRL does there.
+        """
+        weights = self.reward_weights.to(per_func.device).unsqueeze(0)  # (1, F)
+        unscored = torch.isnan(per_func).all(dim=1)  # (N,)
+        config = self.loss_config
+        if self.args.multi_objective_aggregation == "normalize_then_sum":
+            columns = [group_advantages(per_func[:, k], group, _PER_FUNCTION) for k in range(per_func.shape[1])]
+            rewards = (torch.stack(columns, dim=1) * weights).sum(dim=1).masked_fill(unscored, float("nan"))
+            if config.name is not None and config.name.startswith("trl."):  # TRL: one group, the whole batch
+                return group_advantages(rewards, rewards.numel(), config.replace(advantage_std="group"))
+            return group_advantages(rewards, group, config)
+        rewards = (per_func * weights).nansum(dim=1).masked_fill(unscored, float("nan"))  # (N,)
+        return group_advantages(rewards, group, config)
 
     # ----------------------------------------------------------------------- the accumulation window
 

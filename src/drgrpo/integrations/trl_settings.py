@@ -257,8 +257,6 @@ def refuse_unsupported(args: GRPOConfig) -> None:
             f"{setting_hint('vllm_importance_sampling_correction', False)}: vLLM generation works, the correction "
             "weight is not in drgrpo's loss)"
         )
-    if args.multi_objective_aggregation != "sum_then_normalize":
-        problems.append(f"multi_objective_aggregation={args.multi_objective_aggregation!r} (use 'sum_then_normalize')")
     if problems:
         raise ValueError("DrGRPOTrainer does not support: " + "; ".join(problems))
 
