@@ -295,7 +295,7 @@ class DrGRPOTrainer(GRPOTrainer):
         weights = self.reward_weights.to(per_func.device).unsqueeze(0)  # (1, F)
         unscored = torch.isnan(per_func).all(dim=1)  # (N,)
         config = self.loss_config
-        if self.args.multi_objective_aggregation == "normalize_then_sum":
+        if self.multi_objective_aggregation == "normalize_then_sum":
             columns = [group_advantages(per_func[:, k], group, _PER_FUNCTION) for k in range(per_func.shape[1])]
             rewards = (torch.stack(columns, dim=1) * weights).sum(dim=1).masked_fill(unscored, float("nan"))
             if config.name is not None and config.name.startswith("trl."):  # TRL: one group, the whole batch
