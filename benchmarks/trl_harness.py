@@ -353,11 +353,14 @@ def whole_batch_gradient(
     *,
     weights: dict[str, torch.Tensor] | None = None,
     off_policy: bool = False,
+    entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Loss, gradient and metrics of ``policy_loss`` over the whole step in one batch.
 
     The policy has the saved initial weights, or ``weights``; with ``off_policy`` the sampling policy (old
     log-probs) is the initial model, else the ratio is 1. The reference model (``beta > 0``) is the initial model.
+    ``entropy_coef`` subtracts ``entropy_coef`` times the policy's mean entropy over all the step's tokens
+    (``-sum_v p log p`` of the plain logits).
     """
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     initial = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -366,22 +369,31 @@ def whole_batch_gradient(
     model.train()
     with torch.no_grad():
         initial_logp = token_logp(initial, rollout)
-    logp = token_logp(model, rollout)
+    logp, entropy = token_logp(model, rollout, with_entropy=True)
     old = initial_logp if off_policy else None
     ref = initial_logp if config.beta > 0 else None
     out = policy_loss(logp, old, rollout.advantages, rollout.mask, config, ref_logp=ref)
-    out.loss.backward()
+    loss = out.loss
+    if entropy_coef:
+        m = rollout.mask.to(entropy.dtype)
+        loss = loss - entropy_coef * (entropy * m).sum() / m.sum()
+    loss.backward()
     grads = {n: q.grad.detach().clone() for n, q in model.named_parameters()}
-    return out.loss.detach(), grads, out.metrics
+    return loss.detach(), grads, out.metrics
 
 
-def token_logp(model: Any, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
-    """``(N, T)`` log-probs of the completion tokens under ``model``: plain logits, log_softmax, gather."""
+def token_logp(model: Any, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False) -> Any:
+    """``(N, T)`` log-probs of the completion tokens under ``model``: plain logits, log_softmax, gather; with
+    ``with_entropy`` also the ``(N, T)`` entropies ``-sum_v p log p`` of the same distributions."""
     p, t = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
     input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
     attention = torch.cat([torch.ones_like(rollout.prompt_ids), rollout.mask], dim=1)
     logits = model(input_ids=input_ids, attention_mask=attention).logits[:, p - 1 : p + t - 1] / temperature
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    logp = log_probs.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return logp
+    return logp, -(log_probs.exp() * log_probs).sum(-1)
 
 
 def relative_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:

@@ -231,6 +231,74 @@ def test_every_loss_type_logs_trls_metrics_with_trls_values(model_dir: Path, tmp
         assert rows[0][1]["kl"] > 1e-4
 
 
+# --------------------------------------------------------------------------- the entropy bonus
+
+
+@pytest.mark.parametrize(("loss_type", "k", "spg"), [("grpo", 1, 1), ("dapo", 2, 2), ("dr_grpo", 4, 2)])
+def test_the_entropy_bonus_without_loss_config_is_stock_trls(model_dir: Path, tmp_path: Path, loss_type, k, spg):
+    """entropy_coef > 0: TRL's bonus (each micro-batch's mean entropy over K), stock's gradient and metrics."""
+    fields = dict(loss_type=loss_type, entropy_coef=0.05)
+    stock = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "s", k, spg, **fields))
+    ours = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "o", k, spg, **fields))
+    for a, b in zip(stock.losses, ours.losses):
+        assert abs(float(a) - float(b)) <= TOL * max(1.0, abs(float(a)))
+    assert h.relative_difference(ours.first_step_grads, stock.first_step_grads) <= TOL
+    plain = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "p", k, spg, loss_type=loss_type))
+    assert h.relative_difference(plain.first_step_grads, stock.first_step_grads) > 1e-3  # the bonus acts
+    rows = [[r for r in t.state.log_history if "entropy_coef" in r] for t in (stock, ours)]
+    assert [r[0]["entropy_coef"] for r in rows] == [0.05, 0.05]
+    assert rows[1][0]["policy_loss"] == pytest.approx(rows[0][0]["policy_loss"], rel=1e-4, abs=1e-6)
+
+
+def test_the_entropy_bonus_of_a_core_preset_is_the_whole_steps(model_dir: Path, tmp_path: Path):
+    """loss_config="dr_grpo" with entropy_coef: minus c times the mean entropy over all the step's tokens, whatever
+    the split (K = 4, spg = 2 against one batch, no TRL code)."""
+    trainer = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path, 4, 2, entropy_coef=0.05), loss_config="dr_grpo")
+    config = trainer.loss_config
+    rollout = h.step_rollout(trainer.generations, trainer.micro[:4], config, build_tokenizer())
+    loss, grads, _ = h.whole_batch_gradient(model_dir, rollout, config, entropy_coef=0.05)
+    assert h.relative_difference(trainer.step_grads[0], grads) <= TOL
+    assert abs(float(sum(trainer.losses[:4])) - float(loss)) <= TOL * max(1.0, abs(float(loss)))
+    _, plain, _ = h.whole_batch_gradient(model_dir, rollout, config)
+    assert h.relative_difference(plain, grads) > 1e-3
+
+
+def test_the_adaptive_entropy_controller_is_trls(model_dir: Path, tmp_path: Path):
+    """use_adaptive_entropy: no bonus on the first step (no measurement yet), then the bonus while the previous
+    step's entropy (about 2.85 nats here) is at most entropy_target; the coefficient moves by entropy_coef_delta
+    after each step within its bounds. Three steps: the same coefficients, losses and first gradient as stock."""
+    fields = dict(
+        use_adaptive_entropy=True,
+        entropy_coef=0.01,
+        entropy_coef_delta=0.02,
+        entropy_coef_max=0.04,
+        entropy_target=5.0,
+        max_steps=3,
+        loss_type="grpo",
+    )
+    stock = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "s", 2, 2, **fields))
+    ours = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "o", 2, 2, **fields))
+    coefs = [[r["entropy_coef"] for r in t.state.log_history if "entropy_coef" in r] for t in (stock, ours)]
+    assert coefs[0] == pytest.approx([0.03, 0.04, 0.04]) and coefs[1] == pytest.approx(coefs[0])
+    assert ours._last_world_entropy == pytest.approx(stock._last_world_entropy, rel=1e-4)
+    assert h.relative_difference(ours.first_step_grads, stock.first_step_grads) <= TOL
+    rows = [[r for r in t.state.log_history if "policy_loss" in r] for t in (stock, ours)]
+    for a, b in zip(*rows):  # the logged loss includes the bonus from the second step on
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-6)
+    bonus = [r["loss"] - r["policy_loss"] for r in rows[1]]
+    assert bonus[0] == pytest.approx(0.0, abs=1e-6) and bonus[1] < -1e-3  # minus c H once the target is met
+    low = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "l", 2, 2, **{**fields, "entropy_target": 0.1}))
+    low_coefs = [r["entropy_coef"] for r in low.state.log_history if "entropy_coef" in r]
+    assert low_coefs == pytest.approx([0.0, 0.0, 0.0])  # entropy above the target: the coefficient goes down
+
+
+def test_fused_refuses_the_entropy_bonus(model_dir: Path, tmp_path: Path):
+    with pytest.raises(ValueError, match=r"fused=True does not differentiate the entropy bonus.*fused=False"):
+        DrGRPOTrainer(
+            str(model_dir), h.digit_reward, _args(tmp_path, entropy_coef=0.01), h.train_dataset(8), fused=True
+        )
+
+
 # --------------------------------------------------------------------------- the window and evaluation
 
 

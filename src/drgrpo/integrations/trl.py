@@ -236,6 +236,11 @@ class DrGRPOTrainer(GRPOTrainer):
                 "supported"
             )
         if self.fused:
+            if self._entropy_bonus_enabled:
+                raise ValueError(
+                    "fused=True does not differentiate the entropy bonus (entropy_coef, use_adaptive_entropy): use "
+                    f"{setting_hint('fused', False)}"
+                )
             if self.aux_loss_enabled:
                 raise ValueError(
                     f"fused=True does not add the MoE router loss: set {setting_hint('router_aux_loss_coef', 0)} or "
@@ -380,12 +385,57 @@ class DrGRPOTrainer(GRPOTrainer):
         loss = out.loss
         if self.loss_config.per_call_normalization and mode == "train":
             loss = loss / self.current_gradient_accumulation_steps  # TRL's definition of per-call losses
+        if self._entropy_bonus_enabled:  # TRL's entropy bonus (entropy_coef, use_adaptive_entropy)
+            assert entropy is not None  # the logits path computes it (fused=True with a bonus is refused)
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(out.loss.detach()).nanmean().item())
+            loss = loss - self._entropy_bonus(entropy, _loss_mask(inputs), normalizer, mode)
         if aux_loss is not None:  # MoE load balancing, scaled as TRL scales it
             scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / scale
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._log_loss_metrics(mode, out, entropy, inputs)
         return loss
+
+    def _entropy_bonus(self, entropy: Tensor, mask: Tensor, normalizer: StepNormalizer | None, mode: str) -> Tensor:
+        r"""This micro-batch's share of ``c * H``, subtracted from the loss; steps TRL's adaptive controller.
+
+        ``H`` is the policy's mean entropy per completion token (``entropy`` ``(B, T)``, with its gradient). For a
+        ``trl.*`` preset (and without ``loss_config``) it is TRL's: each micro-batch's own token mean divided by K.
+        For the other presets it is the token mean over the whole optimizer step, all processes
+        (``sum_t m H / N_tok * P`` per micro-batch), so the accumulated gradient does not depend on the split.
+        ``c`` is ``entropy_coef``; with ``use_adaptive_entropy`` it applies only while the entropy measured over the
+        previous optimizer step is at most ``entropy_target``, and after each step the coefficient moves by
+        ``entropy_coef_delta`` (up when the step's entropy was at or below the target, else down) within
+        ``[entropy_coef_min, entropy_coef_max]``; ``entropy_coef`` is logged once per step (TRL's controller,
+        state and checkpoint file).
+        """
+        m = mask.to(entropy.dtype)
+        total = (entropy * m).sum()
+        train = mode == "train"
+        if normalizer is None or (self.loss_config.name or "").startswith("trl."):
+            h = total / m.sum().clamp(min=1.0) / (self.current_gradient_accumulation_steps if train else 1.0)
+        else:
+            h = total / normalizer.num_tokens * normalizer.world_size
+        coef = self.entropy_coef
+        args: GRPOConfig = self.args  # type: ignore[assignment]
+        if self.use_adaptive_entropy and self._last_world_entropy > args.entropy_target:
+            coef = 0.0  # the previous step's entropy was above the target: no bonus this step
+        if train and self.use_adaptive_entropy:
+            stats = torch.stack([total.detach(), m.sum()]).float()
+            window: Tensor | None = self._entropy_window_stats
+            self._entropy_window_stats = stats if window is None else window + stats  # type: ignore[assignment]
+            if self.accelerator.sync_gradients:  # the window's last micro-batch: one reduce, then the update
+                sums = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                measured = float(sums[0] / sums[1].clamp(min=1.0))
+                if measured <= args.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+                self._last_world_entropy = measured
+                self._entropy_window_stats = None
+        if train and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        return coef * h
 
     def _logits_path_loss(
         self, model: Any, inputs: dict[str, Any], normalizer: StepNormalizer | None

@@ -249,8 +249,6 @@ def refuse_unsupported(args: GRPOConfig) -> None:
         problems.append(f"top_entropy_quantile={args.top_entropy_quantile} (the high-entropy token mask)")
     if args.off_policy_mask_threshold is not None:
         problems.append(f"off_policy_mask_threshold={args.off_policy_mask_threshold} (the off-policy sequence mask)")
-    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
-        problems.append("entropy_coef / use_adaptive_entropy (the entropy bonus)")
     if args.use_vllm and args.vllm_importance_sampling_correction:
         problems.append(
             "vllm_importance_sampling_correction=True (set "
