@@ -21,6 +21,8 @@ pytest.importorskip("trl")
 from trl import GRPOTrainer
 
 import trl_harness as h
+from drgrpo.integrations.trl import DrGRPOTrainer
+from drgrpo.train.tiny import build_tokenizer
 
 MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 BOUNDS = {"vllm_importance_sampling_clip_min": 0.8, "vllm_importance_sampling_clip_max": 1.25}  # some ratios leave
@@ -90,3 +92,21 @@ def test_stock_grpo_trainer_trains_with_the_stand_in_in_every_mode(model_dir: Pa
     hits = sum(int(np.isin(c, [0.0, low, high]).sum()) for c in cut)
     assert hits > 0
     assert all(math.isfinite(float(loss)) for loss in trainer.losses)
+
+
+# --------------------------------------------------------------------------- DrGRPOTrainer on the vLLM path
+
+
+def test_drgrpo_trains_on_vllm_generations_whole_step_exact(model_dir: Path, tmp_path: Path):
+    """use_vllm=True without the correction: the stand-in's completions, K = 4 with spg = 2 (the window generates
+    two batches ahead through the sampler), and the step's gradient is the whole batch's (no TRL code)."""
+    args = h.grpo_args(tmp_path, 4, 2, use_vllm=True, vllm_importance_sampling_correction=False)
+    with h.stand_in_vllm() as sampler:
+        trainer = h.run(DrGRPOTrainer, model_dir, args, loss_config="dr_grpo")
+    assert len(trainer.generations) == 2 and trainer.vllm_generation.calls == 2
+    assert isinstance(trainer.vllm_generation, sampler)
+    config = trainer.loss_config
+    rollout = h.step_rollout(trainer.generations, trainer.micro[:4], config, build_tokenizer())
+    loss, grads, _ = h.whole_batch_gradient(model_dir, rollout, config)
+    assert h.relative_difference(trainer.step_grads[0], grads) <= 1e-5
+    assert abs(float(sum(trainer.losses[:4])) - float(loss)) <= 1e-5 * max(1.0, abs(float(loss)))

@@ -91,10 +91,9 @@ presets give stock TRL's numbers (``trl.dapo``/``trl.cispo`` use the exact step 
 ``spg == K``).
 
 Refused with a ``ValueError`` (no drgrpo equivalent yet): ``top_entropy_quantile < 1``,
-``off_policy_mask_threshold``, the entropy bonus (``entropy_coef``, ``use_adaptive_entropy``), vLLM's
-importance-sampling correction (set ``vllm_importance_sampling_correction=False``; vLLM generation
-itself works), ``multi_objective_aggregation="normalize_then_sum"``, tensor or context parallelism,
-and with ``fused=True`` MoE router losses and logit scaling or soft-capping.
+``off_policy_mask_threshold``, vLLM's importance-sampling correction (set ``vllm_importance_sampling_correction=False``;
+vLLM generation itself works), tensor or context parallelism, and with ``fused=True`` the entropy bonus, MoE router
+losses and logit scaling or soft-capping (docs/trl.md).
 
 Logged under TRL's names and meanings (docs/trl.md): ``clip_ratio/*`` (PPO surrogate; shares of completions at
 sequence level), ``cispo_clip_ratio``, ``kl`` (weighted by the ratio when ``kl_importance_weight``) and
