@@ -296,6 +296,7 @@ class Rollout:
     completion_ids: torch.Tensor  # (N, T) right-padded
     mask: torch.Tensor  # (N, T) 1 on real completion tokens
     advantages: torch.Tensor  # (N,) from group_advantages of the test's own rewards
+    sampling_logp: torch.Tensor | None = None  # (N, T) the sampler's log-probs (vLLM's), as TRL received them
 
 
 def _key(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple:
@@ -326,7 +327,7 @@ def step_rollout(
         for i in range(len(examples)):
             key = _key(out["prompt_ids"][i], out["prompt_mask"][i], out["completion_ids"][i], out["completion_mask"][i])
             table.setdefault(key, []).append(float(advantages[i]))
-    prompt_rows, completion_rows, advantages = [], [], []
+    prompt_rows, completion_rows, advantages, sampling_rows = [], [], [], []
     for mb in micro:
         for i in range(mb["completion_ids"].shape[0]):
             key = _key(mb["prompt_ids"][i], mb["prompt_mask"][i], mb["completion_ids"][i], mb["completion_mask"][i])
@@ -335,6 +336,8 @@ def step_rollout(
             prompt_rows.append(torch.tensor(key[0]))
             completion_rows.append(torch.tensor(key[1], dtype=torch.long))
             advantages.append(candidates[0])
+            if "sampling_per_token_logps" in mb:
+                sampling_rows.append(mb["sampling_per_token_logps"][i][mb["completion_mask"][i].bool()])
     width = max(len(c) for c in completion_rows)
     n = len(completion_rows)
     ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
@@ -343,7 +346,12 @@ def step_rollout(
         ids[i, : len(c)] = c
         mask[i, : len(c)] = 1
     assert len({len(p) for p in prompt_rows}) == 1
-    return Rollout(torch.stack(prompt_rows), ids, mask, torch.tensor(advantages, dtype=torch.float32))
+    sampling = None
+    if sampling_rows:
+        sampling = torch.zeros((n, width), dtype=sampling_rows[0].dtype)
+        for i, row in enumerate(sampling_rows):
+            sampling[i, : len(row)] = row
+    return Rollout(torch.stack(prompt_rows), ids, mask, torch.tensor(advantages, dtype=torch.float32), sampling)
 
 
 def whole_batch_gradient(

@@ -208,7 +208,6 @@ def test_loss_type_names_the_trl_loss_or_the_drgrpo_marker(tmp_path: Path, prese
         ({"sapo_temperature_pos": 2.0}, "sapo", r"contradicts .*sapo_tau_pos=2\.0\)"),
         ({"top_entropy_quantile": 0.2}, "dr_grpo", "top_entropy_quantile"),
         ({"off_policy_mask_threshold": 0.5}, "dr_grpo", "off_policy_mask_threshold"),
-        ({"entropy_coef": 0.01}, "dr_grpo", "entropy bonus"),
     ],
 )
 def test_contradicting_trl_settings_raise_naming_the_field(tmp_path: Path, overrides: dict, loss_config, match):
