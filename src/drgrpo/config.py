@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from drgrpo.correction import SAMPLING_CORRECTIONS
 from drgrpo.field_error import FieldError
 from drgrpo.registry import SURROGATES
 
@@ -113,6 +114,18 @@ class LossConfig:
     A = r / (1 + ``std_eps``), or r without the std division)."""
     nan_rewards: NanRewards = "error"
     """What a NaN reward does: error raises; ignore (TRL) leaves it out of the statistics with advantage 0."""
+    sampling_correction: str | None = None
+    """Correct for the sampler's own log-probs (vLLM's; pass ``sampling_logp``): each token's surrogate is multiplied
+    by a weight from d = old_logp - sampling_logp, per token (token_truncate, token_mask) or exp of the completion's
+    sum (sequence_truncate, sequence_mask), clamped into [``sampling_clip_min``, ``sampling_clip_max``] (truncate) or
+    0 outside it (mask); TRL's vllm_importance_sampling_mode (drgrpo.correction). none: off."""
+    sampling_clip_min: float | None = None
+    """Lower bound of the sampling correction weight (TRL's vllm_importance_sampling_clip_min); none: no bound."""
+    sampling_clip_max: float | None = 3.0
+    """Upper bound of the sampling correction weight (TRL's vllm_importance_sampling_clip_max); none: no bound."""
+    off_policy_mask_threshold: float | None = None
+    """Drop a completion whose advantage is negative and whose mean of sampling_logp - logp over its tokens exceeds
+    this (DeepSeek-V3.2's off-policy sequence mask; sampling_logp, else old_logp); none: off."""
     per_call_normalization: bool = False
     """True for peer presets whose denominators are defined per call (per micro-batch); they refuse a step normalizer."""
     name: str | None = None
@@ -174,6 +187,7 @@ class LossConfig:
                 f"the other, but drgrpo applies one rule to both; set aggregation to {self.forced_aggregation!r} "
                 "or beta to 0",
             )
+        self._check_sampling_fields()
         _check_nonnegative("std_eps", self.std_eps)
         if self.std_zero_threshold is not None:
             _check_nonnegative("std_zero_threshold", self.std_zero_threshold)
@@ -188,6 +202,29 @@ class LossConfig:
                     "max_completion_length",
                     f"max_completion_length must be >= 1, got {self.max_completion_length}",
                 )
+
+    def _check_sampling_fields(self) -> None:
+        if self.sampling_correction is not None:
+            _check_choice("sampling_correction", self.sampling_correction, SAMPLING_CORRECTIONS)
+        for field in ("sampling_clip_min", "sampling_clip_max"):
+            if getattr(self, field) is not None:
+                _check_nonnegative(field, getattr(self, field))
+        low, high = self.sampling_clip_min, self.sampling_clip_max
+        if low is not None and high is not None and low >= high:
+            raise FieldError(
+                LossConfig,
+                ("sampling_clip_min", "sampling_clip_max"),
+                f"sampling_clip_min must be below sampling_clip_max, got {low} >= {high}",
+            )
+        if (self.sampling_correction or "").endswith("truncate") and low is None and high is None:
+            raise FieldError(
+                LossConfig,
+                ("sampling_correction", "sampling_clip_min", "sampling_clip_max"),
+                f"sampling_correction {self.sampling_correction!r} clamps the weight: set sampling_clip_min or "
+                "sampling_clip_max",
+            )
+        if self.off_policy_mask_threshold is not None:
+            _check_finite("off_policy_mask_threshold", self.off_policy_mask_threshold)
 
     @property
     def effective_aggregation(self) -> str:

@@ -78,6 +78,7 @@ from torch import Tensor, nn
 from drgrpo.aggregation import token_weights
 from drgrpo.config import LossConfig
 from drgrpo.loss import LossOutput, compute_dtype, per_token_loss, policy_loss, validate_inputs
+from drgrpo.surrogates import get_surrogate
 from drgrpo.validation import check_finite_large, check_finite_rows, check_shape
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ class _Problem:
     config: LossConfig
     old_logp: Tensor | None  # (B, T)
     ref_logp: Tensor | None  # (B, T)
+    sampling_logp: Tensor | None  # (B, T) the sampler's log-probs (vLLM's)
     normalizer: Any  # StepNormalizer | None
     temperature: float
     chunk_size: int
@@ -276,7 +278,14 @@ def _run(problem: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None)
     pos_cpu = pos_all.cpu()
     rows_cpu = (pos_cpu // t).tolist() if pos_cpu.numel() else []
     weights = token_weights(problem.mask.to(adt), cfg, problem.normalizer)  # (B, T), constant in logp
-    row_coupled = cfg.ratio_level != "token"
+    # A token's loss that reads other tokens of its row: the sequence ratio (GSPO), a whole-row surrogate,
+    # the sequence correction weight, the off-policy mask. Chunks then hold whole rows.
+    row_coupled = (
+        cfg.ratio_level != "token"
+        or get_surrogate(cfg.surrogate).whole_rows
+        or (cfg.sampling_correction or "").startswith("sequence")
+        or cfg.off_policy_mask_threshold is not None
+    )
     ranges = _chunks_of(counts, problem.chunk_size, whole_rows=row_coupled)
     two_pass = ranges is None
     if two_pass:
@@ -316,6 +325,7 @@ def _run(problem: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None)
                 sel,
                 cfg,
                 None if problem.ref_logp is None else problem.ref_logp[sub],
+                None if problem.sampling_logp is None else problem.sampling_logp[sub],
             )
             (g,) = torch.autograd.grad((terms.loss * weights[sub]).sum(), leaf)
         return g
@@ -348,6 +358,7 @@ def _run(problem: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None)
         problem.mask,
         cfg,
         ref_logp=problem.ref_logp,
+        sampling_logp=problem.sampling_logp,
         normalizer=problem.normalizer,
         validate=False,
     )
@@ -402,6 +413,7 @@ def fused_policy_loss(
     *,
     old_logp: Tensor | None = None,
     ref_logp: Tensor | None = None,
+    sampling_logp: Tensor | None = None,
     bias: Tensor | None = None,
     temperature: float = 1.0,
     chunk_size: int | None = None,
@@ -421,6 +433,7 @@ def fused_policy_loss(
         config: a :class:`~drgrpo.config.LossConfig`; every surrogate, ratio level, KL and aggregation works.
         old_logp: ``(B, T)`` log-probs of the sampling policy, or ``None`` (on-policy: ratio 1, gradient flows).
         ref_logp: ``(B, T)`` reference log-probs; required when ``config.beta > 0``.
+        sampling_logp: ``(B, T)`` the sampler's own log-probs (vLLM's), as in :func:`~drgrpo.policy_loss`.
         bias: ``(V,)`` output-layer bias, or ``None``.
         temperature: the sampling temperature ``tau > 0``; logits are divided by it.
         chunk_size: real tokens per chunk (extra memory ``~ chunk_size * V`` floats);
@@ -444,7 +457,9 @@ def fused_policy_loss(
     b, t, _ = hidden.shape
     adt = compute_dtype(weight.dtype)
     logp_shape = torch.zeros(b, t, dtype=adt, device=hidden.device)  # stands for logp in the checks of the rest
-    validate_inputs(logp_shape, old_logp, advantages, mask, config, ref_logp, values=validate)
+    validate_inputs(
+        logp_shape, old_logp, advantages, mask, config, ref_logp, values=validate, sampling_logp=sampling_logp
+    )
     if validate:
         check_finite_rows("hidden", hidden, mask)
         check_finite_large("weight", weight)
@@ -458,6 +473,7 @@ def fused_policy_loss(
         config=config,
         old_logp=None if old_logp is None else old_logp.detach(),
         ref_logp=None if ref_logp is None else ref_logp.detach(),
+        sampling_logp=None if sampling_logp is None else sampling_logp.detach(),
         normalizer=normalizer,
         temperature=float(temperature),
         chunk_size=int(chunk_size) if chunk_size is not None else default_chunk_size(weight.shape[0]),
@@ -538,6 +554,7 @@ class FusedPolicyLoss(nn.Module):
         *,
         old_logp: Tensor | None = None,
         ref_logp: Tensor | None = None,
+        sampling_logp: Tensor | None = None,
         normalizer: StepNormalizer | None = None,
     ) -> LossOutput:
         """``lm_head``: the output ``nn.Linear`` (its bias is used if it has one) or a ``(V, H)`` weight."""
@@ -556,6 +573,7 @@ class FusedPolicyLoss(nn.Module):
             self.config,
             old_logp=old_logp,
             ref_logp=ref_logp,
+            sampling_logp=sampling_logp,
             bias=bias,
             temperature=self.temperature,
             chunk_size=self.chunk_size,

@@ -7,6 +7,7 @@ with the PyTorch implementation, which the tests check against these functions.
 from __future__ import annotations
 
 import math
+import sys
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -107,6 +108,7 @@ class OracleToken(NamedTuple):
     adv: float  # the completion's advantage
     logp: float  # log pi_theta of the token
     old_logp: float  # log pi_old of the token
+    sampling_weight: float | None = None  # the sampler correction's weight rho (config.sampling_correction), if on
 
 
 class OracleRow(NamedTuple):
@@ -139,6 +141,55 @@ def sapo_token_loss(t: OracleToken, config: LossConfig) -> float:
     """``-(4/tau) sigmoid(tau (r - 1)) A``."""
     tau = config.sapo_tau_pos if t.adv > 0 else config.sapo_tau_neg
     return -(4 / tau) / (1 + math.exp(-tau * (t.ratio - 1))) * t.adv
+
+
+# --------------------------------------------------------------------------- the sampler's log-probs
+def _finite_or_zero(x: float) -> float:
+    """NaN -> 0, +-inf -> the largest float of that sign (torch.nan_to_num's rule, float64)."""
+    if math.isnan(x):
+        return 0.0
+    if math.isinf(x):
+        return math.copysign(sys.float_info.max, x)
+    return x
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 709.0 else math.inf
+
+
+def sampling_weights(
+    old_logp: list[float], sampling_logp: list[float], mode: str, clip_min: float | None, clip_max: float | None
+) -> list[float]:
+    """One completion's correction weights rho over its real tokens: d_t = old_t - sampling_t (0 where NaN), then
+    exp(d_t) (token modes) or exp(sum_t d_t) on every token (sequence modes), clamped (truncate) or zeroed outside
+    [clip_min, clip_max] (mask)."""
+    d = [_finite_or_zero(o - s) for o, s in zip(old_logp, sampling_logp)]
+    if mode.startswith("sequence"):
+        total = 0.0
+        for x in d:
+            total += x  # plain float additions: an overflow is inf, as in torch
+        rho = [_exp(total)] * len(d)
+    else:
+        rho = [_exp(x) for x in d]
+    out = []
+    for r in rho:
+        if mode.endswith("truncate"):
+            if clip_min is not None:
+                r = max(r, clip_min)
+            if clip_max is not None:
+                r = min(r, clip_max)
+        elif (clip_min is not None and r < clip_min) or (clip_max is not None and r > clip_max):
+            r = 0.0
+        out.append(r)
+    return out
+
+
+def off_policy_keep(adv: float, logp: list[float], sampling_logp: list[float], threshold: float) -> bool:
+    """DeepSeek-V3.2's off-policy sequence mask: keep iff A >= 0 or mean_t (sampling_t - logp_t) <= threshold
+    (NaN differences count as 0; an empty completion has mean 0)."""
+    gaps = [_finite_or_zero(s - lp) for lp, s in zip(logp, sampling_logp)]
+    mean = math.fsum(gaps) / len(gaps) if gaps else 0.0
+    return adv >= 0 or mean <= threshold
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -184,10 +235,13 @@ def per_token_losses(
     mask: ArrayLike,
     config: LossConfig,
     ref_logp: ArrayLike | None = None,
+    sampling_logp: ArrayLike | None = None,
 ) -> np.ndarray:
-    """The per-token loss ``(B, T)`` (0 on padding)."""
+    """The per-token loss ``(B, T)`` (0 on padding): the surrogate, times the sampler correction's weight and the
+    off-policy mask where the config has them, plus ``beta`` times the KL."""
     lp = np.asarray(logp, dtype=np.float64)
     old = lp if old_logp is None else np.asarray(old_logp, dtype=np.float64)
+    sampling = None if sampling_logp is None else np.asarray(sampling_logp, dtype=np.float64)
     ref = None if ref_logp is None else np.asarray(ref_logp, dtype=np.float64)
     adv = np.asarray(advantages, dtype=np.float64)
     m = np.asarray(mask, dtype=np.float64)
@@ -199,10 +253,19 @@ def per_token_losses(
         tokens = [j for j in range(t) if m[i, j] != 0]
         if config.ratio_level == "sequence":
             seq_log_ratio = sum(lp[i, j] - old[i, j] for j in tokens) / max(len(tokens), 1)
+        rho: list[float | None] = [None] * len(tokens)
+        if config.sampling_correction is not None:
+            assert sampling is not None
+            olds, samples = [float(old[i, j]) for j in tokens], [float(sampling[i, j]) for j in tokens]
+            rho = list(
+                sampling_weights(
+                    olds, samples, config.sampling_correction, config.sampling_clip_min, config.sampling_clip_max
+                )
+            )
         row = []
-        for j in tokens:
+        for j, w in zip(tokens, rho):
             log_ratio = seq_log_ratio if config.ratio_level == "sequence" else lp[i, j] - old[i, j]
-            row.append(OracleToken(math.exp(log_ratio), float(adv[i]), float(lp[i, j]), float(old[i, j])))
+            row.append(OracleToken(math.exp(log_ratio), float(adv[i]), float(lp[i, j]), float(old[i, j]), w))
         positions.append(tokens)
         rows.append(OracleRow(row))
     if member.batch_oracle is not None:
@@ -211,7 +274,20 @@ def per_token_losses(
         assert member.oracle is not None
         losses = [[member.oracle(token, config) for token in row.tokens] for row in rows]
     for i in range(b):
+        keep = True
+        if config.off_policy_mask_threshold is not None:
+            source = old if sampling is None else sampling  # the sampler's log-probs when there are any
+            keep = off_policy_keep(
+                float(adv[i]),
+                [float(lp[i, j]) for j in positions[i]],
+                [float(source[i, j]) for j in positions[i]],
+                config.off_policy_mask_threshold,
+            )
         for j, token, loss in zip(positions[i], rows[i].tokens, losses[i]):
+            if token.sampling_weight is not None and not member.folds_sampling_weight:
+                loss *= token.sampling_weight
+            if not keep:
+                loss = 0.0
             if config.beta != 0:
                 assert ref is not None
                 weight = token.ratio if config.kl_importance_weight else 1.0  # TRL's use_bias_correction_kl
@@ -228,11 +304,12 @@ def policy_loss(
     config: LossConfig,
     ref_logp: ArrayLike | None = None,
     *,
+    sampling_logp: ArrayLike | None = None,
     num_tokens: float | None = None,
     num_sequences: float | None = None,
 ) -> float:
     """The aggregated loss of one batch, float64."""
-    per_token = per_token_losses(logp, old_logp, advantages, mask, config, ref_logp)
+    per_token = per_token_losses(logp, old_logp, advantages, mask, config, ref_logp, sampling_logp)
     return aggregate(
         per_token,
         np.asarray(mask),

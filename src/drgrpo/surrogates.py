@@ -38,6 +38,7 @@ class SurrogateInputs(NamedTuple):
     logp: Tensor  # (B, T) log pi_theta (carries the gradient)
     old_logp: Tensor  # (B, T) log pi_old (no gradient)
     mask: Tensor  # (B, T) 1.0 on real tokens
+    sampling_weight: Tensor | None = None  # (B, T) the sampler correction's weight rho (no gradient), if on
 
 
 SurrogateFn = Callable[[SurrogateInputs, "LossConfig"], Surrogate]
@@ -53,6 +54,8 @@ def register_surrogate(
     paper: str,
     frameworks: str = "",
     peer_fields: Mapping[str, Mapping[str, str]] | None = None,
+    folds_sampling_weight: bool = False,
+    whole_rows: bool = False,
 ) -> Callable[[SurrogateFn], SurrogateFn]:
     """Decorator registering ``fn(x: SurrogateInputs, config: LossConfig) -> Surrogate`` under ``name``.
 
@@ -65,13 +68,25 @@ def register_surrogate(
         fields: the LossConfig fields it reads.
         formula, paper, frameworks: its row of docs/losses.md's table.
         peer_fields: per peer framework (``"trl"``, ``"verl"``), the peer's setting -> LossConfig field.
+        folds_sampling_weight: the member uses ``x.sampling_weight`` itself (the loss does not multiply by it).
+        whole_rows: a token's loss depends on other tokens of its completion (the fused path keeps rows whole).
     """
     if (oracle is None) == (batch_oracle is None):
         raise TypeError(f"surrogate {name!r}: pass exactly one of oracle and batch_oracle")
 
     def decorator(fn: SurrogateFn) -> SurrogateFn:
         member = SurrogateMember(
-            name, fn, oracle, batch_oracle, tuple(fields), formula, paper, frameworks, dict(peer_fields or {})
+            name,
+            fn,
+            oracle,
+            batch_oracle,
+            tuple(fields),
+            formula,
+            paper,
+            frameworks,
+            dict(peer_fields or {}),
+            folds_sampling_weight,
+            whole_rows,
         )
         SURROGATES.add(name, member)
         return fn
