@@ -368,7 +368,7 @@ def whole_batch_gradient(
     The policy has the saved initial weights, or ``weights``; with ``off_policy`` the sampling policy (old
     log-probs) is the initial model, else the ratio is 1. The reference model (``beta > 0``) is the initial model.
     ``entropy_coef`` subtracts ``entropy_coef`` times the policy's mean entropy over all the step's tokens
-    (``-sum_v p log p`` of the plain logits).
+    (``-sum_v p log p`` of the plain logits). The sampler's log-probs (vLLM's) are the rollout's, as TRL received them.
     """
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     initial = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -380,7 +380,9 @@ def whole_batch_gradient(
     logp, entropy = token_logp(model, rollout, with_entropy=True)
     old = initial_logp if off_policy else None
     ref = initial_logp if config.beta > 0 else None
-    out = policy_loss(logp, old, rollout.advantages, rollout.mask, config, ref_logp=ref)
+    out = policy_loss(
+        logp, old, rollout.advantages, rollout.mask, config, ref_logp=ref, sampling_logp=rollout.sampling_logp
+    )
     loss = out.loss
     if entropy_coef:
         m = rollout.mask.to(entropy.dtype)

@@ -451,3 +451,48 @@ def test_normalize_then_sum_with_a_loss_config_feeds_its_advantages(model_dir: P
     got = trainer.generations[0][1]["advantages"].double().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert np.abs(want).max() > 0.1 and (want[1::4] == 0).all()
+
+
+# --------------------------------------------------------------------------- the run's correction and mask
+
+
+def test_the_runs_vllm_correction_and_mask_reach_the_loss_config(tmp_path: Path):
+    """use_vllm with TRL's default correction: with no loss_config, and with a core preset, the loss config carries
+    GRPOConfig's mode and bounds (and off_policy_mask_threshold); nothing in args changes."""
+    args = _args(tmp_path, use_vllm=True, vllm_importance_sampling_clip_min=0.5, off_policy_mask_threshold=0.1)
+    for loss_config in (None, "dr_grpo", LossConfig.preset("dapo", clip_high=0.3)):
+        config, changes = resolve_loss_config(loss_config, args)
+        assert (config.sampling_correction, config.sampling_clip_min, config.sampling_clip_max) == (
+            "sequence_mask",
+            0.5,
+            3.0,
+        )
+        assert config.off_policy_mask_threshold == 0.1
+        assert not {name for name in changes if name.startswith("vllm") or name.startswith("off_policy")}
+    off, _ = resolve_loss_config("dr_grpo", _args(tmp_path, use_vllm=True, vllm_importance_sampling_correction=False))
+    assert off.sampling_correction is None  # the user switched TRL's correction off
+    plain, _ = resolve_loss_config("dr_grpo", _args(tmp_path))
+    assert plain.sampling_correction is None and plain.off_policy_mask_threshold is None  # no vLLM, no sampler
+
+
+def test_a_loss_configs_own_correction_sets_default_fields_and_refuses_contradictions(tmp_path: Path):
+    own = LossConfig.preset("dapo", sampling_correction="token_mask", sampling_clip_min=0.5)
+    config, changes = resolve_loss_config(own, _args(tmp_path, use_vllm=True))
+    assert config.sampling_correction == "token_mask"
+    assert changes["vllm_importance_sampling_mode"] == "token_mask"
+    assert changes["vllm_importance_sampling_clip_min"] == 0.5
+    contradicting = _args(tmp_path, use_vllm=True, vllm_importance_sampling_mode="token_truncate")
+    with pytest.raises(ValueError, match=r"vllm_importance_sampling_mode='token_truncate' contradicts") as error:
+        resolve_loss_config(own, contradicting)
+    assert "sampling_correction='token_truncate'" in str(error.value)
+    with pytest.raises(
+        ValueError, match=r"sampling_correction='token_mask'.*set use_vllm=True.*sampling_correction=None"
+    ):
+        resolve_loss_config(own, _args(tmp_path))
+    with command_line_hints(), pytest.raises(ValueError, match="--use_vllm true") as cli:
+        resolve_loss_config(own, _args(tmp_path))
+    assert '"sampling_correction": null' in str(cli.value)
+    masked = LossConfig.preset("dapo", off_policy_mask_threshold=0.5)
+    assert resolve_loss_config(masked, _args(tmp_path))[1]["off_policy_mask_threshold"] == 0.5
+    with pytest.raises(ValueError, match=r"off_policy_mask_threshold=0\.3 contradicts"):
+        resolve_loss_config(masked, _args(tmp_path, off_policy_mask_threshold=0.3))

@@ -110,3 +110,79 @@ def test_drgrpo_trains_on_vllm_generations_whole_step_exact(model_dir: Path, tmp
     loss, grads, _ = h.whole_batch_gradient(model_dir, rollout, config)
     assert h.relative_difference(trainer.step_grads[0], grads) <= 1e-5
     assert abs(float(sum(trainer.losses[:4])) - float(loss)) <= 1e-5 * max(1.0, abs(float(loss)))
+
+
+def _same_rollout_and_gradient(ours, stock, k: int) -> None:
+    assert len(ours.generations) == len(stock.generations)
+    for (_, a), (_, b) in zip(ours.generations, stock.generations):
+        assert torch.equal(a["completion_ids"], b["completion_ids"])
+        assert torch.allclose(a["advantages"], b["advantages"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours.losses[:k], stock.losses[:k]):
+        assert abs(float(a) - float(b)) <= 1e-5 * max(1.0, abs(float(b)))
+    assert h.relative_difference(ours.first_step_grads, stock.first_step_grads) <= 1e-5
+
+
+def _whole_step(trainer, model_dir: Path, k: int) -> None:
+    config = trainer.loss_config
+    rollout = h.step_rollout(trainer.generations, trainer.micro[:k], config, build_tokenizer())
+    assert rollout.sampling_logp is not None
+    loss, grads, _ = h.whole_batch_gradient(model_dir, rollout, config)
+    assert h.relative_difference(trainer.step_grads[0], grads) <= 1e-5
+    assert abs(float(sum(trainer.losses[:k])) - float(loss)) <= 1e-5 * max(1.0, abs(float(loss)))
+    _, uncorrected, _ = h.whole_batch_gradient(model_dir, rollout, config.replace(sampling_correction=None))
+    assert h.relative_difference(uncorrected, grads) > 1e-3  # the correction acts on this step
+
+
+SAMPLING_METRICS = [f"sampling/importance_sampling_ratio/{s}" for s in ("min", "mean", "max")] + [
+    f"sampling/sampling_logp_difference/{s}" for s in ("mean", "max")
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_drgrpo_without_loss_config_is_stock_trl_with_the_correction(model_dir: Path, tmp_path: Path, mode: str):
+    """TRL's default loss (dapo) with vLLM's correction in each mode: K = 1 against stock GRPOTrainer (rollout,
+    losses, gradient, the sampling/* metrics), K = 4 with spg = 2 against the whole batch's gradient."""
+    with h.stand_in_vllm(amplitude=0.3, unscored_position=UNSCORED):
+        stock = h.run(GRPOTrainer, model_dir, vllm_args(tmp_path / "s", 1, 1, mode))
+        ours = h.run(DrGRPOTrainer, model_dir, vllm_args(tmp_path / "o", 1, 1, mode))
+        split = h.run(DrGRPOTrainer, model_dir, vllm_args(tmp_path / "k4", 4, 2, mode))
+    assert ours.loss_config.sampling_correction == mode and ours.loss_config.name == "trl.dapo"
+    assert (ours.loss_config.sampling_clip_min, ours.loss_config.sampling_clip_max) == (0.8, 1.25)
+    _same_rollout_and_gradient(ours, stock, 1)
+    rows = [[r for r in t.state.log_history if SAMPLING_METRICS[0] in r] for t in (stock, ours)]
+    for key in SAMPLING_METRICS:
+        assert rows[1][0][key] == pytest.approx(rows[0][0][key], rel=1e-6, abs=1e-7)
+    _whole_step(split, model_dir, 4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_correction_applies_to_a_core_preset_whole_step_exact(model_dir: Path, tmp_path: Path, mode: str):
+    """loss_config="dr_grpo" on a vLLM run: the run's correction (mode and bounds from GRPOConfig) weights drgrpo's
+    loss; K = 4 with spg = 2 gives the whole batch's gradient."""
+    with h.stand_in_vllm(amplitude=0.3, unscored_position=UNSCORED):
+        trainer = h.run(DrGRPOTrainer, model_dir, vllm_args(tmp_path, 4, 2, mode), loss_config="dr_grpo")
+    assert trainer.loss_config.sampling_correction == mode
+    _whole_step(trainer, model_dir, 4)
+
+
+def test_the_off_policy_mask_on_vllm_generations(model_dir: Path, tmp_path: Path):
+    """off_policy_mask_threshold: drop a negative-advantage completion whose mean (sampling - policy) log-prob is
+    above it (the sampler's log-probs: vLLM's): stock's gradient at K = 1, the whole batch's with dr_grpo."""
+    fields = dict(off_policy_mask_threshold=-0.01, loss_type="grpo")
+    with h.stand_in_vllm(amplitude=0.3, unscored_position=UNSCORED):
+        stock = h.run(GRPOTrainer, model_dir, vllm_args(tmp_path / "s", 1, 1, "token_truncate", **fields))
+        ours = h.run(DrGRPOTrainer, model_dir, vllm_args(tmp_path / "o", 1, 1, "token_truncate", **fields))
+        core = h.run(
+            DrGRPOTrainer,
+            model_dir,
+            vllm_args(tmp_path / "c", 4, 2, "token_truncate", off_policy_mask_threshold=-0.01),
+            loss_config="dr_grpo",
+        )
+    assert ours.loss_config.off_policy_mask_threshold == -0.01 == core.loss_config.off_policy_mask_threshold
+    _same_rollout_and_gradient(ours, stock, 1)
+    _whole_step(core, model_dir, 4)
+    rollout = h.step_rollout(core.generations, core.micro[:4], core.loss_config, build_tokenizer())
+    _, unmasked, _ = h.whole_batch_gradient(
+        model_dir, rollout, core.loss_config.replace(off_policy_mask_threshold=None)
+    )
+    assert h.relative_difference(unmasked, core.step_grads[0]) > 1e-3  # the mask dropped completions

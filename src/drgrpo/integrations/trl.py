@@ -462,6 +462,7 @@ class DrGRPOTrainer(GRPOTrainer):
             _loss_mask(inputs),
             self.loss_config,
             ref_logp=inputs.get("ref_per_token_logps"),
+            sampling_logp=inputs.get("sampling_per_token_logps"),  # vLLM's, NaN where it could not score
             normalizer=normalizer,
         )
         out.logp = logp.detach()
@@ -509,6 +510,7 @@ class DrGRPOTrainer(GRPOTrainer):
                 self.loss_config,
                 old_logp=inputs.get("old_per_token_logps"),
                 ref_logp=inputs.get("ref_per_token_logps"),
+                sampling_logp=_to(inputs.get("sampling_per_token_logps"), weight.device),
                 bias=bias,
                 temperature=self.temperature,
                 normalizer=normalizer,
@@ -547,6 +549,7 @@ class DrGRPOTrainer(GRPOTrainer):
                 mask,
                 config,
                 ref_logp=inputs.get("ref_per_token_logps"),
+                sampling_logp=inputs.get("sampling_per_token_logps"),
             )
         m = mask.to(torch.float32)  # (B, T)
         tokens = m.sum()
@@ -616,6 +619,10 @@ _MULTIMODAL_KEYS = (
     "mm_token_type_ids",
     "image_position_ids",
 )
+
+
+def _to(x: Tensor | None, device: Any) -> Tensor | None:
+    return None if x is None else x.to(device)
 
 
 def _unshard_fsdp2_head(causal_lm: Any, lm_head: Any) -> None:

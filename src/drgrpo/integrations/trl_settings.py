@@ -38,6 +38,7 @@ from drgrpo.surrogates import cispo_cap
 __all__ = [
     "DRGRPO_LOSS_TYPE",
     "FIELD_MAP",
+    "RUN_FIELDS",
     "TRL_DEFAULTS",
     "command_line_hints",
     "loss_config_from_args",
@@ -69,7 +70,16 @@ def _field_map() -> dict[str, str]:
     return fields
 
 
-FIELD_MAP: dict[str, str] = _field_map()
+RUN_FIELDS: dict[str, str] = {
+    "vllm_importance_sampling_mode": "sampling_correction",
+    "vllm_importance_sampling_clip_min": "sampling_clip_min",
+    "vllm_importance_sampling_clip_max": "sampling_clip_max",
+    "off_policy_mask_threshold": "off_policy_mask_threshold",
+}
+"""``GRPOConfig`` fields of the run's corrections and masks -> ``LossConfig`` fields: a loss config that leaves one
+off takes the run's (the vLLM correction applies when ``use_vllm`` and ``vllm_importance_sampling_correction``)."""
+
+FIELD_MAP: dict[str, str] = {**_field_map(), **RUN_FIELDS}
 """``GRPOConfig`` field -> the ``LossConfig`` field that describes the same choice (``epsilon_high`` is the CISPO
 cap, ``cispo_cap``, for a CISPO loss with no lower clip: each surrogate's ``peer_fields["trl"]`` says which).
 ``loss_type`` maps to surrogate and aggregation."""
@@ -160,6 +170,7 @@ def resolve_loss_config(loss_config: LossConfig | str | None, args: GRPOConfig) 
     else:
         config = _as_config(loss_config, args)
         changes = _aligned_fields(config, args)
+        config = _with_run_modifiers(config, args, changes)
     _check_runnable(config, args)
     refuse_unsupported(args)
     return config.replace(nan_rewards="ignore"), changes
@@ -190,6 +201,9 @@ def loss_config_from_args(args: GRPOConfig) -> LossConfig:
         fields[field] = high if trl_field == "epsilon_high" else getattr(args, trl_field)
     if loss_type == "dr_grpo":
         fields["max_completion_length"] = args.max_completion_length
+    if args.use_vllm and args.vllm_importance_sampling_correction:  # TRL's correction of vLLM's sampling
+        fields.update({field: getattr(args, name) for name, field in RUN_FIELDS.items() if name.startswith("vllm")})
+    fields["off_policy_mask_threshold"] = args.off_policy_mask_threshold
     return LossConfig.preset(f"trl.{loss_type}", **fields)
 
 
@@ -251,14 +265,6 @@ def refuse_unsupported(args: GRPOConfig) -> None:
     problems = []
     if args.top_entropy_quantile < 1.0:
         problems.append(f"top_entropy_quantile={args.top_entropy_quantile} (the high-entropy token mask)")
-    if args.off_policy_mask_threshold is not None:
-        problems.append(f"off_policy_mask_threshold={args.off_policy_mask_threshold} (the off-policy sequence mask)")
-    if args.use_vllm and args.vllm_importance_sampling_correction:
-        problems.append(
-            "vllm_importance_sampling_correction=True (set "
-            f"{setting_hint('vllm_importance_sampling_correction', False)}: vLLM generation works, the correction "
-            "weight is not in drgrpo's loss)"
-        )
     if problems:
         raise ValueError("DrGRPOTrainer does not support: " + "; ".join(problems))
 
@@ -332,6 +338,47 @@ def _trl_view(config: LossConfig) -> dict[str, Any]:
     for trl_field, field in _trl_fields(config).items():
         view[trl_field] = _config_value(config, field)  # TRL caps the CISPO weight at epsilon_high itself
     return view
+
+
+def _with_run_modifiers(config: LossConfig, args: GRPOConfig, changes: dict[str, Any]) -> LossConfig:
+    """The run's sampling correction and off-policy mask (:data:`RUN_FIELDS`) in ``config``.
+
+    A modifier the loss config leaves off is the run's: TRL's correction of vLLM's sampling (``use_vllm`` with
+    ``vllm_importance_sampling_correction``, TRL's default) and ``off_policy_mask_threshold`` apply to the config's
+    loss. One the config sets must agree with ``args``: a field at its default is set from it (into ``changes``), any
+    other value raises. A config's correction needs the sampler's log-probs, which TRL has only with ``use_vllm``.
+    """
+    correction_on = args.use_vllm and args.vllm_importance_sampling_correction
+    if config.sampling_correction is None:
+        if correction_on:
+            config = config.replace(
+                **{field: getattr(args, name) for name, field in RUN_FIELDS.items() if name.startswith("vllm")}
+            )
+    elif not correction_on:
+        reason = f"set {setting_hint('use_vllm', True)}" if not args.use_vllm else "leave it at its default (True)"
+        fix = loss_config_hint(config, sampling_correction=None)
+        raise ValueError(
+            f"loss_config {_label(config)} has sampling_correction={config.sampling_correction!r}, which weights each "
+            "token by the sampler's log-probs; TRL has them when it generates with vLLM and corrects for it "
+            f"(vllm_importance_sampling_correction={args.vllm_importance_sampling_correction}, "
+            f"use_vllm={args.use_vllm}): {reason}, or take the correction out of the loss config: {fix}"
+        )
+    for name, field in RUN_FIELDS.items():
+        value, current = getattr(config, field), getattr(args, name)
+        if field == "off_policy_mask_threshold" and value is None:
+            config = config.replace(off_policy_mask_threshold=current)  # the run's mask (or none)
+            continue
+        if not name.startswith("vllm") or config.sampling_correction is None or _same(current, value):
+            continue
+        if not _same(current, TRL_DEFAULTS[name]):
+            _contradiction(name, current, config, value)
+        changes[name] = value
+    threshold = config.off_policy_mask_threshold
+    if not _same(args.off_policy_mask_threshold, threshold):
+        if args.off_policy_mask_threshold is not None:
+            _contradiction("off_policy_mask_threshold", args.off_policy_mask_threshold, config, threshold)
+        changes["off_policy_mask_threshold"] = threshold
+    return config
 
 
 def _trl_fields(config: LossConfig) -> dict[str, str]:
