@@ -90,10 +90,9 @@ definition: each micro-batch normalised by its own counts and divided by K, as T
 presets give stock TRL's numbers (``trl.dapo``/``trl.cispo`` use the exact step count, which is TRL's when
 ``spg == K``).
 
-Refused with a ``ValueError`` (no drgrpo equivalent yet): ``top_entropy_quantile < 1``,
-``off_policy_mask_threshold``, vLLM's importance-sampling correction (set ``vllm_importance_sampling_correction=False``;
-vLLM generation itself works), tensor or context parallelism, and with ``fused=True`` the entropy bonus, MoE router
-losses and logit scaling or soft-capping (docs/trl.md).
+Refused with a ``ValueError`` (no drgrpo equivalent yet): ``top_entropy_quantile < 1``, tensor or context
+parallelism, and with ``fused=True`` the entropy bonus, MoE router losses and logit scaling or soft-capping
+(docs/trl.md).
 
 Logged under TRL's names and meanings (docs/trl.md): ``clip_ratio/*`` (PPO surrogate; shares of completions at
 sequence level), ``cispo_clip_ratio``, ``kl`` (weighted by the ratio when ``kl_importance_weight``) and
