@@ -78,6 +78,24 @@ def test_each_mode_and_preset_matches_the_oracle(mode, name):
     assert out.loss.item() != pytest.approx(plain.loss.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask"])
+def test_vespo_folds_the_weight_and_matches_the_oracle(mode):
+    batch = random_batch(seed=36, empty_rows=1, ratio_scale=0.1)
+    sampling = sampler_logp(batch.old_logp, batch.mask, seed=6, scale=0.1)
+    config = preset("trl.vespo", sampling_correction=mode, sampling_clip_min=0.9, sampling_clip_max=1.1, beta=0.05)
+    adv = group_advantages(batch.rewards, batch.group_size, config)
+    kw = dict(ref_logp=batch.ref_logp, sampling_logp=sampling)
+    out = policy_loss(batch.logp, batch.old_logp, adv, batch.mask, config, **kw)
+    assert out.loss.item() == pytest.approx(oracle(batch, config, adv, sampling), rel=1e-12, abs=1e-14)
+    plain = policy_loss(batch.logp, batch.old_logp, adv, batch.mask, config.replace(sampling_correction=None), **kw)
+    assert out.loss.item() != pytest.approx(plain.loss.item(), rel=1e-6)
+
+
+def test_vespo_refuses_a_sequence_correction():
+    with pytest.raises(ValueError, match="surrogate 'vespo' folds the sampler correction into its weight token by"):
+        LossConfig(surrogate="vespo", sampling_correction="sequence_mask")
+
+
 @pytest.mark.parametrize("threshold", [-0.05, 0.0, 0.1])
 @pytest.mark.parametrize("name", PRESETS)
 def test_off_policy_mask_matches_the_oracle(name, threshold):
@@ -268,6 +286,8 @@ def split_cases() -> list:
                 pytest.param(preset(name, sampling_correction=mode, sampling_clip_min=0.8), id=f"{name}-{mode}")
             )
         cases.append(pytest.param(preset(name, off_policy_mask_threshold=0.0), id=f"{name}-off-policy"))
+    vespo = LossConfig(surrogate="vespo", aggregation="token-mean", advantage_std="group", std_eps=1e-6)
+    cases.append(pytest.param(vespo.replace(sampling_correction="token_truncate", sampling_clip_min=0.8), id="vespo"))
     cases.append(
         pytest.param(
             preset("dapo", sampling_correction="sequence_mask", sampling_clip_min=0.5, off_policy_mask_threshold=0.0),

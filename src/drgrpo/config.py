@@ -57,9 +57,9 @@ class LossConfig:
     """
 
     surrogate: str = "ppo"
-    """Per-token surrogate, a name registered in :mod:`drgrpo.surrogates` (docs/losses.md lists them): ppo, the
-    clipped importance ratio; cispo, a clipped stop-gradient weight on the log-prob; sapo, a soft gate instead
-    of the clip."""
+    """Per-token surrogate, one of the registered members (docs/losses.md lists them): ppo, the clipped importance
+    ratio; cispo, a clipped stop-gradient weight on the log-prob; sapo, a soft gate instead of the clip; vespo, a
+    Gamma weight of the completion's importance weight."""
     ratio_level: RatioLevel = "token"
     """Importance ratio per token (token: r = exp(logp - old_logp)) or one per completion (sequence, GSPO: the exp
     of the mean of logp - old_logp over the completion's tokens)."""
@@ -79,6 +79,15 @@ class LossConfig:
     """Temperature of the sapo gate for a positive advantage."""
     sapo_tau_neg: float = 1.05
     """Temperature of the sapo gate for a zero or negative advantage."""
+    vespo_k_pos: float = 2.0
+    """VESPO's power k for a non-negative advantage: the weight phi(w) = exp(lambda + k log w - lambda w) of the
+    completion's importance weight w (TRL's option of the same name)."""
+    vespo_lambda_pos: float = 3.0
+    """VESPO's decay lambda for a non-negative advantage (at least 1e-4 is used)."""
+    vespo_k_neg: float = 3.0
+    """VESPO's power k for a negative advantage."""
+    vespo_lambda_neg: float = 2.0
+    """VESPO's decay lambda for a negative advantage (at least 1e-4 is used)."""
     kl: KLKind = "k3"
     """KL estimator per token, with d = ref - logp (ref: the reference model's log-prob): k1 = -d,
     k2 = d^2 / 2, k3 = exp(d) - d - 1, low_var_kl = k3 clamped (verl), abs = |d|."""
@@ -115,17 +124,17 @@ class LossConfig:
     nan_rewards: NanRewards = "error"
     """What a NaN reward does: error raises; ignore (TRL) leaves it out of the statistics with advantage 0."""
     sampling_correction: str | None = None
-    """Correct for the sampler's own log-probs (vLLM's; pass ``sampling_logp``): each token's surrogate is multiplied
-    by a weight from d = old_logp - sampling_logp, per token (token_truncate, token_mask) or exp of the completion's
-    sum (sequence_truncate, sequence_mask), clamped into [``sampling_clip_min``, ``sampling_clip_max``] (truncate) or
-    0 outside it (mask); TRL's vllm_importance_sampling_mode (drgrpo.correction). none: off."""
+    """Correct for the sampler's own log-probs (vLLM's, passed to the loss): each token's surrogate is multiplied by
+    a weight from d = old - sampler log-prob, per token (token_truncate, token_mask) or exp of the completion's sum
+    (sequence_truncate, sequence_mask), clamped into [``sampling_clip_min``, ``sampling_clip_max``] (truncate) or 0
+    outside it (mask), as TRL's vLLM importance-sampling modes; none: off."""
     sampling_clip_min: float | None = None
-    """Lower bound of the sampling correction weight (TRL's vllm_importance_sampling_clip_min); none: no bound."""
+    """Lower bound of the sampling correction's weight; none: no bound."""
     sampling_clip_max: float | None = 3.0
-    """Upper bound of the sampling correction weight (TRL's vllm_importance_sampling_clip_max); none: no bound."""
+    """Upper bound of the sampling correction's weight; none: no bound."""
     off_policy_mask_threshold: float | None = None
-    """Drop a completion whose advantage is negative and whose mean of sampling_logp - logp over its tokens exceeds
-    this (DeepSeek-V3.2's off-policy sequence mask; sampling_logp, else old_logp); none: off."""
+    """Drop a completion whose advantage is negative and whose mean of (sampler log-prob - log-prob) over its tokens
+    exceeds this (DeepSeek-V3.2's off-policy sequence mask; the old log-probs without a sampler's); none: off."""
     per_call_normalization: bool = False
     """True for peer presets whose denominators are defined per call (per micro-batch); they refuse a step normalizer."""
     name: str | None = None
@@ -188,6 +197,9 @@ class LossConfig:
                 "or beta to 0",
             )
         self._check_sampling_fields()
+        member = SURROGATES.get(self.surrogate)
+        if member.check is not None:
+            member.check(self)  # the surrogate's own rules for its fields
         _check_nonnegative("std_eps", self.std_eps)
         if self.std_zero_threshold is not None:
             _check_nonnegative("std_zero_threshold", self.std_zero_threshold)

@@ -143,6 +143,34 @@ def sapo_token_loss(t: OracleToken, config: LossConfig) -> float:
     return -(4 / tau) / (1 + math.exp(-tau * (t.ratio - 1))) * t.adv
 
 
+def vespo_losses(rows: list[OracleRow], config: LossConfig) -> list[list[float]]:
+    """VESPO: ``-phi(w) A logp`` on every token of a completion, ``phi(w) = exp(lambda + k log w - lambda w)`` with
+    ``log w`` the clamped sum of the clamped token log-ratios and log sampler weights (the value; phi carries no
+    gradient)."""
+    floor = math.log(1e-8)
+    out: list[list[float]] = []
+    for row in rows:
+        if not row.tokens:
+            out.append([])
+            continue
+        log_w = 0.0
+        for t in row.tokens:
+            log_w += min(max(t.logp - t.old_logp, -20.0), 20.0)
+            if t.sampling_weight is not None:
+                log_rho = math.log(t.sampling_weight) if t.sampling_weight > 0 else -math.inf
+                log_w += min(max(log_rho, floor), 20.0)
+        log_w = min(max(log_w, floor), 20.0)
+        adv = row.tokens[0].adv
+        k = config.vespo_k_pos if adv >= 0 else config.vespo_k_neg
+        lam = max(config.vespo_lambda_pos if adv >= 0 else config.vespo_lambda_neg, 1e-4)
+        try:
+            phi = math.exp(lam + k * log_w - lam * math.exp(log_w))
+        except OverflowError:
+            phi = 0.0  # TRL: a non-finite weight is 0
+        out.append([-phi * adv * t.logp for t in row.tokens])
+    return out
+
+
 # --------------------------------------------------------------------------- the sampler's log-probs
 def _finite_or_zero(x: float) -> float:
     """NaN -> 0, +-inf -> the largest float of that sign (torch.nan_to_num's rule, float64)."""

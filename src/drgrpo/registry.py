@@ -87,6 +87,9 @@ class SurrogateMember:
     """True when the member reads the sampler correction's weight itself (VESPO) instead of being multiplied by it."""
     whole_rows: bool = False
     """True when a token's loss depends on other tokens of its completion (the fused path keeps rows whole)."""
+    check: Callable[[Any], None] | None = None
+    """``check(config)`` raises a ValueError naming the fields when the config's values are not valid for this
+    member (LossConfig calls it after its own checks); None: no rules of its own."""
 
 
 SURROGATES: Registry[SurrogateMember] = Registry("surrogate")
