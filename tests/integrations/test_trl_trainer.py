@@ -99,8 +99,8 @@ def test_second_iteration_is_off_policy_and_exact(model_dir: Path, tmp_path: Pat
 
 @pytest.mark.parametrize(
     ("loss_type", "k", "spg"),
-    [(t, 2, 2) for t in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")]
-    + [(t, k, spg) for t in ("grpo", "bnpo", "dr_grpo") for k, spg in ((2, 4), (4, 2))],
+    [(t, 2, 2) for t in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo")]
+    + [(t, k, spg) for t in ("grpo", "bnpo", "dr_grpo", "luspo") for k, spg in ((2, 4), (4, 2))],
 )
 def test_trl_presets_give_stock_grpo_trainer_numbers(model_dir: Path, tmp_path: Path, loss_type: str, k: int, spg: int):
     stock = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "stock", k, spg, loss_type=loss_type))
@@ -129,6 +129,25 @@ def test_trl_grpo_with_kl_and_two_iterations_gives_stock_numbers(model_dir: Path
     stock_kl = [row["kl"] for row in stock.state.log_history if "kl" in row]
     assert kl[0] == pytest.approx(0.0, abs=1e-7) and stock_kl[0] == pytest.approx(0.0, abs=1e-7)
     assert kl[1] == pytest.approx(stock_kl[1], rel=1e-4) and kl[1] > 1e-3  # k3 * ratio, as TRL logs it
+
+
+@pytest.mark.parametrize(
+    "fields", [{"loss_type": "vespo"}, {"loss_type": "luspo", "importance_sampling_level": "sequence", "epsilon": 0.01}]
+)
+def test_vespo_and_luspo_without_loss_config_are_stock_trl_off_policy(model_dir: Path, tmp_path: Path, fields):
+    """Two steps on one rollout (num_iterations = 2): the first against stock GRPOTrainer, the second (ratios away
+    from 1: VESPO's Gamma weights and LUSPO's clip act) against the whole-batch oracle at each run's weights."""
+    common = dict(num_iterations=2, max_steps=2, learning_rate=3e-3, **fields)
+    stock = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "s", 2, 2, **common))
+    ours = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "o", 2, 2, **common))
+    assert ours.loss_config.name == f"trl.{fields['loss_type']}" and ours.args.loss_type == fields["loss_type"]
+    assert h.relative_difference(ours.step_grads[0], stock.step_grads[0]) <= TOL
+    for trainer in (stock, ours):
+        trainer.loss_config = ours.loss_config
+        check_step(trainer, model_dir, 2, 1, off_policy=True)
+    rollout = h.step_rollout(ours.generations, ours.micro[2:4], ours.loss_config, build_tokenizer())
+    _, on_policy, _ = h.whole_batch_gradient(model_dir, rollout, ours.loss_config, weights=ours.step_params[1])
+    assert h.relative_difference(ours.step_grads[1], on_policy) > 1e-4  # the second step is off-policy
 
 
 # --------------------------------------------------------------------------- fused
@@ -202,6 +221,8 @@ LOSS_METRICS = (*TRL_METRICS, "cispo_clip_ratio", "kl")  # what TRL's loss logs 
         {"loss_type": "cispo"},  # TRL's cap is epsilon_high = epsilon = 0.2: every token with A > 0 is capped
         {"loss_type": "cispo", "epsilon_high": 1.0},  # the second step caps some tokens
         {"loss_type": "sapo"},
+        {"loss_type": "luspo", "epsilon": 0.01, "importance_sampling_level": "sequence"},
+        {"loss_type": "vespo"},
     ],
     ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()),
 )

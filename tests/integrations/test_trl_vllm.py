@@ -186,3 +186,22 @@ def test_the_off_policy_mask_on_vllm_generations(model_dir: Path, tmp_path: Path
         model_dir, rollout, core.loss_config.replace(off_policy_mask_threshold=None)
     )
     assert h.relative_difference(unmasked, core.step_grads[0]) > 1e-3  # the mask dropped completions
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "mode"), [("vespo", "token_truncate"), ("vespo", "token_mask"), ("luspo", "sequence_mask")]
+)
+def test_vespo_and_luspo_with_the_correction_are_stock_trl(model_dir: Path, tmp_path: Path, loss_type: str, mode: str):
+    """VESPO folds the correction into its completion weight (TRL multiplies nothing); LUSPO multiplies it like the
+    others: stock GRPOTrainer's rollout, losses and gradient at K = 2, spg = 2."""
+    with h.stand_in_vllm(amplitude=0.3, unscored_position=UNSCORED):
+        stock = h.run(GRPOTrainer, model_dir, vllm_args(tmp_path / "s", 2, 2, mode, loss_type=loss_type))
+        ours = h.run(DrGRPOTrainer, model_dir, vllm_args(tmp_path / "o", 2, 2, mode, loss_type=loss_type))
+    assert ours.loss_config.sampling_correction == mode
+    _same_rollout_and_gradient(ours, stock, 2)
+
+
+def test_vespo_refuses_a_sequence_level_correction(model_dir: Path, tmp_path: Path):
+    """As TRL: VESPO folds the correction token by token, so the sequence modes are refused at construction."""
+    with h.stand_in_vllm(), pytest.raises(ValueError, match="sequence_mask"):
+        DrGRPOTrainer(str(model_dir), h.digit_reward, vllm_args(tmp_path, 1, 1, "sequence_mask", loss_type="vespo"))

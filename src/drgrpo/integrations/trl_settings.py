@@ -84,8 +84,12 @@ FIELD_MAP: dict[str, str] = {**_field_map(), **RUN_FIELDS}
 cap, ``cispo_cap``, for a CISPO loss with no lower clip: each surrogate's ``peer_fields["trl"]`` says which).
 ``loss_type`` maps to surrogate and aggregation."""
 
-_PER_CALL_LOSS_TYPES = {"trl.grpo": "grpo", "trl.bnpo": "bnpo", "trl.dr_grpo": "dr_grpo"}
-_TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")  # those drgrpo has a trl.* preset for
+_PER_CALL_LOSS_TYPES = {"trl.grpo": "grpo", "trl.bnpo": "bnpo", "trl.dr_grpo": "dr_grpo", "trl.luspo": "luspo"}
+
+
+def _trl_loss_types() -> tuple[str, ...]:
+    """The TRL loss types drgrpo has a ``trl.<loss_type>`` preset for."""
+    return tuple(name.removeprefix("trl.") for name in preset_names() if name.startswith("trl."))
 
 
 # --------------------------------------------------------------------------- fix hints, in the user's syntax
@@ -180,13 +184,13 @@ def loss_config_from_args(args: GRPOConfig) -> LossConfig:
     """The loss stock TRL computes for ``args``: the ``trl.<loss_type>`` preset with ``args``' fields.
 
     Raises:
-        ValueError: for a ``loss_type`` drgrpo has no preset for (``luspo``, ``vespo``).
+        ValueError: for a ``loss_type`` drgrpo has no ``trl.*`` preset for.
     """
     loss_type = args.loss_type
-    if loss_type not in _TRL_LOSS_TYPES:
+    if loss_type not in _trl_loss_types():
         raise ValueError(
             f"GRPOConfig.loss_type={loss_type!r} has no drgrpo equivalent (drgrpo reproduces TRL's "
-            f"{', '.join(repr(t) for t in _TRL_LOSS_TYPES)}): choose the loss with a preset, e.g. "
+            f"{', '.join(repr(t) for t in _trl_loss_types())}): choose the loss with a preset, e.g. "
             f"{_preset_name_hint('dr_grpo')}"
         )
     high = args.epsilon if args.epsilon_high is None else args.epsilon_high  # TRL: unset means epsilon
@@ -214,8 +218,9 @@ def trl_loss_type(config: LossConfig, max_completion_length: int | None) -> str:
     TRL's ``loss_type`` fixes the surrogate, the aggregation and (with ``beta > 0``) the k3 KL: ``grpo`` is the
     mean over completions of each completion's token mean, ``dapo`` the token mean over the step, ``dr_grpo``
     the mean over completions of each token sum divided by ``max_completion_length``, ``cispo`` the capped
-    stop-gradient weight with a token mean, ``sapo`` the soft gate aggregated like ``grpo``. The per-call presets
-    (``trl.grpo``, ``trl.bnpo``, ``trl.dr_grpo``) are their loss types by definition.
+    stop-gradient weight with a token mean, ``sapo`` the soft gate aggregated like ``grpo``, ``luspo`` the clip
+    with the mean over completions of each token sum, ``vespo`` the Gamma weight with a token mean. The per-call
+    presets (``trl.grpo``, ``trl.bnpo``, ``trl.dr_grpo``, ``trl.luspo``) are their loss types by definition.
     """
     if config.name in _PER_CALL_LOSS_TYPES:
         return _PER_CALL_LOSS_TYPES[config.name]
@@ -229,6 +234,10 @@ def trl_loss_type(config: LossConfig, max_completion_length: int | None) -> str:
             return "dapo"
         if aggregation == "seq-mean-token-sum-norm" and config.max_completion_length == max_completion_length:
             return "dr_grpo"
+        if aggregation == "seq-mean-token-sum":  # each completion's token sum, mean over completions
+            return "luspo"
+    if config.surrogate == "vespo" and aggregation == "token-mean":
+        return "vespo"
     if config.surrogate == "cispo" and config.clip_low is None and aggregation == "token-mean":
         return "cispo"
     if config.surrogate == "sapo" and aggregation == "seq-mean-token-mean":
