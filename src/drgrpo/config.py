@@ -135,6 +135,11 @@ class LossConfig:
     off_policy_mask_threshold: float | None = None
     """Drop a completion whose advantage is negative and whose mean of (sampler log-prob - log-prob) over its tokens
     exceeds this (DeepSeek-V3.2's off-policy sequence mask; the old log-probs without a sampler's); none: off."""
+    top_entropy_quantile: float = 1.0
+    """Train on the high-entropy tokens only: a token's surrogate counts iff its entropy is at or above the
+    1 - q quantile of the entropies (Beyond the 80/20 rule; TRL's option of the same name); 1: every token."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: the loss gets minus this times the mean entropy of the tokens trained on; 0: off."""
     per_call_normalization: bool = False
     """True for peer presets whose denominators are defined per call (per micro-batch); they refuse a step normalizer."""
     name: str | None = None
@@ -237,6 +242,14 @@ class LossConfig:
             )
         if self.off_policy_mask_threshold is not None:
             _check_finite("off_policy_mask_threshold", self.off_policy_mask_threshold)
+        _check_finite("top_entropy_quantile", self.top_entropy_quantile)
+        if not 0 <= self.top_entropy_quantile <= 1:
+            raise FieldError(
+                LossConfig,
+                "top_entropy_quantile",
+                f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}",
+            )
+        _check_finite("entropy_coef", self.entropy_coef)
 
     @property
     def effective_aggregation(self) -> str:

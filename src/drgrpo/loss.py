@@ -22,6 +22,8 @@ from torch import Tensor
 from drgrpo.aggregation import token_weights
 from drgrpo.config import LossConfig
 from drgrpo.correction import off_policy_keep, sampling_metrics, sampling_weight
+from drgrpo.entropy import entropy_bonus, high_entropy_mask
+from drgrpo.entropy import entropy_threshold as high_entropy_threshold
 from drgrpo.kl import kl_penalty
 from drgrpo.surrogates import SurrogateInputs, get_surrogate, sequence_log_ratio, token_log_ratio
 from drgrpo.validation import (
@@ -75,6 +77,7 @@ def per_token_loss(
     config: LossConfig,
     ref_logp: Tensor | None = None,
     sampling_logp: Tensor | None = None,
+    entropy_keep: Tensor | None = None,
 ) -> PerTokenLoss:
     """The unaggregated loss ``l`` ``(B, T)``; no input checks (see :func:`policy_loss`).
 
@@ -110,6 +113,8 @@ def per_token_loss(
         source = old if sampling_logp is None else sampling_logp  # the sampler's log-probs when there are any
         keep = off_policy_keep(adv, logp, source, real, config.off_policy_mask_threshold)
         loss = loss * keep
+    if entropy_keep is not None:
+        loss = loss * entropy_keep.to(dtype)  # the high-entropy token mask (its threshold: policy_loss)
 
     kl = None
     if ref_logp is not None:
@@ -129,6 +134,8 @@ def policy_loss(
     *,
     ref_logp: Tensor | None = None,
     sampling_logp: Tensor | None = None,
+    entropy: Tensor | None = None,
+    entropy_threshold: Tensor | float | None = None,
     normalizer: StepNormalizer | None = None,
     validate: bool = True,
 ) -> LossOutput:
@@ -145,6 +152,11 @@ def policy_loss(
         sampling_logp: ``(B, T)`` the sampler's own log-probs of the tokens (vLLM's); required by
             ``config.sampling_correction``, read by ``config.off_policy_mask_threshold``. NaN on a real token means
             "not scored": it counts as d = 0 (:mod:`drgrpo.correction`).
+        entropy: ``(B, T)`` each token's policy entropy, differentiable for the bonus; required by
+            ``config.top_entropy_quantile < 1`` and ``config.entropy_coef != 0`` (:mod:`drgrpo.entropy`).
+        entropy_threshold: the mask's entropy threshold; ``None`` computes it from this call's real tokens (TRL's
+            per-micro-batch definition), which a step ``normalizer`` refuses: pass the step's threshold
+            (:func:`drgrpo.entropy.entropy_threshold` over the whole step) for the same gradient for any split.
         normalizer: a :class:`~drgrpo.normalizer.StepNormalizer` with the whole optimizer step's counts,
             so that summing this over micro-batches (and DDP-averaging over processes) equals the
             whole batch's loss; ``None`` normalises by this batch's own counts.
@@ -158,10 +170,24 @@ def policy_loss(
         ``importance_sampling_ratio_min/mean/max`` (:func:`drgrpo.correction.sampling_metrics`).
     """
     validate_inputs(logp, old_logp, advantages, mask, config, ref_logp, values=validate, sampling_logp=sampling_logp)
-    terms = per_token_loss(logp, old_logp, advantages, mask, config, ref_logp, sampling_logp)
+    check_entropy_inputs(config, logp, entropy, entropy_threshold, normalizer)
+    keep = None
+    if config.top_entropy_quantile < 1:
+        assert entropy is not None
+        if entropy_threshold is None:
+            entropy_threshold = high_entropy_threshold(entropy, mask, config.top_entropy_quantile)
+        keep = high_entropy_mask(entropy, mask, entropy_threshold)
+    terms = per_token_loss(logp, old_logp, advantages, mask, config, ref_logp, sampling_logp, keep)
     weights = token_weights(mask.to(terms.loss.dtype), config, normalizer)
     loss = (terms.loss * weights).sum()
     metrics = loss_metrics(terms, mask)
+    if entropy is not None:
+        h = entropy.to(weights.dtype).masked_fill(~mask.bool(), 0.0)
+        with torch.no_grad():
+            metrics["entropy_mean"] = h.sum() / mask.sum().clamp_min(1).to(h.dtype)
+        if config.entropy_coef != 0:
+            acting = mask if keep is None else keep  # the bonus acts on the tokens the loss trains on
+            loss = loss - entropy_bonus(h, acting, config.entropy_coef, normalizer)
     if sampling_logp is not None:
         old = logp.detach() if old_logp is None else old_logp
         sequence = (config.sampling_correction or "").startswith("sequence")
@@ -183,6 +209,38 @@ def loss_metrics(terms: PerTokenLoss, mask: Tensor) -> dict[str, Tensor]:
             "kl_mean": kl_mean,
             "num_tokens": count,
         }
+
+
+def check_entropy_inputs(
+    config: LossConfig,
+    logp: Tensor,
+    entropy: Tensor | None,
+    threshold: Tensor | float | None,
+    normalizer: StepNormalizer | None,
+) -> None:
+    """The entropy inputs the config needs: ``entropy (B, T)`` for the mask and the bonus, and a step's threshold
+    when a step normaliser splits the step."""
+    if entropy is not None:
+        entropy = as_tensor("entropy", entropy)
+        check_floating("entropy", entropy)
+        check_shape("entropy", entropy, tuple(logp.shape), "(B, T)")
+        check_same_device("logp", logp, entropy=entropy)
+    needs = []
+    if config.top_entropy_quantile < 1:
+        needs.append(f"top_entropy_quantile={config.top_entropy_quantile}")
+    if config.entropy_coef != 0:
+        needs.append(f"entropy_coef={config.entropy_coef}")
+    if needs and entropy is None:
+        raise ValueError(
+            f"config.{' and config.'.join(needs)} needs entropy (B, T), each token's policy entropy; pass it "
+            "(fused_policy_loss computes it)"
+        )
+    if config.top_entropy_quantile < 1 and threshold is None and normalizer is not None:
+        raise ValueError(
+            "config.top_entropy_quantile < 1 with a step normalizer needs entropy_threshold, one per step "
+            "(drgrpo.entropy.entropy_threshold over the whole step's entropies): a threshold per micro-batch would "
+            "make the gradient depend on the split"
+        )
 
 
 def validate_inputs(

@@ -220,6 +220,19 @@ def off_policy_keep(adv: float, logp: list[float], sampling_logp: list[float], t
     return adv >= 0 or mean <= threshold
 
 
+# --------------------------------------------------------------------------- entropy
+def quantile_threshold(values: list[float], quantile: float) -> float:
+    """The ``1 - quantile`` quantile of ``values`` by linear interpolation between sorted values, on float32
+    values and rounded to float32 (as TRL's torch.quantile on float32); +inf for no values."""
+    if not values:
+        return math.inf
+    v = sorted(float(np.float32(x)) for x in values)
+    pos = (1.0 - quantile) * (len(v) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return float(np.float32(v[lo] + (pos - lo) * (v[hi] - v[lo])))
+
+
 # --------------------------------------------------------------------------- aggregation
 def aggregate(
     per_token: np.ndarray,
@@ -264,9 +277,11 @@ def per_token_losses(
     config: LossConfig,
     ref_logp: ArrayLike | None = None,
     sampling_logp: ArrayLike | None = None,
+    entropy_keep: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The per-token loss ``(B, T)`` (0 on padding): the surrogate, times the sampler correction's weight and the
-    off-policy mask where the config has them, plus ``beta`` times the KL."""
+    """The per-token loss ``(B, T)`` (0 on padding): the surrogate, times the sampler correction's weight, the
+    off-policy mask and the entropy mask (``entropy_keep``, 0/1) where the config has them, plus ``beta`` times the
+    KL."""
     lp = np.asarray(logp, dtype=np.float64)
     old = lp if old_logp is None else np.asarray(old_logp, dtype=np.float64)
     sampling = None if sampling_logp is None else np.asarray(sampling_logp, dtype=np.float64)
@@ -314,7 +329,7 @@ def per_token_losses(
         for j, token, loss in zip(positions[i], rows[i].tokens, losses[i]):
             if token.sampling_weight is not None and not member.folds_sampling_weight:
                 loss *= token.sampling_weight
-            if not keep:
+            if not keep or (entropy_keep is not None and not entropy_keep[i, j]):
                 loss = 0.0
             if config.beta != 0:
                 assert ref is not None
@@ -333,12 +348,43 @@ def policy_loss(
     ref_logp: ArrayLike | None = None,
     *,
     sampling_logp: ArrayLike | None = None,
+    entropy: ArrayLike | None = None,
+    entropy_threshold: float | None = None,
     num_tokens: float | None = None,
     num_sequences: float | None = None,
 ) -> float:
-    """The aggregated loss of one batch, float64."""
-    per_token = per_token_losses(logp, old_logp, advantages, mask, config, ref_logp, sampling_logp)
-    return aggregate(
+    """The aggregated loss of one batch, float64, minus the entropy bonus where the config has one (its token count:
+    ``num_tokens`` when given, else the tokens it acts on)."""
+    m = np.asarray(mask, dtype=np.float64)
+    b, t = m.shape
+    keep = None
+    if config.top_entropy_quantile < 1 or config.entropy_coef != 0:
+        assert entropy is not None
+        h = np.asarray(entropy, dtype=np.float64)
+        real = [(i, j) for i in range(b) for j in range(t) if m[i, j] != 0]
+        keep = np.zeros((b, t))
+        tau = entropy_threshold
+        if config.top_entropy_quantile < 1 and tau is None:
+            tau = quantile_threshold([h[i, j] for i, j in real], config.top_entropy_quantile)
+        for i, j in real:
+            keep[i, j] = 1.0 if config.top_entropy_quantile >= 1 or h[i, j] >= tau else 0.0
+    per_token = per_token_losses(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        config,
+        ref_logp,
+        sampling_logp,
+        keep if config.top_entropy_quantile < 1 else None,
+    )
+    bonus = 0.0
+    if config.entropy_coef != 0:
+        assert keep is not None
+        acting = [(i, j) for i in range(b) for j in range(t) if keep[i, j]]
+        count = num_tokens if num_tokens is not None else max(len(acting), 1)
+        bonus = config.entropy_coef * math.fsum(h[i, j] for i, j in acting) / count
+    return -bonus + aggregate(
         per_token,
         np.asarray(mask),
         config.effective_aggregation,

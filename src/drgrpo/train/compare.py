@@ -175,7 +175,7 @@ def load_metrics(path: Path) -> RunCurves:
     for row in read_metrics_file(path / METRICS_FILE):  # a cut-off last line is left out, with a warning
         if "eval/accuracy" in row:
             curves.eval_steps.append(int(row["step"]))
-            curves.eval_accuracy.append(float(row["eval/accuracy"]))
+            curves.eval_accuracy.append(math.nan if row["eval/accuracy"] is None else float(row["eval/accuracy"]))
         elif "reward" in row:
             curves.steps.append(int(row["step"]))
             curves.reward.append(row["reward"])

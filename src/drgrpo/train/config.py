@@ -21,6 +21,7 @@ import torch
 from drgrpo.config import LossConfig, preset_names
 from drgrpo.field_error import FieldError, check_finite_fields
 from drgrpo.train.flags import add_flags, config_flags
+from drgrpo.train.rewards import check_reward_fields
 from drgrpo.train.task import TaskConfig
 from drgrpo.train.tiny import TinyModelConfig
 
@@ -170,6 +171,9 @@ class TrainConfig:
     """The supervised warm start of the built-in model (used when no model is given)."""
 
     def __post_init__(self) -> None:
+        rewards, weights = check_reward_fields(self.rewards, self.reward_weights)  # names and numbers, as tuples
+        object.__setattr__(self, "rewards", rewards)
+        object.__setattr__(self, "reward_weights", weights)
         check_finite_fields(self)  # --lr nan, --reward-weights inf, ...: refused like any bad value
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "micro_batch_size")
         for name in positive:
