@@ -41,6 +41,8 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import GRPOConfig
 
 from drgrpo import LossConfig, group_advantages, policy_loss
+from drgrpo.entropy import entropy_threshold
+from drgrpo.normalizer import StepNormalizer
 from drgrpo.train.task import TaskConfig, make_splits
 from drgrpo.train.tiny import TinyModelConfig, build_model, build_tokenizer
 
@@ -361,14 +363,14 @@ def whole_batch_gradient(
     *,
     weights: dict[str, torch.Tensor] | None = None,
     off_policy: bool = False,
-    entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Loss, gradient and metrics of ``policy_loss`` over the whole step in one batch.
 
     The policy has the saved initial weights, or ``weights``; with ``off_policy`` the sampling policy (old
     log-probs) is the initial model, else the ratio is 1. The reference model (``beta > 0``) is the initial model.
-    ``entropy_coef`` subtracts ``entropy_coef`` times the policy's mean entropy over all the step's tokens
-    (``-sum_v p log p`` of the plain logits). The sampler's log-probs (vLLM's) are the rollout's, as TRL received them.
+    The sampler's log-probs (vLLM's) are the rollout's, as TRL received them. The high-entropy mask and the entropy
+    bonus (``config.top_entropy_quantile``, ``entropy_coef``) get the entropies ``-sum_v p log p`` of the plain logits,
+    the mask's threshold over the whole step, and the step's counts.
     """
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     initial = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -380,13 +382,20 @@ def whole_batch_gradient(
     logp, entropy = token_logp(model, rollout, with_entropy=True)
     old = initial_logp if off_policy else None
     ref = initial_logp if config.beta > 0 else None
+    entropic = config.top_entropy_quantile < 1 or config.entropy_coef != 0
     out = policy_loss(
-        logp, old, rollout.advantages, rollout.mask, config, ref_logp=ref, sampling_logp=rollout.sampling_logp
+        logp,
+        old,
+        rollout.advantages,
+        rollout.mask,
+        config,
+        ref_logp=ref,
+        sampling_logp=rollout.sampling_logp,
+        entropy=entropy if entropic else None,
+        entropy_threshold=entropy_threshold(entropy, rollout.mask, config.top_entropy_quantile) if entropic else None,
+        normalizer=StepNormalizer.from_masks([rollout.mask], config) if entropic else None,
     )
     loss = out.loss
-    if entropy_coef:
-        m = rollout.mask.to(entropy.dtype)
-        loss = loss - entropy_coef * (entropy * m).sum() / m.sum()
     loss.backward()
     grads = {n: q.grad.detach().clone() for n, q in model.named_parameters()}
     return loss.detach(), grads, out.metrics

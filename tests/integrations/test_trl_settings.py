@@ -219,7 +219,6 @@ def test_loss_type_names_the_trl_loss_or_the_drgrpo_marker(tmp_path: Path, prese
         ({"loss_type": "bnpo"}, "trl.dapo", "loss_type='bnpo' contradicts"),
         ({"epsilon_high": 5.0}, "trl.cispo", r"epsilon_high=5\.0 contradicts .*cispo_cap=5\.0\)"),
         ({"sapo_temperature_pos": 2.0}, "sapo", r"contradicts .*sapo_tau_pos=2\.0\)"),
-        ({"top_entropy_quantile": 0.2}, "dr_grpo", "top_entropy_quantile"),
     ],
 )
 def test_contradicting_trl_settings_raise_naming_the_field(tmp_path: Path, overrides: dict, loss_config, match):

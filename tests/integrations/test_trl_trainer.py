@@ -277,11 +277,43 @@ def test_the_entropy_bonus_of_a_core_preset_is_the_whole_steps(model_dir: Path, 
     trainer = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path, 4, 2, entropy_coef=0.05), loss_config="dr_grpo")
     config = trainer.loss_config
     rollout = h.step_rollout(trainer.generations, trainer.micro[:4], config, build_tokenizer())
-    loss, grads, _ = h.whole_batch_gradient(model_dir, rollout, config, entropy_coef=0.05)
+    assert config.entropy_coef == 0.05  # the run's bonus, in the loss config
+    loss, grads, _ = h.whole_batch_gradient(model_dir, rollout, config)
     assert h.relative_difference(trainer.step_grads[0], grads) <= TOL
     assert abs(float(sum(trainer.losses[:4])) - float(loss)) <= TOL * max(1.0, abs(float(loss)))
-    _, plain, _ = h.whole_batch_gradient(model_dir, rollout, config)
+    _, plain, _ = h.whole_batch_gradient(model_dir, rollout, config.replace(entropy_coef=0.0))
     assert h.relative_difference(plain, grads) > 1e-3
+
+
+@pytest.mark.parametrize("bonus", [0.0, 0.05])
+def test_the_high_entropy_mask_without_loss_config_is_stock_trls(model_dir: Path, tmp_path: Path, bonus: float):
+    """top_entropy_quantile = 0.5 (TRL's threshold per micro-batch), with and without the bonus on the kept tokens:
+    stock GRPOTrainer's losses and gradient at K = 2, spg = 2."""
+    fields = dict(loss_type="grpo", top_entropy_quantile=0.5, entropy_coef=bonus)
+    stock = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "s", 2, 2, **fields))
+    ours = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "o", 2, 2, **fields))
+    assert ours.loss_config.top_entropy_quantile == 0.5
+    for a, b in zip(stock.losses, ours.losses):
+        assert abs(float(a) - float(b)) <= TOL * max(1.0, abs(float(a)))
+    assert h.relative_difference(ours.first_step_grads, stock.first_step_grads) <= TOL
+    plain = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "p", 2, 2, loss_type="grpo", entropy_coef=bonus))
+    assert h.relative_difference(plain.first_step_grads, stock.first_step_grads) > 1e-3  # the mask acts
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_high_entropy_mask_of_a_core_preset_is_the_whole_steps(model_dir: Path, tmp_path: Path, fused: bool):
+    """loss_config="dr_grpo" with top_entropy_quantile = 0.5: one threshold over the whole step's tokens (all
+    processes), so K = 4 with spg = 2 gives the whole batch's gradient; with the bonus on the logits path."""
+    args = h.grpo_args(tmp_path, 4, 2, top_entropy_quantile=0.5, entropy_coef=0.0 if fused else 0.05)
+    trainer = h.run(DrGRPOTrainer, model_dir, args, loss_config="dr_grpo", fused=fused)
+    config = trainer.loss_config
+    assert config.top_entropy_quantile == 0.5
+    rollout = h.step_rollout(trainer.generations, trainer.micro[:4], config, build_tokenizer())
+    loss, grads, _ = h.whole_batch_gradient(model_dir, rollout, config)
+    assert h.relative_difference(trainer.step_grads[0], grads) <= TOL
+    assert abs(float(sum(trainer.losses[:4])) - float(loss)) <= TOL * max(1.0, abs(float(loss)))
+    _, unmasked, _ = h.whole_batch_gradient(model_dir, rollout, config.replace(top_entropy_quantile=1.0))
+    assert h.relative_difference(unmasked, grads) > 1e-3
 
 
 def test_the_adaptive_entropy_controller_is_trls(model_dir: Path, tmp_path: Path):

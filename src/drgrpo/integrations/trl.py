@@ -34,6 +34,7 @@ from torch import Tensor
 
 from drgrpo.advantages import group_advantages
 from drgrpo.config import LossConfig
+from drgrpo.entropy import entropy_bonus, entropy_threshold, high_entropy_mask
 from drgrpo.fused import fused_policy_loss
 from drgrpo.loss import LossOutput, per_token_loss, policy_loss
 from drgrpo.normalizer import StepNormalizer
@@ -74,6 +75,7 @@ class _Window:
     raw: list[Any]
     micro: list[dict[str, Any]] | None = None
     normalizer: StepNormalizer | None = None
+    entropy_threshold: Tensor | None = None  # the high-entropy mask's threshold over the whole step (core presets)
     position: int = 0
 
 
@@ -128,6 +130,10 @@ class DrGRPOTrainer(GRPOTrainer):
                 setattr(args, name, value)
             logger.warning(message)
         self.loss_config = config
+        # the entropy bonus is added by the trainer (its coefficient moves with use_adaptive_entropy)
+        self._call_config = config.replace(entropy_coef=0.0) if config.entropy_coef != 0 else config
+        # TRL's per-micro-batch definitions of the entropy mask and bonus (trl.* presets, no loss_config)
+        self._trl_definitions = (config.name or "").startswith("trl.")
         self.fused = fused
         self._window: _Window | None = None
         self._rewards_per_func: Tensor | None = None
@@ -239,6 +245,8 @@ class DrGRPOTrainer(GRPOTrainer):
         if window.micro is None:
             window.micro = self._build_window(window.raw)
             window.normalizer = self._window_normalizer(window.micro)
+            if self.loss_config.top_entropy_quantile < 1 and not self._trl_definitions:
+                window.entropy_threshold = self._step_entropy_threshold(window.micro)
         inputs = window.micro[window.position]
         window.position += 1
         return inputs
@@ -281,22 +289,26 @@ class DrGRPOTrainer(GRPOTrainer):
             normalizer = self._window.normalizer
         else:  # evaluation: each batch is its own step
             normalizer = self._window_normalizer([inputs])
+        threshold = self._window.entropy_threshold if mode == "train" and self._window is not None else None
         if self.fused:
             unwrapped = self.accelerator.unwrap_model(model)
             # a tuple through the wrapper: DDP finds the loss tensor in it
             fused_loss, metrics, logp, entropy = self._forward_redirection(
-                model, unwrapped, self._fused_loss, inputs, normalizer
+                model, unwrapped, self._fused_loss, inputs, normalizer, threshold
             )
             out, aux_loss = LossOutput(loss=fused_loss, metrics=metrics, logp=logp), None
         else:
-            out, entropy, aux_loss = self._logits_path_loss(model, inputs, normalizer)
+            out, entropy, aux_loss, threshold = self._logits_path_loss(model, inputs, normalizer, threshold)
         loss = out.loss
         if self.loss_config.per_call_normalization and mode == "train":
             loss = loss / self.current_gradient_accumulation_steps  # TRL's definition of per-call losses
         if self._entropy_bonus_enabled:  # TRL's entropy bonus (entropy_coef, use_adaptive_entropy)
             assert entropy is not None  # the logits path computes it (fused=True with a bonus is refused)
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(out.loss.detach()).nanmean().item())
-            loss = loss - self._entropy_bonus(entropy, _loss_mask(inputs), normalizer, mode)
+            acting = _loss_mask(inputs).bool()
+            if threshold is not None:  # the bonus acts on the tokens the mask keeps, as in TRL
+                acting = high_entropy_mask(entropy, acting, threshold)
+            loss = loss - self._entropy_bonus(entropy, acting, normalizer, mode)
         if aux_loss is not None:  # MoE load balancing, scaled as TRL scales it
             scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / scale
@@ -307,10 +319,10 @@ class DrGRPOTrainer(GRPOTrainer):
     def _entropy_bonus(self, entropy: Tensor, mask: Tensor, normalizer: StepNormalizer | None, mode: str) -> Tensor:
         r"""This micro-batch's share of ``c * H``, subtracted from the loss; steps TRL's adaptive controller.
 
-        ``H`` is the policy's mean entropy per completion token (``entropy`` ``(B, T)``, with its gradient). For a
-        ``trl.*`` preset (and without ``loss_config``) it is TRL's: each micro-batch's own token mean divided by K.
-        For the other presets it is the token mean over the whole optimizer step, all processes
-        (``sum_t m H / N_tok * P`` per micro-batch), so the accumulated gradient does not depend on the split.
+        ``H`` is the policy's mean entropy per completion token (``entropy`` ``(B, T)``, with its gradient) over the
+        tokens ``mask`` (the high-entropy mask's, if on). For a ``trl.*`` preset (and without ``loss_config``) it is
+        TRL's: each micro-batch's own mean divided by K. For the other presets it is
+        :func:`drgrpo.entropy.entropy_bonus` with the step's counts, so the gradient does not depend on the split.
         ``c`` is ``entropy_coef``; with ``use_adaptive_entropy`` it applies only while the entropy measured over the
         previous optimizer step is at most ``entropy_target``, and after each step the coefficient moves by
         ``entropy_coef_delta`` (up when the step's entropy was at or below the target, else down) within
@@ -320,14 +332,14 @@ class DrGRPOTrainer(GRPOTrainer):
         m = mask.to(entropy.dtype)
         total = (entropy * m).sum()
         train = mode == "train"
-        if normalizer is None or (self.loss_config.name or "").startswith("trl."):
-            h = total / m.sum().clamp(min=1.0) / (self.current_gradient_accumulation_steps if train else 1.0)
-        else:
-            h = total / normalizer.num_tokens * normalizer.world_size
         coef = self.entropy_coef
         args: GRPOConfig = self.args  # type: ignore[assignment]
         if self.use_adaptive_entropy and self._last_world_entropy > args.entropy_target:
             coef = 0.0  # the previous step's entropy was above the target: no bonus this step
+        if normalizer is None or self._trl_definitions:
+            bonus = entropy_bonus(entropy, mask, coef) / (self.current_gradient_accumulation_steps if train else 1.0)
+        else:
+            bonus = entropy_bonus(entropy, mask, coef, normalizer)
         if train and self.use_adaptive_entropy:
             stats = torch.stack([total.detach(), m.sum()]).float()
             window: Tensor | None = self._entropy_window_stats
@@ -343,11 +355,11 @@ class DrGRPOTrainer(GRPOTrainer):
                 self._entropy_window_stats = None
         if train and self.accelerator.sync_gradients:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
-        return coef * h
+        return bonus
 
     def _logits_path_loss(
-        self, model: Any, inputs: dict[str, Any], normalizer: StepNormalizer | None
-    ) -> tuple[LossOutput, Tensor, Tensor | None]:
+        self, model: Any, inputs: dict[str, Any], normalizer: StepNormalizer | None, threshold: Tensor | None
+    ) -> tuple[LossOutput, Tensor, Tensor | None, Tensor | None]:
         """Per-token log-probs from TRL's own head (chunked, with entropies), then :func:`drgrpo.policy_loss`."""
         completion_ids = inputs["completion_ids"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
@@ -364,21 +376,51 @@ class DrGRPOTrainer(GRPOTrainer):
             compute_aux_loss=self.aux_loss_enabled,
             **multimodal,
         )
+        if self.loss_config.top_entropy_quantile < 1 and threshold is None:  # TRL's: this micro-batch, all processes
+            threshold = self._gathered_entropy_threshold([entropies[_loss_mask(inputs).bool()]])
         out = policy_loss(
             logp,  # (B, T)
             inputs.get("old_per_token_logps"),  # None: on-policy, ratio 1
             inputs["advantages"],  # (B,)
             _loss_mask(inputs),
-            self.loss_config,
+            self._call_config,
             ref_logp=inputs.get("ref_per_token_logps"),
             sampling_logp=inputs.get("sampling_per_token_logps"),  # vLLM's, NaN where it could not score
             normalizer=normalizer,
+            entropy=entropies,
+            entropy_threshold=threshold,
         )
         out.logp = logp.detach()
-        return out, entropies, aux_loss
+        return out, entropies, aux_loss, threshold
+
+    def _step_entropy_threshold(self, micro: Sequence[dict[str, Any]]) -> Tensor:
+        """The high-entropy mask's threshold over every real token of the step, all processes (one no-grad forward
+        per micro-batch, with the step's weights): the same mask for any split."""
+        values = []
+        with torch.no_grad():
+            for inputs in micro:
+                completion_ids = inputs["completion_ids"]
+                _, entropies, _ = self._get_per_token_logps_and_entropies(
+                    self.model,
+                    torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+                    torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+                    completion_ids.size(1),
+                    compute_entropy=True,
+                    **{k: inputs.get(k) for k in _MULTIMODAL_KEYS},
+                )
+                values.append(entropies[_loss_mask(inputs).bool()])
+        return self._gathered_entropy_threshold(values)
+
+    def _gathered_entropy_threshold(self, values: Sequence[Tensor]) -> Tensor:
+        """:func:`drgrpo.entropy.entropy_threshold` of the real tokens' entropies ``values`` of every process."""
+        local = torch.cat([v.detach().float() for v in values])
+        sentinel = -1.0  # entropies are >= 0
+        gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=0, pad_index=sentinel))
+        gathered = gathered[gathered != sentinel]
+        return entropy_threshold(gathered, torch.ones_like(gathered), self.loss_config.top_entropy_quantile)
 
     def _fused_loss(
-        self, inputs: dict[str, Any], normalizer: StepNormalizer | None
+        self, inputs: dict[str, Any], normalizer: StepNormalizer | None, threshold: Tensor | None
     ) -> tuple[Tensor, dict[str, Tensor], Tensor | None, Tensor | None]:
         """Hidden states of the completion positions, then :func:`drgrpo.fused_policy_loss` with ``lm_head``.
 
@@ -416,7 +458,7 @@ class DrGRPOTrainer(GRPOTrainer):
                 completion_ids.to(weight.device),
                 _loss_mask(inputs).to(weight.device),
                 inputs["advantages"],
-                self.loss_config,
+                self._call_config,
                 old_logp=inputs.get("old_per_token_logps"),
                 ref_logp=inputs.get("ref_per_token_logps"),
                 sampling_logp=_to(inputs.get("sampling_per_token_logps"), weight.device),
@@ -424,6 +466,7 @@ class DrGRPOTrainer(GRPOTrainer):
                 temperature=self.temperature,
                 normalizer=normalizer,
                 compute_entropy=True,
+                entropy_threshold=threshold,  # None: this call's (TRL's on one process)
             )
         return out.loss, out.metrics, out.logp, out.entropy
 

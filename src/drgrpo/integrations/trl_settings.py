@@ -43,7 +43,6 @@ __all__ = [
     "command_line_hints",
     "loss_config_from_args",
     "loss_config_hint",
-    "refuse_unsupported",
     "resolve_loss_config",
     "setting_hint",
     "settings_warning",
@@ -75,9 +74,12 @@ RUN_FIELDS: dict[str, str] = {
     "vllm_importance_sampling_clip_min": "sampling_clip_min",
     "vllm_importance_sampling_clip_max": "sampling_clip_max",
     "off_policy_mask_threshold": "off_policy_mask_threshold",
+    "top_entropy_quantile": "top_entropy_quantile",
+    "entropy_coef": "entropy_coef",
 }
-"""``GRPOConfig`` fields of the run's corrections and masks -> ``LossConfig`` fields: a loss config that leaves one
-off takes the run's (the vLLM correction applies when ``use_vllm`` and ``vllm_importance_sampling_correction``)."""
+"""``GRPOConfig`` fields of the run's corrections, masks and entropy bonus -> ``LossConfig`` fields: a loss config
+that leaves one off takes the run's (the vLLM correction applies when ``use_vllm`` and
+``vllm_importance_sampling_correction``; with ``use_adaptive_entropy`` the trainer moves the coefficient each step)."""
 
 FIELD_MAP: dict[str, str] = {**_field_map(), **RUN_FIELDS}
 """``GRPOConfig`` field -> the ``LossConfig`` field that describes the same choice (``epsilon_high`` is the CISPO
@@ -167,7 +169,7 @@ def resolve_loss_config(loss_config: LossConfig | str | None, args: GRPOConfig) 
     Raises:
         TypeError: ``loss_config`` is not a LossConfig, a str or None.
         ValueError: a ``GRPOConfig`` field set to a non-default value contradicts the config; the config cannot
-            run (no constant L where it needs one); a TRL feature with no drgrpo equivalent is on.
+            run (no constant L where it needs one).
     """
     if loss_config is None:
         config, changes = loss_config_from_args(args), {}
@@ -176,7 +178,6 @@ def resolve_loss_config(loss_config: LossConfig | str | None, args: GRPOConfig) 
         changes = _aligned_fields(config, args)
         config = _with_run_modifiers(config, args, changes)
     _check_runnable(config, args)
-    refuse_unsupported(args)
     return config.replace(nan_rewards="ignore"), changes
 
 
@@ -207,7 +208,8 @@ def loss_config_from_args(args: GRPOConfig) -> LossConfig:
         fields["max_completion_length"] = args.max_completion_length
     if args.use_vllm and args.vllm_importance_sampling_correction:  # TRL's correction of vLLM's sampling
         fields.update({field: getattr(args, name) for name, field in RUN_FIELDS.items() if name.startswith("vllm")})
-    fields["off_policy_mask_threshold"] = args.off_policy_mask_threshold
+    for name in ("off_policy_mask_threshold", "top_entropy_quantile", "entropy_coef"):
+        fields[name] = getattr(args, name)
     return LossConfig.preset(f"trl.{loss_type}", **fields)
 
 
@@ -267,15 +269,6 @@ def settings_warning(config: LossConfig, changes: dict[str, Any], args: GRPOConf
         "defaults and now hold its values in trainer.args (set them to these values yourself to silence this "
         "warning): " + "; ".join(lines)
     )
-
-
-def refuse_unsupported(args: GRPOConfig) -> None:
-    """Raise a ValueError listing the TRL features that have no drgrpo equivalent and are on."""
-    problems = []
-    if args.top_entropy_quantile < 1.0:
-        problems.append(f"top_entropy_quantile={args.top_entropy_quantile} (the high-entropy token mask)")
-    if problems:
-        raise ValueError("DrGRPOTrainer does not support: " + "; ".join(problems))
 
 
 # --------------------------------------------------------------------------- the parts
@@ -350,12 +343,13 @@ def _trl_view(config: LossConfig) -> dict[str, Any]:
 
 
 def _with_run_modifiers(config: LossConfig, args: GRPOConfig, changes: dict[str, Any]) -> LossConfig:
-    """The run's sampling correction and off-policy mask (:data:`RUN_FIELDS`) in ``config``.
+    """The run's sampling correction, masks and entropy bonus (:data:`RUN_FIELDS`) in ``config``.
 
     A modifier the loss config leaves off is the run's: TRL's correction of vLLM's sampling (``use_vllm`` with
-    ``vllm_importance_sampling_correction``, TRL's default) and ``off_policy_mask_threshold`` apply to the config's
-    loss. One the config sets must agree with ``args``: a field at its default is set from it (into ``changes``), any
-    other value raises. A config's correction needs the sampler's log-probs, which TRL has only with ``use_vllm``.
+    ``vllm_importance_sampling_correction``, TRL's default), ``off_policy_mask_threshold``, ``top_entropy_quantile``
+    and ``entropy_coef`` apply to the config's loss. One the config sets must agree with ``args``: a field at its
+    default is set from it (into ``changes``), any other value raises. A config's correction needs the sampler's
+    log-probs, which TRL has only with ``use_vllm``.
     """
     correction_on = args.use_vllm and args.vllm_importance_sampling_correction
     if config.sampling_correction is None:
@@ -372,21 +366,20 @@ def _with_run_modifiers(config: LossConfig, args: GRPOConfig, changes: dict[str,
             f"(vllm_importance_sampling_correction={args.vllm_importance_sampling_correction}, "
             f"use_vllm={args.use_vllm}): {reason}, or take the correction out of the loss config: {fix}"
         )
+    off = {f.name: f.default for f in dataclasses.fields(LossConfig)}  # a modifier at this value is off
     for name, field in RUN_FIELDS.items():
         value, current = getattr(config, field), getattr(args, name)
-        if field == "off_policy_mask_threshold" and value is None:
-            config = config.replace(off_policy_mask_threshold=current)  # the run's mask (or none)
+        if name.startswith("vllm"):
+            if config.sampling_correction is None:
+                continue
+        elif _same(value, off[field]):
+            config = config.replace(**{field: current})  # the run's (or off)
             continue
-        if not name.startswith("vllm") or config.sampling_correction is None or _same(current, value):
+        if _same(current, value):
             continue
         if not _same(current, TRL_DEFAULTS[name]):
             _contradiction(name, current, config, value)
         changes[name] = value
-    threshold = config.off_policy_mask_threshold
-    if not _same(args.off_policy_mask_threshold, threshold):
-        if args.off_policy_mask_threshold is not None:
-            _contradiction("off_policy_mask_threshold", args.off_policy_mask_threshold, config, threshold)
-        changes["off_policy_mask_threshold"] = threshold
     return config
 
 
