@@ -303,8 +303,8 @@ def test_the_high_entropy_mask_without_loss_config_is_stock_trls(model_dir: Path
 @pytest.mark.parametrize("fused", [False, True])
 def test_the_high_entropy_mask_of_a_core_preset_is_the_whole_steps(model_dir: Path, tmp_path: Path, fused: bool):
     """loss_config="dr_grpo" with top_entropy_quantile = 0.5: one threshold over the whole step's tokens (all
-    processes), so K = 4 with spg = 2 gives the whole batch's gradient; with the bonus on the logits path."""
-    args = h.grpo_args(tmp_path, 4, 2, top_entropy_quantile=0.5, entropy_coef=0.0 if fused else 0.05)
+    processes), so K = 4 with spg = 2 gives the whole batch's gradient; with the bonus (in the fused pass too)."""
+    args = h.grpo_args(tmp_path, 4, 2, top_entropy_quantile=0.5, entropy_coef=0.05)
     trainer = h.run(DrGRPOTrainer, model_dir, args, loss_config="dr_grpo", fused=fused)
     config = trainer.loss_config
     assert config.top_entropy_quantile == 0.5
@@ -314,6 +314,18 @@ def test_the_high_entropy_mask_of_a_core_preset_is_the_whole_steps(model_dir: Pa
     assert abs(float(sum(trainer.losses[:4])) - float(loss)) <= TOL * max(1.0, abs(float(loss)))
     _, unmasked, _ = h.whole_batch_gradient(model_dir, rollout, config.replace(top_entropy_quantile=1.0))
     assert h.relative_difference(unmasked, grads) > 1e-3
+
+
+def test_the_fused_entropy_bonus_is_stock_trls(model_dir: Path, tmp_path: Path):
+    """fused=True with TRL's bonus and mask (grpo: per micro-batch): stock GRPOTrainer's gradient at K = 2, spg = 2."""
+    fields = dict(loss_type="grpo", entropy_coef=0.05, top_entropy_quantile=0.5)
+    stock = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "s", 2, 2, **fields))
+    fused = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "f", 2, 2, **fields), fused=True)
+    for a, b in zip(stock.losses, fused.losses):
+        assert abs(float(a) - float(b)) <= TOL * max(1.0, abs(float(a)))
+    assert h.relative_difference(fused.first_step_grads, stock.first_step_grads) <= TOL
+    rows = [[r for r in t.state.log_history if "policy_loss" in r] for t in (stock, fused)]
+    assert rows[1][0]["policy_loss"] == pytest.approx(rows[0][0]["policy_loss"], rel=1e-4, abs=1e-6)
 
 
 def test_the_adaptive_entropy_controller_is_trls(model_dir: Path, tmp_path: Path):
@@ -345,8 +357,9 @@ def test_the_adaptive_entropy_controller_is_trls(model_dir: Path, tmp_path: Path
     assert low_coefs == pytest.approx([0.0, 0.0, 0.0])  # entropy above the target: the coefficient goes down
 
 
-def test_fused_refuses_the_entropy_bonus(model_dir: Path, tmp_path: Path):
-    with pytest.raises(ValueError, match=r"fused=True does not differentiate the entropy bonus.*fused=False"):
+def test_fused_refuses_trls_per_micro_batch_bonus_where_the_loss_is_per_step(model_dir: Path, tmp_path: Path):
+    """trl.dapo (TRL's default loss) is normalised per step; the fused pass's bonus would be too, TRL's is not."""
+    with pytest.raises(ValueError, match=r"fused=True adds the entropy bonus with the step's token count.*fused=False"):
         DrGRPOTrainer(
             str(model_dir), h.digit_reward, _args(tmp_path, entropy_coef=0.01), h.train_dataset(8), fused=True
         )

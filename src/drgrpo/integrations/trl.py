@@ -102,7 +102,7 @@ class DrGRPOTrainer(GRPOTrainer):
             :func:`drgrpo.fused_policy_loss` (no ``(B, T, V)`` logits, no TRL log-prob head; TRL's
             ``entropy`` metric comes from the same pass).
 
-    The module docstring lists what is exact, which TRL settings are read, aligned, refused or ignored.
+    docs/trl.md lists what is exact, which TRL settings are read, aligned, refused or ignored.
     """
 
     def __init__(
@@ -150,10 +150,11 @@ class DrGRPOTrainer(GRPOTrainer):
                 "supported"
             )
         if self.fused:
-            if self._entropy_bonus_enabled:
+            if self._entropy_bonus_enabled and self._trl_definitions and not self.loss_config.per_call_normalization:
                 raise ValueError(
-                    "fused=True does not differentiate the entropy bonus (entropy_coef, use_adaptive_entropy): use "
-                    f"{setting_hint('fused', False)}"
+                    f"fused=True adds the entropy bonus with the step's token count, but {self.loss_config.name}'s "
+                    "(TRL's) is each micro-batch's own mean: use "
+                    f"{setting_hint('fused', False)}, or a per-call loss type (grpo, bnpo, dr_grpo, luspo)"
                 )
             if self.aux_loss_enabled:
                 raise ValueError(
@@ -290,25 +291,35 @@ class DrGRPOTrainer(GRPOTrainer):
         else:  # evaluation: each batch is its own step
             normalizer = self._window_normalizer([inputs])
         threshold = self._window.entropy_threshold if mode == "train" and self._window is not None else None
+        coef = self._applied_entropy_coef() if self._entropy_bonus_enabled else 0.0
         if self.fused:
             unwrapped = self.accelerator.unwrap_model(model)
+            # the fused pass adds the bonus itself (its entropies have a gradient only inside it)
+            config = self._call_config.replace(entropy_coef=coef) if coef else self._call_config
             # a tuple through the wrapper: DDP finds the loss tensor in it
             fused_loss, metrics, logp, entropy = self._forward_redirection(
-                model, unwrapped, self._fused_loss, inputs, normalizer, threshold
+                model, unwrapped, self._fused_loss, inputs, normalizer, threshold, config
             )
             out, aux_loss = LossOutput(loss=fused_loss, metrics=metrics, logp=logp), None
+            if threshold is None and self.loss_config.top_entropy_quantile < 1 and entropy is not None:
+                threshold = entropy_threshold(entropy, _loss_mask(inputs), self.loss_config.top_entropy_quantile)
         else:
             out, entropy, aux_loss, threshold = self._logits_path_loss(model, inputs, normalizer, threshold)
         loss = out.loss
         if self.loss_config.per_call_normalization and mode == "train":
             loss = loss / self.current_gradient_accumulation_steps  # TRL's definition of per-call losses
         if self._entropy_bonus_enabled:  # TRL's entropy bonus (entropy_coef, use_adaptive_entropy)
-            assert entropy is not None  # the logits path computes it (fused=True with a bonus is refused)
-            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(out.loss.detach()).nanmean().item())
+            assert entropy is not None  # both paths compute it
             acting = _loss_mask(inputs).bool()
             if threshold is not None:  # the bonus acts on the tokens the mask keeps, as in TRL
                 acting = high_entropy_mask(entropy, acting, threshold)
-            loss = loss - self._entropy_bonus(entropy, acting, normalizer, mode)
+            if self.fused:  # already in the loss: TRL's policy_loss metric is the loss without it
+                policy = out.loss.detach() + entropy_bonus(entropy, acting, coef, normalizer)
+            else:
+                policy = out.loss.detach()
+                loss = loss - self._entropy_bonus(entropy, acting, normalizer, mode, coef)
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
+            self._observe_entropy(entropy, acting, mode)
         if aux_loss is not None:  # MoE load balancing, scaled as TRL scales it
             scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / scale
@@ -316,32 +327,41 @@ class DrGRPOTrainer(GRPOTrainer):
         self._log_loss_metrics(mode, out, entropy, inputs)
         return loss
 
-    def _entropy_bonus(self, entropy: Tensor, mask: Tensor, normalizer: StepNormalizer | None, mode: str) -> Tensor:
-        r"""This micro-batch's share of ``c * H``, subtracted from the loss; steps TRL's adaptive controller.
+    def _entropy_bonus(
+        self, entropy: Tensor, mask: Tensor, normalizer: StepNormalizer | None, mode: str, coef: float
+    ) -> Tensor:
+        r"""This micro-batch's share of ``c * H``, subtracted from the loss (logits path).
 
         ``H`` is the policy's mean entropy per completion token (``entropy`` ``(B, T)``, with its gradient) over the
         tokens ``mask`` (the high-entropy mask's, if on). For a ``trl.*`` preset (and without ``loss_config``) it is
         TRL's: each micro-batch's own mean divided by K. For the other presets it is
         :func:`drgrpo.entropy.entropy_bonus` with the step's counts, so the gradient does not depend on the split.
-        ``c`` is ``entropy_coef``; with ``use_adaptive_entropy`` it applies only while the entropy measured over the
-        previous optimizer step is at most ``entropy_target``, and after each step the coefficient moves by
-        ``entropy_coef_delta`` (up when the step's entropy was at or below the target, else down) within
-        ``[entropy_coef_min, entropy_coef_max]``; ``entropy_coef`` is logged once per step (TRL's controller,
-        state and checkpoint file).
         """
-        m = mask.to(entropy.dtype)
-        total = (entropy * m).sum()
-        train = mode == "train"
-        coef = self.entropy_coef
+        if normalizer is None or self._trl_definitions:
+            accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            return entropy_bonus(entropy, mask, coef) / accumulation
+        return entropy_bonus(entropy, mask, coef, normalizer)
+
+    def _applied_entropy_coef(self) -> float:
+        """``c`` for this step: ``entropy_coef``; with ``use_adaptive_entropy`` 0 while the entropy measured over the
+        previous optimizer step is above ``entropy_target`` (none measured yet: above)."""
         args: GRPOConfig = self.args  # type: ignore[assignment]
         if self.use_adaptive_entropy and self._last_world_entropy > args.entropy_target:
-            coef = 0.0  # the previous step's entropy was above the target: no bonus this step
-        if normalizer is None or self._trl_definitions:
-            bonus = entropy_bonus(entropy, mask, coef) / (self.current_gradient_accumulation_steps if train else 1.0)
-        else:
-            bonus = entropy_bonus(entropy, mask, coef, normalizer)
-        if train and self.use_adaptive_entropy:
-            stats = torch.stack([total.detach(), m.sum()]).float()
+            return 0.0
+        return float(self.entropy_coef)
+
+    def _observe_entropy(self, entropy: Tensor, mask: Tensor, mode: str) -> None:
+        """TRL's adaptive controller: add this micro-batch's ``sum H m`` and ``sum m`` to the step's window; at the
+        step's last micro-batch reduce them over the processes and move ``entropy_coef`` by ``entropy_coef_delta``
+        (up when the step's entropy was at or below ``entropy_target``, else down) within
+        ``[entropy_coef_min, entropy_coef_max]``. ``entropy_coef`` is logged once per step (TRL's state and
+        checkpoint file)."""
+        if mode != "train":
+            return
+        args: GRPOConfig = self.args  # type: ignore[assignment]
+        if self.use_adaptive_entropy:
+            m = mask.to(entropy.dtype)
+            stats = torch.stack([(entropy.detach() * m).sum(), m.sum()]).float()
             window: Tensor | None = self._entropy_window_stats
             self._entropy_window_stats = stats if window is None else window + stats  # type: ignore[assignment]
             if self.accelerator.sync_gradients:  # the window's last micro-batch: one reduce, then the update
@@ -353,9 +373,8 @@ class DrGRPOTrainer(GRPOTrainer):
                     self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
                 self._last_world_entropy = measured
                 self._entropy_window_stats = None
-        if train and self.accelerator.sync_gradients:
+        if self.accelerator.sync_gradients:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
-        return bonus
 
     def _logits_path_loss(
         self, model: Any, inputs: dict[str, Any], normalizer: StepNormalizer | None, threshold: Tensor | None
@@ -420,7 +439,7 @@ class DrGRPOTrainer(GRPOTrainer):
         return entropy_threshold(gathered, torch.ones_like(gathered), self.loss_config.top_entropy_quantile)
 
     def _fused_loss(
-        self, inputs: dict[str, Any], normalizer: StepNormalizer | None, threshold: Tensor | None
+        self, inputs: dict[str, Any], normalizer: StepNormalizer | None, threshold: Tensor | None, config: LossConfig
     ) -> tuple[Tensor, dict[str, Tensor], Tensor | None, Tensor | None]:
         """Hidden states of the completion positions, then :func:`drgrpo.fused_policy_loss` with ``lm_head``.
 
@@ -458,7 +477,7 @@ class DrGRPOTrainer(GRPOTrainer):
                 completion_ids.to(weight.device),
                 _loss_mask(inputs).to(weight.device),
                 inputs["advantages"],
-                self._call_config,
+                config,
                 old_logp=inputs.get("old_per_token_logps"),
                 ref_logp=inputs.get("ref_per_token_logps"),
                 sampling_logp=_to(inputs.get("sampling_per_token_logps"), weight.device),
