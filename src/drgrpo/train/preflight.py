@@ -59,15 +59,24 @@ def check_run(config: TrainConfig) -> RunPlan:
     weights_dir = start.checkpoint or model_dir
     if weights_dir is not None:
         check_local_code(weights_dir)  # a model that needs its own Python code is refused, never run
-    check = prompt_check(weights_dir, config) if config.dataset or config.eval_dataset else None  # empty, too long
+    check = prompt_check(weights_dir, config)  # --max-new-tokens must leave room for a prompt in the context
     train_examples, eval_examples = load_examples(
         config.dataset, config.eval_dataset, config.prompt_field, config.task, check
-    )
+    )  # every dataset prompt checked: empty, too long
+    if config.dataset is None:  # the built-in task: every prompt has the same number of tokens
+        check_task_prompt(check, train_examples[0]["prompt"])
     check_answers(config, train_examples, eval_examples)  # without --reward: every example needs its answer
     check_device(config.device)
     check_tensorboard(config.tensorboard)
     check_output_dir(config.output_dir)  # a file, or not writable
     return RunPlan(loss_config, rewards, start, model_dir, train_examples, eval_examples)
+
+
+def check_task_prompt(check: PromptCheck, prompt: str) -> None:
+    """The built-in task's prompts (all of ``prompt``'s length) and ``--max-new-tokens`` fit the model's context."""
+    problem = check(prompt)
+    if problem is not None:
+        raise ValueError(f"the built-in task's prompts ({prompt!r}, --task-max-operand): {problem}")
 
 
 def check_output_dir(path: str | Path) -> None:
