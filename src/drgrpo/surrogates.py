@@ -4,20 +4,118 @@
 s_i for every token of completion i (sequence level, GSPO), ``adv`` the advantage broadcast to
 every token. Each function returns the loss and two boolean masks: where the lower and the upper
 clip bound is the active term (the clip fractions logged by trainers).
+
+Each surrogate is registered with :func:`register_surrogate` (its float64 oracle, the LossConfig fields
+it reads, its formula and paper); ``LossConfig.surrogate`` accepts the registered names.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
+
+from drgrpo import reference
+from drgrpo.field_error import FieldError
+from drgrpo.registry import SURROGATES, SurrogateMember
+
+if TYPE_CHECKING:
+    from drgrpo.config import LossConfig
 
 
 class Surrogate(NamedTuple):
     loss: Tensor  # (B, T) per-token loss
     clipped_low: Tensor  # (B, T) bool: the lower bound 1 - eps_low is active
     clipped_high: Tensor  # (B, T) bool: the upper bound 1 + eps_high is active
+
+
+class SurrogateInputs(NamedTuple):
+    """What a surrogate reads, in the compute dtype, 0 on padding."""
+
+    ratio: Tensor  # (B, T) importance ratio (s_i on every token of row i at sequence level)
+    adv: Tensor  # (B, 1) advantage of each completion
+    logp: Tensor  # (B, T) log pi_theta (carries the gradient)
+    old_logp: Tensor  # (B, T) log pi_old (no gradient)
+    mask: Tensor  # (B, T) 1.0 on real tokens
+    sampling_weight: Tensor | None = None  # (B, T) the sampler correction's weight rho (no gradient), if on
+
+
+SurrogateFn = Callable[[SurrogateInputs, "LossConfig"], Surrogate]
+
+
+def register_surrogate(
+    name: str,
+    *,
+    oracle: Callable[..., float] | None = None,
+    batch_oracle: Callable[..., list[list[float]]] | None = None,
+    fields: tuple[str, ...] = (),
+    formula: str,
+    paper: str,
+    frameworks: str = "",
+    peer_fields: Mapping[str, Mapping[str, str]] | None = None,
+    folds_sampling_weight: bool = False,
+    whole_rows: bool = False,
+    check: Callable[[LossConfig], None] | None = None,
+) -> Callable[[SurrogateFn], SurrogateFn]:
+    """Decorator registering ``fn(x: SurrogateInputs, config: LossConfig) -> Surrogate`` under ``name``.
+
+    Args:
+        name: the value of ``LossConfig.surrogate`` that selects it (a taken name is a ValueError).
+        oracle: its float64 value for one token, ``oracle(token: reference.OracleToken, config) -> float``,
+            written with plain floats in :mod:`drgrpo.reference`; or
+        batch_oracle: ``batch_oracle(rows: list[reference.OracleRow], config) -> list[list[float]]`` for a
+            member whose token loss depends on other tokens (exactly one of the two).
+        fields: the LossConfig fields it reads.
+        formula, paper, frameworks: its row of docs/losses.md's table.
+        peer_fields: per peer framework (``"trl"``, ``"verl"``), the peer's setting -> LossConfig field.
+        folds_sampling_weight: the member uses ``x.sampling_weight`` itself (the loss does not multiply by it).
+        whole_rows: a token's loss depends on other tokens of its completion (the fused path keeps rows whole).
+        check: ``check(config)`` raises a FieldError for values of its fields it cannot take.
+    """
+    if (oracle is None) == (batch_oracle is None):
+        raise TypeError(f"surrogate {name!r}: pass exactly one of oracle and batch_oracle")
+
+    def decorator(fn: SurrogateFn) -> SurrogateFn:
+        member = SurrogateMember(
+            name,
+            fn,
+            oracle,
+            batch_oracle,
+            tuple(fields),
+            formula,
+            paper,
+            frameworks,
+            dict(peer_fields or {}),
+            folds_sampling_weight,
+            whole_rows,
+            check,
+        )
+        SURROGATES.add(name, member)
+        return fn
+
+    return decorator
+
+
+def get_surrogate(name: str) -> SurrogateMember:
+    """The registered member ``name``; a ValueError listing the valid names otherwise."""
+    return SURROGATES.get(name)
+
+
+def surrogate_names() -> tuple[str, ...]:
+    """The registered surrogates' names, in registration order."""
+    return SURROGATES.names()
+
+
+def surrogate_table() -> str:
+    """docs/losses.md's table of the surrogates, one row per registered member (a test checks the page)."""
+    lines = ["| surrogate | per-token loss | fields | paper | frameworks |", "|---|---|---|---|---|"]
+    for m in SURROGATES:
+        fields = ", ".join(f"`{f}`" for f in m.fields) or "none"
+        lines.append(f"| `{m.name}` | `{m.formula}` | {fields} | {m.paper} | {m.frameworks} |")
+    return "\n".join(lines)
 
 
 def token_log_ratio(logp: Tensor, old_logp: Tensor) -> Tensor:
@@ -34,48 +132,147 @@ def sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
     return ((logp - old_logp) * mask).sum(-1, keepdim=True).div(length).expand_as(logp)
 
 
-def ppo_clip(
-    ratio: Tensor,
-    adv: Tensor,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None = None,
-    delta: float | None = None,
-) -> Surrogate:
+def cispo_cap(config: LossConfig) -> float:
+    """The cap of CISPO's weight: ``cispo_cap``, or ``1 + clip_high`` when unset."""
+    return config.cispo_cap if config.cispo_cap is not None else 1 + config.clip_high
+
+
+# --------------------------------------------------------------------------- the members
+
+
+@register_surrogate(
+    "ppo",
+    oracle=reference.ppo_token_loss,
+    fields=("clip_low", "clip_high", "dual_clip", "delta"),
+    formula="-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)",
+    paper="Schulman et al. 2017 (arXiv 1707.06347)",
+    frameworks="TRL grpo, dapo, dr_grpo, bnpo; verl vanilla, gspo",
+    peer_fields={
+        "trl": {"epsilon": "clip_low", "epsilon_high": "clip_high", "delta": "delta"},
+        "verl": {"clip_ratio_c": "dual_clip"},
+    },
+)
+def ppo_clip(x: SurrogateInputs, config: LossConfig) -> Surrogate:
     r"""PPO's clipped surrogate, ``-min(r A, clip(r, 1-eps_low, 1+eps_high) A)``.
 
     ``delta`` (TRL's two-sided clip) first clamps the unclipped ``r`` at ``delta``; ``dual_clip``
     (verl's ``clip_ratio_c``) caps the loss of a negative advantage at ``-c A``.
     """
+    ratio, adv = x.ratio, x.adv
+    assert config.clip_low is not None  # LossConfig enforces it for "ppo"
+    clip_low, clip_high = config.clip_low, config.clip_high
     clipped_ratio = ratio.clamp(1 - clip_low, 1 + clip_high)
-    unclipped_ratio = ratio if delta is None else ratio.clamp(max=delta)
+    unclipped_ratio = ratio if config.delta is None else ratio.clamp(max=config.delta)
     loss = -torch.min(unclipped_ratio * adv, clipped_ratio * adv)
-    if dual_clip is not None:
-        loss = torch.where(adv < 0, torch.min(loss, -dual_clip * adv), loss)
+    if config.dual_clip is not None:
+        loss = torch.where(adv < 0, torch.min(loss, -config.dual_clip * adv), loss)
     clipped_low = (ratio < 1 - clip_low) & (adv < 0)
     clipped_high = (ratio > 1 + clip_high) & (adv > 0)
     return Surrogate(loss, clipped_low, clipped_high)
 
 
-def cispo(ratio: Tensor, adv: Tensor, logp: Tensor, clip_low: float | None, cap: float) -> Surrogate:
-    r"""CISPO (MiniMax-M1): ``-sg(clip(r, 1-eps_low, cap)) A logp``.
+@register_surrogate(
+    "cispo",
+    oracle=reference.cispo_token_loss,
+    fields=("clip_low", "clip_high", "cispo_cap"),
+    formula="-sg(clip(r, 1 - eps_low, cap)) A logp",
+    paper="MiniMax-M1, MiniMax 2025 (arXiv 2506.13585)",
+    frameworks="TRL cispo; verl cispo",
+    peer_fields={"trl": {"epsilon_high": "cispo_cap"}},
+)
+def cispo(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""CISPO (MiniMax-M1, arXiv 2506.13585): ``-sg(clip(r, 1-eps_low, cap)) A logp``.
 
-    Every token keeps a gradient; only its weight is clipped.
+    Every token keeps a gradient; only its weight is clipped (``cap``: :func:`cispo_cap`; no lower bound
+    when ``clip_low`` is none).
     """
-    low = None if clip_low is None else 1 - clip_low
+    ratio, cap = x.ratio, cispo_cap(config)
+    low = None if config.clip_low is None else 1 - config.clip_low
     weight = ratio.clamp(min=low, max=cap).detach()
-    loss = -weight * adv * logp
+    loss = -weight * x.adv * x.logp
     clipped_low = torch.zeros_like(ratio, dtype=torch.bool) if low is None else ratio < low
     return Surrogate(loss, clipped_low, ratio > cap)
 
 
-def sapo(ratio: Tensor, adv: Tensor, tau_pos: float, tau_neg: float) -> Surrogate:
-    r"""SAPO's soft gate, ``-(4/tau) sigmoid(tau (r - 1)) A`` with tau = tau_pos if A > 0 else tau_neg.
+@register_surrogate(
+    "sapo",
+    oracle=reference.sapo_token_loss,
+    fields=("sapo_tau_pos", "sapo_tau_neg"),
+    formula="-(4 / tau) sigmoid(tau (r - 1)) A, tau = tau_pos if A > 0 else tau_neg",
+    paper="Soft Adaptive Policy Optimization, 2025 (arXiv 2511.20347)",
+    frameworks="TRL sapo; verl sapo",
+    peer_fields={
+        "trl": {"sapo_temperature_pos": "sapo_tau_pos", "sapo_temperature_neg": "sapo_tau_neg"},
+        "verl": {"tau_pos": "sapo_tau_pos", "tau_neg": "sapo_tau_neg"},
+    },
+)
+def sapo(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""SAPO's soft gate (arXiv 2511.20347), ``-(4/tau) sigmoid(tau (r - 1)) A`` with tau = tau_pos if A > 0
+    else tau_neg.
 
     Its gradient in r is ``4 sigma (1 - sigma) A``: equal to the unclipped PPO gradient at r = 1 and
     decaying smoothly away from it, instead of a hard cut.
     """
-    tau = torch.where(adv > 0, ratio.new_tensor(tau_pos), ratio.new_tensor(tau_neg))
+    ratio, adv = x.ratio, x.adv
+    tau = torch.where(adv > 0, ratio.new_tensor(config.sapo_tau_pos), ratio.new_tensor(config.sapo_tau_neg))
     loss = -(torch.sigmoid(tau * (ratio - 1)) * (4 / tau)) * adv
     never = torch.zeros_like(ratio, dtype=torch.bool)
     return Surrogate(loss, never, never)
+
+
+def _check_vespo(config: LossConfig) -> None:
+    from drgrpo.config import LossConfig  # the owner FieldError names (config imports this module)
+
+    for field in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{field} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise FieldError(LossConfig, field, f"{field} must be finite, got {value}")
+    if (config.sampling_correction or "").startswith("sequence"):
+        raise FieldError(
+            LossConfig,
+            ("sampling_correction", "surrogate"),
+            f"surrogate 'vespo' folds the sampler correction into its weight token by token: sampling_correction "
+            f"must be 'token_truncate' or 'token_mask', got {config.sampling_correction!r} (as TRL requires)",
+        )
+
+
+@register_surrogate(
+    "vespo",
+    batch_oracle=reference.vespo_losses,
+    fields=("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
+    formula="-sg(phi(w)) A logp, phi(w) = exp(lambda + k log w - lambda w), w = prod_t r_t rho_t",
+    paper="VESPO, 2026 (arXiv 2602.10693)",
+    frameworks="TRL vespo",
+    peer_fields={
+        "trl": {f: f for f in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")},
+    },
+    folds_sampling_weight=True,
+    whole_rows=True,
+    check=_check_vespo,
+)
+def vespo(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""VESPO (arXiv 2602.10693): ``-sg(phi(w_i)) A_i logp_t``, a smooth, asymmetric Gamma weight of the completion's
+    importance weight instead of a clip.
+
+    ``log w_i = clamp(sum_t m_t clamp(log r_t, -20, 20) + sum_t m_t clamp(log rho_t, log 1e-8, 20), log 1e-8, 20)``
+    with the token ratio ``r_t`` (whatever ``ratio_level``) and the sampler correction's weight ``rho_t`` (1
+    without one), then ``phi(w) = exp(lambda + k log w - lambda w)`` (``phi(1) = 1``), with ``(k, lambda)`` the
+    ``vespo_*_pos`` values when ``A_i >= 0``, else ``vespo_*_neg`` (lambda at least 1e-4); a non-finite phi is 0.
+    """
+    floor = math.log(1e-8)
+    with torch.no_grad():
+        log_r = (x.logp - x.old_logp).clamp(-20.0, 20.0)
+        log_w = (log_r * x.mask).sum(-1, keepdim=True)  # (B, 1)
+        if x.sampling_weight is not None:
+            log_w = log_w + (torch.log(x.sampling_weight).clamp(floor, 20.0) * x.mask).sum(-1, keepdim=True)
+        log_w = log_w.clamp(floor, 20.0)
+        nonneg = x.adv >= 0  # (B, 1)
+        k = torch.where(nonneg, log_w.new_tensor(config.vespo_k_pos), log_w.new_tensor(config.vespo_k_neg))
+        lam = torch.where(
+            nonneg, log_w.new_tensor(config.vespo_lambda_pos), log_w.new_tensor(config.vespo_lambda_neg)
+        ).clamp_min(1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    never = torch.zeros_like(x.ratio, dtype=torch.bool)
+    return Surrogate(-phi * x.adv * x.logp, never, never)

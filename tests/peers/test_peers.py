@@ -35,7 +35,7 @@ def test_every_peer_preset_is_registered():
 
 
 def test_issue_lists_every_peer_option():
-    trl = {f"trl.{t}" for t in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")}
+    trl = {f"trl.{t}" for t in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo")}
     verl = {f"verl.{m}" for m in ("vanilla", "gspo", "cispo", "sapo", "grpo", "dr_grpo")}
     assert trl | verl | {"oat.grpo", "oat.drgrpo"} == set(peers.PEER_PRESETS)
 

@@ -370,3 +370,25 @@ def test_a_reader_that_stops_reading_loses_only_the_output(tmp_path: Path) -> No
     assert read_state(find_checkpoint(run))["step"] == 2
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(x["step"], "reward" in x) for x in lines] == [(0, False), (1, True), (1, False), (2, True), (2, False)]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--sampling-correction", "token_truncate", "--sampling-clip-max", "2"],
+            "--sampling-correction 'token_truncate' needs a separate sampler's log-probs",
+        ),
+        (["--top-entropy-quantile", "0.5"], "--top-entropy-quantile 0.5 needs per-token entropies"),
+        (["--entropy-coef", "0.01"], "--entropy-coef 0.01 needs per-token entropies"),
+    ],
+    ids=["sampling-correction", "entropy-mask", "entropy-bonus"],
+)
+def test_loss_options_whose_inputs_the_trainer_does_not_make(
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], message: str
+) -> None:
+    # the loss flags mirror every LossConfig field; these three read inputs (a sampler's log-probs, entropies) that
+    # drgrpo train does not make: refused before any work instead of an error at the first loss call
+    line = refused(capsys, tmp_path / "out", "--steps", "1", *args)
+    assert message in line
+    assert not (tmp_path / "out").exists()
