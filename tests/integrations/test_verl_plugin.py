@@ -228,6 +228,41 @@ def test_dr_grpo_without_a_constant_length_is_an_error():
     assert messages["dr_grpo_with_L"] is None
 
 
+def test_twins_of_verl_modes_follow_loss_agg_mode():
+    # drgrpo.verl.<mode> against verl's <mode>, both through ppo_loss on the same batch, for every loss_agg_mode:
+    # the same loss and gradient (verl's sapo forces seq-mean-token-mean and so does its twin); without
+    # loss_scale_factor, seq-mean-token-sum-norm is refused (verl divides by each micro-batch's padded width)
+    cases = live()["twins"]["cases"]
+    assert {c["mode"] for c in cases} == {"vanilla", "gspo", "cispo", "sapo"} and len(cases) == 24
+    for case in cases:
+        verl, ours = case["verl"], case["ours"]
+        needs_l = case["agg"] == "seq-mean-token-sum-norm" and case["scale"] is None and case["mode"] != "sapo"
+        if needs_l:
+            assert "loss_scale_factor is not set" in ours["error"], case
+            continue
+        torch.testing.assert_close(ours["loss"], verl["loss"], rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(ours["grad"], verl["grad"], rtol=1e-13, atol=1e-17)
+    # the aggregations really differ: token-sum vs token-mean of vanilla
+    by = {(c["mode"], c["agg"], c["scale"]): c["verl"] for c in cases}
+    ratio = float(by[("vanilla", "token-sum", None)]["loss"] / by[("vanilla", "token-mean", None)]["loss"])
+    assert abs(ratio - 1) > 1.0, ratio
+
+
+def test_core_presets_refuse_a_contradicting_loss_agg_mode():
+    messages = live()["errors"]
+    for key, mode, own, given in (
+        ("dr_grpo_token_mean", "drgrpo.dr_grpo", "seq-mean-token-sum-norm", "token-mean"),
+        ("grpo_token_sum", "drgrpo.grpo", "seq-mean-token-mean", "token-sum"),
+        ("verl_dr_grpo_token_mean", "drgrpo.verl.dr_grpo", "seq-mean-token-sum-norm", "token-mean"),
+    ):
+        message = messages[key]
+        assert message.startswith(f"ValueError: loss_mode {mode} aggregates with '{own}'"), message
+        assert f"loss_agg_mode is '{given}'" in message and f"set loss_agg_mode={own}" in message
+        assert "\n" not in message
+    assert "loss_mode drgrpo.verl.vanilla (seq-mean-token-sum-norm)" in messages["twin_sum_norm_without_L"]
+    assert "loss_scale_factor is not set" in messages["twin_sum_norm_without_L"]
+
+
 def test_other_misuse_is_reported():
     messages = live()["errors"]
     assert "one advantage per completion" in messages["token_level_advantages"]

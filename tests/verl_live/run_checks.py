@@ -228,6 +228,7 @@ def rollout_correction() -> dict:
     batch = ragged(8, 6, seed=4)
     info = {"dp_size": 2, "batch_num_tokens": int(batch["mask"].sum()) + 11, "global_batch_size": 8 + 5}
     gspo = actor_config("gspo", loss_agg_mode="seq-mean-token-mean")
+    ours_gspo = actor_config("drgrpo.gspo", loss_agg_mode="seq-mean-token-mean")
     return {
         "batch": batch,
         "info": info,
@@ -237,27 +238,48 @@ def rollout_correction() -> dict:
         "drgrpo.bnpo_plain": call_ppo_loss(actor_config("drgrpo.bnpo"), batch, info),
         # GSPO: verl's gspo and drgrpo.gspo with the same aggregation, with and without IS weights
         "gspo": call_ppo_loss(gspo, batch, info, is_weights=True),
-        "drgrpo.gspo": call_ppo_loss(actor_config("drgrpo.gspo"), batch, info, is_weights=True),
+        "drgrpo.gspo": call_ppo_loss(ours_gspo, batch, info, is_weights=True),
         "gspo_plain": call_ppo_loss(gspo, batch, info),
-        "drgrpo.gspo_plain": call_ppo_loss(actor_config("drgrpo.gspo"), batch, info),
+        "drgrpo.gspo_plain": call_ppo_loss(ours_gspo, batch, info),
     }
+
+
+def twins_follow_loss_agg_mode() -> dict:
+    """verl's own loss modes and their drgrpo.verl.<mode> twins through ppo_loss, every loss_agg_mode (and L)."""
+    batch = ragged(12, 9, seed=13)
+    info = {"dp_size": 2, "batch_num_tokens": int(batch["mask"].sum()) + 29, "global_batch_size": 12 + 7}
+    cases = []
+    for mode in BUILTIN_MODES:
+        for agg in AGG_MODES:
+            for scale in (None, 20) if agg == "seq-mean-token-sum-norm" else (None,):
+                out = {}
+                for name in (mode, f"drgrpo.verl.{mode}"):
+                    cfg = actor_config(name, loss_agg_mode=agg, loss_scale_factor=scale)
+                    try:
+                        out[name] = call_ppo_loss(cfg, batch, info)
+                    except ValueError as err:
+                        out[name] = {"error": f"ValueError: {err}"}
+                ours = out[f"drgrpo.verl.{mode}"]
+                cases.append({"mode": mode, "agg": agg, "scale": scale, "verl": out[mode], "ours": ours})
+    return {"batch": batch, "info": info, "cases": cases}
 
 
 # (preset, verl actor settings) per split check; verl's defaults otherwise (clip_ratio* 0.2, clip_ratio_c 3)
 SPLIT_CASES = {
-    "dr_grpo": ("dr_grpo", {"loss_scale_factor": 16}),
-    "grpo": ("grpo", {}),
+    "dr_grpo": ("dr_grpo", {"loss_scale_factor": 16, "loss_agg_mode": "seq-mean-token-sum-norm"}),
+    "grpo": ("grpo", {"loss_agg_mode": "seq-mean-token-mean"}),
     "dapo": ("dapo", {"clip_ratio_high": 0.28}),
     "bnpo": ("bnpo", {}),
-    "gspo": ("gspo", {}),
+    "gspo": ("gspo", {"loss_agg_mode": "seq-mean-token-mean"}),
     "cispo": ("cispo", {"clip_ratio_low": 1.0, "clip_ratio_high": 4.0}),
     "sapo": ("sapo", {}),
     # the mapping table's other rows: taus, no dual clip, the symmetric clip_ratio fallback, L for oat.drgrpo
     "sapo_taus": ("sapo", {"tau_pos": 1.3, "tau_neg": 0.9}),
-    "grpo_no_dual_clip": ("grpo", {"clip_ratio_c": None}),
+    "grpo_no_dual_clip": ("grpo", {"clip_ratio_c": None, "loss_agg_mode": "seq-mean-token-mean"}),
     "dr_grpo_clip_ratio": (
         "dr_grpo",
         {
+            "loss_agg_mode": "seq-mean-token-sum-norm",
             "loss_scale_factor": 20,
             "clip_ratio": 0.1,
             "clip_ratio_low": None,
@@ -265,7 +287,7 @@ SPLIT_CASES = {
             "clip_ratio_c": 5.0,
         },
     ),
-    "oat_drgrpo_default_L": ("oat.drgrpo", {}),
+    "oat_drgrpo_default_L": ("oat.drgrpo", {"loss_agg_mode": "seq-mean-token-sum-norm"}),
     # grpo's k3 KL (beta 0.04) through verl's own KL settings, aggregated like the preset's surrogate
     "grpo_with_verl_kl": (
         "grpo",
@@ -344,15 +366,21 @@ def errors() -> dict:
         cfg.global_batch_info.update(info)
         a = batch["adv"].unsqueeze(-1) * batch["mask"] if adv is None else adv
         return core_algos.get_policy_loss_fn(mode)(
-            batch["old"], batch["logp"], a, batch["mask"].bool(), "token-mean", cfg
+            batch["old"], batch["logp"], a, batch["mask"].bool(), cfg.loss_agg_mode, cfg
         )
 
     attempt("empty_info", lambda: with_info({}))
     for key in plugin.REQUIRED_BATCH_INFO:
         attempt(f"missing_{key}", lambda k=key: with_info({kk: v for kk, v in full.items() if kk != k}))
     attempt("none_global_batch_size", lambda: with_info({**full, "global_batch_size": None}))
-    attempt("dr_grpo_without_L", lambda: with_info(full, "drgrpo.dr_grpo"))
-    attempt("dr_grpo_with_L", lambda: with_info(full, "drgrpo.dr_grpo", loss_scale_factor=8))
+    sum_norm = "seq-mean-token-sum-norm"
+    attempt("dr_grpo_without_L", lambda: with_info(full, "drgrpo.dr_grpo", loss_agg_mode=sum_norm))
+    attempt("dr_grpo_with_L", lambda: with_info(full, "drgrpo.dr_grpo", loss_scale_factor=8, loss_agg_mode=sum_norm))
+    # a core preset's own aggregation against verl's loss_agg_mode (verl's default token-mean here)
+    attempt("dr_grpo_token_mean", lambda: with_info(full, "drgrpo.dr_grpo", loss_scale_factor=8))
+    attempt("grpo_token_sum", lambda: with_info(full, "drgrpo.grpo", loss_agg_mode="token-sum"))
+    attempt("verl_dr_grpo_token_mean", lambda: with_info(full, "drgrpo.verl.dr_grpo", loss_scale_factor=8))
+    attempt("twin_sum_norm_without_L", lambda: with_info(full, "drgrpo.verl.vanilla", loss_agg_mode=sum_norm))
     token_adv = batch["adv"].unsqueeze(-1) * batch["mask"] + 0.01 * batch["mask"].cumsum(-1)  # GAE-like
     attempt("token_level_advantages", lambda: with_info(full, adv=token_adv))
     attempt("bad_clip_ratio_c", lambda: with_info(full, clip_ratio_c=0.5))
@@ -403,6 +431,7 @@ def main(path: str) -> None:
         "split": plugin_split(),
         "padding": builtin_dr_grpo_padding(),
         "errors": errors(),
+        "twins": twins_follow_loss_agg_mode(),
         "advantages": advantages(),
     }
     torch.save(results, path)

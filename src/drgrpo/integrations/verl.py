@@ -34,16 +34,11 @@ verl ``actor_rollout_ref.actor.`` setting       drgrpo ``LossConfig`` field
                                                 ``global_batch_size``)
 =============================================  ==================================================================
 
-Ignored: ``loss_agg_mode`` (the preset's aggregation is the loss; verl's KL and entropy terms still use
-``loss_agg_mode``) and the preset's ``beta`` (the KL term is verl's own: ``use_kl_loss``, ``kl_loss_coef``,
-``kl_loss_type``, added outside the policy loss). A preset's KL term through verl: ``use_kl_loss=True``,
-``kl_loss_coef=beta``, ``kl_loss_type`` = the preset's estimator (verl's ``k3`` is the clamped
-``low_var_kl``), and ``loss_agg_mode`` = the preset's aggregation, so the KL term has the same weights
-(``grpo``: 0.04, ``k3``, ``seq-mean-token-mean``). Advantages come from verl's estimator
-(``algorithm.adv_estimator=grpo`` with ``norm_adv_by_std_in_grpo=False`` is Dr. GRPO's ``r - mean``) and
-must be one value per completion. With rollout correction weights, the sequence-ratio presets (``gspo``)
-give each completion the same summed gradient as verl's ``gspo`` but spread it evenly over its tokens
-(GSPO), where verl puts each token's weight on that token (GSPO-token).
+``loss_agg_mode``: a ``drgrpo.verl.<mode>`` twin aggregates with it, as verl's ``<mode>`` does; every other
+preset has its own aggregation, and a different ``loss_agg_mode`` is a ValueError naming both (docs/verl.md).
+The preset's ``beta`` is not applied: the KL term is verl's own (``use_kl_loss``, ``kl_loss_coef``,
+``kl_loss_type``), added outside the policy loss with ``loss_agg_mode``'s weights. Advantages come from
+verl's estimator and must be one value per completion. docs/verl.md lists every other setting.
 """
 
 from __future__ import annotations
@@ -71,6 +66,7 @@ __all__ = [
     "LOSS_PREFIX",
     "REQUIRED_BATCH_INFO",
     "completion_advantages",
+    "follows_loss_agg_mode",
     "loss_config",
     "make_policy_loss",
     "register_losses",
@@ -85,19 +81,39 @@ REQUIRED_BATCH_INFO = ("dp_size", "batch_num_tokens", "global_batch_size")
 
 _NEEDS_L = ("seq-mean-token-sum-norm", "token-sum-norm")
 
+VERL_LOSS_MODES = ("vanilla", "gspo", "sapo", "cispo")
+"""verl's own loss modes that drgrpo has a ``verl.<mode>`` twin of: those twins aggregate with ``loss_agg_mode``."""
 
-def loss_config(preset: str, actor: Mapping[str, Any]) -> LossConfig:
+VERL_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+"""verl 0.9.1's ``loss_agg_mode`` values (``verl.trainer.ppo.core_algos.agg_loss``)."""
+
+
+def follows_loss_agg_mode(preset: str) -> bool:
+    """True for the twins of verl's own loss modes (``verl.vanilla``, ...), which aggregate as ``loss_agg_mode``
+    says; every other preset (``dr_grpo``, ``verl.dr_grpo``, ...) has its own aggregation."""
+    return preset.startswith("verl.") and preset.removeprefix("verl.") in VERL_LOSS_MODES
+
+
+def loss_config(preset: str, actor: Mapping[str, Any], loss_agg_mode: str | None = None) -> LossConfig:
     """The preset with verl's overlapping settings applied (the module docstring's table), ``beta = 0``.
 
     Args:
         preset: a drgrpo preset name, e.g. ``"dr_grpo"``.
         actor: verl's actor config (``ActorConfig`` or an omegaconf ``DictConfig``; read with ``.get``).
+        loss_agg_mode: the aggregation verl passes to the policy loss (default: ``actor.loss_agg_mode``, verl's
+            own default ``"token-mean"``). A twin of a verl loss mode (:func:`follows_loss_agg_mode`) takes it as
+            its aggregation; any other preset must already aggregate that way.
 
     Raises:
-        ValueError: when the preset divides by a constant L and ``loss_scale_factor`` is unset, or when a
-            verl setting is not a valid value of the drgrpo field it maps to (both named).
+        ValueError: a ``loss_agg_mode`` that contradicts the preset's aggregation (both named), a preset that
+            divides by a constant L with ``loss_scale_factor`` unset, or a verl setting that is not a valid value
+            of the drgrpo field it maps to (both named).
     """
     base = preset_config(preset)
+    mode = LOSS_PREFIX + preset
+    agg_mode = actor.get("loss_agg_mode", "token-mean") if loss_agg_mode is None else loss_agg_mode
+    if agg_mode not in VERL_AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {', '.join(VERL_AGG_MODES)} (verl 0.9.1's); got {agg_mode!r}")
 
     def clip(field: str) -> tuple[str, Any]:
         value = actor.get(field)
@@ -114,10 +130,21 @@ def loss_config(preset: str, actor: Mapping[str, Any]) -> LossConfig:
         mapped["dual_clip"] = ("clip_ratio_c", actor.get("clip_ratio_c"))
     if actor.get("loss_scale_factor") is not None:
         mapped["max_completion_length"] = ("loss_scale_factor", actor.get("loss_scale_factor"))
-    aggregation = base.effective_aggregation
+    if follows_loss_agg_mode(preset):
+        mapped["aggregation"] = ("loss_agg_mode", agg_mode)  # verl's sapo still forces seq-mean-token-mean
+        aggregation = base.forced_aggregation or agg_mode
+    elif agg_mode != base.effective_aggregation:
+        raise ValueError(
+            f"loss_mode {mode} aggregates with {base.effective_aggregation!r}, but "
+            f"actor_rollout_ref.actor.loss_agg_mode is {agg_mode!r}: set loss_agg_mode={base.effective_aggregation} "
+            "(verl's KL and entropy terms then have the loss's weights), or use a drgrpo.verl.<mode> loss, which "
+            "follows loss_agg_mode"
+        )
+    else:
+        aggregation = base.effective_aggregation
     if aggregation in _NEEDS_L and "max_completion_length" not in mapped and base.max_completion_length is None:
         raise ValueError(
-            f"loss_mode {LOSS_PREFIX}{preset} ({aggregation}) divides by a constant L, and "
+            f"loss_mode {mode} ({aggregation}) divides by a constant L, and "
             "actor_rollout_ref.actor.loss_scale_factor is not set: set it to the generation budget (e.g. "
             "data.max_response_length). verl's own default, the padded width of each micro-batch, changes "
             "with the padding and is not used"
@@ -128,7 +155,7 @@ def loss_config(preset: str, actor: Mapping[str, Any]) -> LossConfig:
         return base.replace(beta=0.0, **overrides)
     except (TypeError, ValueError) as err:
         settings = ", ".join(f"{verl}={value!r} -> {field}" for field, (verl, value) in mapped.items())
-        raise ValueError(f"verl actor config for loss_mode {LOSS_PREFIX}{preset} ({settings}): {err}") from err
+        raise ValueError(f"verl actor config for loss_mode {mode} ({settings}): {err}") from err
 
 
 def step_normalizer(batch_info: Mapping[str, Any] | None, config: LossConfig) -> StepNormalizer:
@@ -207,12 +234,12 @@ def make_policy_loss(preset: str) -> Callable[..., tuple[Tensor, dict[str, Any]]
     ) -> tuple[Tensor, dict[str, Any]]:
         """drgrpo preset ``{preset}`` as a verl policy loss: ``(B, T)`` inputs, ``(pg_loss, metrics)`` out.
 
-        ``loss_agg_mode`` is ignored (the preset's aggregation applies); ``config`` is verl's actor config.
+        ``loss_agg_mode`` is the aggregation of a ``verl.<mode>`` twin, and must equal any other preset's;
+        ``config`` is verl's actor config.
         """
-        del loss_agg_mode  # the preset's aggregation is the loss (verl's KL term still reads it)
         if config is None:
             raise ValueError(f"loss_mode {LOSS_PREFIX}{preset} needs verl's actor config (config=None was passed)")
-        cfg = loss_config(preset, config)
+        cfg = loss_config(preset, config, loss_agg_mode)
         norm = step_normalizer(config.get("global_batch_info"), cfg)
         mask = response_mask
         adv = completion_advantages(advantages, mask)  # (B,)
