@@ -78,6 +78,76 @@ def config_advantages(rewards: ArrayLike, group_size: int, config: LossConfig) -
     )
 
 
+def outcome_advantages(
+    rewards: ArrayLike,
+    group_size: int,
+    estimator: str,
+    *,
+    lengths: ArrayLike | None = None,
+    std: str = "group",
+    unbiased: bool = True,
+    eps: float = 1e-6,
+) -> np.ndarray:
+    """verl's outcome estimators, one group at a time (``grpo`` is :func:`group_advantages`, not here).
+
+    A group of one has mean 0. ``std``/``unbiased``/``eps`` are read by ``grpo_passk`` only.
+    """
+    r = [float(v) for v in np.asarray(rewards, dtype=np.float64)]
+    n = len(r)
+    assert n % group_size == 0
+    tokens = [0.0] * n if lengths is None else [float(v) for v in np.asarray(lengths)]
+    groups = [list(range(s, s + group_size)) for s in range(0, n, group_size)]
+
+    def mean_of(members: list[int]) -> float:
+        return sum(r[i] for i in members) / len(members) if len(members) > 1 else 0.0
+
+    out = [0.0] * n
+    if estimator == "rloo":
+        for members in groups:
+            g = len(members)
+            for i in members:
+                out[i] = (r[i] - mean_of(members)) * g / (g - 1) if g > 1 else r[i]
+    elif estimator == "opo":
+        for members in groups:
+            weight = sum(tokens[i] for i in members)
+            if len(members) == 1:
+                baseline = 0.0
+            elif weight > 0:
+                baseline = sum(tokens[i] * r[i] for i in members) / weight
+            else:
+                baseline = mean_of(members)
+            for i in members:
+                out[i] = r[i] - baseline
+    elif estimator == "gpg":
+        alpha = n / max(sum(1 for v in r if v != 0), 1)
+        for members in groups:
+            for i in members:
+                out[i] = alpha * (r[i] - mean_of(members))
+    elif estimator == "reinforce_plus_plus_baseline":
+        centered = [0.0] * n
+        for members in groups:
+            for i in members:
+                centered[i] = r[i] - mean_of(members)
+        total = sum(tokens)
+        mu = sum(tokens[i] * centered[i] for i in range(n)) / total
+        var = sum(tokens[i] * (centered[i] - mu) ** 2 for i in range(n)) / (total - 1)
+        out = [(c - mu) / math.sqrt(var + 1e-8) for c in centered]
+    elif estimator == "grpo_passk":
+        for members in groups:
+            assert len(members) >= 2
+            ranked = sorted(members, key=lambda i: -r[i])
+            gap = r[ranked[0]] - r[ranked[1]]
+            if std == "group":
+                mu = sum(r[i] for i in members) / len(members)
+                ddof = 1 if unbiased else 0
+                spread = math.sqrt(sum((r[i] - mu) ** 2 for i in members) / (len(members) - ddof))
+                gap = gap / (spread + eps)
+            out[ranked[0]] = gap
+    else:
+        raise ValueError(estimator)
+    return np.array(out)
+
+
 # --------------------------------------------------------------------------- per-token terms
 def kl(logp: float, ref: float, kind: str) -> float:
     """One token's KL estimate; ``d = logp - ref``."""

@@ -208,3 +208,73 @@ def test_norm_adv_by_std_false_is_the_papers_advantage():
     single = results[("torch.float64", "singleton")]
     assert group_advantages(single["rewards"], 1, LossConfig.preset("dr_grpo", max_completion_length=1)).eq(0).all()
     assert single["adv"].ne(0).all()
+
+
+# --------------------------------------------------------------------------- outcome advantage estimators
+
+ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus_baseline", "opo", "grpo_passk", "gpg")
+# verl's own rounding, measured and explained (relative to the largest |A|; 0 where not listed):
+# rpp: verl's masked_mean divides by (tokens + 1e-8); gpg: verl's alpha = N / count_nonzero is float32;
+# grpo with std on groups of one: verl divides by float32 (1.0 + 1e-6)
+ESTIMATOR_RTOL = {"reinforce_plus_plus_baseline": 1e-9, "gpg": 1e-7}
+
+
+@pytest.mark.parametrize("layout", ["groups", "singletons"])
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_outcome_estimators_through_verls_call(name, layout, record):
+    # verl's `name` and drgrpo.<name> (registered by the entry point) called as verl's trainer calls them, on the
+    # same token-level rewards: interleaved uids, ragged lengths, zero rewards, a tie, an equal-reward prompt
+    block = live()["estimators"]
+    assert block["registered"] == sorted(f"drgrpo.{n}" for n in ESTIMATORS)
+    data = block[layout]
+    mask = data["mask"]
+    for case in (c for c in data["cases"] if c["name"] == name):
+        verl, ours = case["verl"], case["ours"]
+        if "error" in verl:  # grpo_passk on groups of one: both refuse
+            assert layout == "singletons" and name == "grpo_passk"
+            assert "group_size must be >= 2" in ours["error"]
+            continue
+        rtol = ESTIMATOR_RTOL.get(name, 1e-7 if (name, layout, case["norm"]) == ("grpo", "singletons", True) else 0)
+        scale = float(verl["adv"].abs().max())
+        label = f"drgrpo.{name}" + (" (no std)" if name in ("grpo", "grpo_passk") and not case["norm"] else "")
+        record(label, PEER, f"advantages, {layout}", ours["adv"], verl["adv"])
+        torch.testing.assert_close(ours["adv"], verl["adv"], rtol=0, atol=rtol * scale + 1e-15)
+        torch.testing.assert_close(ours["returns"], ours["adv"], rtol=0, atol=0)
+        assert torch.equal(ours["adv"] * (1 - mask), torch.zeros_like(mask))  # 0 on padding, as verl's
+        assert scale > 0.1
+
+
+def test_verl_estimators_refuse_prompts_with_different_group_sizes():
+    message = live()["estimators"]["uneven_groups"]
+    assert message == (
+        "ValueError: adv_estimator drgrpo.rloo needs every prompt to have the same number of completions; "
+        "got group sizes [2, 3]"
+    )
+
+
+def test_outcome_estimators_match_the_float64_oracle():
+    # drgrpo.outcome_advantages against reference.outcome_advantages (plain loops), contiguous groups of 1, 2, 5
+    from drgrpo import reference
+    from drgrpo.advantages import OUTCOME_ESTIMATORS, outcome_advantages
+
+    g = torch.Generator().manual_seed(3)
+    for group_size in (1, 2, 5):
+        rewards = torch.rand(20, generator=g, dtype=torch.float64)
+        rewards[::3] = 0.0
+        lengths = torch.randint(1, 9, (20,), generator=g)
+        for std in ("group", "none"):
+            config = LossConfig(advantage_std=std, std_eps=1e-6)
+            for name in OUTCOME_ESTIMATORS[1:]:
+                if name == "grpo_passk" and group_size == 1:
+                    with pytest.raises(ValueError, match="group_size must be >= 2"):
+                        outcome_advantages(rewards, 1, config, name)
+                    continue
+                got = outcome_advantages(rewards, group_size, config, name, lengths=lengths)
+                want = reference.outcome_advantages(
+                    rewards.numpy(), group_size, name, lengths=lengths.numpy(), std=std, eps=1e-6
+                )
+                torch.testing.assert_close(got, torch.from_numpy(want), rtol=1e-14, atol=1e-15)
+    with pytest.raises(ValueError, match="pass lengths"):
+        outcome_advantages(torch.zeros(4), 2, LossConfig(), "opo")
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        outcome_advantages(torch.zeros(4), 2, LossConfig(), "remax")

@@ -420,6 +420,68 @@ def advantages() -> dict:
     return out
 
 
+ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus_baseline", "opo", "grpo_passk", "gpg")
+
+
+def estimators() -> dict:
+    """verl's outcome estimators and drgrpo.<name>, each called as verl's trainer calls it (``compute_advantage``).
+
+    Layouts: 5 prompts x 4 completions with interleaved uids, ragged lengths (1..9 tokens), zero rewards (gpg's
+    alpha), a tie at the top (grpo_passk) and an equal-reward prompt; and 6 prompts of one completion each.
+    """
+    from verl.trainer.config import AlgoConfig
+
+    def compute_advantage(scores, mask, index, est, norm):
+        # verl.trainer.ppo.ray_trainer.compute_advantage's two outcome branches (that module needs cachetools,
+        # which verl 0.9.1 does not install): "grpo" gets norm_adv_by_std_in_grpo as an argument; any other
+        # name is looked up in the registry and called with token_level_rewards, response_mask, config, index
+        cfg = AlgoConfig(adv_estimator=est, norm_adv_by_std_in_grpo=norm)
+        if est == "grpo":
+            return core_algos.compute_grpo_outcome_advantage(
+                token_level_rewards=scores, response_mask=mask, index=index, norm_adv_by_std_in_grpo=norm
+            )
+        fn = core_algos.get_adv_estimator_fn(est)
+        return fn(token_level_rewards=scores, response_mask=mask, config=cfg, index=index)
+
+    g = torch.Generator().manual_seed(14)
+    rows, width = 20, 9
+    rewards = torch.rand(rows, generator=g, dtype=F64)
+    uids = np.array([f"p{i % 5}" for i in range(rows)], dtype=object)  # prompt k: rows k, k + 5, k + 10, k + 15
+    rewards[[0, 5]] = 0.0  # zero rewards
+    rewards[[1, 6]] = 0.9  # prompt 1: a tie for the best reward (with rows 11, 16 lower)
+    rewards[[11, 16]] = 0.2
+    rewards[[2, 7, 12, 17]] = 0.3  # prompt 2: equal rewards
+    layouts = {
+        "groups": (rewards, uids, 1 + (width * torch.rand(rows, generator=g)).long().clamp(max=width - 1)),
+        "singletons": (rewards[:6], np.array([f"s{i}" for i in range(6)], dtype=object), torch.arange(1, 7)),
+    }
+    out = {}
+    for layout, (r, index, lengths) in layouts.items():
+        mask = (torch.arange(width) < lengths.unsqueeze(1)).to(F64)
+        scores = torch.zeros(len(r), width, dtype=F64)
+        scores[torch.arange(len(r)), lengths - 1] = r  # verl puts the outcome reward on the last real token
+        cases = []
+        for name in ESTIMATORS:
+            for norm in (True, False):
+                got = {}
+                for est in (name, f"drgrpo.{name}"):
+                    try:
+                        adv, returns = compute_advantage(scores.clone(), mask.clone(), index, est, norm)
+                        got[est] = {"adv": adv, "returns": returns}
+                    except ValueError as err:
+                        got[est] = {"error": f"ValueError: {err}"}
+                cases.append({"name": name, "norm": norm, "verl": got[name], "ours": got[f"drgrpo.{name}"]})
+        out[layout] = {"rewards": r, "uids": list(index), "mask": mask, "cases": cases}
+    out["registered"] = sorted(k for k in core_algos.ADV_ESTIMATOR_REGISTRY if k.startswith("drgrpo."))
+    try:  # prompts with different numbers of completions
+        uneven = np.array(["a", "a", "a", "b", "b"], dtype=object)
+        compute_advantage(torch.ones(5, 2, dtype=F64), torch.ones(5, 2, dtype=F64), uneven, "drgrpo.rloo", True)
+        out["uneven_groups"] = None
+    except ValueError as err:
+        out["uneven_groups"] = f"ValueError: {err}"
+    return out
+
+
 def main(path: str) -> None:
     torch.set_num_threads(1)
     results = {
@@ -432,6 +494,7 @@ def main(path: str) -> None:
         "padding": builtin_dr_grpo_padding(),
         "errors": errors(),
         "twins": twins_follow_loss_agg_mode(),
+        "estimators": estimators(),
         "advantages": advantages(),
     }
     torch.save(results, path)

@@ -49,13 +49,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from drgrpo.advantages import OUTCOME_ESTIMATORS, outcome_advantages
 from drgrpo.aggregation import token_weights
 from drgrpo.config import LossConfig, preset_config, preset_names
 from drgrpo.loss import PerTokenLoss, loss_metrics, per_token_loss, validate_inputs
 from drgrpo.normalizer import StepNormalizer
 
 try:
-    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_loss
+    from verl.trainer.ppo.core_algos import (
+        ADV_ESTIMATOR_REGISTRY,
+        POLICY_LOSS_REGISTRY,
+        register_adv_est,
+        register_policy_loss,
+    )
 except ImportError as err:  # pragma: no cover - exercised in the main environment, where verl is absent
     raise ImportError(
         "drgrpo.integrations.verl needs verl (>=0.9.1,<0.10): pip install 'drgrpo[verl]'; "
@@ -68,7 +74,9 @@ __all__ = [
     "completion_advantages",
     "follows_loss_agg_mode",
     "loss_config",
+    "make_advantage_estimator",
     "make_policy_loss",
+    "register_estimators",
     "register_losses",
     "step_normalizer",
 ]
@@ -303,5 +311,89 @@ def register_losses(names: Iterable[str] | None = None) -> list[str]:
     return registered
 
 
+def make_advantage_estimator(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
+    """verl's advantage-estimator function for drgrpo's estimator ``name`` (:func:`drgrpo.outcome_advantages`).
+
+    verl calls it as ``fn(token_level_rewards=(B, T), response_mask=(B, T), config=algorithm, index=uids)``;
+    the reward of completion i is the sum of its row, its length the row's mask sum, its group the rows with the
+    same ``index`` (any order; every group must have the same size). ``norm_adv_by_std_in_grpo`` (an argument,
+    else ``config``'s, default True) chooses the std of ``grpo`` and ``grpo_passk``; ``epsilon`` (1e-6) is added to
+    it. Returns ``(advantages, returns)``, both the ``(B,)`` advantages broadcast over the real tokens.
+    """
+    if name not in OUTCOME_ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}; drgrpo has {', '.join(OUTCOME_ESTIMATORS)}")
+
+    def estimator(
+        token_level_rewards: Tensor,
+        response_mask: Tensor,
+        index: Any = None,
+        epsilon: float = 1e-6,
+        norm_adv_by_std_in_grpo: bool | None = None,
+        config: Any = None,
+        **_: Any,
+    ) -> tuple[Tensor, Tensor]:
+        if index is None:
+            raise ValueError(
+                f"adv_estimator {LOSS_PREFIX}{name} groups completions by prompt: verl passed no index (uid)"
+            )
+        norm = norm_adv_by_std_in_grpo
+        if norm is None:
+            norm = True if config is None else bool(config.get("norm_adv_by_std_in_grpo", True))
+        order, group_size = _group_order(index, name)
+        rewards = token_level_rewards.sum(-1)[order]  # (B,) groups contiguous
+        lengths = response_mask.sum(-1)[order]
+        cfg = LossConfig(
+            advantage_std="group" if norm else "none", std_unbiased=True, std_eps=epsilon, singleton_advantage="reward"
+        )
+        with torch.no_grad():
+            grouped = outcome_advantages(rewards, group_size, cfg, name, lengths=lengths)  # (B,)
+            adv = torch.empty_like(grouped).index_put_((order,), grouped)
+            scores = adv.unsqueeze(-1) * response_mask
+        return scores, scores
+
+    estimator.__name__ = estimator.__qualname__ = f"drgrpo_{name}_advantage"
+    estimator.drgrpo_estimator = name  # type: ignore[attr-defined]
+    return estimator
+
+
+def _group_order(index: Any, name: str) -> tuple[Tensor, int]:
+    """Row order that makes verl's groups (equal ``index`` values) contiguous, and the common group size."""
+    members: dict[Any, list[int]] = {}
+    for row, uid in enumerate(list(index)):
+        members.setdefault(uid, []).append(row)
+    sizes = sorted({len(rows) for rows in members.values()})
+    if len(sizes) != 1:
+        raise ValueError(
+            f"adv_estimator {LOSS_PREFIX}{name} needs every prompt to have the same number of completions; "
+            f"got group sizes {sizes}"
+        )
+    order = torch.tensor([row for rows in members.values() for row in rows], dtype=torch.long)
+    return order, sizes[0]
+
+
+def register_estimators() -> list[str]:
+    """Register ``drgrpo.<name>`` in verl's advantage-estimator registry for each outcome estimator; returns them.
+
+    Chosen with ``algorithm.adv_estimator=drgrpo.<name>``. A name verl already holds for another function raises
+    a ValueError.
+    """
+    registered = []
+    for name in OUTCOME_ESTIMATORS:
+        key = LOSS_PREFIX + name
+        held = ADV_ESTIMATOR_REGISTRY.get(key)
+        if held is not None and getattr(held, "drgrpo_estimator", None) != name:
+            raise ValueError(f"verl already has an advantage estimator {key!r} ({held!r}); not replacing it")
+        fn = make_advantage_estimator(name)
+        if held is None:
+            register_adv_est(key)(fn)
+        else:
+            ADV_ESTIMATOR_REGISTRY[key] = fn  # our own, registered again (verl's decorator refuses a new object)
+        registered.append(key)
+    return registered
+
+
 REGISTERED: list[str] = register_losses()
 """The loss modes registered when verl imported this module."""
+
+REGISTERED_ESTIMATORS: list[str] = register_estimators()
+"""The advantage estimators registered when verl imported this module."""
