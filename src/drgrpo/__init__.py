@@ -4,8 +4,9 @@ Notation used throughout: B completions, T completion tokens, G completions per 
 N = B*T tokens, V vocabulary size, H hidden size, L the constant length normaliser of Dr. GRPO.
 """
 
-# drgrpo.presets and drgrpo.peers register the named presets when imported (the registry is in drgrpo.config).
-from drgrpo import peers, presets  # noqa: F401
+# drgrpo.presets and drgrpo.peers register the named presets when imported (the registry is in drgrpo.config),
+# drgrpo.surrogates the surrogates (drgrpo.registry).
+from drgrpo import peers, presets, surrogates  # noqa: F401
 from drgrpo.advantages import group_advantages
 from drgrpo.aggregation import token_weights
 from drgrpo.config import LossConfig, preset_names, register_preset

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from drgrpo.field_error import FieldError
+from drgrpo.registry import SURROGATES
 
-Surrogate = Literal["ppo", "cispo", "sapo"]
 RatioLevel = Literal["token", "sequence"]
 KLKind = Literal["k1", "k2", "k3", "low_var_kl", "abs"]
 Aggregation = Literal[
@@ -33,7 +33,6 @@ AdvantageStd = Literal["group", "batch", "none"]
 SingletonAdvantage = Literal["zero", "reward"]
 NanRewards = Literal["error", "ignore"]
 
-SURROGATES: tuple[str, ...] = ("ppo", "cispo", "sapo")
 RATIO_LEVELS: tuple[str, ...] = ("token", "sequence")
 KL_KINDS: tuple[str, ...] = ("k1", "k2", "k3", "low_var_kl", "abs")
 AGGREGATIONS: tuple[str, ...] = (
@@ -56,9 +55,10 @@ class LossConfig:
     which has no universal value (use ``LossConfig.preset("dr_grpo", max_completion_length=L)``).
     """
 
-    surrogate: Surrogate = "ppo"
-    """Per-token surrogate: ppo, the clipped importance ratio; cispo, a clipped stop-gradient weight on the
-    log-prob; sapo, a soft gate instead of the clip."""
+    surrogate: str = "ppo"
+    """Per-token surrogate, a name registered in :mod:`drgrpo.surrogates` (docs/losses.md lists them): ppo, the
+    clipped importance ratio; cispo, a clipped stop-gradient weight on the log-prob; sapo, a soft gate instead
+    of the clip."""
     ratio_level: RatioLevel = "token"
     """Importance ratio per token (token: r = exp(logp - old_logp)) or one per completion (sequence, GSPO: the exp
     of the mean of logp - old_logp over the completion's tokens)."""
@@ -119,7 +119,7 @@ class LossConfig:
     """The preset this config came from (informational)."""
 
     def __post_init__(self) -> None:
-        _check_choice("surrogate", self.surrogate, SURROGATES)
+        _check_choice("surrogate", self.surrogate, SURROGATES.names())
         _check_choice("ratio_level", self.ratio_level, RATIO_LEVELS)
         _check_choice("kl", self.kl, KL_KINDS)
         _check_choice("aggregation", self.aggregation, AGGREGATIONS)

@@ -22,7 +22,7 @@ from torch import Tensor
 from drgrpo.aggregation import token_weights
 from drgrpo.config import LossConfig
 from drgrpo.kl import kl_penalty
-from drgrpo.surrogates import cispo, ppo_clip, sapo, sequence_log_ratio, token_log_ratio
+from drgrpo.surrogates import SurrogateInputs, get_surrogate, sequence_log_ratio, token_log_ratio
 from drgrpo.validation import (
     as_tensor,
     check_finite,
@@ -90,14 +90,8 @@ def per_token_loss(
         log_ratio = token_log_ratio(logp, old)
     ratio = torch.exp(log_ratio)
 
-    if config.surrogate == "ppo":
-        assert config.clip_low is not None  # LossConfig enforces it for "ppo"
-        term = ppo_clip(ratio, adv, config.clip_low, config.clip_high, config.dual_clip, config.delta)
-    elif config.surrogate == "cispo":
-        cap = config.cispo_cap if config.cispo_cap is not None else 1 + config.clip_high
-        term = cispo(ratio, adv, logp, config.clip_low, cap)
-    else:
-        term = sapo(ratio, adv, config.sapo_tau_pos, config.sapo_tau_neg)
+    member = get_surrogate(config.surrogate)  # drgrpo.surrogates registers ppo, cispo, sapo, ...
+    term = member.loss(SurrogateInputs(ratio, adv, logp, old, m), config)
     loss = term.loss
 
     kl = None

@@ -7,11 +7,15 @@ with the PyTorch implementation, which the tests check against these functions.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from drgrpo.config import LossConfig
+from drgrpo.registry import SURROGATES
+
+if TYPE_CHECKING:
+    from drgrpo.config import LossConfig
 
 
 # --------------------------------------------------------------------------- advantages
@@ -166,30 +170,45 @@ def kl(logp: float, ref: float, kind: str) -> float:
     raise ValueError(kind)
 
 
-def ppo_token_loss(
-    ratio: float, adv: float, clip_low: float, clip_high: float, dual_clip: float | None, delta: float | None
-) -> float:
+class OracleToken(NamedTuple):
+    """One real token as a per-token oracle sees it (plain floats)."""
+
+    ratio: float  # the importance ratio at the config's ratio level (s_i at sequence level)
+    adv: float  # the completion's advantage
+    logp: float  # log pi_theta of the token
+    old_logp: float  # log pi_old of the token
+
+
+class OracleRow(NamedTuple):
+    """One completion's real tokens, for a batch oracle (lists of equal length |o_i|)."""
+
+    tokens: list[OracleToken]
+
+
+def ppo_token_loss(t: OracleToken, config: LossConfig) -> float:
     """``-min(r A, clip(r) A)``, with TRL's two-sided ``delta`` and verl's dual clip."""
-    clipped = min(max(ratio, 1 - clip_low), 1 + clip_high)
-    unclipped = ratio if delta is None else min(ratio, delta)
-    loss = -min(unclipped * adv, clipped * adv)
-    if dual_clip is not None and adv < 0:
-        loss = min(loss, -dual_clip * adv)
+    assert config.clip_low is not None
+    clipped = min(max(t.ratio, 1 - config.clip_low), 1 + config.clip_high)
+    unclipped = t.ratio if config.delta is None else min(t.ratio, config.delta)
+    loss = -min(unclipped * t.adv, clipped * t.adv)
+    if config.dual_clip is not None and t.adv < 0:
+        loss = min(loss, -config.dual_clip * t.adv)
     return loss
 
 
-def cispo_token_loss(ratio: float, adv: float, logp: float, clip_low: float | None, cap: float) -> float:
+def cispo_token_loss(t: OracleToken, config: LossConfig) -> float:
     """``-sg(clip(r, 1 - eps_low, cap)) A logp`` (the value; the weight carries no gradient)."""
-    weight = min(ratio, cap)
-    if clip_low is not None:
-        weight = max(weight, 1 - clip_low)
-    return -weight * adv * logp
+    cap = config.cispo_cap if config.cispo_cap is not None else 1 + config.clip_high
+    weight = min(t.ratio, cap)
+    if config.clip_low is not None:
+        weight = max(weight, 1 - config.clip_low)
+    return -weight * t.adv * t.logp
 
 
-def sapo_token_loss(ratio: float, adv: float, tau_pos: float, tau_neg: float) -> float:
+def sapo_token_loss(t: OracleToken, config: LossConfig) -> float:
     """``-(4/tau) sigmoid(tau (r - 1)) A``."""
-    tau = tau_pos if adv > 0 else tau_neg
-    return -(4 / tau) / (1 + math.exp(-tau * (ratio - 1))) * adv
+    tau = config.sapo_tau_pos if t.adv > 0 else config.sapo_tau_neg
+    return -(4 / tau) / (1 + math.exp(-tau * (t.ratio - 1))) * t.adv
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -244,24 +263,28 @@ def per_token_losses(
     m = np.asarray(mask, dtype=np.float64)
     b, t = lp.shape
     out = np.zeros((b, t))
+    member = SURROGATES.get(config.surrogate)
+    positions, rows = [], []
     for i in range(b):
         tokens = [j for j in range(t) if m[i, j] != 0]
         if config.ratio_level == "sequence":
             seq_log_ratio = sum(lp[i, j] - old[i, j] for j in tokens) / max(len(tokens), 1)
+        row = []
         for j in tokens:
             log_ratio = seq_log_ratio if config.ratio_level == "sequence" else lp[i, j] - old[i, j]
-            ratio = math.exp(log_ratio)
-            if config.surrogate == "ppo":
-                assert config.clip_low is not None
-                loss = ppo_token_loss(ratio, adv[i], config.clip_low, config.clip_high, config.dual_clip, config.delta)
-            elif config.surrogate == "cispo":
-                cap = config.cispo_cap if config.cispo_cap is not None else 1 + config.clip_high
-                loss = cispo_token_loss(ratio, adv[i], lp[i, j], config.clip_low, cap)
-            else:
-                loss = sapo_token_loss(ratio, adv[i], config.sapo_tau_pos, config.sapo_tau_neg)
+            row.append(OracleToken(math.exp(log_ratio), float(adv[i]), float(lp[i, j]), float(old[i, j])))
+        positions.append(tokens)
+        rows.append(OracleRow(row))
+    if member.batch_oracle is not None:
+        losses = member.batch_oracle(rows, config)
+    else:
+        assert member.oracle is not None
+        losses = [[member.oracle(token, config) for token in row.tokens] for row in rows]
+    for i in range(b):
+        for j, token, loss in zip(positions[i], rows[i].tokens, losses[i]):
             if config.beta != 0:
                 assert ref is not None
-                weight = ratio if config.kl_importance_weight else 1.0  # TRL's use_bias_correction_kl
+                weight = token.ratio if config.kl_importance_weight else 1.0  # TRL's use_bias_correction_kl
                 loss += config.beta * weight * kl(lp[i, j], ref[i, j], config.kl)
             out[i, j] = loss
     return out

@@ -4,20 +4,98 @@
 s_i for every token of completion i (sequence level, GSPO), ``adv`` the advantage broadcast to
 every token. Each function returns the loss and two boolean masks: where the lower and the upper
 clip bound is the active term (the clip fractions logged by trainers).
+
+Each surrogate is registered with :func:`register_surrogate` (its float64 oracle, the LossConfig fields
+it reads, its formula and paper); ``LossConfig.surrogate`` accepts the registered names.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
+
+from drgrpo import reference
+from drgrpo.registry import SURROGATES, SurrogateMember
+
+if TYPE_CHECKING:
+    from drgrpo.config import LossConfig
 
 
 class Surrogate(NamedTuple):
     loss: Tensor  # (B, T) per-token loss
     clipped_low: Tensor  # (B, T) bool: the lower bound 1 - eps_low is active
     clipped_high: Tensor  # (B, T) bool: the upper bound 1 + eps_high is active
+
+
+class SurrogateInputs(NamedTuple):
+    """What a surrogate reads, in the compute dtype, 0 on padding."""
+
+    ratio: Tensor  # (B, T) importance ratio (s_i on every token of row i at sequence level)
+    adv: Tensor  # (B, 1) advantage of each completion
+    logp: Tensor  # (B, T) log pi_theta (carries the gradient)
+    old_logp: Tensor  # (B, T) log pi_old (no gradient)
+    mask: Tensor  # (B, T) 1.0 on real tokens
+
+
+SurrogateFn = Callable[[SurrogateInputs, "LossConfig"], Surrogate]
+
+
+def register_surrogate(
+    name: str,
+    *,
+    oracle: Callable[..., float] | None = None,
+    batch_oracle: Callable[..., list[list[float]]] | None = None,
+    fields: tuple[str, ...] = (),
+    formula: str,
+    paper: str,
+    frameworks: str = "",
+    peer_fields: Mapping[str, Mapping[str, str]] | None = None,
+) -> Callable[[SurrogateFn], SurrogateFn]:
+    """Decorator registering ``fn(x: SurrogateInputs, config: LossConfig) -> Surrogate`` under ``name``.
+
+    Args:
+        name: the value of ``LossConfig.surrogate`` that selects it (a taken name is a ValueError).
+        oracle: its float64 value for one token, ``oracle(token: reference.OracleToken, config) -> float``,
+            written with plain floats in :mod:`drgrpo.reference`; or
+        batch_oracle: ``batch_oracle(rows: list[reference.OracleRow], config) -> list[list[float]]`` for a
+            member whose token loss depends on other tokens (exactly one of the two).
+        fields: the LossConfig fields it reads.
+        formula, paper, frameworks: its row of docs/losses.md's table.
+        peer_fields: per peer framework (``"trl"``, ``"verl"``), the peer's setting -> LossConfig field.
+    """
+    if (oracle is None) == (batch_oracle is None):
+        raise TypeError(f"surrogate {name!r}: pass exactly one of oracle and batch_oracle")
+
+    def decorator(fn: SurrogateFn) -> SurrogateFn:
+        member = SurrogateMember(
+            name, fn, oracle, batch_oracle, tuple(fields), formula, paper, frameworks, dict(peer_fields or {})
+        )
+        SURROGATES.add(name, member)
+        return fn
+
+    return decorator
+
+
+def get_surrogate(name: str) -> SurrogateMember:
+    """The registered member ``name``; a ValueError listing the valid names otherwise."""
+    return SURROGATES.get(name)
+
+
+def surrogate_names() -> tuple[str, ...]:
+    """The registered surrogates' names, in registration order."""
+    return SURROGATES.names()
+
+
+def surrogate_table() -> str:
+    """docs/losses.md's table of the surrogates, one row per registered member (a test checks the page)."""
+    lines = ["| surrogate | per-token loss | fields | paper | frameworks |", "|---|---|---|---|---|"]
+    for m in SURROGATES:
+        fields = ", ".join(f"`{f}`" for f in m.fields) or "none"
+        lines.append(f"| `{m.name}` | `{m.formula}` | {fields} | {m.paper} | {m.frameworks} |")
+    return "\n".join(lines)
 
 
 def token_log_ratio(logp: Tensor, old_logp: Tensor) -> Tensor:
@@ -34,48 +112,89 @@ def sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
     return ((logp - old_logp) * mask).sum(-1, keepdim=True).div(length).expand_as(logp)
 
 
-def ppo_clip(
-    ratio: Tensor,
-    adv: Tensor,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None = None,
-    delta: float | None = None,
-) -> Surrogate:
+def cispo_cap(config: LossConfig) -> float:
+    """The cap of CISPO's weight: ``cispo_cap``, or ``1 + clip_high`` when unset."""
+    return config.cispo_cap if config.cispo_cap is not None else 1 + config.clip_high
+
+
+# --------------------------------------------------------------------------- the members
+
+
+@register_surrogate(
+    "ppo",
+    oracle=reference.ppo_token_loss,
+    fields=("clip_low", "clip_high", "dual_clip", "delta"),
+    formula="-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)",
+    paper="Schulman et al. 2017 (arXiv 1707.06347)",
+    frameworks="TRL grpo, dapo, dr_grpo, bnpo; verl vanilla, gspo",
+    peer_fields={
+        "trl": {"epsilon": "clip_low", "epsilon_high": "clip_high", "delta": "delta"},
+        "verl": {"clip_ratio_c": "dual_clip"},
+    },
+)
+def ppo_clip(x: SurrogateInputs, config: LossConfig) -> Surrogate:
     r"""PPO's clipped surrogate, ``-min(r A, clip(r, 1-eps_low, 1+eps_high) A)``.
 
     ``delta`` (TRL's two-sided clip) first clamps the unclipped ``r`` at ``delta``; ``dual_clip``
     (verl's ``clip_ratio_c``) caps the loss of a negative advantage at ``-c A``.
     """
+    ratio, adv = x.ratio, x.adv
+    assert config.clip_low is not None  # LossConfig enforces it for "ppo"
+    clip_low, clip_high = config.clip_low, config.clip_high
     clipped_ratio = ratio.clamp(1 - clip_low, 1 + clip_high)
-    unclipped_ratio = ratio if delta is None else ratio.clamp(max=delta)
+    unclipped_ratio = ratio if config.delta is None else ratio.clamp(max=config.delta)
     loss = -torch.min(unclipped_ratio * adv, clipped_ratio * adv)
-    if dual_clip is not None:
-        loss = torch.where(adv < 0, torch.min(loss, -dual_clip * adv), loss)
+    if config.dual_clip is not None:
+        loss = torch.where(adv < 0, torch.min(loss, -config.dual_clip * adv), loss)
     clipped_low = (ratio < 1 - clip_low) & (adv < 0)
     clipped_high = (ratio > 1 + clip_high) & (adv > 0)
     return Surrogate(loss, clipped_low, clipped_high)
 
 
-def cispo(ratio: Tensor, adv: Tensor, logp: Tensor, clip_low: float | None, cap: float) -> Surrogate:
-    r"""CISPO (MiniMax-M1): ``-sg(clip(r, 1-eps_low, cap)) A logp``.
+@register_surrogate(
+    "cispo",
+    oracle=reference.cispo_token_loss,
+    fields=("clip_low", "clip_high", "cispo_cap"),
+    formula="-sg(clip(r, 1 - eps_low, cap)) A logp",
+    paper="MiniMax-M1, MiniMax 2025 (arXiv 2506.13585)",
+    frameworks="TRL cispo; verl cispo",
+    peer_fields={"trl": {"epsilon_high": "cispo_cap"}},
+)
+def cispo(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""CISPO (MiniMax-M1, arXiv 2506.13585): ``-sg(clip(r, 1-eps_low, cap)) A logp``.
 
-    Every token keeps a gradient; only its weight is clipped.
+    Every token keeps a gradient; only its weight is clipped (``cap``: :func:`cispo_cap`; no lower bound
+    when ``clip_low`` is none).
     """
-    low = None if clip_low is None else 1 - clip_low
+    ratio, cap = x.ratio, cispo_cap(config)
+    low = None if config.clip_low is None else 1 - config.clip_low
     weight = ratio.clamp(min=low, max=cap).detach()
-    loss = -weight * adv * logp
+    loss = -weight * x.adv * x.logp
     clipped_low = torch.zeros_like(ratio, dtype=torch.bool) if low is None else ratio < low
     return Surrogate(loss, clipped_low, ratio > cap)
 
 
-def sapo(ratio: Tensor, adv: Tensor, tau_pos: float, tau_neg: float) -> Surrogate:
-    r"""SAPO's soft gate, ``-(4/tau) sigmoid(tau (r - 1)) A`` with tau = tau_pos if A > 0 else tau_neg.
+@register_surrogate(
+    "sapo",
+    oracle=reference.sapo_token_loss,
+    fields=("sapo_tau_pos", "sapo_tau_neg"),
+    formula="-(4 / tau) sigmoid(tau (r - 1)) A, tau = tau_pos if A > 0 else tau_neg",
+    paper="Soft Adaptive Policy Optimization, 2025 (arXiv 2511.20347)",
+    frameworks="TRL sapo; verl sapo",
+    peer_fields={
+        "trl": {"sapo_temperature_pos": "sapo_tau_pos", "sapo_temperature_neg": "sapo_tau_neg"},
+        "verl": {"tau_pos": "sapo_tau_pos", "tau_neg": "sapo_tau_neg"},
+    },
+)
+def sapo(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""SAPO's soft gate (arXiv 2511.20347), ``-(4/tau) sigmoid(tau (r - 1)) A`` with tau = tau_pos if A > 0
+    else tau_neg.
 
     Its gradient in r is ``4 sigma (1 - sigma) A``: equal to the unclipped PPO gradient at r = 1 and
     decaying smoothly away from it, instead of a hard cut.
     """
-    tau = torch.where(adv > 0, ratio.new_tensor(tau_pos), ratio.new_tensor(tau_neg))
+    ratio, adv = x.ratio, x.adv
+    tau = torch.where(adv > 0, ratio.new_tensor(config.sapo_tau_pos), ratio.new_tensor(config.sapo_tau_neg))
     loss = -(torch.sigmoid(tau * (ratio - 1)) * (4 / tau)) * adv
     never = torch.zeros_like(ratio, dtype=torch.bool)
     return Surrogate(loss, never, never)

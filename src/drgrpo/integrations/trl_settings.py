@@ -26,8 +26,10 @@ from typing import Any
 
 from trl import GRPOConfig
 
-from drgrpo.config import LossConfig
+from drgrpo.config import LossConfig, preset_config
 from drgrpo.normalizer import check_step_normalizable
+from drgrpo.registry import SURROGATES
+from drgrpo.surrogates import cispo_cap
 
 __all__ = [
     "DRGRPO_LOSS_TYPE",
@@ -46,19 +48,24 @@ DRGRPO_LOSS_TYPE = "drgrpo"
 TRL_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
 """Every ``GRPOConfig`` field's default (read from TRL's dataclass)."""
 
-FIELD_MAP: dict[str, str] = {
-    "scale_rewards": "advantage_std",
-    "epsilon": "clip_low",
-    "epsilon_high": "clip_high",
-    "beta": "beta",
-    "delta": "delta",
-    "importance_sampling_level": "ratio_level",
-    "use_bias_correction_kl": "kl_importance_weight",
-    "sapo_temperature_pos": "sapo_tau_pos",
-    "sapo_temperature_neg": "sapo_tau_neg",
-}
+
+def _field_map() -> dict[str, str]:
+    fields = {
+        "scale_rewards": "advantage_std",
+        "beta": "beta",
+        "importance_sampling_level": "ratio_level",
+        "use_bias_correction_kl": "kl_importance_weight",
+    }
+    for member in SURROGATES:  # each surrogate's own settings (ppo: epsilon, epsilon_high, delta; sapo: temperatures)
+        for trl_field, field in member.peer_fields.get("trl", {}).items():
+            fields.setdefault(trl_field, field)
+    return fields
+
+
+FIELD_MAP: dict[str, str] = _field_map()
 """``GRPOConfig`` field -> the ``LossConfig`` field that describes the same choice (``epsilon_high`` is the CISPO
-cap, ``cispo_cap``, for a CISPO loss with no lower clip). ``loss_type`` maps to surrogate and aggregation."""
+cap, ``cispo_cap``, for a CISPO loss with no lower clip: each surrogate's ``peer_fields["trl"]`` says which).
+``loss_type`` maps to surrogate and aggregation."""
 
 _PER_CALL_LOSS_TYPES = {"trl.grpo": "grpo", "trl.bnpo": "bnpo", "trl.dr_grpo": "dr_grpo"}
 _TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")  # those drgrpo has a trl.* preset for
@@ -116,12 +123,9 @@ def loss_config_from_args(args: GRPOConfig) -> LossConfig:
         "ratio_level": args.importance_sampling_level,
         "kl_importance_weight": args.use_bias_correction_kl,
     }
-    if loss_type == "cispo":
-        fields["cispo_cap"] = high  # TRL caps the CISPO weight at epsilon_high itself
-    elif loss_type == "sapo":
-        fields.update(sapo_tau_pos=args.sapo_temperature_pos, sapo_tau_neg=args.sapo_temperature_neg)
-    else:
-        fields.update(clip_low=args.epsilon, clip_high=high, delta=args.delta)
+    # the surrogate's own settings (TRL's CISPO cap is epsilon_high)
+    for trl_field, field in _trl_fields(preset_config(f"trl.{loss_type}")).items():
+        fields[field] = high if trl_field == "epsilon_high" else getattr(args, trl_field)
     if loss_type == "dr_grpo":
         fields["max_completion_length"] = args.max_completion_length
     return LossConfig.preset(f"trl.{loss_type}", **fields)
@@ -258,23 +262,21 @@ def _trl_view(config: LossConfig) -> dict[str, Any]:
     }
     if config.beta > 0:
         view["use_bias_correction_kl"] = config.kl_importance_weight
-    if config.surrogate == "ppo":
-        view["epsilon"] = config.clip_low
-        view["epsilon_high"] = config.clip_high
-        view["delta"] = config.delta
-    elif config.surrogate == "cispo" and config.clip_low is None:
-        view["epsilon_high"] = _cispo_cap(config)  # TRL caps the CISPO weight at epsilon_high itself
-    elif config.surrogate == "sapo":
-        view["sapo_temperature_pos"] = config.sapo_tau_pos
-        view["sapo_temperature_neg"] = config.sapo_tau_neg
+    if config.surrogate == "cispo" and config.clip_low is not None:
+        return view  # TRL's cispo has no lower clip: no TRL field describes this one
+    for trl_field, field in _trl_fields(config).items():
+        view[trl_field] = _config_value(config, field)  # TRL caps the CISPO weight at epsilon_high itself
     return view
+
+
+def _trl_fields(config: LossConfig) -> dict[str, str]:
+    """The config's surrogate's own GRPOConfig fields -> LossConfig fields (its registered ``peer_fields``)."""
+    return dict(SURROGATES.get(config.surrogate).peer_fields.get("trl", {}))
 
 
 def _contradiction(name: str, current: Any, config: LossConfig, implied: Any) -> None:
     """A non-default GRPOConfig field that contradicts the config: the error names it and the LossConfig fix."""
-    field = FIELD_MAP[name]
-    if name == "epsilon_high" and config.surrogate == "cispo":
-        field = "cispo_cap"
+    field = _trl_fields(config).get(name, FIELD_MAP[name])  # epsilon_high is CISPO's cispo_cap
     if config.name is None:
         fix = f"loss_config.replace({field}={current!r})"
     else:
@@ -303,12 +305,8 @@ def _check_runnable(config: LossConfig, args: GRPOConfig) -> None:
         ) from None
 
 
-def _cispo_cap(config: LossConfig) -> float:
-    return config.cispo_cap if config.cispo_cap is not None else 1 + config.clip_high
-
-
 def _config_value(config: LossConfig, field: str) -> Any:
-    return _cispo_cap(config) if field == "cispo_cap" else getattr(config, field)
+    return cispo_cap(config) if field == "cispo_cap" else getattr(config, field)
 
 
 def _base_name(config: LossConfig) -> str | None:

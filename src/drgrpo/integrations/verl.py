@@ -54,6 +54,7 @@ from drgrpo.aggregation import token_weights
 from drgrpo.config import LossConfig, preset_config, preset_names
 from drgrpo.loss import PerTokenLoss, loss_metrics, per_token_loss, validate_inputs
 from drgrpo.normalizer import StepNormalizer
+from drgrpo.registry import SURROGATES
 
 try:
     from verl.trainer.ppo.core_algos import (
@@ -131,11 +132,15 @@ def loss_config(preset: str, actor: Mapping[str, Any], loss_agg_mode: str | None
     mapped: dict[str, tuple[str, Any]] = {
         "clip_low": clip("clip_ratio_low"),
         "clip_high": clip("clip_ratio_high"),
-        "sapo_tau_pos": ("tau_pos", actor.get("tau_pos", base.sapo_tau_pos)),
-        "sapo_tau_neg": ("tau_neg", actor.get("tau_neg", base.sapo_tau_neg)),
     }
-    if base.surrogate == "ppo" and base.ratio_level == "token":  # verl's vanilla applies it; gspo, cispo, sapo do not
-        mapped["dual_clip"] = ("clip_ratio_c", actor.get("clip_ratio_c"))
+    dual_clip: dict[str, tuple[str, Any]] = {}
+    for member in SURROGATES:  # every surrogate's own settings (sapo's tau_pos/neg are read for every preset)
+        for setting, field in member.peer_fields.get("verl", {}).items():
+            if field != "dual_clip":
+                mapped.setdefault(field, (setting, actor.get(setting, getattr(base, field))))
+            elif base.surrogate == member.name and base.ratio_level == "token":
+                dual_clip[field] = (setting, actor.get(setting))  # verl's vanilla applies clip_ratio_c (null: off)
+    mapped.update(dual_clip)  # gspo, cispo, sapo do not
     if actor.get("loss_scale_factor") is not None:
         mapped["max_completion_length"] = ("loss_scale_factor", actor.get("loss_scale_factor"))
     if follows_loss_agg_mode(preset):
