@@ -78,6 +78,12 @@ class LossConfig:
     """Temperature of the sapo gate for a positive advantage."""
     sapo_tau_neg: float = 1.05
     """Temperature of the sapo gate for a zero or negative advantage."""
+    dro_beta: float | None = None
+    """Weight of the dro surrogate's quadratic penalty on the log-ratio (verl's policy_loss.dro_beta); the dro
+    surrogate needs it set, and the others ignore it."""
+    dppo_cap: float | None = 20.0
+    """The dppo surrogates' cap c of the stop-gradient importance ratio, min(r, c) (verl's clip_ratio_c); none: no
+    cap."""
     kl: KLKind = "k3"
     """KL estimator per token, with d = ref - logp (ref: the reference model's log-prob): k1 = -d,
     k2 = d^2 / 2, k3 = exp(d) - d - 1, low_var_kl = k3 clamped (verl), abs = |d|."""
@@ -159,6 +165,12 @@ class LossConfig:
             _check_finite("cispo_cap", self.cispo_cap)
             if self.cispo_cap <= 0:
                 raise FieldError(LossConfig, "cispo_cap", f"cispo_cap must be positive, got {self.cispo_cap}")
+        for field in ("dro_beta", "dppo_cap"):
+            value = getattr(self, field)
+            if value is not None:
+                _check_finite(field, value)
+                if value <= 0:
+                    raise FieldError(LossConfig, field, f"{field} must be positive, got {value}")
         for field in ("sapo_tau_pos", "sapo_tau_neg"):
             value = getattr(self, field)
             _check_finite(field, value)

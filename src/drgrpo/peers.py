@@ -224,6 +224,34 @@ def _verl_sapo() -> LossConfig:
     )
 
 
+@register_preset("verl.gpg")
+def _verl_gpg() -> LossConfig:
+    # l = -A logp (no ratio, no clip), aggregated with loss_agg_mode (default token-mean).
+    return LossConfig(surrogate="gpg", aggregation="token-mean", beta=0.0, name="verl.gpg", **_VERL_ADVANTAGES)
+
+
+@register_preset("verl.dro")
+def _verl_dro() -> LossConfig:
+    # l = -(A logp - dro_beta / 2 (logp - old)^2); verl has no default dro_beta (pass dro_beta=).
+    return LossConfig(surrogate="dro", aggregation="token-mean", beta=0.0, name="verl.dro", **_VERL_ADVANTAGES)
+
+
+@register_preset("verl.dppo_tv")
+def _verl_dppo_tv() -> LossConfig:
+    # l = -A sg(min(r, 3)) logp where p - p_old stays within 0.2 (clip_ratio_low/high), else 0; c = clip_ratio_c.
+    return LossConfig(
+        surrogate="dppo_tv", dppo_cap=3.0, aggregation="token-mean", beta=0.0, name="verl.dppo_tv", **_VERL_ADVANTAGES
+    )
+
+
+@register_preset("verl.dppo_kl")
+def _verl_dppo_kl() -> LossConfig:
+    # as verl.dppo_tv with the binary KL between p_old and p as the trust region.
+    return LossConfig(
+        surrogate="dppo_kl", dppo_cap=3.0, aggregation="token-mean", beta=0.0, name="verl.dppo_kl", **_VERL_ADVANTAGES
+    )
+
+
 # ----------------------------------------------------------------------------------------- oat
 # OATArgs/PPOArgs defaults: cliprange=0.2, generate_max_length=512, beta=0.1 (the Dr. GRPO recipes of
 # understand-r1-zero pass --beta 0, used here), k3 KL, torch.std (unbiased) + 1e-8 for "grpo".
@@ -261,6 +289,10 @@ PEER_PRESETS: tuple[str, ...] = (
     "verl.gspo",
     "verl.cispo",
     "verl.sapo",
+    "verl.gpg",
+    "verl.dro",
+    "verl.dppo_tv",
+    "verl.dppo_kl",
     "oat.grpo",
     "oat.drgrpo",
 )

@@ -211,6 +211,45 @@ def sapo_token_loss(t: OracleToken, config: LossConfig) -> float:
     return -(4 / tau) / (1 + math.exp(-tau * (t.ratio - 1))) * t.adv
 
 
+def gpg_token_loss(t: OracleToken, config: LossConfig) -> float:
+    """``-A logp``."""
+    return -t.adv * t.logp
+
+
+def dro_token_loss(t: OracleToken, config: LossConfig) -> float:
+    """``-(A logp - beta/2 (logp - old)^2)``."""
+    assert config.dro_beta is not None
+    d = t.logp - t.old_logp
+    return -(t.adv * t.logp - 0.5 * config.dro_beta * d * d)
+
+
+def _dppo_token_loss(t: OracleToken, config: LossConfig, inside: bool) -> float:
+    ratio = math.exp(t.logp - t.old_logp)
+    weight = ratio if config.dppo_cap is None else min(ratio, config.dppo_cap)
+    return -t.adv * weight * t.logp if inside else 0.0
+
+
+def dppo_tv_token_loss(t: OracleToken, config: LossConfig) -> float:
+    """DPPO-TV: ``-A min(r, c) logp`` where ``p - p_old <= eps_high`` (A > 0) or ``>= -eps_low`` (A <= 0), else 0."""
+    gap = math.exp(t.logp) - math.exp(t.old_logp)
+    low = config.clip_low if config.clip_low is not None else 0.0
+    inside = gap <= config.clip_high if t.adv > 0 else gap >= -low
+    return _dppo_token_loss(t, config, inside)
+
+
+def dppo_kl_token_loss(t: OracleToken, config: LossConfig) -> float:
+    """DPPO-KL: as DPPO-TV with the binary KL between p_old and p as the trust region."""
+    p, p_old = math.exp(t.logp), math.exp(t.old_logp)
+    odds = (1 - p_old + 1e-8) / (1 - p + 1e-8)  # <= 0 only for log-probs above 0: NaN, outside every bound
+    binary_kl = p_old * (t.old_logp - t.logp) + (1 - p_old) * (math.log(odds) if odds > 0 else math.nan)
+    low = config.clip_low if config.clip_low is not None else 0.0
+    if t.adv > 0:
+        inside = binary_kl <= config.clip_high or p <= p_old
+    else:
+        inside = binary_kl <= low or p >= p_old
+    return _dppo_token_loss(t, config, inside)
+
+
 # --------------------------------------------------------------------------- aggregation
 def aggregate(
     per_token: np.ndarray,

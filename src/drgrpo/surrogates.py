@@ -198,3 +198,88 @@ def sapo(x: SurrogateInputs, config: LossConfig) -> Surrogate:
     loss = -(torch.sigmoid(tau * (ratio - 1)) * (4 / tau)) * adv
     never = torch.zeros_like(ratio, dtype=torch.bool)
     return Surrogate(loss, never, never)
+
+
+# --------------------------------------------------------------------------- verl 0.9.1's other loss modes
+
+
+@register_surrogate(
+    "gpg",
+    oracle=reference.gpg_token_loss,
+    formula="-A logp",
+    paper="GPG, Chu et al. 2025 (arXiv 2504.02546)",
+    frameworks="verl gpg",
+)
+def gpg(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""GPG's plain policy gradient, ``-A logp``: no ratio and no clip (the gradient is ``-A`` per token)."""
+    never = torch.zeros_like(x.ratio, dtype=torch.bool)
+    return Surrogate(-x.adv * x.logp, never, never)
+
+
+@register_surrogate(
+    "dro",
+    oracle=reference.dro_token_loss,
+    fields=("dro_beta",),
+    formula="-(A logp - dro_beta / 2 (logp - old_logp)^2)",
+    paper="Direct Reward Optimisation, Richemond et al. 2024 (arXiv 2405.19107)",
+    frameworks="verl dro",
+    peer_fields={"verl": {"policy_loss.dro_beta": "dro_beta"}},
+)
+def dro(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""DRO's regularised policy gradient, ``-(A logp - (beta / 2) (logp - old_logp)^2)``, beta = ``dro_beta``."""
+    beta = _required(config, "dro_beta")
+    log_ratio = x.logp - x.old_logp
+    never = torch.zeros_like(x.ratio, dtype=torch.bool)
+    return Surrogate(-(x.adv * x.logp - 0.5 * beta * log_ratio * log_ratio), never, never)
+
+
+def _dppo(x: SurrogateInputs, config: LossConfig, inside: Tensor) -> Surrogate:
+    """DPPO's loss ``-A sg(min(r, c)) logp`` on the tokens ``inside`` the trust region, 0 elsewhere."""
+    weight = x.ratio if config.dppo_cap is None else x.ratio.clamp(max=config.dppo_cap)
+    loss = -x.adv * weight.detach() * x.logp * inside.detach().to(x.logp.dtype)
+    positive = (x.adv > 0).expand_as(inside)
+    return Surrogate(loss, ~inside & ~positive, ~inside & positive)
+
+
+@register_surrogate(
+    "dppo_tv",
+    oracle=reference.dppo_tv_token_loss,
+    fields=("clip_low", "clip_high", "dppo_cap"),
+    formula="-A sg(min(r, c)) logp on tokens with p - p_old <= eps_high (A > 0) or >= -eps_low (A <= 0)",
+    paper="DPPO, 2026 (arXiv 2602.04879), binary total variation",
+    frameworks="verl dppo_tv",
+    peer_fields={"verl": {"clip_ratio_c": "dppo_cap"}},
+)
+def dppo_tv(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""DPPO-Binary-TV: the truncated-IS policy gradient ``-A sg(min(r, c)) logp`` (c = ``dppo_cap``), kept on a
+    token only while the probability moved by at most ``clip_high`` up (A > 0) or ``clip_low`` down (A <= 0)."""
+    gap = x.logp.exp() - x.old_logp.exp()  # p - p_old
+    inside = torch.where(x.adv > 0, gap <= config.clip_high, gap >= -config.epsilon_low)
+    return _dppo(x, config, inside)
+
+
+@register_surrogate(
+    "dppo_kl",
+    oracle=reference.dppo_kl_token_loss,
+    fields=("clip_low", "clip_high", "dppo_cap"),
+    formula="-A sg(min(r, c)) logp on tokens whose binary KL(p_old, p) <= eps (or that moved against A)",
+    paper="DPPO, 2026 (arXiv 2602.04879), binary KL",
+    frameworks="verl dppo_kl",
+    peer_fields={"verl": {"clip_ratio_c": "dppo_cap"}},
+)
+def dppo_kl(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""DPPO-Binary-KL: as :func:`dppo_tv` with the trust region ``KL_bin(p_old || p) <= eps``, where
+    ``KL_bin = p_old log(p_old / p) + (1 - p_old) log((1 - p_old + 1e-8) / (1 - p + 1e-8))``; a token whose
+    probability moved against its advantage's direction is always kept."""
+    p, p_old = x.logp.exp(), x.old_logp.exp()
+    binary_kl = p_old * (x.old_logp - x.logp) + (1 - p_old) * torch.log((1 - p_old + 1e-8) / (1 - p + 1e-8))
+    up = torch.where(x.adv > 0, binary_kl <= config.clip_high, binary_kl <= config.epsilon_low)
+    inside = up | torch.where(x.adv > 0, p <= p_old, p >= p_old)
+    return _dppo(x, config, inside)
+
+
+def _required(config: LossConfig, field: str) -> float:
+    value = getattr(config, field)
+    if value is None:
+        raise ValueError(f"surrogate {config.surrogate!r} needs {field} (a positive number); it is not set")
+    return float(value)

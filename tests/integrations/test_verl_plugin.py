@@ -39,6 +39,12 @@ def expected_config(preset: str, settings: dict) -> LossConfig:
         overrides["dual_clip"] = s["clip_ratio_c"]
     if s.get("loss_scale_factor") is not None:
         overrides["max_completion_length"] = s["loss_scale_factor"]
+    if preset.startswith("verl.") and "loss_agg_mode" in s:  # the twins of verl's modes aggregate with it
+        overrides["aggregation"] = s["loss_agg_mode"]
+    if base.surrogate in ("dppo_tv", "dppo_kl"):
+        overrides["dppo_cap"] = s["clip_ratio_c"]  # the cap of the truncated ratio
+    if base.surrogate == "dro":
+        overrides["dro_beta"] = s["policy_loss"]["dro_beta"]
     return LossConfig.preset(preset, **overrides)
 
 
@@ -93,6 +99,10 @@ def test_import_without_verl_says_how_to_install():
         "dr_grpo_clip_ratio",
         "oat_drgrpo_default_L",
         "grpo_with_verl_kl",
+        "verl_gpg",
+        "verl_dro",
+        "verl_dppo_tv",
+        "verl_dppo_kl",
     ],
 )
 def test_micro_batches_on_every_rank_give_the_mini_batch_gradient(case):
@@ -246,6 +256,36 @@ def test_twins_of_verl_modes_follow_loss_agg_mode():
     by = {(c["mode"], c["agg"], c["scale"]): c["verl"] for c in cases}
     ratio = float(by[("vanilla", "token-sum", None)]["loss"] / by[("vanilla", "token-mean", None)]["loss"])
     assert abs(ratio - 1) > 1.0, ratio
+
+
+NEW_TWINS = ("gpg", "dro", "dppo_tv", "dppo_kl")
+
+
+@pytest.mark.parametrize("mode", NEW_TWINS)
+def test_twins_of_verls_other_modes(mode):
+    # drgrpo.verl.<mode> against verl's <mode> through ppo_loss, every loss_agg_mode, with rollout IS weights (and
+    # without, for token-mean); policy_loss.dro_beta 0.3, verl's clip_ratio_c 3 as DPPO's cap
+    block = live()["new_modes"]
+    cases = [c for c in block["cases"] if c["mode"] == mode]
+    assert len(cases) == 7  # 5 modes, sum-norm with and without L, token-mean without IS weights too
+    for case in cases:
+        verl, ours = case["verl"], case["ours"]
+        if case["agg"] == "seq-mean-token-sum-norm" and case["scale"] is None:
+            assert "loss_scale_factor is not set" in ours["error"]  # verl would divide by the padded width
+            continue
+        torch.testing.assert_close(ours["loss"], verl["loss"], rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(ours["grad"], verl["grad"], rtol=1e-13, atol=1e-17)
+        assert float(verl["grad"].abs().max()) > 1e-2
+    if mode.startswith("dppo"):  # the trust region drops tokens, and the cap 3 truncates ratios e^1.5
+        token_mean = next(c for c in cases if c["agg"] == "token-mean" and c["weights"])
+        assert token_mean["verl"]["metrics"]["actor/pg_clipfrac"] > 0.02  # 2 or more of 46 tokens
+        assert token_mean["verl"]["metrics"]["actor/pg_clipfrac_lower"] > 0
+
+
+def test_dro_without_dro_beta_is_refused():
+    messages = live()["errors"]
+    assert messages["dro_without_beta"].startswith("ValueError: ")
+    assert "dro_beta" in messages["dro_without_beta"]
 
 
 def test_core_presets_refuse_a_contradicting_loss_agg_mode():

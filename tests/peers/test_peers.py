@@ -21,6 +21,8 @@ def peer_config(name: str, **overrides) -> LossConfig:
         and preset_config(name).max_completion_length is None
     ):
         overrides.setdefault("max_completion_length", 7)
+    if preset_config(name).surrogate == "dro":  # verl's dro has no default dro_beta (policy_loss.dro_beta)
+        overrides.setdefault("dro_beta", 0.2)
     return LossConfig.preset(name, **overrides)
 
 
@@ -36,7 +38,8 @@ def test_every_peer_preset_is_registered():
 
 def test_issue_lists_every_peer_option():
     trl = {f"trl.{t}" for t in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")}
-    verl = {f"verl.{m}" for m in ("vanilla", "gspo", "cispo", "sapo", "grpo", "dr_grpo")}
+    modes = ("vanilla", "gspo", "cispo", "sapo", "grpo", "dr_grpo", "gpg", "dro", "dppo_tv", "dppo_kl")
+    verl = {f"verl.{m}" for m in modes}
     assert trl | verl | {"oat.grpo", "oat.drgrpo"} == set(peers.PEER_PRESETS)
 
 

@@ -10,6 +10,7 @@ runs with and without the std. Here the same inputs go through drgrpo's presets,
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -278,3 +279,63 @@ def test_outcome_estimators_match_the_float64_oracle():
         outcome_advantages(torch.zeros(4), 2, LossConfig(), "opo")
     with pytest.raises(ValueError, match="estimator must be one of"):
         outcome_advantages(torch.zeros(4), 2, LossConfig(), "remax")
+
+
+# --------------------------------------------------------------------------- verl's other loss modes: the oracle
+
+
+def _ragged(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 8, (9,), generator=g)
+    mask = (torch.arange(7) < lengths.unsqueeze(1)).double()
+    logp = -torch.rand(9, 7, generator=g, dtype=torch.float64) * 2.5 - 0.02
+    old = (logp + 0.7 * torch.randn(9, 7, generator=g, dtype=torch.float64)).clamp(max=-0.01)  # probabilities < 1
+    adv = torch.randn(9, generator=g, dtype=torch.float64)
+    return {"logp": logp, "old": old, "mask": mask, "adv": adv}
+
+
+@pytest.mark.parametrize("preset", ["verl.gpg", "verl.dro", "verl.dppo_tv", "verl.dppo_kl"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_new_members_match_the_float64_oracle(preset, agg):
+    # loss against reference.policy_loss (plain loops); d loss / d logp against the hand-derived gradient:
+    # gpg -A, dro -(A - beta (logp - old)), dppo -A min(r, c) on the tokens inside the trust region (the loss
+    # is linear in logp there, so the oracle's per-token loss / logp is its gradient)
+    from drgrpo import reference
+
+    batch = _ragged(5)
+    config = LossConfig.preset(preset, aggregation=agg, dro_beta=0.3, dppo_cap=1.5, clip_high=0.1)
+    logp = batch["logp"].clone().requires_grad_()
+    out = policy_loss(logp, batch["old"], batch["adv"], batch["mask"], config)
+    out.loss.backward()
+    args = (batch["logp"].numpy(), batch["old"].numpy(), batch["adv"].numpy(), batch["mask"].numpy(), config)
+    assert float(out.loss.detach()) == pytest.approx(reference.policy_loss(*args), rel=1e-13, abs=1e-15)
+    per_token = reference.per_token_losses(*args)
+    m = batch["mask"].numpy()
+    counts = m.sum(1, keepdims=True)
+    weight = {
+        "token-mean": m / m.sum(),
+        "seq-mean-token-mean": m / (counts * m.shape[0]),
+        "seq-mean-token-sum": m / m.shape[0],
+    }[agg]
+    lp, old, adv = batch["logp"].numpy(), batch["old"].numpy(), batch["adv"].numpy()[:, None]
+    if preset == "verl.gpg":
+        token_grad = -adv + 0 * lp
+    elif preset == "verl.dro":
+        token_grad = -(adv - 0.3 * (lp - old))
+    else:
+        token_grad = per_token / lp  # -A min(r, c) inside, 0 outside
+    torch.testing.assert_close(logp.grad, torch.from_numpy(token_grad * weight), rtol=1e-12, atol=1e-16)
+    if preset.startswith("verl.dppo"):
+        inside = (per_token != 0) & (m != 0)
+        assert 0 < inside.sum() < m.sum()  # some tokens leave the trust region
+        ratio = np.exp(lp - old)
+        assert (inside & (ratio > 1.5)).any()  # and the cap binds on some
+
+
+def test_dro_needs_dro_beta():
+    batch = _ragged(6)
+    config = LossConfig.preset("verl.dro")
+    with pytest.raises(ValueError, match="surrogate 'dro' needs dro_beta"):
+        policy_loss(batch["logp"], batch["old"], batch["adv"], batch["mask"], config)
+    with pytest.raises(ValueError, match="dro_beta must be positive, got -1"):
+        LossConfig.preset("verl.dro", dro_beta=-1.0)

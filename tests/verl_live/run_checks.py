@@ -61,12 +61,12 @@ def ragged(rows: int, width: int, seed: int, *, min_len: int = 1, ratio_scale: f
     return {"logp": logp, "old": old, "ref": ref, "mask": mask, "adv": adv, "is_weights": is_weights}
 
 
-def actor_config(loss_mode: str, **settings) -> ActorConfig:
+def actor_config(loss_mode: str, policy_loss: dict | None = None, **settings) -> ActorConfig:
     return ActorConfig(
         strategy="fsdp",
         rollout_n=1,
         ppo_micro_batch_size_per_gpu=1,
-        policy_loss=PolicyLossConfig(loss_mode=loss_mode),
+        policy_loss=PolicyLossConfig(loss_mode=loss_mode, **(policy_loss or {})),
         **settings,
     )
 
@@ -264,6 +264,40 @@ def twins_follow_loss_agg_mode() -> dict:
     return {"batch": batch, "info": info, "cases": cases}
 
 
+NEW_MODES = ("gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean", "kl_cov", "clip_cov")
+NEW_MODE_SETTINGS = {  # policy_loss.* settings of each mode (loud enough to matter on 12 x 9 tokens)
+    "dro": {"dro_beta": 0.3},
+    "kl_cov": {"kl_cov_ratio": 0.1, "ppo_kl_coef": 0.5},
+    "clip_cov": {"clip_cov_ratio": 0.2, "clip_cov_lb": 0.1, "clip_cov_ub": 5.0},
+}
+
+
+def new_modes() -> dict:
+    """verl's other loss modes and their drgrpo.verl.<mode> twins through ppo_loss, every loss_agg_mode, with and
+    without rollout IS weights; clip_cov (random) under the same torch seed for both."""
+    batch = ragged(12, 9, seed=15)
+    info = {"dp_size": 2, "batch_num_tokens": int(batch["mask"].sum()) + 23, "global_batch_size": 12 + 5}
+    cases = []
+    for mode in NEW_MODES:
+        for agg in AGG_MODES:
+            for scale in (None, 20) if agg == "seq-mean-token-sum-norm" else (None,):
+                for weights in (True, False) if agg == "token-mean" else (True,):
+                    out = {}
+                    for name in (mode, f"drgrpo.verl.{mode}"):
+                        settings = NEW_MODE_SETTINGS.get(mode)
+                        cfg = actor_config(name, settings, loss_agg_mode=agg, loss_scale_factor=scale)
+                        torch.manual_seed(1234)  # clip_cov picks its tokens with torch.randperm
+                        try:
+                            out[name] = call_ppo_loss(cfg, batch, info, is_weights=weights)
+                        except (ValueError, AssertionError) as err:
+                            out[name] = {"error": f"{type(err).__name__}: {err}"}
+                    ours = out[f"drgrpo.verl.{mode}"]
+                    cases.append(
+                        {"mode": mode, "agg": agg, "scale": scale, "weights": weights, "verl": out[mode], "ours": ours}
+                    )
+    return {"batch": batch, "info": info, "cases": cases, "settings": NEW_MODE_SETTINGS}
+
+
 # (preset, verl actor settings) per split check; verl's defaults otherwise (clip_ratio* 0.2, clip_ratio_c 3)
 SPLIT_CASES = {
     "dr_grpo": ("dr_grpo", {"loss_scale_factor": 16, "loss_agg_mode": "seq-mean-token-sum-norm"}),
@@ -288,6 +322,11 @@ SPLIT_CASES = {
         },
     ),
     "oat_drgrpo_default_L": ("oat.drgrpo", {"loss_agg_mode": "seq-mean-token-sum-norm"}),
+    # the twins of verl's other token-level modes (they follow loss_agg_mode; the mini-batch's counts)
+    "verl_gpg": ("verl.gpg", {"loss_agg_mode": "seq-mean-token-mean"}),
+    "verl_dro": ("verl.dro", {"policy_loss": {"dro_beta": 0.3}}),
+    "verl_dppo_tv": ("verl.dppo_tv", {"loss_agg_mode": "seq-mean-token-sum"}),
+    "verl_dppo_kl": ("verl.dppo_kl", {"clip_ratio_c": 2.0, "clip_ratio_high": 0.05}),
     # grpo's k3 KL (beta 0.04) through verl's own KL settings, aggregated like the preset's surrogate
     "grpo_with_verl_kl": (
         "grpo",
@@ -381,6 +420,7 @@ def errors() -> dict:
     attempt("grpo_token_sum", lambda: with_info(full, "drgrpo.grpo", loss_agg_mode="token-sum"))
     attempt("verl_dr_grpo_token_mean", lambda: with_info(full, "drgrpo.verl.dr_grpo", loss_scale_factor=8))
     attempt("twin_sum_norm_without_L", lambda: with_info(full, "drgrpo.verl.vanilla", loss_agg_mode=sum_norm))
+    attempt("dro_without_beta", lambda: with_info(full, "drgrpo.verl.dro"))
     token_adv = batch["adv"].unsqueeze(-1) * batch["mask"] + 0.01 * batch["mask"].cumsum(-1)  # GAE-like
     attempt("token_level_advantages", lambda: with_info(full, adv=token_adv))
     attempt("bad_clip_ratio_c", lambda: with_info(full, clip_ratio_c=0.5))
@@ -495,6 +535,7 @@ def main(path: str) -> None:
         "errors": errors(),
         "twins": twins_follow_loss_agg_mode(),
         "estimators": estimators(),
+        "new_modes": new_modes(),
         "advantages": advantages(),
     }
     torch.save(results, path)

@@ -90,7 +90,7 @@ REQUIRED_BATCH_INFO = ("dp_size", "batch_num_tokens", "global_batch_size")
 
 _NEEDS_L = ("seq-mean-token-sum-norm", "token-sum-norm")
 
-VERL_LOSS_MODES = ("vanilla", "gspo", "sapo", "cispo")
+VERL_LOSS_MODES = ("vanilla", "gspo", "sapo", "cispo", "gpg", "dro", "dppo_tv", "dppo_kl")
 """verl's own loss modes that drgrpo has a ``verl.<mode>`` twin of: those twins aggregate with ``loss_agg_mode``."""
 
 VERL_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -137,7 +137,7 @@ def loss_config(preset: str, actor: Mapping[str, Any], loss_agg_mode: str | None
     for member in SURROGATES:  # every surrogate's own settings (sapo's tau_pos/neg are read for every preset)
         for setting, field in member.peer_fields.get("verl", {}).items():
             if field != "dual_clip":
-                mapped.setdefault(field, (setting, actor.get(setting, getattr(base, field))))
+                mapped.setdefault(field, (setting, _setting(actor, setting, getattr(base, field))))
             elif base.surrogate == member.name and base.ratio_level == "token":
                 dual_clip[field] = (setting, actor.get(setting))  # verl's vanilla applies clip_ratio_c (null: off)
     mapped.update(dual_clip)  # gspo, cispo, sapo do not
@@ -165,10 +165,25 @@ def loss_config(preset: str, actor: Mapping[str, Any], loss_agg_mode: str | None
     overrides = {field: value for field, (_, value) in mapped.items()}
     try:
         # beta = 0: the KL term is verl's (use_kl_loss), added outside the policy loss
-        return base.replace(beta=0.0, **overrides)
+        config = base.replace(beta=0.0, **overrides)
     except (TypeError, ValueError) as err:
         settings = ", ".join(f"{verl}={value!r} -> {field}" for field, (verl, value) in mapped.items())
         raise ValueError(f"verl actor config for loss_mode {mode} ({settings}): {err}") from err
+    if config.surrogate == "dro" and config.dro_beta is None:
+        raise ValueError(
+            f"loss_mode {mode} needs actor_rollout_ref.actor.policy_loss.dro_beta (a positive number); it is not set"
+        )
+    return config
+
+
+def _setting(actor: Mapping[str, Any], path: str, default: Any) -> Any:
+    """verl's setting ``path`` of the actor config (``policy_loss.dro_beta`` reads a nested one), or ``default``."""
+    node: Any = actor
+    for key in path.split("."):
+        if node is None or not hasattr(node, "get"):
+            return default
+        node = node.get(key, default) if key == path.split(".")[-1] else node.get(key)
+    return node
 
 
 def step_normalizer(batch_info: Mapping[str, Any] | None, config: LossConfig) -> StepNormalizer:
