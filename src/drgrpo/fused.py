@@ -78,6 +78,7 @@ from torch import Tensor, nn
 from drgrpo.aggregation import token_weights
 from drgrpo.config import LossConfig
 from drgrpo.loss import LossOutput, compute_dtype, per_token_loss, policy_loss, validate_inputs
+from drgrpo.surrogates import get_surrogate
 from drgrpo.validation import check_finite_large, check_finite_rows, check_shape
 
 if TYPE_CHECKING:
@@ -276,7 +277,8 @@ def _run(problem: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None)
     pos_cpu = pos_all.cpu()
     rows_cpu = (pos_cpu // t).tolist() if pos_cpu.numel() else []
     weights = token_weights(problem.mask.to(adt), cfg, problem.normalizer)  # (B, T), constant in logp
-    row_coupled = cfg.ratio_level != "token"
+    # a sequence ratio, or a surrogate whose token loss reads its row (a batch oracle: geo_mean), needs whole rows
+    row_coupled = cfg.ratio_level != "token" or get_surrogate(cfg.surrogate).batch_oracle is not None
     ranges = _chunks_of(counts, problem.chunk_size, whole_rows=row_coupled)
     two_pass = ranges is None
     if two_pass:

@@ -252,6 +252,21 @@ def _verl_dppo_kl() -> LossConfig:
     )
 
 
+@register_preset("verl.geo_mean")
+def _verl_geo_mean() -> LossConfig:
+    # GMPO: -A rho_i per completion, averaged over the completions of each call (verl's torch.mean over the
+    # micro-batch's rows, whatever loss_agg_mode and global_batch_info say): per call by definition.
+    return LossConfig(
+        surrogate="geo_mean",
+        aggregation="seq-mean-token-mean",
+        forced_aggregation="seq-mean-token-mean",
+        per_call_normalization=True,
+        beta=0.0,
+        name="verl.geo_mean",
+        **_VERL_ADVANTAGES,
+    )
+
+
 # ----------------------------------------------------------------------------------------- oat
 # OATArgs/PPOArgs defaults: cliprange=0.2, generate_max_length=512, beta=0.1 (the Dr. GRPO recipes of
 # understand-r1-zero pass --beta 0, used here), k3 KL, torch.std (unbiased) + 1e-8 for "grpo".
@@ -293,6 +308,7 @@ PEER_PRESETS: tuple[str, ...] = (
     "verl.dro",
     "verl.dppo_tv",
     "verl.dppo_kl",
+    "verl.geo_mean",
     "oat.grpo",
     "oat.drgrpo",
 )

@@ -250,6 +250,27 @@ def dppo_kl_token_loss(t: OracleToken, config: LossConfig) -> float:
     return _dppo_token_loss(t, config, inside)
 
 
+def geo_mean_losses(rows: list[OracleRow], config: LossConfig) -> list[list[float]]:
+    """GMPO: ``-A exp(mean_t clipped d_t)`` on every token of the row, ``d_t`` clipped to ``[-eps_low, eps_high]``
+    where that is the smaller of ``A d_t`` and ``A clip(d_t)``."""
+    low = config.clip_low if config.clip_low is not None else 0.0
+    out = []
+    for row in rows:
+        kept = []
+        for t in row.tokens:
+            d = t.logp - t.old_logp
+            c = min(max(d, -low), config.clip_high)
+            if t.adv > 0:
+                kept.append(min(d, c))
+            elif t.adv < 0:
+                kept.append(max(d, c))
+            else:
+                kept.append(0.0)
+        rho = math.exp(math.fsum(kept) / len(kept)) if kept else 1.0
+        out.append([-t.adv * rho for t in row.tokens])
+    return out
+
+
 # --------------------------------------------------------------------------- aggregation
 def aggregate(
     per_token: np.ndarray,

@@ -278,6 +278,31 @@ def dppo_kl(x: SurrogateInputs, config: LossConfig) -> Surrogate:
     return _dppo(x, config, inside)
 
 
+@register_surrogate(
+    "geo_mean",
+    batch_oracle=reference.geo_mean_losses,
+    fields=("clip_low", "clip_high"),
+    formula="-A exp(mean_t sgn(A) min(sgn(A) d_t, sgn(A) clip(d_t, -eps_low, eps_high))), d = logp - old_logp",
+    paper="GMPO, Zhao et al. 2025 (arXiv 2507.20673)",
+    frameworks="verl geo_mean",
+)
+def geo_mean(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""GMPO's geometric-mean ratio: ``-A_i rho_i`` on every token of completion i, with ``log rho_i`` the mean over
+    its tokens of the log-ratio ``d_t`` clipped to ``[-eps_low, eps_high]`` only where the clip lowers ``A d_t``.
+
+    A per-completion loss: aggregated with ``seq-mean-token-mean`` it is ``mean_i(-A_i rho_i)``. Reads its own
+    token log-ratios (``ratio_level`` does not apply).
+    """
+    d = x.logp - x.old_logp  # (B, T)
+    sign = torch.sign(x.adv)  # (B, 1)
+    clipped = d.clamp(-config.epsilon_low, config.clip_high)
+    kept = sign * torch.minimum(sign * d, sign * clipped)  # the pessimistic one of d and its clip, as A's sign says
+    length = x.mask.sum(-1, keepdim=True).clamp_min(1)
+    rho = torch.exp((kept * x.mask).sum(-1, keepdim=True) / length)  # (B, 1)
+    moved = (d != clipped) & x.mask.bool()
+    return Surrogate((-x.adv * rho).expand_as(d), moved & (x.adv < 0), moved & (x.adv > 0))
+
+
 def _required(config: LossConfig, field: str) -> float:
     value = getattr(config, field)
     if value is None:

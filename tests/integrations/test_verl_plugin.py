@@ -65,7 +65,8 @@ def test_import_verl_alone_registers_every_step_wide_preset():
     assert ep["modules_before_verl"] == []  # the runner never imports drgrpo itself
     assert "drgrpo.integrations.verl" in ep["modules_after_verl"]  # verl's plugin loader did
     assert (ep["function_module"], ep["function_preset"]) == ("drgrpo.integrations.verl", "dr_grpo")
-    step_wide = {n for n in preset_names() if not preset_config(n).per_call_normalization}
+    # every preset defined over the whole mini-batch, and verl.geo_mean (per call in verl itself)
+    step_wide = {n for n in preset_names() if not preset_config(n).per_call_normalization} | {"verl.geo_mean"}
     assert {"dr_grpo", "grpo", "dapo", "bnpo", "gspo", "cispo", "sapo"} <= step_wide
     assert set(ep["registered"]) == {f"drgrpo.{n}" for n in step_wide}
     for name, message in ep["per_call_lookup"].items():  # trl.grpo, trl.bnpo, trl.dr_grpo: per micro-batch
@@ -103,6 +104,7 @@ def test_import_without_verl_says_how_to_install():
         "verl_dro",
         "verl_dppo_tv",
         "verl_dppo_kl",
+        "gmpo",
     ],
 )
 def test_micro_batches_on_every_rank_give_the_mini_batch_gradient(case):
@@ -258,7 +260,7 @@ def test_twins_of_verl_modes_follow_loss_agg_mode():
     assert abs(ratio - 1) > 1.0, ratio
 
 
-NEW_TWINS = ("gpg", "dro", "dppo_tv", "dppo_kl")
+NEW_TWINS = ("gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean")
 
 
 @pytest.mark.parametrize("mode", NEW_TWINS)
@@ -270,16 +272,39 @@ def test_twins_of_verls_other_modes(mode):
     assert len(cases) == 7  # 5 modes, sum-norm with and without L, token-mean without IS weights too
     for case in cases:
         verl, ours = case["verl"], case["ours"]
-        if case["agg"] == "seq-mean-token-sum-norm" and case["scale"] is None:
+        if case["agg"] == "seq-mean-token-sum-norm" and case["scale"] is None and mode != "geo_mean":
             assert "loss_scale_factor is not set" in ours["error"]  # verl would divide by the padded width
             continue
-        torch.testing.assert_close(ours["loss"], verl["loss"], rtol=1e-14, atol=1e-15)
-        torch.testing.assert_close(ours["grad"], verl["grad"], rtol=1e-13, atol=1e-17)
+        # geo_mean ignores loss_agg_mode (the mean over the call's completions, as verl's); with IS weights verl
+        # takes log(w + 1e-10), a relative 1e-10 of the weights that drgrpo does not add
+        rtol = 1e-9 if mode == "geo_mean" and case["weights"] else 1e-13
+        torch.testing.assert_close(ours["loss"], verl["loss"], rtol=rtol, atol=1e-15)
+        torch.testing.assert_close(ours["grad"], verl["grad"], rtol=rtol, atol=1e-17)
         assert float(verl["grad"].abs().max()) > 1e-2
     if mode.startswith("dppo"):  # the trust region drops tokens, and the cap 3 truncates ratios e^1.5
         token_mean = next(c for c in cases if c["agg"] == "token-mean" and c["weights"])
         assert token_mean["verl"]["metrics"]["actor/pg_clipfrac"] > 0.02  # 2 or more of 46 tokens
         assert token_mean["verl"]["metrics"]["actor/pg_clipfrac_lower"] > 0
+
+
+def test_geo_mean_is_per_call_in_verl_and_in_its_twin():
+    # verl's geo_mean is torch.mean over the micro-batch's completions, whatever global_batch_info says: its twin
+    # keeps that, so one micro-batch on one rank is the whole mini-batch's mean and a split is not
+    split = live()["split"]
+    batch = split["batch"]
+    _, whole = whole_batch(batch, LossConfig.preset("verl.geo_mean"))
+    runs = {(r["mode"], r["ranks"], r["micro"]): r for r in split["geo_mean"]}
+    for ranks, micro in ((1, 1), (2, 3)):
+        ours, verl = runs[("drgrpo.verl.geo_mean", ranks, micro)], runs[("geo_mean", ranks, micro)]
+        torch.testing.assert_close(ours["grad"], verl["grad"], rtol=1e-13, atol=1e-17)
+    torch.testing.assert_close(runs[("geo_mean", 1, 1)]["grad"], whole, rtol=1e-13, atol=1e-17)
+    split_run = runs[("geo_mean", 2, 3)]
+    error = relative_error(split_run, whole)
+    MEASURED.append(
+        f"verl geo_mean and drgrpo.verl.geo_mean, 2 ranks x 3 micro-batches (rows {split_run['rows']}): "
+        f"|g - g_whole| / |g_whole| = {error:.2f}"
+    )
+    assert error > 0.5  # each micro-batch's mean, summed: about 3 times the mini-batch's mean
 
 
 def test_dro_without_dro_beta_is_refused():

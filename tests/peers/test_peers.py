@@ -38,7 +38,7 @@ def test_every_peer_preset_is_registered():
 
 def test_issue_lists_every_peer_option():
     trl = {f"trl.{t}" for t in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")}
-    modes = ("vanilla", "gspo", "cispo", "sapo", "grpo", "dr_grpo", "gpg", "dro", "dppo_tv", "dppo_kl")
+    modes = ("vanilla", "gspo", "cispo", "sapo", "grpo", "dr_grpo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean")
     verl = {f"verl.{m}" for m in modes}
     assert trl | verl | {"oat.grpo", "oat.drgrpo"} == set(peers.PEER_PRESETS)
 

@@ -339,3 +339,20 @@ def test_dro_needs_dro_beta():
         policy_loss(batch["logp"], batch["old"], batch["adv"], batch["mask"], config)
     with pytest.raises(ValueError, match="dro_beta must be positive, got -1"):
         LossConfig.preset("verl.dro", dro_beta=-1.0)
+
+
+@pytest.mark.parametrize("preset", ["verl.geo_mean", "gmpo"])
+def test_geo_mean_matches_the_oracle_and_finite_differences(preset):
+    from drgrpo import reference
+
+    batch = _ragged(7)
+    config = LossConfig.preset(preset)
+    args = (batch["old"], batch["adv"], batch["mask"], config)
+    loss = policy_loss(batch["logp"], *args).loss
+    numpy_args = (batch["old"].numpy(), batch["adv"].numpy(), batch["mask"].numpy(), config)
+    assert float(loss) == pytest.approx(reference.policy_loss(batch["logp"].numpy(), *numpy_args), rel=1e-13)
+    d = (batch["logp"] - batch["old"]).abs() * batch["mask"]
+    low, high = config.epsilon_low, config.clip_high
+    assert bool(((d > high) | (d > low)).any()) and bool((d < min(low, high)).any())  # clipped and kept tokens
+    logp = batch["logp"].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda lp: policy_loss(lp, *args).loss, (logp,), eps=1e-7, atol=1e-8)

@@ -327,6 +327,7 @@ SPLIT_CASES = {
     "verl_dro": ("verl.dro", {"policy_loss": {"dro_beta": 0.3}}),
     "verl_dppo_tv": ("verl.dppo_tv", {"loss_agg_mode": "seq-mean-token-sum"}),
     "verl_dppo_kl": ("verl.dppo_kl", {"clip_ratio_c": 2.0, "clip_ratio_high": 0.05}),
+    "gmpo": ("gmpo", {"loss_agg_mode": "seq-mean-token-mean", "clip_ratio": 0.4, "clip_ratio_low": None}),
     # grpo's k3 KL (beta 0.04) through verl's own KL settings, aggregated like the preset's surrogate
     "grpo_with_verl_kl": (
         "grpo",
@@ -346,6 +347,12 @@ def plugin_split() -> dict:
                 kl = bool(settings.get("use_kl_loss"))
                 run = split_run(factory, batch, ranks, micro, seed=100 * ranks + micro, kl=kl)
                 out["runs"].append({"case": case, "ranks": ranks, "micro": micro, **run})
+    # verl's geo_mean averages over each call's completions: its own and its twin's gradient under splits
+    out["geo_mean"] = []
+    for mode in ("geo_mean", "drgrpo.verl.geo_mean"):
+        for ranks, micro in ((1, 1), (2, 3)):
+            run = split_run(lambda m=mode: actor_config(m), batch, ranks, micro, seed=100 * ranks + micro)
+            out["geo_mean"].append({"mode": mode, "ranks": ranks, "micro": micro, **run})
     # completions with no tokens count in global_batch_size (verl's trainer) and in our N_seq alike
     empty = ragged(24, 16, seed=12)
     empty["mask"][[3, 10, 17]] = 0.0

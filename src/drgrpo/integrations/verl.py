@@ -90,7 +90,7 @@ REQUIRED_BATCH_INFO = ("dp_size", "batch_num_tokens", "global_batch_size")
 
 _NEEDS_L = ("seq-mean-token-sum-norm", "token-sum-norm")
 
-VERL_LOSS_MODES = ("vanilla", "gspo", "sapo", "cispo", "gpg", "dro", "dppo_tv", "dppo_kl")
+VERL_LOSS_MODES = ("vanilla", "gspo", "sapo", "cispo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean")
 """verl's own loss modes that drgrpo has a ``verl.<mode>`` twin of: those twins aggregate with ``loss_agg_mode``."""
 
 VERL_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -268,14 +268,19 @@ def make_policy_loss(preset: str) -> Callable[..., tuple[Tensor, dict[str, Any]]
         if config is None:
             raise ValueError(f"loss_mode {LOSS_PREFIX}{preset} needs verl's actor config (config=None was passed)")
         cfg = loss_config(preset, config, loss_agg_mode)
-        norm = step_normalizer(config.get("global_batch_info"), cfg)
+        # verl's geo_mean averages over the call's own completions: its twin keeps that (per call)
+        norm = None if cfg.per_call_normalization else step_normalizer(config.get("global_batch_info"), cfg)
         mask = response_mask
         adv = completion_advantages(advantages, mask)  # (B,)
         validate_inputs(log_prob, old_log_prob, adv, mask, cfg, None)
         terms = per_token_loss(log_prob, old_log_prob, adv, mask, cfg)  # (B, T), 0 on padding
         weights = token_weights(mask.to(terms.loss.dtype), cfg, norm)  # (B, T): the step's denominators
         if rollout_is_weights is not None:
-            weights = weights * rollout_is_weights.to(weights.dtype)  # verl's rollout correction, per token
+            rho = rollout_is_weights.to(weights.dtype)  # verl's rollout correction, per token
+            if cfg.surrogate == "geo_mean":  # per completion: the geometric mean of its tokens' weights, as verl's
+                m = mask.to(rho.dtype)
+                rho = (rho.log() * m).sum(-1, keepdim=True).div(m.sum(-1, keepdim=True).clamp_min(1)).exp()
+            weights = weights * rho
         pg_loss = (terms.loss * weights).sum()
         return pg_loss, _verl_metrics(terms, adv, mask, log_prob, old_log_prob, cfg)
 
@@ -317,10 +322,14 @@ def register_losses(names: Iterable[str] | None = None) -> list[str]:
     every worker runs it). A name verl already holds for another function raises a ValueError (verl's own
     registry would silently replace it).
     """
-    chosen = [n for n in preset_names() if not preset_config(n).per_call_normalization] if names is None else names
+
+    def step_wide(name: str) -> bool:  # or a twin of a verl mode that is per call in verl too (geo_mean)
+        return not preset_config(name).per_call_normalization or follows_loss_agg_mode(name)
+
+    chosen = [n for n in preset_names() if step_wide(n)] if names is None else names
     registered = []
     for name in chosen:
-        if preset_config(name).per_call_normalization:
+        if not step_wide(name):
             raise ValueError(f"preset {name!r} is defined per micro-batch and has no step-wide form for verl")
         mode = LOSS_PREFIX + name
         held = POLICY_LOSS_REGISTRY.get(mode)
