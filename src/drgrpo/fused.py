@@ -78,7 +78,7 @@ from torch import Tensor, nn
 from drgrpo.aggregation import token_weights
 from drgrpo.config import LossConfig
 from drgrpo.loss import LossOutput, compute_dtype, per_token_loss, policy_loss, validate_inputs
-from drgrpo.surrogates import get_surrogate
+from drgrpo.surrogates import BATCH_COUPLED, get_surrogate
 from drgrpo.validation import check_finite_large, check_finite_rows, check_shape
 
 if TYPE_CHECKING:
@@ -447,6 +447,11 @@ def fused_policy_loss(
     adt = compute_dtype(weight.dtype)
     logp_shape = torch.zeros(b, t, dtype=adt, device=hidden.device)  # stands for logp in the checks of the rest
     validate_inputs(logp_shape, old_logp, advantages, mask, config, ref_logp, values=validate)
+    if config.surrogate in BATCH_COUPLED:
+        raise ValueError(
+            f"config.surrogate {config.surrogate!r} reads a covariance over every token of the call, which the fused "
+            "path, evaluating chunks of rows, does not have: use drgrpo.policy_loss"
+        )
     if validate:
         check_finite_rows("hidden", hidden, mask)
         check_finite_large("weight", weight)

@@ -252,6 +252,21 @@ def _verl_dppo_kl() -> LossConfig:
     )
 
 
+@register_preset("verl.kl_cov")
+def _verl_kl_cov() -> LossConfig:
+    # -A r, plus 0.1 |logp - old| on the 0.02% of the call's tokens of largest cov(A, logp) (at least one).
+    return LossConfig(surrogate="kl_cov", aggregation="token-mean", beta=0.0, name="verl.kl_cov", **_VERL_ADVANTAGES)
+
+
+@register_preset("verl.clip_cov")
+def _verl_clip_cov() -> LossConfig:
+    # PPO clip 0.2 (no dual clip); the loss of 0.02% of the call's tokens (at least one), drawn among those with
+    # 1 < cov(A, logp) < 5 that the clip leaves alone, set to 0.
+    return LossConfig(
+        surrogate="clip_cov", aggregation="token-mean", beta=0.0, name="verl.clip_cov", **_VERL_ADVANTAGES
+    )
+
+
 @register_preset("verl.geo_mean")
 def _verl_geo_mean() -> LossConfig:
     # GMPO: -A rho_i per completion, averaged over the completions of each call (verl's torch.mean over the
@@ -309,6 +324,8 @@ PEER_PRESETS: tuple[str, ...] = (
     "verl.dppo_tv",
     "verl.dppo_kl",
     "verl.geo_mean",
+    "verl.kl_cov",
+    "verl.clip_cov",
     "oat.grpo",
     "oat.drgrpo",
 )

@@ -271,6 +271,62 @@ def geo_mean_losses(rows: list[OracleRow], config: LossConfig) -> list[list[floa
     return out
 
 
+def _token_covariances(rows: list[OracleRow]) -> list[list[float]]:
+    """``(A - mean A)(logp - mean logp)`` for every real token, means over all rows' real tokens."""
+    tokens = [t for row in rows for t in row.tokens]
+    if not tokens:
+        return [[] for _ in rows]
+    mean_adv = math.fsum(t.adv for t in tokens) / len(tokens)
+    mean_logp = math.fsum(t.logp for t in tokens) / len(tokens)
+    return [[(t.adv - mean_adv) * (t.logp - mean_logp) for t in row.tokens] for row in rows]
+
+
+def kl_cov_losses(rows: list[OracleRow], config: LossConfig) -> list[list[float]]:
+    """KL-Cov: ``-A r``, plus ``coef |logp - old|`` on the ``max(1, floor(ratio n))`` tokens of largest covariance."""
+    cov = _token_covariances(rows)
+    flat = [(cov[i][j], i, j) for i, row in enumerate(rows) for j in range(len(row.tokens))]
+    k = max(1, int(len(flat) * config.kl_cov_ratio)) if flat else 0
+    chosen = {(i, j) for _, i, j in sorted(flat, key=lambda c: -c[0])[:k]}
+    out = []
+    for i, row in enumerate(rows):
+        losses = []
+        for j, t in enumerate(row.tokens):
+            loss = -t.adv * math.exp(t.logp - t.old_logp)
+            if (i, j) in chosen:
+                loss += config.ppo_kl_coef * abs(t.logp - t.old_logp)
+            losses.append(loss)
+        out.append(losses)
+    return out
+
+
+def clip_cov_losses(rows: list[OracleRow], config: LossConfig) -> list[list[float]]:
+    """Clip-Cov: PPO's clipped loss, 0 on a random draw of the unclipped tokens with ``lb < cov < ub``.
+
+    The draw is ``torch.randperm`` of the candidates (row-major), the generator verl uses: seed it the same.
+    """
+    import torch  # the random draw only
+
+    cov = _token_covariances(rows)
+    low = config.clip_low if config.clip_low is not None else 0.0
+    loss, candidates = [], []
+    n = sum(len(row.tokens) for row in rows)
+    for i, row in enumerate(rows):
+        losses = []
+        for j, t in enumerate(row.tokens):
+            ratio = math.exp(t.logp - t.old_logp)
+            unclipped, clipped = -t.adv * ratio, -t.adv * min(max(ratio, 1 - low), 1 + config.clip_high)
+            losses.append(max(unclipped, clipped))
+            if not clipped > unclipped and config.clip_cov_lb < cov[i][j] < config.clip_cov_ub:
+                candidates.append((i, j))
+        loss.append(losses)
+    if candidates:
+        k = max(int(config.clip_cov_ratio * n), 1)
+        for c in torch.randperm(len(candidates))[:k].tolist():
+            i, j = candidates[c]
+            loss[i][j] = 0.0
+    return loss
+
+
 # --------------------------------------------------------------------------- aggregation
 def aggregate(
     per_token: np.ndarray,

@@ -303,6 +303,82 @@ def geo_mean(x: SurrogateInputs, config: LossConfig) -> Surrogate:
     return Surrogate((-x.adv * rho).expand_as(d), moved & (x.adv < 0), moved & (x.adv > 0))
 
 
+BATCH_COUPLED: tuple[str, ...] = ("kl_cov", "clip_cov")
+"""Surrogates whose token loss reads every row of the call (a covariance over its tokens): not chunkable."""
+
+
+def _token_covariance(x: SurrogateInputs) -> tuple[Tensor, Tensor]:
+    """``(A_t - mean A)(logp_t - mean logp)`` over the call's real tokens (detached), and the real-token mask."""
+    real = x.mask.bool()
+    adv = x.adv.expand_as(x.logp).detach()
+    logp = x.logp.detach()
+    count = real.sum().clamp_min(1)
+    mean_adv = torch.where(real, adv, 0.0).sum() / count
+    mean_logp = torch.where(real, logp, 0.0).sum() / count
+    return torch.where(real, (adv - mean_adv) * (logp - mean_logp), 0.0), real
+
+
+@register_surrogate(
+    "kl_cov",
+    batch_oracle=reference.kl_cov_losses,
+    fields=("kl_cov_ratio", "ppo_kl_coef"),
+    formula="-A r, plus ppo_kl_coef abs(logp - old_logp) on the kl_cov_ratio share of tokens of largest cov(A, logp)",
+    paper="Cui et al. 2025, The Entropy Mechanism of RL for Reasoning LMs (arXiv 2505.22617)",
+    frameworks="verl kl_cov",
+    peer_fields={"verl": {"policy_loss.kl_cov_ratio": "kl_cov_ratio", "policy_loss.ppo_kl_coef": "ppo_kl_coef"}},
+)
+def kl_cov(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""KL-Cov: ``-A r`` (no clip) on every token, plus ``ppo_kl_coef |logp - old_logp|`` on the
+    ``max(1, floor(kl_cov_ratio n))`` real tokens (of the n in the call) with the largest covariance
+    ``(A_t - mean A)(logp_t - mean logp)``: a covariance over the whole call's tokens."""
+    cov, real = _token_covariance(x)
+    n = int(real.sum())
+    selected = torch.zeros_like(real)
+    if n > 0:
+        k = max(1, int(n * config.kl_cov_ratio))
+        flat = torch.where(real, cov, -torch.inf).reshape(-1)
+        selected.view(-1)[flat.topk(k).indices] = True
+    penalty = config.ppo_kl_coef * (x.logp - x.old_logp).abs()
+    loss = -x.adv * x.ratio + torch.where(selected, penalty, 0.0)
+    never = torch.zeros_like(real)
+    return Surrogate(loss, never, selected)
+
+
+@register_surrogate(
+    "clip_cov",
+    batch_oracle=reference.clip_cov_losses,
+    fields=("clip_low", "clip_high", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub"),
+    formula="PPO's -min(r A, clip(r) A), 0 on clip_cov_ratio of the tokens with lb < cov(A, logp) < ub, at random",
+    paper="Cui et al. 2025, The Entropy Mechanism of RL for Reasoning LMs (arXiv 2505.22617)",
+    frameworks="verl clip_cov",
+    peer_fields={
+        "verl": {
+            "policy_loss.clip_cov_ratio": "clip_cov_ratio",
+            "policy_loss.clip_cov_lb": "clip_cov_lb",
+            "policy_loss.clip_cov_ub": "clip_cov_ub",
+        }
+    },
+)
+def clip_cov(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""Clip-Cov: PPO's clipped surrogate (no dual clip) with the loss of ``max(1, floor(clip_cov_ratio n))``
+    tokens set to 0, drawn with ``torch.randperm`` (the global generator, as verl's) among the real tokens the clip
+    leaves alone whose covariance ``(A_t - mean A)(logp_t - mean logp)`` lies strictly between ``clip_cov_lb`` and
+    ``clip_cov_ub`` (in row-major order): a random choice over the whole call's tokens."""
+    cov, real = _token_covariance(x)
+    unclipped = -x.adv * x.ratio
+    clipped = -x.adv * x.ratio.clamp(1 - config.epsilon_low, 1 + config.clip_high)
+    by_clip = (clipped > unclipped) & real
+    candidates = (real & ~by_clip & (cov > config.clip_cov_lb) & (cov < config.clip_cov_ub)).nonzero()
+    cut = torch.zeros_like(real)
+    if len(candidates) > 0:
+        k = max(int(config.clip_cov_ratio * int(real.sum())), 1)
+        chosen = candidates[torch.randperm(len(candidates))[:k]]
+        cut[chosen[:, 0], chosen[:, 1]] = True
+    loss = torch.maximum(unclipped, clipped) * (~cut).to(unclipped.dtype)
+    never = torch.zeros_like(real)
+    return Surrogate(loss, never, cut)
+
+
 def _required(config: LossConfig, field: str) -> float:
     value = getattr(config, field)
     if value is None:

@@ -260,7 +260,7 @@ def test_twins_of_verl_modes_follow_loss_agg_mode():
     assert abs(ratio - 1) > 1.0, ratio
 
 
-NEW_TWINS = ("gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean")
+NEW_TWINS = ("gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean", "kl_cov", "clip_cov")
 
 
 @pytest.mark.parametrize("mode", NEW_TWINS)
@@ -281,6 +281,9 @@ def test_twins_of_verls_other_modes(mode):
         torch.testing.assert_close(ours["loss"], verl["loss"], rtol=rtol, atol=1e-15)
         torch.testing.assert_close(ours["grad"], verl["grad"], rtol=rtol, atol=1e-17)
         assert float(verl["grad"].abs().max()) > 1e-2
+    if mode == "clip_cov":  # the random cut is active (both drew the same tokens: the same seed)
+        token_mean = next(c for c in cases if c["agg"] == "token-mean" and c["weights"])
+        assert token_mean["verl"]["metrics"]["actor/pg_clipfrac"] > 0.05
     if mode.startswith("dppo"):  # the trust region drops tokens, and the cap 3 truncates ratios e^1.5
         token_mean = next(c for c in cases if c["agg"] == "token-mean" and c["weights"])
         assert token_mean["verl"]["metrics"]["actor/pg_clipfrac"] > 0.02  # 2 or more of 46 tokens

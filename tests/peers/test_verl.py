@@ -356,3 +356,33 @@ def test_geo_mean_matches_the_oracle_and_finite_differences(preset):
     assert bool(((d > high) | (d > low)).any()) and bool((d < min(low, high)).any())  # clipped and kept tokens
     logp = batch["logp"].clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda lp: policy_loss(lp, *args).loss, (logp,), eps=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("preset", ["verl.kl_cov", "verl.clip_cov"])
+def test_covariance_members_match_the_oracle(preset):
+    # the covariance is over every real token of the call; clip_cov's random draw is the global torch generator,
+    # seeded alike for the function and the oracle
+    from drgrpo import reference
+
+    batch = _ragged(8)
+    config = LossConfig.preset(preset, kl_cov_ratio=0.1, ppo_kl_coef=0.5, clip_cov_ratio=0.2, clip_cov_lb=0.05)
+    args = (batch["old"], batch["adv"], batch["mask"], config)
+    numpy_args = (batch["logp"].numpy(), batch["old"].numpy(), batch["adv"].numpy(), batch["mask"].numpy(), config)
+    torch.manual_seed(3)
+    loss = policy_loss(batch["logp"], *args).loss
+    torch.manual_seed(3)
+    per_token = reference.per_token_losses(*numpy_args)
+    torch.manual_seed(3)
+    assert float(loss) == pytest.approx(reference.policy_loss(*numpy_args), rel=1e-13)
+    m = batch["mask"].numpy()
+    lp, old, adv = batch["logp"].numpy(), batch["old"].numpy(), batch["adv"].numpy()[:, None]
+    plain = -adv * np.exp(lp - old)
+    if preset == "verl.kl_cov":
+        penalised = (np.abs(per_token - plain) > 1e-12) & (m != 0)
+        assert penalised.sum() == int(m.sum() * 0.1)  # exactly the top share of tokens
+    else:
+        clipped = np.maximum(plain, -adv * np.clip(np.exp(lp - old), 0.8, 1.2))
+        cut = (per_token == 0) & (clipped != 0) & (m != 0)
+        assert cut.sum() == int(m.sum() * 0.2)
+        torch.manual_seed(4)  # another draw cuts other tokens
+        assert float(policy_loss(batch["logp"], *args).loss) != pytest.approx(float(loss), rel=1e-9)

@@ -90,7 +90,19 @@ REQUIRED_BATCH_INFO = ("dp_size", "batch_num_tokens", "global_batch_size")
 
 _NEEDS_L = ("seq-mean-token-sum-norm", "token-sum-norm")
 
-VERL_LOSS_MODES = ("vanilla", "gspo", "sapo", "cispo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean")
+VERL_LOSS_MODES = (
+    "vanilla",
+    "gspo",
+    "sapo",
+    "cispo",
+    "gpg",
+    "dro",
+    "dppo_tv",
+    "dppo_kl",
+    "geo_mean",
+    "kl_cov",
+    "clip_cov",
+)
 """verl's own loss modes that drgrpo has a ``verl.<mode>`` twin of: those twins aggregate with ``loss_agg_mode``."""
 
 VERL_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
