@@ -602,3 +602,46 @@ def test_every_relative_link_resolves() -> None:
             if not path.exists() or (anchor and path.suffix == ".md" and anchor not in anchors(path)):
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert not broken, f"links to no file or no heading: {broken}"
+
+
+SECTION_NAMED = re.compile(r'\b(?:see|section) "([^"]+)"', re.I)
+"""A section named in words ('see "Use with verl"'), which no link check reads: it must be a heading somewhere."""
+
+
+def test_sections_named_in_words_exist() -> None:
+    # a section named in quotes instead of linked escapes test_every_relative_link_resolves: peers.md once sent
+    # readers to "Use with verl", a heading no page had; a named section must be a heading of some page
+    headings = {h for page in PAGES for h in anchors(page)}
+    missing = []
+    for page in PAGES:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for title in SECTION_NAMED.findall(text):
+            if anchors_of_title(title) not in headings:
+                missing.append(f"{page.relative_to(ROOT)}: {title!r}")
+    assert not missing, f"sections named in words that no page has (link them instead): {missing}"
+    assert SECTION_NAMED.findall('as the trainer does (see "Use with verl")') == ["Use with verl"]
+
+
+def anchors_of_title(title: str) -> str:
+    """The anchor GitHub gives a heading of this title (as :func:`anchors` computes it)."""
+    return re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", title.strip().lower()))
+
+
+INDEX_INSTALL = re.compile(r"pip install ['\"]?drgrpo\[")
+"""An install from a package index (``pip install drgrpo[trl]``): drgrpo is on none, so it fails."""
+
+
+def test_install_instructions_work_from_a_clone() -> None:
+    # drgrpo is installed from a clone (scripts/setup.sh, or pip install -e '.[extra]'): a page, a recipe, a
+    # script or an error message that says pip install drgrpo[...] sends the reader to an index that lacks it
+    files = [*PAGES, *(ROOT / "recipes").rglob("*"), *(ROOT / "scripts").rglob("*"), *(ROOT / "src").rglob("*.py")]
+    found = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in files
+        if path.is_file() and path.suffix in {".md", ".py", ".sh", ".yaml", ""}
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), start=1)
+        if INDEX_INSTALL.search(line)
+    ]
+    assert not found, f"install lines that need drgrpo on a package index: {found}"
+    assert INDEX_INSTALL.search("pip install 'drgrpo[deepspeed]'")
+    assert not INDEX_INSTALL.search("pip install -e '.[trl]'")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Dr. GRPO as the paper ran it: Qwen2.5-Math-1.5B on MATH levels 3-5, Qwen-Math template, in verl 0.9.1 with
-# drgrpo's loss (loss_mode=drgrpo.dr_grpo; pip install drgrpo[verl]), one node of 8 GPUs:
+# drgrpo's loss (loss_mode=drgrpo.dr_grpo; pip install -e '.[verl]' from a clone), one node of 8 GPUs:
 #
 #   python recipes/dr_grpo_qwen2.5_math_1.5b/prepare_math.py --out data/math_lvl3to5
 #   bash recipes/dr_grpo_qwen2.5_math_1.5b/verl.sh [more verl overrides]

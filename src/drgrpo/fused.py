@@ -1,70 +1,11 @@
 r"""The policy loss straight from hidden states, without ever holding the ``(N, V)`` logits.
 
-Notation: B completions, T tokens, N = B*T, H hidden size, V vocabulary, tau the sampling temperature,
-``h (B, T, H)`` the last hidden states, ``W (V, H)`` (and ``b (V,)``) the output layer, ``y (B, T)`` the
-sampled tokens. The logits path computes::
-
-    z    = (h W^T + b) / tau                      # (N, V): 2.5 GB in float32 at N = 4096, V = 151936
-    logp = log_softmax(z)[y]                      # (B, T)
-    loss = policy_loss(logp, old_logp, A, mask, config)
-
-:func:`fused_policy_loss` returns the same loss, metrics and gradients for ``h``, ``W`` and ``b`` while
-holding only one chunk of rows of ``z`` at a time (extra memory ``O(chunk_size * V)``, not ``O(N * V)``).
-
-Why one pass is enough
-----------------------
-Every aggregation is linear in the per-token loss ``l`` with weights ``w`` that do not depend on ``logp``
-(:func:`drgrpo.token_weights`), and ``l_n`` depends only on ``logp_n`` (token-level ratio) or on its row's
-``logp`` (sequence-level ratio, GSPO). With ``g_n = d(sum_m w_m l_m) / d logp_n``, ``a_n = g_n / tau`` and
-``p_n = softmax(z_n)``::
-
-    d loss / d z_n = g_n (onehot(y_n) - p_n) = -g_n d_n,      d_n = p_n - onehot(y_n)
-    dh_n = -a_n d_n W                                         # matmul 2: D W        (chunk, V) x (V, H)
-    dW   = -sum_n a_n d_n^T h_n                               # matmul 3: D^T (a h)  (V, chunk) x (chunk, H)
-    db   = -sum_n a_n d_n
-
-so each chunk is done in one visit: ``z_c = h_c W^T`` (matmul 1, bias and 1/tau folded in), an in-place
-log-softmax, ``logp_c`` gathered, then ``g_c`` from the cheap per-token loss of the chunk's rows
-(:func:`drgrpo.loss.per_token_loss` and autograd on ``chunk`` numbers, not on logits), then
-``D = exp(.) - onehot`` in place in the same buffer and matmuls 2 and 3 (``dW`` accumulated in place with
-``addmm``). Total work: the three ``N x H x V`` products of the logits path and no recomputation
-(Liger-Kernel recomputes the logits in its backward: four products); only real (mask = 1) tokens are
-computed, so padding costs nothing.
-
-The gradients are computed during the forward call and kept (``dh (B, T, H)`` in the input dtype, ``dW``
-and ``db`` accumulated in float32); ``backward`` hands them over, scaled by the incoming gradient, without a
-copy. A second backward through a retained graph (``retain_graph=True``, gradcheck) recomputes them.
-
-No vocabulary chunking: a chunk holds all V columns of its rows, because the softmax needs the row's
-normaliser before any column of ``D`` exists; splitting V with an online logsumexp would need a second
-``h W^T`` (four products, 1.33x the floor). The buffer is bounded instead by shrinking the rows per
-chunk as V grows (:func:`default_chunk_size`): at V = 151936 the measured peak is under 10% of the
-logits path's.
-
-Sequence-level ratios (``config.ratio_level == "sequence"``, GSPO) couple the tokens of a row, so chunks
-are made of whole rows. If one row has more real tokens than ``chunk_size``, the call falls back to two
-passes (``logp`` of every token first, then ``g`` for all tokens, then the gradient pass): four products
-instead of three, same memory bound.
-
-Entropy (``compute_entropy=True``, for logging as TRL does): the chunk's log-softmax ``log p_n`` is in hand
-after matmul 1, so each token's entropy of the full distribution,
-``H_n = -sum_v p_nv log p_nv = logsumexp(z_n) - sum_v softmax(z_n)_v z_nv``, costs one more elementwise pass
-over the chunk (multiply, row sum and a copy, through a scratch buffer of a few rows: the ``exp`` that turns
-``log p`` into ``p`` for the gradient is shared) and no product.
-
-The loss value and the metrics are :func:`drgrpo.policy_loss` evaluated on the detached per-token log-probs
-(``N`` numbers), so they are those of the logits path; the log-probs are returned in ``LossOutput.logp``
-(0 on padding) for logging or as the next step's ``old_logp``.
-
-Precision: float32 and float64 inputs match the logits path to rounding (1e-6 relative in float32).
-bf16/fp16 inputs: the three products run in the input dtype, the logits are upcast to float32 for the
-log-softmax, ``logp`` and the loss are float32, and ``dW``/``db`` are accumulated in float32 and cast to
-the parameter dtype at the end. Against a float32 logits path on the same (bf16-rounded) inputs, the
-loss agrees to 2e-3 relative and the gradients to 3e-2 relative in norm (tests/test_fused.py), like the
-bf16 logits path. With a clipped surrogate, bf16 rounding of ``logp`` can also move a ratio across the
-clip boundary, which changes that token's gradient in any bf16 implementation.
-
-No gradient flows to ``advantages``, ``old_logp`` or ``ref_logp`` (data, as in every trainer).
+:func:`fused_policy_loss` returns :func:`drgrpo.policy_loss`'s loss, metrics and gradients for the hidden states
+``h (B, T, H)``, the output layer ``W (V, H)`` and its bias, holding one chunk of rows of the logits at a time
+(extra memory ``O(chunk_size * V)``): one visit per chunk computes the logits, the log-softmax and the gradient
+(three ``N x H x V`` products, no recomputation; :func:`default_chunk_size` bounds the buffer). The derivation,
+GSPO's whole-row chunks, the entropy, and the precision in bf16/fp16: docs/design.md, section 9.2; measurements:
+docs/fused.md.
 """
 
 from __future__ import annotations

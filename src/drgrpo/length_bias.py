@@ -1,40 +1,10 @@
 r"""GRPO's length bias, isolated: a two-decision policy trained with :func:`drgrpo.policy_loss`.
 
-The controlled policy answers one prompt with completions of at most ``L`` tokens::
-
-    token 1     the answer: right with probability q = sigmoid(theta) (reward 1), else wrong (reward 0)
-    tokens 2..  at each position: stop (EOS) with probability p_c = sigmoid(phi_c), else a working token "."
-
-A completion with ``n`` working tokens and then EOS has length ``|o| = n + 2`` (``n = 0 .. L-2``); one that
-has not stopped after ``L`` tokens is cut off (``n = L-1``, ``|o| = L``) and its answer still counts. The stop
-logit ``phi_c`` either *sees* correctness (one logit for right answers, one for wrong ones: the continuation
-can depend on a mistake in the prefix) or is *blind* (one shared logit). Nothing but the answer earns reward.
-
-**The score of a length.** The stop decisions of one completion contribute to ``d log pi(o) / d phi_c``::
-
-    g(n) = (1 - p_c) - n p_c = 1 - (n + 1) p_c       (n working tokens, then EOS)
-    g    = -(L - 1) p_c                              (cut off)
-
-and ``E[g | c] = 0``, as for any score function.
-
-**The expected gradient** (on-policy, ratio 1, ``beta = 0``: each token's loss is ``-A_i log pi``, so
-``d loss / d phi_c = -sum_i sum_t w_{i,t} A_i d log pi(o_{i,t}) / d phi_c``). A completion's length is
-independent of everything else in its group given its correctness, and ``A_i`` depends only on the
-group's correctness, so per completion::
-
-    E[d loss / d phi_c] = -M_c * H_c,       M_c = E[A_1 1{c_1 = c}],    H_c = E[ w(|o|) g | c ]
-
-    GRPO      w = 1 / |o|  :  H_c = E[g / |o| | c] = d/dphi_c E[1/|o| | c] > 0   (g and 1/|o| both fall with n)
-    Dr. GRPO  w = 1 / L    :  H_c = E[g | c] / L = 0
-
-``M_right = -M_wrong > 0`` (the advantages of a group sum to zero). So GRPO's expected update raises the stop
-logit after a right answer (shorter) and lowers it after a wrong one (longer), at a rate proportional to how
-much ``1/|o|`` varies; Dr. GRPO's has no component on the stop logits at all. When the stop decision is blind,
-its expected gradient is ``-(M_right + M_wrong) H = -E[A_1] H = 0`` under both: no drift in expectation.
-
-:func:`expected_gradient` evaluates these sums in float64; :func:`train_policy` trains the policy on sampled
-groups with the real :func:`~drgrpo.advantages.group_advantages` and :func:`~drgrpo.loss.policy_loss` and plain
-SGD, whose expected step is exactly ``-lr`` times the expected gradient.
+The controlled policy answers one prompt (right with probability ``sigmoid(theta)``), then stops or adds a working
+token at each position (stop logits that see correctness, or one blind logit). :func:`expected_gradient`
+evaluates the expected gradient on the stop logits in float64; :func:`train_policy` trains the policy on sampled
+groups with the real :func:`drgrpo.group_advantages` and :func:`drgrpo.policy_loss`. The derivation:
+docs/design.md, section 9.6; the results: docs/length-bias.md.
 """
 
 from __future__ import annotations

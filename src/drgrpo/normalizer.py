@@ -1,33 +1,9 @@
 r"""Global counts for one optimizer step, so that a split batch gives the whole batch's gradient.
 
-An optimizer step's batch is often split into K micro-batches (gradient accumulation) on each of
-P processes (data parallelism). Every aggregation of :mod:`drgrpo.aggregation` is
-``loss = sum_{i,t} w_{i,t} l_{i,t}`` with weights that divide by the batch's real-token count
-``N_tok``, its completion count ``N_seq`` or a constant ``L``. Normalising inside each micro-batch
-(or each process) uses the *local* counts and optimises a different objective: token-mean then
-weights micro-batches by completion count instead of token count (verl #5625, TRL #3231), and
-seq-mean divides by the local number of completions.
-
-The fix is to count once per step and divide once::
-
-    N_tok = sum_{p, k} sum_{i,t} m^{(p,k)}_{i,t}          (all real tokens of the step)
-    N_seq = sum_{p, k} B^{(p,k)}                            (all completions of the step)
-
-``StepNormalizer.from_masks`` sums the counts of this process's micro-batch masks and, when a
-``torch.distributed`` process group is initialised, adds the other processes' counts with ONE
-``all_reduce(SUM)``. Passed as ``normalizer=`` to :func:`drgrpo.policy_loss` (or the fused loss),
-each micro-batch's loss is exactly its share of the step's objective, so
-
-    sum_k loss^{(p,k)}      summed by gradient accumulation on process p, and
-    (1/P) sum_p grad_p      averaged by DistributedDataParallel across processes
-
-give exactly the gradient of the whole batch's loss.
-
-The DDP averaging correction (the one place it lives): DDP (and FSDP) *average* gradients over
-the P processes of the group, while the whole batch's gradient is the *sum* of the processes'
-shares. ``StepNormalizer.world_size`` is P, and :func:`drgrpo.aggregation.token_weights`
-multiplies every weight by it, so the average of the P rescaled gradients is their sum. If you
-sum gradients yourself (no averaging), build the normalizer with ``ddp_average=False``.
+:class:`StepNormalizer` holds the real-token and completion counts of a whole step (every micro-batch of every
+process, summed with one ``all_reduce``) and the DDP averaging correction (``world_size``); passed as
+``normalizer=`` to :func:`drgrpo.policy_loss`, each micro-batch's loss is exactly its share of the step's
+objective. Why local counts optimise a different objective, and the correction: docs/design.md, section 9.5.
 """
 
 from __future__ import annotations

@@ -1,53 +1,10 @@
 r"""Presets named after the peers' own options, so that the same name gives the same numbers.
 
-Users move between frameworks; ``LossConfig.preset("trl.dr_grpo")`` is the loss TRL computes for
-``GRPOConfig(loss_type="dr_grpo")`` with TRL's defaults, quirks included. Overrides use the
-:class:`~drgrpo.config.LossConfig` field names (``aggregation=``, ``max_completion_length=`` for the
-constant L, ``clip_low=``, ``clip_high=``, ``dual_clip=``, ``beta=``, ``cispo_cap=``)::
-
-    LossConfig.preset("trl.dapo", clip_high=0.28)       # TRL epsilon_high=0.28
-    LossConfig.preset("verl.dr_grpo", max_completion_length=4096)   # verl loss_scale_factor=4096
-
-Each preset states the peer version it was checked against; ``tests/peers/`` runs TRL's and
-Liger-Kernel's own code on random ragged batches and compares loss and gradient. The quirks
-reproduced on purpose (they are the peers' behaviour, not ours):
-
-TRL 1.16 (``trl.<loss_type>``)
-    * ``epsilon_high`` defaults to ``epsilon`` = 0.2 (so ``trl.dapo`` is *not* clip-higher unless
-      asked); advantages ``(r - mean_group) / (std + 1e-4)`` with the unbiased std (``scale_rewards``
-      "group"; "batch" keeps the group mean and uses the batch std); NaN rewards ignored, NaN
-      advantages set to 0.
-    * ``dr_grpo`` divides by the micro-batch's completions times ``max_completion_length`` (512).
-    * ``bnpo`` divides by the micro-batch's own token count (never a step's), ``dapo``/``cispo`` by the
-      generation batch's token count (pass a :class:`~drgrpo.normalizer.StepNormalizer`).
-    * ``cispo`` caps the stop-gradient ratio at ``epsilon_high`` itself, not ``1 + epsilon_high``, with
-      no lower bound; TRL's default ``epsilon_high`` = 0.2 caps it at 0.2 (TRL recommends 5.0): pass
-      ``cispo_cap=``.
-    * with ``beta > 0`` the k3 KL is multiplied by the importance ratio (``use_bias_correction_kl=True``).
-
-verl 0.9.1 (``verl.<loss_mode>``, ``verl.grpo``, ``verl.dr_grpo``; run live in ``tests/peers/test_verl.py``)
-    * advantages ``(r - mean_group) / (std + 1e-6)``, unbiased std; a group of one gets mean 0, std 1;
-      ``verl.dr_grpo`` is ``norm_adv_by_std_in_grpo=False``.
-    * ``vanilla``: dual clip with ``clip_ratio_c`` = 3; ``loss_agg_mode`` "token-mean" (verl's default).
-    * inside verl's trainer every aggregation uses the mini-batch's counts (``global_batch_info``): pass a
-      :class:`~drgrpo.normalizer.StepNormalizer` with ``num_tokens=batch_num_tokens``,
-      ``num_sequences=global_batch_size``, ``world_size=dp_size`` for the same numbers.
-    * its ``seq-mean-token-sum-norm`` is ours (the mean over the step's completions, then ``/ L``) with
-      ``L = loss_scale_factor``; unset, verl divides by the padded width of each micro-batch, which
-      ``verl.dr_grpo`` refuses: pass ``max_completion_length=loss_scale_factor`` (verl 0.7 and earlier
-      divided ``sum_{i,t} l m`` by L with no mean over completions: our ``token-sum-norm``).
-    * ``gspo`` follows ``loss_agg_mode``; ``sapo`` aggregates its surrogate with ``seq-mean-token-mean``
-      whatever ``loss_agg_mode`` says (``forced_aggregation``), and its KL term with ``loss_agg_mode``.
-    * ``cispo`` clips the stop-gradient ratio on both sides, ``[1 - low, 1 + high]``.
-    * not reproduced: the stability clamps of the log-ratio (``[-20, 20]``; ``<= 10`` for gspo), which
-      change nothing unless ``|log r|`` exceeds them; the ``+ 1e-8`` in verl's seq-mean-token-mean row
-      denominator (1e-8 relative); verl's per-call fallback (no ``global_batch_info``) leaves rows with no
-      tokens out of the completion count; ``sapo`` with a KL term aggregated differently from its
-      surrogate (refused with an error); the straight-through ``kl_loss_type`` variants (``"k3+"``).
-
-oat (``oat.grpo``, ``oat.drgrpo``; the Dr. GRPO authors' framework)
-    * ``grpo``: ``(r - mean_group) / (std + 1e-8)``, unbiased std, per-response mean;
-      ``drgrpo``: no std, ``sum_t l m / generate_max_length`` (512 by default) averaged over completions.
+``LossConfig.preset("trl.dr_grpo")`` is the loss TRL computes for ``GRPOConfig(loss_type="dr_grpo")`` with TRL's
+defaults, quirks included; likewise ``verl.<loss_mode>`` (verl 0.9.1) and ``oat.<name>``. Overrides use the
+:class:`~drgrpo.config.LossConfig` field names. Each preset states the peer version it was checked against
+(``tests/peers/`` runs the peers' own code); the quirks each reproduces on purpose, and those it does not:
+docs/design.md, section 9.3.
 """
 
 from __future__ import annotations

@@ -232,7 +232,7 @@ def test_import_without_trl_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "IMPORT-ERROR: drgrpo.integrations.trl needs TRL" in out.stdout
-    assert "pip install drgrpo[trl]" in out.stdout
+    assert "from a clone of drgrpo, pip install -e '.[trl]'" in out.stdout
     assert "CORE-OK" in out.stdout
 
 

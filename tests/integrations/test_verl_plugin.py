@@ -78,7 +78,7 @@ def test_import_verl_alone_registers_every_step_wide_preset():
 def test_import_without_verl_says_how_to_install():
     if importlib.util.find_spec("verl") is not None:
         pytest.skip("verl is installed in this environment; the runner checks the plug-in there")
-    with pytest.raises(ImportError, match=r"pip install 'drgrpo\[verl\]'"):
+    with pytest.raises(ImportError, match=r"from a clone of drgrpo, pip install -e '\.\[verl\]'"):
         importlib.import_module("drgrpo.integrations.verl")
 
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
+import os
 import pickle
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -268,3 +270,60 @@ def test_version_from_a_tree_that_is_not_installed(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "version", missing)
     assert cli.version() == "unknown"
+
+
+# ----------------------------------------------------------------------------- drgrpo alone, train's examples
+
+DRGRPO = Path(sys.executable).with_name("drgrpo")
+"""The console script the install made (the command a user types)."""
+
+
+def test_bare_drgrpo_prints_the_help_and_exits_2():
+    # no command is a usage error (argparse's status 2), answered with the whole help rather than one line;
+    # the oracle is what drgrpo --help prints (status 0, on stdout)
+    bare = subprocess.run([str(DRGRPO)], capture_output=True, text=True, timeout=120)
+    asked = subprocess.run([str(DRGRPO), "--help"], capture_output=True, text=True, timeout=120)
+    assert (asked.returncode, asked.stderr) == (0, "")
+    assert asked.stdout.startswith("usage: drgrpo") and "train" in asked.stdout
+    assert (bare.returncode, bare.stdout, bare.stderr) == (2, "", asked.stdout)
+
+
+def epilog_commands(text: str) -> list[list[str]]:
+    """The drgrpo train command lines of a help text (indented, continuation lines joined), as argv lists."""
+    joined = text.replace("\\\n", " ")
+    lines = [ln.split("#")[0].strip() for ln in joined.splitlines() if ln.startswith("  ")]
+    return [shlex.split(ln) for ln in lines if "drgrpo train " in ln]
+
+
+def test_train_help_shows_examples_that_parse_and_says_rewards_need_pythonpath():
+    parser, text = help_pages()["train"]
+    commands = epilog_commands(text)
+    assert len(commands) >= 4, text
+    for argv in commands:
+        env = [a for a in argv[: argv.index("drgrpo")] if "=" in a]
+        args = argv[argv.index("train") + 1 :]
+        parser.parse_args(args)  # every flag exists and takes the values shown (a bad one exits)
+        if "--reward" in args:  # the example with a reward module sets PYTHONPATH to where that module is
+            module, _, function = args[args.index("--reward") + 1].partition(":")
+            (path,) = [e.partition("=")[2] for e in env if e.startswith("PYTHONPATH=")]
+            source = (Path(__file__).parents[2] / path / f"{module}.py").read_text()
+            assert f"def {function}(" in source
+    flat = " ".join(text.split())
+    assert "must be importable" in flat and "PYTHONPATH" in flat, flat
+
+
+def test_the_drgrpo_command_does_not_import_rewards_from_the_current_directory(tmp_path: Path):
+    # what train's help says: the console script finds a reward module on PYTHONPATH, not in the current
+    # directory (python -m drgrpo would); a missing module is a configuration error before any work (exit 2)
+    (tmp_path / "here_reward.py").write_text("def f(completion, example):\n    return 0.0\n")
+    argv = [str(DRGRPO), "train", "--reward", "here_reward:f", "--dataset", "missing.jsonl", "--output-dir", "out"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    alone = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert alone.returncode == 2
+    assert alone.stderr.startswith("drgrpo train: error: reward 'here_reward:f': cannot import module 'here_reward'")
+    on_path = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                             env={**env, "PYTHONPATH": str(tmp_path)})  # fmt: skip
+    # imported now: the next check, the dataset, is the one that fails
+    assert on_path.returncode == 2
+    assert on_path.stderr == "drgrpo train: error: --dataset 'missing.jsonl' does not exist (expected a JSONL file)\n"
+    assert not (tmp_path / "out").exists()

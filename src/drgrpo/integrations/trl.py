@@ -1,109 +1,12 @@
 r"""``DrGRPOTrainer``: TRL's ``GRPOTrainer`` with drgrpo's loss, advantages and step normaliser.
 
-Everything TRL does for scale stays TRL's (generation with transformers or vLLM, reward functions,
-accelerate / DeepSpeed / FSDP, PEFT, reference model, logging, checkpoints); three things become
-drgrpo's::
-
-    trainer = DrGRPOTrainer(model, reward_funcs, args=GRPOConfig(...), train_dataset=ds, loss_config="dr_grpo")
-
-1. **Advantages** come from :func:`drgrpo.group_advantages` for the preset, groups of
-   ``num_generations`` over the rewards TRL gathers from all processes (so ``"batch"`` std is the
-   global one): ``dr_grpo`` is ``r - mean_group(r)`` with no std, whatever ``scale_rewards`` says.
-2. **The loss** of each micro-batch is :func:`drgrpo.policy_loss` on TRL's per-token log-probs (TRL's
-   own chunked log-prob head), or :func:`drgrpo.fused_policy_loss` straight from the last hidden states
-   and ``lm_head`` with ``fused=True`` (no ``(B, T, V)`` logits, no TRL head), wired like TRL's fused
-   paths: the whole computation runs inside the wrapped model's forward (``_ForwardRedirection``, so
-   DDP/FSDP/ZeRO-3 hooks fire), ``lm_head`` is gathered under ZeRO-3 (``maybe_gather_lm_head_ctx``)
-   and, when FSDP2 has it sharded, by its own ``fully_shard`` group (so FSDP averages its gradient).
-3. **One** :class:`drgrpo.StepNormalizer` **per optimizer step**, counted over every micro-batch of the
-   accumulation window and every process (one ``all_reduce``), so the accumulated gradient is the
-   gradient of the whole step's loss for every split-invariant preset, whatever
-   ``per_device_train_batch_size``, ``gradient_accumulation_steps`` (K), ``steps_per_generation``
-   (spg), ``num_iterations`` and the number of processes P.
-
-Why the window is generated ahead
----------------------------------
-TRL generates a *generation batch* (``per_device_train_batch_size * spg`` rows per process) every
-``spg * num_iterations`` micro-steps, shuffles its rows and serves one slice of it per micro-step.
-The Trainer fetches the K dataloader batches of an optimizer step before its first micro-step
-(``get_batch_samples``). When K divides ``spg * num_iterations``, every optimizer step reads from one
-buffered generation batch and its counts exist before its first backward; otherwise (e.g. K = 4,
-spg = 2) a step spans several generation batches and stock TRL generates
-the later ones only after the earlier micro-batches' backward passes, so no per-micro-batch
-denominator can be the step's. Two ways out: (a) weight micro-batches by numerators only and divide
-the accumulated gradients by the global count before clipping, or (b) build the whole window's
-micro-batches at its first micro-step. (a) needs to reach the gradients between the last backward and
-clipping, which under DeepSpeed ZeRO lives inside the engine's partitioned buffers and under FSDP in
-sharded ones: a hook exact only for plain DDP. (b) is what this module does: at the first micro-step
-of a window, ``_prepare_inputs`` runs TRL's own buffering logic once per micro-step of the window (with
-TRL's step counter set to each micro-step in turn), which generates every generation batch the window
-touches with the weights stock TRL would use (the optimizer has not stepped inside a window): the same
-rollout distribution, and for a model without dropout (whose loss passes draw no random numbers) the very
-rollout stock TRL draws for the same seed; then the step's counts are reduced once and the micro-batches
-are served one by one. No gradient is touched after the fact, so nothing has to reach into DeepSpeed's or FSDP's
-gradient buffers (tested here on a CPU: one process, and two gloo processes under DDP, FSDP2 and DeepSpeed
-ZeRO-3, against the whole batch's gradient; PEFT and vLLM untested).
-Cost: with spg < K up to K / spg generation batches are held at once (stock TRL holds one). Anything that
-would break the bookkeeping (a micro-step whose raw batch is not the next one of the window the Trainer
-fetched, a process group other than the data-parallel one) raises instead of normalising wrongly.
-
-The DDP correction: DDP, FSDP and ZeRO *average* gradients over P processes, so each micro-batch's
-loss is its share of the step's loss times P (``StepNormalizer.world_size``), and the Trainer's own
-division by K stays off (TRL's ``loss_is_scaled_for_ga``).
-
-Settings
---------
-``loss_config`` (:mod:`drgrpo.integrations.trl_settings` holds the policy):
-
-- **not given**: the loss is the one ``GRPOConfig`` describes, the ``trl.<loss_type>`` preset with
-  ``scale_rewards``, ``epsilon``, ``epsilon_high``, ``beta``, ``delta``, ``importance_sampling_level``,
-  ``use_bias_correction_kl`` and the SAPO temperatures read from ``args``: stock TRL's loss (``args`` unchanged).
-- **given** (a :class:`~drgrpo.LossConfig` or a preset name): it decides the loss. Each TRL field that
-  describes the same choice agrees with it, or is at its ``GRPOConfig`` default and is set to the config's
-  value in a copy of ``args`` with a WARNING naming field, old and new value (so ``beta > 0`` makes TRL
-  build the reference model), or contradicts it and raises a ``ValueError`` that names the field and the
-  ``LossConfig`` field to put the value in. ``trainer.args.loss_type`` becomes the TRL loss type with the
-  config's surrogate and aggregation, or ``"drgrpo"`` when TRL has none (``trainer.loss_config`` is the
-  complete description: TRL has no field for the std's epsilon, for instance):
-
-================================  =====================================================
-TRL field (default)               drgrpo field
-================================  =====================================================
-``loss_type`` ("dapo")            surrogate and aggregation (``trl_settings.trl_loss_type``)
-``scale_rewards`` ("group")       ``advantage_std`` ("group" / "batch" / "none")
-``epsilon`` (0.2)                 ``clip_low`` (PPO surrogate)
-``epsilon_high`` (None)           ``clip_high`` (PPO), the CISPO cap (CISPO with no lower clip)
-``beta`` (0.0)                    ``beta``
-``delta`` (None)                  ``delta``
-``importance_sampling_level``     ``ratio_level`` ("token" / "sequence")
-``use_bias_correction_kl`` (True) ``kl_importance_weight``
-``sapo_temperature_pos/neg``      ``sapo_tau_pos/neg`` (SAPO surrogate)
-================================  =====================================================
-
-A preset given by name whose aggregation is ``seq-mean-token-sum-norm`` (``dr_grpo``, ``trl.dr_grpo``,
-``oat.drgrpo``) takes ``L = args.max_completion_length``, the generation budget; pass a ``LossConfig``
-with ``max_completion_length`` set for another constant; a ``LossConfig`` that needs L and has none is
-refused at construction. A reward function returning ``None`` means "not scored", as in TRL: every config
-runs with ``nan_rewards="ignore"`` (the completion leaves its group's statistics and gets advantage 0).
-Per-call peer presets (``trl.grpo``, ``trl.bnpo``, ``trl.dr_grpo``: ``per_call_normalization``) keep their
-definition: each micro-batch normalised by its own counts and divided by K, as TRL does, so ``trl.*``
-presets give stock TRL's numbers (``trl.dapo``/``trl.cispo`` use the exact step count, which is TRL's when
-``spg == K``).
-
-Refused with a ``ValueError`` (no drgrpo equivalent yet): ``top_entropy_quantile < 1``,
-``off_policy_mask_threshold``, the entropy bonus (``entropy_coef``, ``use_adaptive_entropy``), vLLM's
-importance-sampling correction (set ``vllm_importance_sampling_correction=False``; vLLM generation
-itself works), ``multi_objective_aggregation="normalize_then_sum"``, tensor or context parallelism,
-and with ``fused=True`` MoE router losses and logit scaling or soft-capping.
-
-Logged under TRL's names and meanings: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
-``clip_ratio/region_mean`` (token means over all processes), ``clip_ratio/low_min`` and
-``clip_ratio/high_max`` (each completion's share of clipped tokens, gathered: the smallest and the largest)
-for the PPO surrogate; ``kl`` (``beta > 0``; the config's estimator, not weighted by the ratio) and
-``entropy`` (the token mean of the policy's entropy: TRL's head computes it, or with ``fused=True`` the
-fused pass from its logit chunks); ``drgrpo/ratio_mean`` (and ``drgrpo/clip_frac_low``/``high`` for the
-CISPO and SAPO surrogates) have no TRL name. Rewards, lengths and the completions table stay TRL's; the
-table's advantages are drgrpo's.
+Everything TRL does for scale stays TRL's; three things become drgrpo's: the advantages
+(:func:`drgrpo.group_advantages`), each micro-batch's loss (:func:`drgrpo.policy_loss`, or
+:func:`drgrpo.fused_policy_loss` with ``fused=True``, inside the wrapped model's forward) and one
+:class:`drgrpo.StepNormalizer` per optimizer step. This module holds the trainer subclass, the generation of a
+whole accumulation window ahead and the logging; the settings policy lives in
+:mod:`drgrpo.integrations.trl_settings`. Why the window is generated ahead, which side decides each setting, what
+is refused and what is logged: docs/design.md, section 9.1; how to use it: docs/trl.md.
 """
 
 from __future__ import annotations
@@ -121,7 +24,8 @@ try:
     from trl.trainer.utils import maybe_gather_lm_head_ctx
 except ImportError as error:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
-        "drgrpo.integrations.trl needs TRL (and accelerate, transformers, datasets): pip install drgrpo[trl]"
+        "drgrpo.integrations.trl needs TRL (and accelerate, transformers, datasets): from a clone of drgrpo, "
+        "pip install -e '.[trl]' (or bash scripts/setup.sh train,trl)"
     ) from error
 
 import torch
@@ -142,7 +46,7 @@ SUPPORTED_TRL = (Version("1.16"), Version("1.17"))
 if not SUPPORTED_TRL[0] <= Version(Version(trl.__version__).base_version) < SUPPORTED_TRL[1]:
     raise ImportError(
         f"drgrpo.integrations.trl is tested with trl>={SUPPORTED_TRL[0]},<{SUPPORTED_TRL[1]} and overrides private "
-        f"GRPOTrainer methods; found trl {trl.__version__}: pip install 'drgrpo[trl]'"
+        f"GRPOTrainer methods; found trl {trl.__version__}: from a clone of drgrpo, pip install -e '.[trl]'"
     )
 
 from drgrpo.integrations.trl_settings import DRGRPO_LOSS_TYPE, resolve_loss_config, settings_warning  # noqa: E402

@@ -1,44 +1,10 @@
 r"""drgrpo's presets as verl policy-loss modes: ``actor_rollout_ref.actor.policy_loss.loss_mode=drgrpo.<preset>``.
 
-``pip install drgrpo[verl]`` declares this module as a ``verl.plugins`` entry point, and ``import verl``
-imports every such entry point, so each Ray worker registers the losses without user code. One verl
-policy loss is registered per drgrpo preset (``drgrpo.dr_grpo``, ``drgrpo.dapo``, ``drgrpo.gspo``, ...,
-``drgrpo.verl.vanilla``, ...), except the presets defined per micro-batch (``trl.grpo``, ``trl.bnpo``,
-``trl.dr_grpo``), which have no step-wide form. Each is verl's policy-loss function::
-
-    fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
-        -> (pg_loss, metrics)
-
-and computes, for one micro-batch of one data-parallel rank (B completions, T tokens)::
-
-    norm    = StepNormalizer(num_tokens=batch_num_tokens, num_sequences=global_batch_size,
-                             max_completion_length=L, world_size=dp_size)    # verl's global_batch_info
-    pg_loss = sum_{i,t} token_weights(mask, preset, norm)_{i,t} * rho_{i,t} * l_{i,t}
-
-with ``l`` drgrpo's per-token surrogate (:func:`drgrpo.loss.per_token_loss`) and ``rho`` verl's rollout
-correction weights (1 when absent). verl backpropagates each micro-batch's ``pg_loss`` and FSDP averages
-the gradients over the ``dp_size`` ranks; the ``dp_size`` factor in the weights undoes that average, so
-the accumulated gradient is exactly the mini-batch's (no other scaling anywhere).
-
-verl's settings read here (the rest of the loss comes from the preset):
-
-=============================================  ==================================================================
-verl ``actor_rollout_ref.actor.`` setting       drgrpo ``LossConfig`` field
-=============================================  ==================================================================
-``clip_ratio_low`` (``clip_ratio`` if null)     ``clip_low`` (1.0 means no lower clip, e.g. CISPO)
-``clip_ratio_high`` (``clip_ratio`` if null)    ``clip_high``
-``clip_ratio_c`` (null: off)                    ``dual_clip``, token-level PPO presets only (as verl's ``vanilla``)
-``tau_pos``, ``tau_neg``                        ``sapo_tau_pos``, ``sapo_tau_neg``
-``loss_scale_factor``                           ``max_completion_length`` (the constant L); unset: the preset's
-``global_batch_info``                           the step normaliser (required: ``dp_size``, ``batch_num_tokens``,
-                                                ``global_batch_size``)
-=============================================  ==================================================================
-
-``loss_agg_mode``: a ``drgrpo.verl.<mode>`` twin aggregates with it, as verl's ``<mode>`` does; every other
-preset has its own aggregation, and a different ``loss_agg_mode`` is a ValueError naming both (docs/verl.md).
-The preset's ``beta`` is not applied: the KL term is verl's own (``use_kl_loss``, ``kl_loss_coef``,
-``kl_loss_type``), added outside the policy loss with ``loss_agg_mode``'s weights. Advantages come from
-verl's estimator and must be one value per completion. docs/verl.md lists every other setting.
+Installing drgrpo with its ``verl`` extra (from a clone: ``pip install -e '.[verl]'``) declares this module as a
+``verl.plugins`` entry point, so ``import verl`` registers one policy loss per step-wide preset on every Ray
+worker. Each computes one micro-batch's share of the mini-batch's loss with a
+:class:`~drgrpo.normalizer.StepNormalizer` from verl's ``global_batch_info``. The formula, which verl settings are
+read and which ignored, and the KL term: docs/design.md, section 9.4; how to use it: docs/verl.md.
 """
 
 from __future__ import annotations
@@ -65,8 +31,9 @@ try:
     )
 except ImportError as err:  # pragma: no cover - exercised in the main environment, where verl is absent
     raise ImportError(
-        "drgrpo.integrations.verl needs verl (>=0.9.1,<0.10): pip install 'drgrpo[verl]'; "
-        "verl pins transformers<5.11, so give it its own virtual environment"
+        "drgrpo.integrations.verl needs verl (>=0.9.1,<0.10): from a clone of drgrpo, pip install -e '.[verl]'; "
+        "verl pins transformers<5.11, so give it its own virtual environment (bash scripts/setup.sh verl makes "
+        ".venv-verl)"
     ) from err
 
 __all__ = [

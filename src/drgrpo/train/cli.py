@@ -22,6 +22,7 @@ A configuration error is one line naming the flag (:class:`~drgrpo.field_error.F
 reworded with the command's flags). Exit codes: 0 done, 2 a configuration error (before any work), 1 a
 failure during training (after the last completed step was saved; an error raised inside a step is a failure,
 whatever its type), 130 stopped by SIGINT/SIGTERM (after a checkpoint). docs/faults.md lists every case.
+``drgrpo`` alone prints the help on stderr and exits with 2, as argparse does for any usage error.
 """
 
 from __future__ import annotations
@@ -57,6 +58,25 @@ EXIT_CODES = (
     "Exit status: 0 done; 2 a configuration error, reported in one line before any work; 1 a failure during "
     "training, after the last completed step was saved; 130 stopped by SIGINT or SIGTERM, after a checkpoint."
 )
+
+TRAIN_EXAMPLES = (
+    "Examples:\n\n"
+    "  drgrpo train --output-dir runs/default               # the built-in task and model\n"
+    "  drgrpo train --output-dir runs/grpo --loss grpo --steps 100\n"
+    "  drgrpo train --resume runs/default --steps 400       # continue where it stopped\n"
+    "  drgrpo train --config runs/default/config.yaml --output-dir runs/again   # rerun a run\n"
+    "  PYTHONPATH=examples drgrpo train --model runs/my-model --dataset examples/data/train.jsonl \\\n"
+    "      --reward my_rewards:correct --max-new-tokens 4 --output-dir runs/my-run\n\n"
+    "A reward MODULE:FUNCTION is imported by its module name, so the module must be importable where drgrpo runs: "
+    "installed, or in a directory on PYTHONPATH (examples/my_rewards.py above; the drgrpo command does not search "
+    "the current directory, python -m drgrpo does). Without --reward the reward is the exact match of each "
+    "example's answer field."
+)
+"""The epilog of drgrpo train --help: command lines to start from, and where reward modules are found."""
+
+NO_COMMAND = 2
+"""The exit status of a bare ``drgrpo``: the help on stderr and 2, argparse's status for a usage error (``drgrpo
+--help`` prints the same help on stdout and exits 0)."""
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -116,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Writes OUTPUT_DIR/config.yaml (drgrpo train --config reruns it), OUTPUT_DIR/metrics.jsonl and "
             "OUTPUT_DIR/checkpoints/. Dr. GRPO's constant L is --max-new-tokens."
         ),
-        epilog=EXIT_CODES,
+        epilog=f"{TRAIN_EXAMPLES}\n\n{EXIT_CODES}",
         formatter_class=HelpFormatter,
     )
     tr.add_argument("--config", metavar="FILE", help=config_help)
@@ -275,6 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from drgrpo.integrations.trl import main as trl_main
 
         return trl_main(argv[1:], prog="drgrpo trl")
+    if not argv:  # no command: the help, as the answer to a usage error
+        parser.print_help(sys.stderr)
+        return NO_COMMAND
     ns = parser.parse_args(argv)  # usage errors exit here (code 2)
     _quiet_transformers()
     try:

@@ -46,7 +46,8 @@ def check_run(config: TrainConfig) -> RunPlan:
 
     The flags' combination (--dtype float16), the loss preset and its overrides, the reward imports, the resume
     (a damaged checkpoint, a refused flag), the model's need for its own Python code, every dataset line (empty,
-    too long for the model, not UTF-8), the device, the tensorboard package, then the output directory. Each
+    too long for the model, not UTF-8, words the built-in tokenizer lacks), the answer field the default reward
+    reads, the device, the tensorboard package, then the output directory. Each
     raises a ValueError naming the flag or file (``drgrpo train`` exits with code 2), nothing is loaded onto a
     device and nothing is written but the output directory itself.
     """
@@ -62,6 +63,7 @@ def check_run(config: TrainConfig) -> RunPlan:
     train_examples, eval_examples = load_examples(
         config.dataset, config.eval_dataset, config.prompt_field, config.task, check
     )
+    check_answers(config, train_examples, eval_examples)  # without --reward: every example needs its answer
     check_device(config.device)
     check_tensorboard(config.tensorboard)
     check_output_dir(config.output_dir)  # a file, or not writable
@@ -146,6 +148,9 @@ class PromptCheck:
     """The generation budget of every completion (--max-new-tokens)."""
     source: str = "the model's config"
     """Where ``context`` comes from, for the message."""
+    vocabulary: frozenset[str] | None = None
+    """The words of a word-level tokenizer (the built-in one): a prompt word outside them is refused, where the
+    tokenizer would silently make it ``<unk>``. None: any text is accepted (subword tokenizers spell every word)."""
 
     def __post_init__(self) -> None:
         if self.context is not None and self.max_new_tokens >= self.context:
@@ -161,6 +166,13 @@ class PromptCheck:
             return str(exc)
         except Exception as exc:  # the template itself failed on these messages
             return f"the chat template fails on this prompt ({type(exc).__name__}: {exc})"
+        unknown = sorted(set(text.split()) - self.vocabulary) if self.vocabulary is not None else []
+        if unknown:
+            shown = ", ".join(map(repr, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            return (
+                f"words outside the built-in tokenizer's vocabulary: {shown} (it knows {' '.join(BUILT_IN_WORDS)} "
+                "only, space-separated); give --model a model directory with its own tokenizer"
+            )
         room = None if self.context is None else self.context - self.max_new_tokens
         chat = bool(getattr(self.tokenizer, "chat_template", None))
         cap = None if room is None else CHARS_PER_TOKEN * room
@@ -184,11 +196,34 @@ def prompt_check(weights_dir: Path | None, config: Any, tokenizer: Any = None) -
     """The :class:`PromptCheck` of a run's policy: the tokenizer (``tokenizer`` when already loaded) and context of
     ``weights_dir`` (a model or checkpoint directory), or of the built-in tiny model when None (its tokenizer,
     ``--tiny-max-positions``)."""
-    if weights_dir is None:
-        from drgrpo.train.tiny import build_tokenizer
+    from drgrpo.train.tiny import VOCAB, build_tokenizer
 
+    built_in = frozenset(VOCAB)
+    if weights_dir is None:
         positions = config.warm_start.model.max_positions
-        return PromptCheck(build_tokenizer(), positions, config.max_new_tokens, "--tiny-max-positions")
+        return PromptCheck(build_tokenizer(), positions, config.max_new_tokens, "--tiny-max-positions", built_in)
     source = f"max_position_embeddings in {weights_dir / 'config.json'}"
     tokenizer = load_tokenizer(weights_dir) if tokenizer is None else tokenizer
-    return PromptCheck(tokenizer, context_length(weights_dir), config.max_new_tokens, source)
+    words = built_in if set(tokenizer.get_vocab()) == built_in else None  # a checkpoint of the built-in model
+    return PromptCheck(tokenizer, context_length(weights_dir), config.max_new_tokens, source, words)
+
+
+BUILT_IN_WORDS = ("0-9", "+", "-", "=", ".")
+"""The built-in tokenizer's words as a message lists them (:data:`drgrpo.train.tiny.VOCAB` less its specials)."""
+
+
+def check_answers(config: Any, train: list[Example], held_out: list[Example]) -> None:
+    """Without --reward, the default reward (exact match) reads each example's ``answer``: a dataset lacking it
+    is refused now, naming the file and the first example without it, not after the first rollout."""
+    if config.rewards:
+        return
+    files = (("--dataset", config.dataset, train), ("--eval-dataset", config.eval_dataset, held_out))
+    for flag, path, examples in files:
+        if path is None:
+            continue
+        missing = next((i for i, ex in enumerate(examples) if "answer" not in ex), None)
+        if missing is not None:
+            raise ValueError(
+                f"{flag} {str(path)!r}: example #{missing} has no 'answer' field, which the default reward "
+                "(drgrpo.train.task:exact_match) reads; add it to every line or give --reward MODULE:FUNCTION"
+            )

@@ -1,32 +1,11 @@
 r"""The built-in verifiable task: integer addition with an exact-match reward.
 
-A prompt is two zero-padded operands written digit by digit, so every prompt has the same
-number of tokens (no padding inside a batch of prompts)::
-
-    prompt      "3 7 + 0 5 ="
-    completion  "4 2 . . ."          (then the end-of-sequence token)
-
-The completion is the decimal digits of the sum and zero or more *working* tokens ``"."``,
-after the answer by default (``work_position="after"``) or before it (``"before"``). The
-working tokens carry no information, so the length of a completion can vary independently
-of its correctness. (Placed before the answer they also give the model extra positions to
-compute in, "pause tokens", so RL learns to use them all and length then correlates with
-correctness; after the answer they are pure length.) That is what the Dr. GRPO
-length-bias experiment needs: under GRPO's per-sequence ``1/|o_i|`` a long wrong answer
-is penalised less per token than a short one, so the length of *incorrect* completions
-can drift while the length of correct ones does not (Liu et al. 2025, arXiv 2503.20783).
-
-That drift needs a policy whose continuation can depend on its own mistake. The variant
-``answer_noise > 0`` sets one up: the warm-start data carry a wrong last digit in that share of
-completions, so a warm start run to high greedy accuracy answers right at greedy decoding but
-samples a wrong last digit about ``answer_noise`` of the time at temperature 1, and the working
-tokens that follow are free to lengthen or shorten. With ``noise_kind="digit"`` the wrong digit is
-a uniformly drawn other digit: checkable in the prefix (the last digit of the sum depends only on
-the operands' last digits), but only by redoing the sum. With ``noise_kind="symbol"`` it is the
-token ``"-"``: a mistake the model sees as a token, the language-model counterpart of a stop
-decision that sees correctness (``docs/length-bias.md``).
-
-Train and held-out splits are disjoint sets of operand pairs drawn from one seed.
+A prompt is two zero-padded operands written digit by digit (``"3 7 + 0 5 ="``), a completion the digits of the
+sum with zero or more working tokens ``"."`` after the answer (or before it), so a completion's length can vary
+independently of its correctness; the ``answer_noise`` variant samples mistakes the model could see in its own
+prefix. :class:`TaskConfig`, the splits (disjoint operand pairs from one seed), the reward :func:`exact_match` and
+the warm start's supervised pairs. Why the task is built this way for the length-bias experiment:
+docs/design.md, section 9.7.
 """
 
 from __future__ import annotations

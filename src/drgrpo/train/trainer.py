@@ -48,7 +48,7 @@ from drgrpo.train.evaluation import held_out_metrics
 from drgrpo.train.metrics import MetricsLog, step_metrics
 from drgrpo.train.model import initial_policy_dir, load_train_state
 from drgrpo.train.preflight import check_run
-from drgrpo.train.progress import ProgressBar
+from drgrpo.train.progress import ProgressBar, announcer
 from drgrpo.train.resume import check_run_dir, start_lines
 from drgrpo.train.rollout import generate, prompt_texts
 from drgrpo.train.runlock import hold_run_dir
@@ -141,8 +141,9 @@ def train(config: TrainConfig) -> TrainResult:
             log = MetricsLog(out_dir, procs.rank, lines, config.tensorboard)
             with agreed(stop, procs.device):  # rank 0 makes the warm start, the others wait; a signal abandons it
                 init_dir = initial_policy_dir(
-                    plan.model_dir, start.checkpoint, out_dir, lambda p: warm_start(p, config.warm_start, config.task)
-                )
+                    plan.model_dir, start.checkpoint, out_dir,
+                    lambda p: warm_start(p, config.warm_start, config.task, log=announcer(config.progress)),
+                )  # fmt: skip
             needs_ref = loss_config.beta > 0 or config.ref_kl
             state = load_train_state(start.checkpoint or init_dir, init_dir, config, procs.device, needs_ref,
                                      start.checkpoint)  # fmt: skip

@@ -61,7 +61,7 @@ def warm_start(out_dir: str | Path, config: Any, task: TaskConfig, *, log: Any =
         out_dir: where the model directory goes (reused if it holds a warm start made with the same settings).
         config: a :class:`drgrpo.train.config.WarmStartConfig`.
         task: the built-in task (its train split is the supervised data; the held-out split is never touched).
-        log: optional callable receiving a one-line progress string.
+        log: optional callable receiving a line when the warm start begins and one when it is done (or reused).
         force: retrain even if a matching cached warm start exists.
 
     Returns:
@@ -75,6 +75,9 @@ def warm_start(out_dir: str | Path, config: Any, task: TaskConfig, *, log: Any =
             log(f"warm start: reusing {out_dir}")
         return out_dir
 
+    if log:
+        until = f", until train-probe accuracy {config.target_accuracy:.2f}" if config.target_accuracy > 0 else ""
+        log(f"warm start: training the built-in model, supervised, up to {config.steps} steps{until} ...")
     t0 = time.perf_counter()
     tokenizer = build_tokenizer()
     model = build_model(config.model, tokenizer, seed=config.seed)
