@@ -216,32 +216,3 @@ def _lengths(lengths: Tensor | Sequence[int] | None, r: Tensor, estimator: str) 
     if bool((n < 0).any()):
         raise ValueError(f"lengths must be >= 0, got {n.min().item()}")
     return n.to(r)
-
-
-BATCH_WIDE: tuple[str, ...] = ("reinforce_plus_plus_baseline", "gpg")
-"""The estimators whose advantage of one completion depends on other prompts' rewards (whole-batch statistics)."""
-
-
-def global_outcome_advantages(
-    rewards: Tensor, group_size: int, config: LossConfig, estimator: str, *, lengths: Tensor | None = None
-) -> Tensor:
-    """:func:`outcome_advantages` of this process's rows, with the statistics of all processes' rows.
-
-    ``grpo`` is :func:`drgrpo.distributed.global_group_advantages`; the per-prompt estimators need only the
-    process's own whole groups; :data:`BATCH_WIDE` ones gather every process's rewards and lengths (each process
-    holds the same number of rows) and return this process's slice of the whole batch's advantages.
-    """
-    from drgrpo.distributed import global_group_advantages, is_distributed
-
-    if estimator == "grpo":
-        return global_group_advantages(rewards, group_size, config)
-    if estimator not in BATCH_WIDE or not is_distributed():
-        return outcome_advantages(rewards, group_size, config, estimator, lengths=lengths)
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    local = torch.stack([rewards, rewards.new_zeros(rewards.shape) if lengths is None else lengths.to(rewards)])
-    parts = [torch.empty_like(local) for _ in range(world)]
-    torch.distributed.all_gather(parts, local)
-    whole = torch.cat(parts, dim=1)  # (2, N_total): process p's rows in block p
-    n = rewards.shape[0]
-    out = outcome_advantages(whole[0], group_size, config, estimator, lengths=None if lengths is None else whole[1])
-    return out[rank * n : (rank + 1) * n]

@@ -54,7 +54,8 @@ def test_a_run_uses_the_estimator_it_names(name, tmp_path: Path, monkeypatch):
 
 
 def test_grpo_is_the_presets_group_advantage():
-    from drgrpo.advantages import global_outcome_advantages, group_advantages
+    from drgrpo.advantages import group_advantages
+    from drgrpo.distributed import global_outcome_advantages
 
     rewards = torch.tensor([0.0, 1.0, 1.0, 0.5, 0.2, 0.2], dtype=torch.float64)
     for preset in ("dr_grpo", "grpo"):

@@ -37,8 +37,7 @@ from typing import Any
 
 import torch
 
-from drgrpo.advantages import global_outcome_advantages
-from drgrpo.distributed import any_process, init_processes, shutdown
+from drgrpo.distributed import any_process, global_outcome_advantages, init_processes, shutdown
 from drgrpo.loss import compute_dtype
 from drgrpo.train.checkpoint import CheckpointWriteFailed, clean_stale, config_state, save_run_checkpoint
 from drgrpo.train.config import TrainConfig
