@@ -67,6 +67,7 @@ def test_import_verl_alone_registers_every_step_wide_preset():
     assert (ep["function_module"], ep["function_preset"]) == ("drgrpo.integrations.verl", "dr_grpo")
     # every preset defined over the whole mini-batch, and verl.geo_mean (per call in verl itself)
     step_wide = {n for n in preset_names() if not preset_config(n).per_call_normalization} | {"verl.geo_mean"}
+    step_wide |= {"verl.bypass_mode"}  # a dispatch over verl.vanilla and verl.gpg, not a preset
     assert {"dr_grpo", "grpo", "dapo", "bnpo", "gspo", "cispo", "sapo"} <= step_wide
     assert set(ep["registered"]) == {f"drgrpo.{n}" for n in step_wide}
     for name, message in ep["per_call_lookup"].items():  # trl.grpo, trl.bnpo, trl.dr_grpo: per micro-batch
@@ -308,6 +309,38 @@ def test_geo_mean_is_per_call_in_verl_and_in_its_twin():
         f"|g - g_whole| / |g_whole| = {error:.2f}"
     )
     assert error > 0.5  # each micro-batch's mean, summed: about 3 times the mini-batch's mean
+
+
+def test_bypass_mode_twin():
+    # verl's bypass_mode and drgrpo.verl.bypass_mode through ppo_loss (rollout_correction from the same config):
+    # ppo_clip is vanilla without IS weights; reinforce is -A logp times min(rho, 1.5), rho per token or completion
+    block = live()["bypass_mode"]
+    assert len(block["cases"]) == 12
+    for case in block["cases"]:
+        torch.testing.assert_close(case["ours"]["loss"], case["verl"]["loss"], rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(case["ours"]["grad"], case["verl"]["grad"], rtol=1e-13, atol=1e-17)
+    by = {(c["loss_type"], c["level"], c["agg"]): c["ours"]["grad"] for c in block["cases"]}
+    for level in ("token", "sequence"):  # the weights matter, and differently by level
+        assert (
+            float((by[("reinforce", level, "token-mean")] - by[("reinforce", None, "token-mean")]).abs().max()) > 1e-3
+        )
+    assert (
+        float((by[("reinforce", "token", "token-mean")] - by[("reinforce", "sequence", "token-mean")]).abs().max())
+        > 1e-4
+    )
+    # the float64 oracle for reinforce with token weights, token-mean over the mini-batch: -A min(e^(logp - old), 1.5)
+    batch = block["batch"]
+    case = next(
+        c for c in block["cases"] if (c["loss_type"], c["level"], c["agg"]) == ("reinforce", "token", "token-mean")
+    )
+    rho = (batch["logp"] - batch["old"]).exp().clamp(max=1.5)
+    tokens = int(batch["mask"].sum()) + 17  # the runner's batch_num_tokens; dp_size 2 undoes FSDP's average
+    expected = -batch["adv"].unsqueeze(-1) * rho * batch["mask"] * 2 / tokens
+    torch.testing.assert_close(case["ours"]["grad"], expected, rtol=1e-13, atol=1e-17)
+    refused = block["refused"]
+    assert "rollout_correction.rollout_rs='token_k1'" in refused["rs"]
+    assert "rollout_is_batch_normalize=True" in refused["batch_normalize"]
+    assert "IcePop thresholds ('0.5_2.0')" in refused["icepop"]
 
 
 def test_dro_without_dro_beta_is_refused():

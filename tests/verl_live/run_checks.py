@@ -298,6 +298,41 @@ def new_modes() -> dict:
     return {"batch": batch, "info": info, "cases": cases, "settings": NEW_MODE_SETTINGS}
 
 
+def bypass_mode() -> dict:
+    """verl's bypass_mode and drgrpo.verl.bypass_mode through ppo_loss: both loss types, no / token / sequence IS
+    weights (threshold 1.5), two loss_agg_modes; and the settings the twin refuses."""
+    from verl.trainer.config import RolloutCorrectionConfig
+
+    batch = ragged(12, 9, seed=16)
+    info = {"dp_size": 2, "batch_num_tokens": int(batch["mask"].sum()) + 17, "global_batch_size": 12 + 3}
+    cases = []
+    for loss_type in ("ppo_clip", "reinforce"):
+        for level in (None, "token", "sequence"):
+            for agg in ("token-mean", "seq-mean-token-sum"):
+                out = {}
+                for name in ("bypass_mode", "drgrpo.verl.bypass_mode"):
+                    rc = RolloutCorrectionConfig(rollout_is=level, rollout_is_threshold=1.5, loss_type=loss_type)
+                    cfg = actor_config(name, {"rollout_correction": rc}, loss_agg_mode=agg)
+                    out[name] = call_ppo_loss(cfg, batch, info, is_weights=True)  # both ignore the argument
+                cases.append(
+                    {"loss_type": loss_type, "level": level, "agg": agg, "verl": out["bypass_mode"],
+                     "ours": out["drgrpo.verl.bypass_mode"]}
+                )  # fmt: skip
+    refused = {}
+    for key, rc_settings in {
+        "rs": {"rollout_rs": "token_k1", "rollout_rs_threshold": 2.0},
+        "batch_normalize": {"rollout_is": "token", "rollout_is_batch_normalize": True},
+        "icepop": {"rollout_is": "token", "rollout_is_threshold": "0.5_2.0", "loss_type": "reinforce"},
+    }.items():
+        cfg = actor_config("drgrpo.verl.bypass_mode", {"rollout_correction": RolloutCorrectionConfig(**rc_settings)})
+        try:
+            call_ppo_loss(cfg, batch, info)
+            refused[key] = None
+        except ValueError as err:
+            refused[key] = f"ValueError: {err}"
+    return {"batch": batch, "cases": cases, "refused": refused}
+
+
 # (preset, verl actor settings) per split check; verl's defaults otherwise (clip_ratio* 0.2, clip_ratio_c 3)
 SPLIT_CASES = {
     "dr_grpo": ("dr_grpo", {"loss_scale_factor": 16, "loss_agg_mode": "seq-mean-token-sum-norm"}),
@@ -543,6 +578,7 @@ def main(path: str) -> None:
         "twins": twins_follow_loss_agg_mode(),
         "estimators": estimators(),
         "new_modes": new_modes(),
+        "bypass_mode": bypass_mode(),
         "advantages": advantages(),
     }
     torch.save(results, path)

@@ -43,6 +43,7 @@ __all__ = [
     "follows_loss_agg_mode",
     "loss_config",
     "make_advantage_estimator",
+    "make_bypass_loss",
     "make_policy_loss",
     "register_estimators",
     "register_losses",
@@ -269,6 +270,64 @@ def make_policy_loss(preset: str) -> Callable[..., tuple[Tensor, dict[str, Any]]
     return policy_loss_fn
 
 
+BYPASS_MODE = LOSS_PREFIX + "verl.bypass_mode"
+"""The twin of verl's ``bypass_mode`` (old log-probs are the rollout's), a dispatch over two twins."""
+
+
+def make_bypass_loss() -> Callable[..., tuple[Tensor, dict[str, Any]]]:
+    r"""verl's ``bypass_mode`` as drgrpo twins: ``policy_loss.rollout_correction.loss_type`` picks the loss.
+
+    ``ppo_clip``: ``drgrpo.verl.vanilla`` with no IS weights (the ratio to the rollout policy is the correction).
+    ``reinforce``: ``drgrpo.verl.gpg``, ``-A logp``, times the truncated IS weights ``w = min(rho, threshold)``
+    (detached) with ``rho = exp(logp - old)`` per token (``rollout_is="token"``) or ``exp(sum_t (logp - old))`` per
+    completion (``"sequence"``); ``rollout_is`` null: no weights. verl's ``rollout_is_weights`` argument is ignored,
+    as verl's bypass_mode ignores it. Refused with a ValueError: rejection sampling (``rollout_rs``), batch
+    normalisation of the weights and IcePop's ``"lower_upper"`` thresholds.
+    """
+    vanilla, reinforce = make_policy_loss("verl.vanilla"), make_policy_loss("verl.gpg")
+
+    def policy_loss_fn(
+        old_log_prob: Tensor,
+        log_prob: Tensor,
+        advantages: Tensor,
+        response_mask: Tensor,
+        loss_agg_mode: str = "token-mean",
+        config: Any = None,
+        rollout_is_weights: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Any]]:
+        del rollout_is_weights  # computed here from old_log_prob (the rollout's), as verl's bypass_mode does
+        settings = None if config is None else _setting(config, "policy_loss.rollout_correction", None)
+        if settings is None:
+            raise ValueError(f"loss_mode {BYPASS_MODE} needs actor_rollout_ref.actor.policy_loss.rollout_correction")
+        where = "actor_rollout_ref.actor.policy_loss.rollout_correction"
+        for key, off in (("rollout_rs", None), ("rollout_is_batch_normalize", False)):
+            if settings.get(key, off) not in (off,):
+                raise ValueError(f"loss_mode {BYPASS_MODE} does not implement {where}.{key}={settings.get(key)!r}")
+        loss_type = settings.get("loss_type", "ppo_clip")
+        if loss_type == "ppo_clip":
+            return vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, None)
+        if loss_type != "reinforce":
+            raise ValueError(f"{where}.loss_type must be 'ppo_clip' or 'reinforce', got {loss_type!r}")
+        level, threshold = settings.get("rollout_is", None), settings.get("rollout_is_threshold", 2.0)
+        weights = None
+        if level is not None and threshold is not None:
+            if isinstance(threshold, str) and "_" in threshold:
+                raise ValueError(f"loss_mode {BYPASS_MODE} does not implement IcePop thresholds ({threshold!r})")
+            if level not in ("token", "sequence"):
+                raise ValueError(f"{where}.rollout_is must be 'token', 'sequence' or null, got {level!r}")
+            with torch.no_grad():
+                m = response_mask.to(log_prob.dtype)
+                log_rho = (log_prob - old_log_prob) * m  # (B, T)
+                if level == "sequence":
+                    log_rho = log_rho.sum(-1, keepdim=True).expand_as(log_rho)
+                weights = log_rho.exp().clamp(max=float(threshold)) * m
+        return reinforce(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, weights)
+
+    policy_loss_fn.__name__ = policy_loss_fn.__qualname__ = "drgrpo_verl_bypass_mode"
+    policy_loss_fn.drgrpo_preset = "verl.bypass_mode"  # type: ignore[attr-defined]
+    return policy_loss_fn
+
+
 def _verl_metrics(
     terms: PerTokenLoss, adv: Tensor, mask: Tensor, logp: Tensor, old: Tensor, cfg: LossConfig
 ) -> dict[str, Any]:
@@ -400,7 +459,16 @@ def register_estimators() -> list[str]:
     return registered
 
 
-REGISTERED: list[str] = register_losses()
+def register_bypass_mode() -> str:
+    """Register :func:`make_bypass_loss` as ``drgrpo.verl.bypass_mode`` (a name held by another function raises)."""
+    held = POLICY_LOSS_REGISTRY.get(BYPASS_MODE)
+    if held is not None and getattr(held, "drgrpo_preset", None) != "verl.bypass_mode":
+        raise ValueError(f"verl already has a policy loss {BYPASS_MODE!r} ({held!r}); not replacing it")
+    register_policy_loss(BYPASS_MODE)(make_bypass_loss())
+    return BYPASS_MODE
+
+
+REGISTERED: list[str] = [*register_losses(), register_bypass_mode()]
 """The loss modes registered when verl imported this module."""
 
 REGISTERED_ESTIMATORS: list[str] = register_estimators()
