@@ -29,6 +29,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,8 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import GRPOConfig
 
 from drgrpo import LossConfig, group_advantages, policy_loss
+from drgrpo.entropy import entropy_threshold
+from drgrpo.normalizer import StepNormalizer
 from drgrpo.train.task import TaskConfig, make_splits
 from drgrpo.train.tiny import TinyModelConfig, build_model, build_tokenizer
 
@@ -122,12 +126,121 @@ class BeforeEachStep(TrainerCallback):
         self.params.append({n: _full(p) for n, p in named})
 
 
+# --------------------------------------------------------------------------- a stand-in for vLLM
+
+
+class StandInVLLM:
+    """Stands in for TRL's vLLM generation object (``trl.trainer.grpo_trainer.VLLMGeneration``), on a CPU.
+
+    TRL's contract: ``generate(prompts, images, num_generations, profiler)`` gets one list of prompt token ids per
+    row (each prompt repeated ``num_generations`` times) and returns ``(prompt_ids, completion_ids, logprobs,
+    logprob_token_ids)``, one completion per row, ``logprobs[i][t] = [log-prob of the sampled token]`` (``None``
+    where the sampler could not score it), after temperature. This one samples with the policy itself (the
+    trainer's model: ``sync_weights`` has nothing to do), stopping after EOS or ``max_completion_length`` tokens,
+    and reports each token's true log-prob plus the known error :meth:`sampling_error` (``None`` at position
+    ``unscored_position``), so TRL builds its importance-sampling ratio ``exp(old - sampling)`` exactly as with
+    vLLM, and a test knows it: ``exp(-error)`` per token.
+
+    Set it up with :func:`stand_in_vllm`; draws come from its own generator (seeded with ``seed`` plus the process
+    index), so two trainers built alike draw the same completions.
+    """
+
+    amplitude = 0.3
+    unscored_position: int | None = None
+    seed = 1234
+
+    def __init__(self, *, model: Any, accelerator: Any, processing_class: Any, **kwargs: Any) -> None:
+        for name, neutral in (("top_p", 1.0), ("top_k", 0), ("min_p", None), ("repetition_penalty", 1.0)):
+            if kwargs.get(name) not in (neutral, None):
+                raise ValueError(f"StandInVLLM samples plainly: {name}={kwargs[name]!r} is not supported")
+        self.model, self.accelerator = model, accelerator
+        self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        self.temperature = float(kwargs["temperature"])
+        self.max_completion_length = int(kwargs["max_completion_length"])
+        self.generator = torch.Generator().manual_seed(self.seed + accelerator.process_index)
+        self.vllm_client = _StandInClient()  # server mode asks it for the log-prob mode
+        self.calls = 0
+
+    def sync_weights(self) -> None:
+        """Nothing to copy: the sampler is the training model."""
+
+    @classmethod
+    def sampling_error(cls, completion_ids: torch.Tensor) -> torch.Tensor:
+        """The error added to each sampled token's log-prob ``(B, T)`` float64: a fixed function of the token id and
+        its position, in ``[-amplitude, amplitude]``."""
+        t = torch.arange(completion_ids.shape[-1], dtype=torch.float64)
+        return cls.amplitude * torch.sin(1.7 * completion_ids.to(torch.float64) + 2.3 * t + 0.5)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], images: Any, num_generations: int, profiler: Any = None) -> tuple:
+        if images is not None and any(i is not None for i in images):
+            raise ValueError("StandInVLLM is text-only")
+        self.calls += 1
+        model = self.accelerator.unwrap_model(self.model)
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        device = next(model.parameters()).device
+        done = torch.zeros(len(prompts), dtype=torch.bool)
+        tokens, logps = [], []
+        for _ in range(self.max_completion_length):
+            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits[:, -1].cpu()
+            log_probs = torch.log_softmax(logits.float() / self.temperature, dim=-1)
+            token = torch.multinomial(log_probs.exp(), 1, generator=self.generator).squeeze(-1)
+            token = token.masked_fill(done, pad)
+            tokens.append(token)
+            logps.append(log_probs.gather(-1, token[:, None]).squeeze(-1))
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            attention = torch.cat([attention, (~done).long()[:, None]], dim=1)
+            done = done | (token == eos)
+            if bool(done.all()):
+                break
+        sampled, true_logp = torch.stack(tokens, dim=1), torch.stack(logps, dim=1).double()  # (B, T)
+        reported = true_logp + self.sampling_error(sampled)
+        completion_ids, logprobs, logprob_ids = [], [], []
+        for i in range(len(prompts)):
+            row = sampled[i].tolist()
+            n = row.index(eos) + 1 if eos in row else len(row)  # vLLM returns the EOS it stopped at
+            completion_ids.append(row[:n])
+            values = [float(v) for v in reported[i, :n]]
+            if self.unscored_position is not None and self.unscored_position < n:
+                values[self.unscored_position] = None  # type: ignore[call-overload]
+            logprobs.append([[v] for v in values])
+            logprob_ids.append([[tok] for tok in row[:n]])
+        return [list(p) for p in prompts], completion_ids, logprobs, logprob_ids
+
+
+class _StandInClient:
+    def get_server_info(self) -> dict[str, Any]:
+        return {"model_config": {"logprobs_mode": "processed_logprobs"}}
+
+
+@contextmanager
+def stand_in_vllm(amplitude: float = 0.3, unscored_position: int | None = None) -> Iterator[type[StandInVLLM]]:
+    """Within the block, TRL trainers built with ``use_vllm=True`` generate with a :class:`StandInVLLM` whose
+    log-prob error has this ``amplitude`` (and ``None`` at ``unscored_position``); yields the class used."""
+    import trl.trainer.grpo_trainer as grpo_module
+
+    stand_in = type("StandIn", (StandInVLLM,), {"amplitude": amplitude, "unscored_position": unscored_position})
+    original = grpo_module.VLLMGeneration
+    grpo_module.VLLMGeneration = stand_in  # type: ignore[misc]
+    try:
+        yield stand_in
+    finally:
+        grpo_module.VLLMGeneration = original  # type: ignore[misc]
+
+
 def _full(x: torch.Tensor) -> torch.Tensor:
     """A detached copy; an FSDP2 ``DTensor`` (one shard per process) is gathered whole (a collective)."""
     from torch.distributed.tensor import DTensor
 
     x = x.detach()
     return x.full_tensor() if isinstance(x, DTensor) else x.clone()
+
+
+VLLM_KEYS = ("old_per_token_logps", "sampling_per_token_logps", "importance_sampling_ratio")
+"""What TRL adds to a generation batch generated with vLLM (recorded when present)."""
 
 
 class Recorder:
@@ -141,15 +254,16 @@ class Recorder:
 
     def _generate_and_score_completions(self, inputs: Any) -> Any:
         out = super()._generate_and_score_completions(inputs)  # type: ignore[misc]
-        keep = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
-        self.generations.append(([dict(x) for x in inputs], {k: out[k].detach().clone() for k in keep}))
+        keep = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", *VLLM_KEYS)
+        tensors = {k: out[k].detach().clone() for k in keep if out.get(k) is not None}
+        self.generations.append(([dict(x) for x in inputs], tensors))
         return out
 
     def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
         if model.training:
-            keep = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
-            self.micro.append({k: inputs[k].detach().clone() for k in keep})
+            keep = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", *VLLM_KEYS)
+            self.micro.append({k: inputs[k].detach().clone() for k in keep if inputs.get(k) is not None})
             self.losses.append(loss.detach().clone())
         return loss
 
@@ -184,6 +298,7 @@ class Rollout:
     completion_ids: torch.Tensor  # (N, T) right-padded
     mask: torch.Tensor  # (N, T) 1 on real completion tokens
     advantages: torch.Tensor  # (N,) from group_advantages of the test's own rewards
+    sampling_logp: torch.Tensor | None = None  # (N, T) the sampler's log-probs (vLLM's), as TRL received them
 
 
 def _key(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple:
@@ -214,7 +329,7 @@ def step_rollout(
         for i in range(len(examples)):
             key = _key(out["prompt_ids"][i], out["prompt_mask"][i], out["completion_ids"][i], out["completion_mask"][i])
             table.setdefault(key, []).append(float(advantages[i]))
-    prompt_rows, completion_rows, advantages = [], [], []
+    prompt_rows, completion_rows, advantages, sampling_rows = [], [], [], []
     for mb in micro:
         for i in range(mb["completion_ids"].shape[0]):
             key = _key(mb["prompt_ids"][i], mb["prompt_mask"][i], mb["completion_ids"][i], mb["completion_mask"][i])
@@ -223,6 +338,8 @@ def step_rollout(
             prompt_rows.append(torch.tensor(key[0]))
             completion_rows.append(torch.tensor(key[1], dtype=torch.long))
             advantages.append(candidates[0])
+            if "sampling_per_token_logps" in mb:
+                sampling_rows.append(mb["sampling_per_token_logps"][i][mb["completion_mask"][i].bool()])
     width = max(len(c) for c in completion_rows)
     n = len(completion_rows)
     ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
@@ -231,7 +348,12 @@ def step_rollout(
         ids[i, : len(c)] = c
         mask[i, : len(c)] = 1
     assert len({len(p) for p in prompt_rows}) == 1
-    return Rollout(torch.stack(prompt_rows), ids, mask, torch.tensor(advantages, dtype=torch.float32))
+    sampling = None
+    if sampling_rows:
+        sampling = torch.zeros((n, width), dtype=sampling_rows[0].dtype)
+        for i, row in enumerate(sampling_rows):
+            sampling[i, : len(row)] = row
+    return Rollout(torch.stack(prompt_rows), ids, mask, torch.tensor(advantages, dtype=torch.float32), sampling)
 
 
 def whole_batch_gradient(
@@ -246,6 +368,9 @@ def whole_batch_gradient(
 
     The policy has the saved initial weights, or ``weights``; with ``off_policy`` the sampling policy (old
     log-probs) is the initial model, else the ratio is 1. The reference model (``beta > 0``) is the initial model.
+    The sampler's log-probs (vLLM's) are the rollout's, as TRL received them. The high-entropy mask and the entropy
+    bonus (``config.top_entropy_quantile``, ``entropy_coef``) get the entropies ``-sum_v p log p`` of the plain logits,
+    the mask's threshold over the whole step, and the step's counts.
     """
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     initial = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -254,22 +379,40 @@ def whole_batch_gradient(
     model.train()
     with torch.no_grad():
         initial_logp = token_logp(initial, rollout)
-    logp = token_logp(model, rollout)
+    logp, entropy = token_logp(model, rollout, with_entropy=True)
     old = initial_logp if off_policy else None
     ref = initial_logp if config.beta > 0 else None
-    out = policy_loss(logp, old, rollout.advantages, rollout.mask, config, ref_logp=ref)
-    out.loss.backward()
+    entropic = config.top_entropy_quantile < 1 or config.entropy_coef != 0
+    out = policy_loss(
+        logp,
+        old,
+        rollout.advantages,
+        rollout.mask,
+        config,
+        ref_logp=ref,
+        sampling_logp=rollout.sampling_logp,
+        entropy=entropy if entropic else None,
+        entropy_threshold=entropy_threshold(entropy, rollout.mask, config.top_entropy_quantile) if entropic else None,
+        normalizer=StepNormalizer.from_masks([rollout.mask], config) if entropic else None,
+    )
+    loss = out.loss
+    loss.backward()
     grads = {n: q.grad.detach().clone() for n, q in model.named_parameters()}
-    return out.loss.detach(), grads, out.metrics
+    return loss.detach(), grads, out.metrics
 
 
-def token_logp(model: Any, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
-    """``(N, T)`` log-probs of the completion tokens under ``model``: plain logits, log_softmax, gather."""
+def token_logp(model: Any, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False) -> Any:
+    """``(N, T)`` log-probs of the completion tokens under ``model``: plain logits, log_softmax, gather; with
+    ``with_entropy`` also the ``(N, T)`` entropies ``-sum_v p log p`` of the same distributions."""
     p, t = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
     input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
     attention = torch.cat([torch.ones_like(rollout.prompt_ids), rollout.mask], dim=1)
     logits = model(input_ids=input_ids, attention_mask=attention).logits[:, p - 1 : p + t - 1] / temperature
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    logp = log_probs.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return logp
+    return logp, -(log_probs.exp() * log_probs).sum(-1)
 
 
 def relative_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:

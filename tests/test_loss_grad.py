@@ -51,6 +51,24 @@ def test_cispo_gradient_by_hand():
     torch.testing.assert_close(grad, expected, rtol=1e-13, atol=1e-16)
 
 
+@pytest.mark.parametrize("adv_sign", [1.0, -1.0])
+def test_vespo_gradient_by_hand(adv_sign):
+    # VESPO's value is -sg(phi(w)) A logp: the gradient is d loss / d logp_{i,t} = -phi_i A_i / N_tok (token-mean)
+    # with phi_i = exp(lam + k log w_i - lam w_i), log w_i = sum_t (logp - old) (no clamp binds here), and
+    # (k, lam) = (2, 3) for A >= 0, (3, 2) below (the defaults).
+    batch = random_batch(seed=17, ratio_scale=0.1)
+    config = LossConfig(surrogate="vespo", aggregation="token-mean")
+    adv = adv_sign * group_advantages(batch.rewards, batch.group_size, config).abs()
+    logp = batch.logp.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(policy_loss(logp, batch.old_logp, adv, batch.mask, config).loss, logp)
+    log_w = ((batch.logp - batch.old_logp) * batch.mask).sum(1)
+    k, lam = (2.0, 3.0) if adv_sign > 0 else (3.0, 2.0)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    assert (phi - 1).abs().max() > 0.05  # the weights are not all 1
+    expected = -(phi * adv).unsqueeze(1) * batch.mask / batch.mask.sum()
+    torch.testing.assert_close(grad, expected, rtol=1e-13, atol=1e-16)
+
+
 @pytest.mark.parametrize("kind", KL_KINDS)
 def test_gradcheck_each_kl_estimator(kind):
     _gradcheck(LossConfig(kl=kind, beta=0.5, aggregation="token-mean"), random_batch(seed=12), use_ref=True)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from drgrpo.correction import SAMPLING_CORRECTIONS
 from drgrpo.field_error import FieldError
 from drgrpo.registry import SURROGATES
 
@@ -56,9 +57,9 @@ class LossConfig:
     """
 
     surrogate: str = "ppo"
-    """Per-token surrogate, a name registered in :mod:`drgrpo.surrogates` (docs/losses.md lists them): ppo, the
-    clipped importance ratio; cispo, a clipped stop-gradient weight on the log-prob; sapo, a soft gate instead
-    of the clip."""
+    """Per-token surrogate, one of the registered members (docs/losses.md lists them): ppo, the clipped importance
+    ratio; cispo, a clipped stop-gradient weight on the log-prob; sapo, a soft gate instead of the clip; vespo, a
+    Gamma weight of the completion's importance weight."""
     ratio_level: RatioLevel = "token"
     """Importance ratio per token (token: r = exp(logp - old_logp)) or one per completion (sequence, GSPO: the exp
     of the mean of logp - old_logp over the completion's tokens)."""
@@ -97,6 +98,15 @@ class LossConfig:
     """clip_cov: lower bound of the covariance of a token that may be cut."""
     clip_cov_ub: float = 5.0
     """clip_cov: upper bound of the covariance of a token that may be cut."""
+    vespo_k_pos: float = 2.0
+    """VESPO's power k for a non-negative advantage: the weight phi(w) = exp(lambda + k log w - lambda w) of the
+    completion's importance weight w (TRL's option of the same name)."""
+    vespo_lambda_pos: float = 3.0
+    """VESPO's decay lambda for a non-negative advantage (at least 1e-4 is used)."""
+    vespo_k_neg: float = 3.0
+    """VESPO's power k for a negative advantage."""
+    vespo_lambda_neg: float = 2.0
+    """VESPO's decay lambda for a negative advantage (at least 1e-4 is used)."""
     kl: KLKind = "k3"
     """KL estimator per token, with d = ref - logp (ref: the reference model's log-prob): k1 = -d,
     k2 = d^2 / 2, k3 = exp(d) - d - 1, low_var_kl = k3 clamped (verl), abs = |d|."""
@@ -132,6 +142,23 @@ class LossConfig:
     A = r / (1 + ``std_eps``), or r without the std division)."""
     nan_rewards: NanRewards = "error"
     """What a NaN reward does: error raises; ignore (TRL) leaves it out of the statistics with advantage 0."""
+    sampling_correction: str | None = None
+    """Correct for the sampler's own log-probs (vLLM's, passed to the loss): each token's surrogate is multiplied by
+    a weight from d = old - sampler log-prob, per token (token_truncate, token_mask) or exp of the completion's sum
+    (sequence_truncate, sequence_mask), clamped into [``sampling_clip_min``, ``sampling_clip_max``] (truncate) or 0
+    outside it (mask), as TRL's vLLM importance-sampling modes; none: off."""
+    sampling_clip_min: float | None = None
+    """Lower bound of the sampling correction's weight; none: no bound."""
+    sampling_clip_max: float | None = 3.0
+    """Upper bound of the sampling correction's weight; none: no bound."""
+    off_policy_mask_threshold: float | None = None
+    """Drop a completion whose advantage is negative and whose mean of (sampler log-prob - log-prob) over its tokens
+    exceeds this (DeepSeek-V3.2's off-policy sequence mask; the old log-probs without a sampler's); none: off."""
+    top_entropy_quantile: float = 1.0
+    """Train on the high-entropy tokens only: a token's surrogate counts iff its entropy is at or above the
+    1 - q quantile of the entropies (Beyond the 80/20 rule; TRL's option of the same name); 1: every token."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: the loss gets minus this times the mean entropy of the tokens trained on; 0: off."""
     per_call_normalization: bool = False
     """True for peer presets whose denominators are defined per call (per micro-batch); they refuse a step normalizer."""
     name: str | None = None
@@ -205,6 +232,10 @@ class LossConfig:
                 f"the other, but drgrpo applies one rule to both; set aggregation to {self.forced_aggregation!r} "
                 "or beta to 0",
             )
+        self._check_sampling_fields()
+        member = SURROGATES.get(self.surrogate)
+        if member.check is not None:
+            member.check(self)  # the surrogate's own rules for its fields
         _check_nonnegative("std_eps", self.std_eps)
         if self.std_zero_threshold is not None:
             _check_nonnegative("std_zero_threshold", self.std_zero_threshold)
@@ -219,6 +250,37 @@ class LossConfig:
                     "max_completion_length",
                     f"max_completion_length must be >= 1, got {self.max_completion_length}",
                 )
+
+    def _check_sampling_fields(self) -> None:
+        if self.sampling_correction is not None:
+            _check_choice("sampling_correction", self.sampling_correction, SAMPLING_CORRECTIONS)
+        for field in ("sampling_clip_min", "sampling_clip_max"):
+            if getattr(self, field) is not None:
+                _check_nonnegative(field, getattr(self, field))
+        low, high = self.sampling_clip_min, self.sampling_clip_max
+        if low is not None and high is not None and low >= high:
+            raise FieldError(
+                LossConfig,
+                ("sampling_clip_min", "sampling_clip_max"),
+                f"sampling_clip_min must be below sampling_clip_max, got {low} >= {high}",
+            )
+        if (self.sampling_correction or "").endswith("truncate") and low is None and high is None:
+            raise FieldError(
+                LossConfig,
+                ("sampling_correction", "sampling_clip_min", "sampling_clip_max"),
+                f"sampling_correction {self.sampling_correction!r} clamps the weight: set sampling_clip_min or "
+                "sampling_clip_max",
+            )
+        if self.off_policy_mask_threshold is not None:
+            _check_finite("off_policy_mask_threshold", self.off_policy_mask_threshold)
+        _check_finite("top_entropy_quantile", self.top_entropy_quantile)
+        if not 0 <= self.top_entropy_quantile <= 1:
+            raise FieldError(
+                LossConfig,
+                "top_entropy_quantile",
+                f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}",
+            )
+        _check_finite("entropy_coef", self.entropy_coef)
 
     @property
     def effective_aggregation(self) -> str:

@@ -18,7 +18,15 @@ from torch import Tensor, nn
 
 from drgrpo.aggregation import token_weights
 from drgrpo.config import LossConfig
-from drgrpo.loss import LossOutput, compute_dtype, per_token_loss, policy_loss, validate_inputs
+from drgrpo.entropy import entropy_threshold, high_entropy_mask
+from drgrpo.loss import (
+    LossOutput,
+    check_entropy_inputs,
+    compute_dtype,
+    per_token_loss,
+    policy_loss,
+    validate_inputs,
+)
 from drgrpo.surrogates import BATCH_COUPLED, get_surrogate
 from drgrpo.validation import check_finite_large, check_finite_rows, check_shape
 
@@ -60,6 +68,7 @@ class _Problem:
     config: LossConfig
     old_logp: Tensor | None  # (B, T)
     ref_logp: Tensor | None  # (B, T)
+    sampling_logp: Tensor | None  # (B, T) the sampler's log-probs (vLLM's)
     normalizer: Any  # StepNormalizer | None
     temperature: float
     chunk_size: int
@@ -67,6 +76,7 @@ class _Problem:
     need_dw: bool
     need_db: bool
     compute_entropy: bool = False
+    entropy_threshold: Any = None  # Tensor | float | None: the entropy mask's threshold, if given
     metrics: dict[str, Tensor] | None = None
     logp: Tensor | None = None  # (B, T) output, detached
     entropy: Tensor | None = None  # (B, T) output, detached (compute_entropy)
@@ -133,6 +143,22 @@ class _Chunker:
                 torch.sum(p.mul_(logp), dim=1, out=out[s : s + rows])  # scratch rows: p log p
         return out.neg_()
 
+    def bonus_grad(self, z: Tensor, y_c: Tensor, g: Tensor, c: Tensor, h: Tensor) -> None:
+        """Overwrite the log-softmax rows ``z`` (n, V) with ``D = g (p - onehot(y)) - c p (log p + H)``: minus
+        d loss / d z of the policy term (``g = d loss / d logp``) and of the bonus ``-c H`` (dH/dz = -p (log p + H)),
+        a few rows at a time through the scratch buffer (one more ``exp`` than the entropy alone)."""
+        n, v = z.shape
+        rows = max(1, min(n, _ENTROPY_BLOCK_BYTES // (z.element_size() * v)))
+        if self.scratch is None or self.scratch.shape[0] < rows:
+            self.scratch = torch.empty(rows, v, dtype=z.dtype, device=z.device)
+        scale = (g - c * h)[:, None]  # (n, 1)
+        for s in range(0, n, rows):
+            logp = z[s : s + rows]
+            p = torch.exp(logp, out=self.scratch[: logp.shape[0]])
+            logp.mul_(p).mul_(-c[s : s + rows, None])  # -c p log p
+            logp.add_(p.mul_(scale[s : s + rows]))  # + (g - c H) p
+        z[torch.arange(n, device=z.device), y_c] -= g
+
     def grads(
         self,
         z: Tensor,
@@ -145,14 +171,17 @@ class _Chunker:
         db: Tensor | None,
         *,
         probs: bool = False,
+        scaled: bool = False,
     ) -> None:
         """Given log_softmax ``z`` (n, V) (or, with ``probs``, already ``p = exp(z)``) and ``g = dloss/dlogp``
-        (n,), add this chunk's dh, dW, db."""
+        (n,), add this chunk's dh, dW, db. ``scaled``: ``z`` already holds ``g (p - onehot) + ...``
+        (:meth:`bonus_grad`), so ``g`` is not applied again."""
         n = z.shape[0]
-        a = g / self.tau  # (n,)
+        a = (torch.ones_like(g) if scaled else g) / self.tau  # (n,)
         # d = p - onehot(y) in place: the onehot term rides along in the products (no scatter into dW).
-        d = z if probs else z.exp_()
-        d[torch.arange(n, device=d.device), y_c] -= 1.0
+        d = z if probs or scaled else z.exp_()
+        if not scaled:
+            d[torch.arange(n, device=d.device), y_c] -= 1.0
         d_mm = d
         if self.z_low is not None and (dh is not None or dw is not None):
             d_mm = self.z_low[:n]
@@ -218,13 +247,24 @@ def _run(problem: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None)
     pos_cpu = pos_all.cpu()
     rows_cpu = (pos_cpu // t).tolist() if pos_cpu.numel() else []
     weights = token_weights(problem.mask.to(adt), cfg, problem.normalizer)  # (B, T), constant in logp
-    # a sequence ratio, or a surrogate whose token loss reads its row (a batch oracle: geo_mean), needs whole rows
-    row_coupled = cfg.ratio_level != "token" or get_surrogate(cfg.surrogate).batch_oracle is not None
+    # A token's loss that reads other tokens of its row: the sequence ratio (GSPO), a whole-row surrogate,
+    # the sequence correction weight, the off-policy mask. Chunks then hold whole rows.
+    row_coupled = (
+        cfg.ratio_level != "token"
+        or get_surrogate(cfg.surrogate).whole_rows
+        or (cfg.sampling_correction or "").startswith("sequence")
+        or cfg.off_policy_mask_threshold is not None
+    )
     ranges = _chunks_of(counts, problem.chunk_size, whole_rows=row_coupled)
     two_pass = ranges is None
     if two_pass:
         ranges = _chunks_of(counts, problem.chunk_size, whole_rows=False)
     assert ranges is not None
+    masked = cfg.top_entropy_quantile < 1
+    bonus = cfg.entropy_coef != 0
+    threshold = problem.entropy_threshold
+    # The mask's per-call threshold, or the bonus's per-call count of masked tokens, needs every entropy first.
+    first_pass = two_pass or (masked and (threshold is None or (bonus and problem.normalizer is None)))
 
     chunker = _Chunker(
         h2d, weight, bias, problem.target_ids, problem.temperature, max((e - s for s, e in ranges), default=0)
@@ -241,6 +281,8 @@ def _run(problem: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None)
         first, last = int(pos_cpu[s]), int(pos_cpu[e - 1])
         return slice(first, last + 1) if last - first == e - s - 1 else pos_all[s:e]
 
+    keep_flat: Tensor | None = None  # (B*T,) bool: the entropy mask, once known
+
     def chunk_grad(s: int, e: int, logp_c: Tensor) -> Tensor:
         """g = d(sum_n w_n l_n)/d logp_n for real tokens s..e-1 (rows r0..r1 only; rows never interact)."""
         r0, r1 = rows_cpu[s], rows_cpu[e - 1]
@@ -252,6 +294,10 @@ def _run(problem: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None)
         with torch.enable_grad():
             leaf = logp_c.detach().requires_grad_(True)
             lp = torch.zeros(r1 + 1 - r0, t, dtype=adt, device=device).index_put((rr, cc), leaf)
+            keep = None
+            if keep_flat is not None:
+                keep = torch.zeros(r1 + 1 - r0, t, dtype=torch.bool, device=device)
+                keep[rr, cc] = keep_flat[pos]
             terms = per_token_loss(
                 lp,
                 None if problem.old_logp is None else problem.old_logp[sub],
@@ -259,26 +305,65 @@ def _run(problem: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None)
                 sel,
                 cfg,
                 None if problem.ref_logp is None else problem.ref_logp[sub],
+                None if problem.sampling_logp is None else problem.sampling_logp[sub],
+                keep,
             )
             (g,) = torch.autograd.grad((terms.loss * weights[sub]).sum(), leaf)
         return g
 
-    if two_pass and need_grad:
-        # Pass 1 (sequence-level ratio, a row longer than a chunk): logp of every real token, no gradient.
+    if first_pass and need_grad:
+        # Pass 1 (a row longer than a chunk with a sequence-level ratio, or the entropy mask's per-call threshold):
+        # logp (and entropy) of every real token, no gradient.
         for s, e in ranges:
             pos = rows_at(s, e)
             z, _, y_c = chunker.log_softmax(pos)
             logp_flat[pos] = z.gather(1, y_c[:, None]).squeeze(1)
-        g_all = chunk_grad(0, pos_all.numel(), logp_flat[pos_all]) if pos_all.numel() else None
+            if entropy_flat is not None:
+                entropy_flat[pos] = chunker.entropy(z, leave_probs=False)
+    bonus_c: Tensor | float = 0.0
+    if masked and need_grad:
+        assert entropy_flat is not None
+        if first_pass:  # every entropy is known: the per-call threshold, and the mask at once
+            ent2d = entropy_flat.reshape(b, t)
+            if threshold is None:
+                threshold = entropy_threshold(ent2d, problem.mask, cfg.top_entropy_quantile)
+            keep_flat = high_entropy_mask(ent2d, problem.mask, threshold).reshape(-1)
+        else:  # a given threshold: each chunk's mask from its own entropies, below
+            keep_flat = torch.zeros(b * t, dtype=torch.bool, device=device)
+    if bonus and need_grad:
+        # d loss / d H_n = -c_n: the coefficient over the tokens the bonus averages over
+        if problem.normalizer is not None:
+            count = max(problem.normalizer.num_tokens, 1.0) / problem.normalizer.world_size
+            bonus_c = cfg.entropy_coef / count
+        else:
+            acting = real.reshape(-1) if keep_flat is None else keep_flat
+            bonus_c = cfg.entropy_coef / acting.sum().clamp_min(1).to(adt)
+    g_all = None
+    if two_pass and need_grad and pos_all.numel():
+        g_all = chunk_grad(0, pos_all.numel(), logp_flat[pos_all])
     for s, e in ranges:
         pos = rows_at(s, e)
         z, h_c, y_c = chunker.log_softmax(pos)
         logp_c = z.gather(1, y_c[:, None]).squeeze(1)  # (n,)
         logp_flat[pos] = logp_c
+        if bonus and need_grad:  # keep z as log p: the bonus's gradient needs both p and log p
+            ent_c = chunker.entropy(z, leave_probs=False)
+            entropy_flat[pos] = ent_c  # type: ignore[index]
+            if keep_flat is not None and not first_pass:
+                keep_flat[pos] = ent_c >= threshold
+            g = g_all[s:e] if g_all is not None else chunk_grad(s, e, logp_c)
+            c = torch.full_like(g, 1.0) * bonus_c
+            if keep_flat is not None:
+                c = c * keep_flat[pos_all[s:e]].to(g.dtype)
+            chunker.bonus_grad(z, y_c, g, c, ent_c)
+            chunker.grads(z, h_c, y_c, g, dh, pos, dw, db, scaled=True)
+            continue
         if entropy_flat is not None:  # with gradients to come, z becomes p here (one exp for both)
             entropy_flat[pos] = chunker.entropy(z, leave_probs=need_grad)
+            if keep_flat is not None and not first_pass:
+                keep_flat[pos] = entropy_flat[pos] >= threshold
         if need_grad:
-            g = g_all[s:e] if two_pass else chunk_grad(s, e, logp_c)  # type: ignore[index]
+            g = g_all[s:e] if g_all is not None else chunk_grad(s, e, logp_c)
             chunker.grads(z, h_c, y_c, g, dh, pos, dw, db, probs=entropy_flat is not None)
 
     if dw is not None and chunker.dw_fresh:  # no real token at all
@@ -291,6 +376,9 @@ def _run(problem: _Problem, hidden: Tensor, weight: Tensor, bias: Tensor | None)
         problem.mask,
         cfg,
         ref_logp=problem.ref_logp,
+        sampling_logp=problem.sampling_logp,
+        entropy=None if entropy_flat is None else entropy_flat.reshape(b, t),
+        entropy_threshold=threshold,
         normalizer=problem.normalizer,
         validate=False,
     )
@@ -345,11 +433,13 @@ def fused_policy_loss(
     *,
     old_logp: Tensor | None = None,
     ref_logp: Tensor | None = None,
+    sampling_logp: Tensor | None = None,
     bias: Tensor | None = None,
     temperature: float = 1.0,
     chunk_size: int | None = None,
     normalizer: StepNormalizer | None = None,
     compute_entropy: bool = False,
+    entropy_threshold: Tensor | float | None = None,
     validate: bool = True,
 ) -> LossOutput:
     r"""``policy_loss(log_softmax((hidden @ weight.T + bias) / temperature)[target_ids], ...)`` without the logits.
@@ -364,6 +454,7 @@ def fused_policy_loss(
         config: a :class:`~drgrpo.config.LossConfig`; every surrogate, ratio level, KL and aggregation works.
         old_logp: ``(B, T)`` log-probs of the sampling policy, or ``None`` (on-policy: ratio 1, gradient flows).
         ref_logp: ``(B, T)`` reference log-probs; required when ``config.beta > 0``.
+        sampling_logp: ``(B, T)`` the sampler's own log-probs (vLLM's), as in :func:`~drgrpo.policy_loss`.
         bias: ``(V,)`` output-layer bias, or ``None``.
         temperature: the sampling temperature ``tau > 0``; logits are divided by it.
         chunk_size: real tokens per chunk (extra memory ``~ chunk_size * V`` floats);
@@ -371,6 +462,10 @@ def fused_policy_loss(
         normalizer: a :class:`~drgrpo.normalizer.StepNormalizer` for split-invariant aggregation.
         compute_entropy: also return each real token's entropy of ``softmax((h W^T + b) / temperature)``
             (TRL's ``entropy`` metric), computed from the chunks of the same pass: no extra product.
+        entropy_threshold: the entropy mask's threshold (``config.top_entropy_quantile < 1``), as in
+            :func:`~drgrpo.policy_loss`; ``None`` computes it from this call's entropies (a first pass over the
+            chunks: four products instead of three). The mask and the bonus (``config.entropy_coef``) use the
+            entropies of this pass; their gradient is folded into the same products.
         validate: check the data as :func:`~drgrpo.policy_loss` does: no NaN or inf in the rows of ``hidden`` at
             real tokens, in ``weight`` and ``bias``, in ``advantages`` and in ``old_logp``/``ref_logp`` at real
             tokens; ``target_ids`` in ``[0, V)`` and ``mask`` 0/1 at real tokens. One pass over ``hidden`` and
@@ -387,7 +482,10 @@ def fused_policy_loss(
     b, t, _ = hidden.shape
     adt = compute_dtype(weight.dtype)
     logp_shape = torch.zeros(b, t, dtype=adt, device=hidden.device)  # stands for logp in the checks of the rest
-    validate_inputs(logp_shape, old_logp, advantages, mask, config, ref_logp, values=validate)
+    validate_inputs(
+        logp_shape, old_logp, advantages, mask, config, ref_logp, values=validate, sampling_logp=sampling_logp
+    )
+    check_entropy_inputs(config, logp_shape, logp_shape, entropy_threshold, normalizer)
     if config.surrogate in BATCH_COUPLED:
         raise ValueError(
             f"config.surrogate {config.surrogate!r} reads a covariance over every token of the call, which the fused "
@@ -406,13 +504,15 @@ def fused_policy_loss(
         config=config,
         old_logp=None if old_logp is None else old_logp.detach(),
         ref_logp=None if ref_logp is None else ref_logp.detach(),
+        sampling_logp=None if sampling_logp is None else sampling_logp.detach(),
         normalizer=normalizer,
         temperature=float(temperature),
         chunk_size=int(chunk_size) if chunk_size is not None else default_chunk_size(weight.shape[0]),
         need_dh=grad_on and hidden.requires_grad,
         need_dw=grad_on and weight.requires_grad,
         need_db=grad_on and bias is not None and bias.requires_grad,
-        compute_entropy=bool(compute_entropy),
+        compute_entropy=bool(compute_entropy) or config.top_entropy_quantile < 1 or config.entropy_coef != 0,
+        entropy_threshold=entropy_threshold,
     )
     loss = _FusedLinearPolicyLoss.apply(hidden, weight, bias, problem)
     assert problem.metrics is not None
@@ -486,6 +586,7 @@ class FusedPolicyLoss(nn.Module):
         *,
         old_logp: Tensor | None = None,
         ref_logp: Tensor | None = None,
+        sampling_logp: Tensor | None = None,
         normalizer: StepNormalizer | None = None,
     ) -> LossOutput:
         """``lm_head``: the output ``nn.Linear`` (its bias is used if it has one) or a ``(V, H)`` weight."""
@@ -504,6 +605,7 @@ class FusedPolicyLoss(nn.Module):
             self.config,
             old_logp=old_logp,
             ref_logp=ref_logp,
+            sampling_logp=sampling_logp,
             bias=bias,
             temperature=self.temperature,
             chunk_size=self.chunk_size,

@@ -21,6 +21,9 @@ from torch import Tensor
 
 from drgrpo.aggregation import token_weights
 from drgrpo.config import LossConfig
+from drgrpo.correction import off_policy_keep, sampling_metrics, sampling_weight
+from drgrpo.entropy import entropy_bonus, high_entropy_mask
+from drgrpo.entropy import entropy_threshold as high_entropy_threshold
 from drgrpo.kl import kl_penalty
 from drgrpo.surrogates import SurrogateInputs, get_surrogate, sequence_log_ratio, token_log_ratio
 from drgrpo.validation import (
@@ -43,6 +46,8 @@ class PerTokenLoss(NamedTuple):
     clipped_low: Tensor  # (B, T) bool
     clipped_high: Tensor  # (B, T) bool
     kl: Tensor | None  # (B, T) per-token KL, or None without ref_logp
+    sampling_weight: Tensor | None = None  # (B, T) the sampler correction's weight rho (config.sampling_correction)
+    keep: Tensor | None = None  # (B, 1) the off-policy mask (config.off_policy_mask_threshold)
 
 
 @dataclass
@@ -71,6 +76,8 @@ def per_token_loss(
     mask: Tensor,
     config: LossConfig,
     ref_logp: Tensor | None = None,
+    sampling_logp: Tensor | None = None,
+    entropy_keep: Tensor | None = None,
 ) -> PerTokenLoss:
     """The unaggregated loss ``l`` ``(B, T)``; no input checks (see :func:`policy_loss`).
 
@@ -90,9 +97,24 @@ def per_token_loss(
         log_ratio = token_log_ratio(logp, old)
     ratio = torch.exp(log_ratio)
 
+    rho = None
+    if config.sampling_correction is not None:
+        assert sampling_logp is not None  # validate_inputs enforces it
+        rho = sampling_weight(
+            old, sampling_logp, real, config.sampling_correction, config.sampling_clip_min, config.sampling_clip_max
+        )
     member = get_surrogate(config.surrogate)  # drgrpo.surrogates registers ppo, cispo, sapo, ...
-    term = member.loss(SurrogateInputs(ratio, adv, logp, old, m), config)
+    term = member.loss(SurrogateInputs(ratio, adv, logp, old, m, rho), config)
     loss = term.loss
+    if rho is not None and not member.folds_sampling_weight:
+        loss = loss * rho  # TRL: the surrogate times the sampler correction (not the KL term)
+    keep = None
+    if config.off_policy_mask_threshold is not None:
+        source = old if sampling_logp is None else sampling_logp  # the sampler's log-probs when there are any
+        keep = off_policy_keep(adv, logp, source, real, config.off_policy_mask_threshold)
+        loss = loss * keep
+    if entropy_keep is not None:
+        loss = loss * entropy_keep.to(dtype)  # the high-entropy token mask (its threshold: policy_loss)
 
     kl = None
     if ref_logp is not None:
@@ -100,7 +122,7 @@ def per_token_loss(
         if config.beta != 0:
             # TRL's use_bias_correction_kl: weight the KL by the unclipped ratio (gradient flows through it)
             loss = loss + config.beta * (kl * ratio if config.kl_importance_weight else kl)
-    return PerTokenLoss(loss * m, ratio, term.clipped_low & real, term.clipped_high & real, kl)
+    return PerTokenLoss(loss * m, ratio, term.clipped_low & real, term.clipped_high & real, kl, rho, keep)
 
 
 def policy_loss(
@@ -111,6 +133,9 @@ def policy_loss(
     config: LossConfig,
     *,
     ref_logp: Tensor | None = None,
+    sampling_logp: Tensor | None = None,
+    entropy: Tensor | None = None,
+    entropy_threshold: Tensor | float | None = None,
     normalizer: StepNormalizer | None = None,
     validate: bool = True,
 ) -> LossOutput:
@@ -124,6 +149,14 @@ def policy_loss(
         mask: ``(B, T)`` 0/1 (bool, int or float): 1 on real completion tokens.
         config: a :class:`~drgrpo.config.LossConfig`, e.g. ``LossConfig.preset("dr_grpo", max_completion_length=L)``.
         ref_logp: ``(B, T)`` log pi_ref; required when ``config.beta > 0``.
+        sampling_logp: ``(B, T)`` the sampler's own log-probs of the tokens (vLLM's); required by
+            ``config.sampling_correction``, read by ``config.off_policy_mask_threshold``. NaN on a real token means
+            "not scored": it counts as d = 0 (:mod:`drgrpo.correction`).
+        entropy: ``(B, T)`` each token's policy entropy, differentiable for the bonus; required by
+            ``config.top_entropy_quantile < 1`` and ``config.entropy_coef != 0`` (:mod:`drgrpo.entropy`).
+        entropy_threshold: the mask's entropy threshold; ``None`` computes it from this call's real tokens (TRL's
+            per-micro-batch definition), which a step ``normalizer`` refuses: pass the step's threshold
+            (:func:`drgrpo.entropy.entropy_threshold` over the whole step) for the same gradient for any split.
         normalizer: a :class:`~drgrpo.normalizer.StepNormalizer` with the whole optimizer step's counts,
             so that summing this over micro-batches (and DDP-averaging over processes) equals the
             whole batch's loss; ``None`` normalises by this batch's own counts.
@@ -132,13 +165,34 @@ def policy_loss(
 
     Returns:
         :class:`LossOutput` with ``loss`` (scalar; float32 for bf16/fp16 inputs) and detached metrics
-        ``clip_frac_low``, ``clip_frac_high``, ``ratio_mean``, ``kl_mean`` (over real tokens) and ``num_tokens``.
+        ``clip_frac_low``, ``clip_frac_high``, ``ratio_mean``, ``kl_mean`` (over real tokens) and ``num_tokens``; with
+        ``sampling_logp``, ``sampling_logp_difference_mean/max`` and (with a correction)
+        ``importance_sampling_ratio_min/mean/max`` (:func:`drgrpo.correction.sampling_metrics`).
     """
-    validate_inputs(logp, old_logp, advantages, mask, config, ref_logp, values=validate)
-    terms = per_token_loss(logp, old_logp, advantages, mask, config, ref_logp)
+    validate_inputs(logp, old_logp, advantages, mask, config, ref_logp, values=validate, sampling_logp=sampling_logp)
+    check_entropy_inputs(config, logp, entropy, entropy_threshold, normalizer)
+    keep = None
+    if config.top_entropy_quantile < 1:
+        assert entropy is not None
+        if entropy_threshold is None:
+            entropy_threshold = high_entropy_threshold(entropy, mask, config.top_entropy_quantile)
+        keep = high_entropy_mask(entropy, mask, entropy_threshold)
+    terms = per_token_loss(logp, old_logp, advantages, mask, config, ref_logp, sampling_logp, keep)
     weights = token_weights(mask.to(terms.loss.dtype), config, normalizer)
     loss = (terms.loss * weights).sum()
-    return LossOutput(loss=loss, metrics=loss_metrics(terms, mask))
+    metrics = loss_metrics(terms, mask)
+    if entropy is not None:
+        h = entropy.to(weights.dtype).masked_fill(~mask.bool(), 0.0)
+        with torch.no_grad():
+            metrics["entropy_mean"] = h.sum() / mask.sum().clamp_min(1).to(h.dtype)
+        if config.entropy_coef != 0:
+            acting = mask if keep is None else keep  # the bonus acts on the tokens the loss trains on
+            loss = loss - entropy_bonus(h, acting, config.entropy_coef, normalizer)
+    if sampling_logp is not None:
+        old = logp.detach() if old_logp is None else old_logp
+        sequence = (config.sampling_correction or "").startswith("sequence")
+        metrics.update(sampling_metrics(old.to(weights.dtype), sampling_logp, mask, terms.sampling_weight, sequence))
+    return LossOutput(loss=loss, metrics=metrics)
 
 
 def loss_metrics(terms: PerTokenLoss, mask: Tensor) -> dict[str, Tensor]:
@@ -157,6 +211,38 @@ def loss_metrics(terms: PerTokenLoss, mask: Tensor) -> dict[str, Tensor]:
         }
 
 
+def check_entropy_inputs(
+    config: LossConfig,
+    logp: Tensor,
+    entropy: Tensor | None,
+    threshold: Tensor | float | None,
+    normalizer: StepNormalizer | None,
+) -> None:
+    """The entropy inputs the config needs: ``entropy (B, T)`` for the mask and the bonus, and a step's threshold
+    when a step normaliser splits the step."""
+    if entropy is not None:
+        entropy = as_tensor("entropy", entropy)
+        check_floating("entropy", entropy)
+        check_shape("entropy", entropy, tuple(logp.shape), "(B, T)")
+        check_same_device("logp", logp, entropy=entropy)
+    needs = []
+    if config.top_entropy_quantile < 1:
+        needs.append(f"top_entropy_quantile={config.top_entropy_quantile}")
+    if config.entropy_coef != 0:
+        needs.append(f"entropy_coef={config.entropy_coef}")
+    if needs and entropy is None:
+        raise ValueError(
+            f"config.{' and config.'.join(needs)} needs entropy (B, T), each token's policy entropy; pass it "
+            "(fused_policy_loss computes it)"
+        )
+    if config.top_entropy_quantile < 1 and threshold is None and normalizer is not None:
+        raise ValueError(
+            "config.top_entropy_quantile < 1 with a step normalizer needs entropy_threshold, one per step "
+            "(drgrpo.entropy.entropy_threshold over the whole step's entropies): a threshold per micro-batch would "
+            "make the gradient depend on the split"
+        )
+
+
 def validate_inputs(
     logp: Tensor,
     old_logp: Tensor | None,
@@ -166,6 +252,7 @@ def validate_inputs(
     ref_logp: Tensor | None,
     *,
     values: bool = True,
+    sampling_logp: Tensor | None = None,
 ) -> None:
     """Raise a ValueError/TypeError naming the first bad argument: types, shapes and devices, then (with
     ``values``) the mask's values and NaN/inf on real tokens, which read the data (a device sync)."""
@@ -186,9 +273,19 @@ def validate_inputs(
             other = as_tensor(name, other)
             check_floating(name, other)
             check_shape(name, other, (b, t), "(B, T)")
-    check_same_device("logp", logp, mask=mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp)
+    if sampling_logp is not None:
+        sampling_logp = as_tensor("sampling_logp", sampling_logp)
+        check_floating("sampling_logp", sampling_logp)
+        check_shape("sampling_logp", sampling_logp, (b, t), "(B, T)")
+    others = dict(mask=mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp, sampling_logp=sampling_logp)
+    check_same_device("logp", logp, **others)
     if config.beta > 0 and ref_logp is None:
         raise ValueError(f"config.beta={config.beta} > 0 needs ref_logp (B, T); pass it or set beta=0")
+    if config.sampling_correction is not None and sampling_logp is None:
+        raise ValueError(
+            f"config.sampling_correction={config.sampling_correction!r} needs sampling_logp (B, T), the sampler's "
+            "log-probs; pass it or set sampling_correction=None"
+        )
     if not values:
         return
     check_mask("mask", mask)

@@ -105,6 +105,29 @@ def _trl_sapo() -> LossConfig:
     )
 
 
+@register_preset("trl.vespo")
+def _trl_vespo() -> LossConfig:
+    # l = -sg(phi(w)) A logp with TRL's gamma weights (k, lambda) = (2, 3) for A >= 0 and (3, 2) below; the
+    # sampler correction's weight is folded into w (TRL multiplies nothing). Aggregated like "dapo".
+    return LossConfig(surrogate="vespo", aggregation="token-mean", beta=0.0, name="trl.vespo", **_TRL_ADVANTAGES)
+
+
+@register_preset("trl.luspo")
+def _trl_luspo() -> LossConfig:
+    """TRL ``loss_type="luspo"``: the PPO clip, ``mean_i (sum_t l m)`` over each micro-batch (each completion's
+    loss scaled by its length), divided by the accumulation steps. Per call by definition: refuses a normaliser.
+
+    TRL's default ratio level is ``token``; the LUSPO paper (and TRL's warning) asks for ``ratio_level="sequence"``.
+    """
+    return LossConfig(
+        aggregation="seq-mean-token-sum",
+        beta=0.0,
+        per_call_normalization=True,
+        name="trl.luspo",
+        **_TRL_ADVANTAGES,
+    )
+
+
 # ---------------------------------------------------------------------------------------- verl
 # ActorConfig defaults: clip_ratio(_low/_high)=0.2, clip_ratio_c=3.0, loss_agg_mode="token-mean",
 # loss_scale_factor=None, tau_pos=1.0, tau_neg=1.05, use_kl_loss=False (kl_loss_coef=0.001,
@@ -270,6 +293,8 @@ PEER_PRESETS: tuple[str, ...] = (
     "trl.dapo",
     "trl.cispo",
     "trl.sapo",
+    "trl.vespo",
+    "trl.luspo",
     "verl.vanilla",
     "verl.grpo",
     "verl.dr_grpo",

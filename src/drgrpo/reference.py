@@ -7,6 +7,7 @@ with the PyTorch implementation, which the tests check against these functions.
 from __future__ import annotations
 
 import math
+import sys
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -177,6 +178,7 @@ class OracleToken(NamedTuple):
     adv: float  # the completion's advantage
     logp: float  # log pi_theta of the token
     old_logp: float  # log pi_old of the token
+    sampling_weight: float | None = None  # the sampler correction's weight rho (config.sampling_correction), if on
 
 
 class OracleRow(NamedTuple):
@@ -224,7 +226,7 @@ def dro_token_loss(t: OracleToken, config: LossConfig) -> float:
 
 
 def _dppo_token_loss(t: OracleToken, config: LossConfig, inside: bool) -> float:
-    ratio = math.exp(t.logp - t.old_logp)
+    ratio = t.ratio  # at the config's ratio level (verl's dppo: per token)
     weight = ratio if config.dppo_cap is None else min(ratio, config.dppo_cap)
     return -t.adv * weight * t.logp if inside else 0.0
 
@@ -291,7 +293,7 @@ def kl_cov_losses(rows: list[OracleRow], config: LossConfig) -> list[list[float]
     for i, row in enumerate(rows):
         losses = []
         for j, t in enumerate(row.tokens):
-            loss = -t.adv * math.exp(t.logp - t.old_logp)
+            loss = -t.adv * t.ratio
             if (i, j) in chosen:
                 loss += config.ppo_kl_coef * abs(t.logp - t.old_logp)
             losses.append(loss)
@@ -313,8 +315,7 @@ def clip_cov_losses(rows: list[OracleRow], config: LossConfig) -> list[list[floa
     for i, row in enumerate(rows):
         losses = []
         for j, t in enumerate(row.tokens):
-            ratio = math.exp(t.logp - t.old_logp)
-            unclipped, clipped = -t.adv * ratio, -t.adv * min(max(ratio, 1 - low), 1 + config.clip_high)
+            unclipped, clipped = -t.adv * t.ratio, -t.adv * min(max(t.ratio, 1 - low), 1 + config.clip_high)
             losses.append(max(unclipped, clipped))
             if not clipped > unclipped and config.clip_cov_lb < cov[i][j] < config.clip_cov_ub:
                 candidates.append((i, j))
@@ -325,6 +326,96 @@ def clip_cov_losses(rows: list[OracleRow], config: LossConfig) -> list[list[floa
             i, j = candidates[c]
             loss[i][j] = 0.0
     return loss
+
+
+def vespo_losses(rows: list[OracleRow], config: LossConfig) -> list[list[float]]:
+    """VESPO: ``-phi(w) A logp`` on every token of a completion, ``phi(w) = exp(lambda + k log w - lambda w)`` with
+    ``log w`` the clamped sum of the clamped token log-ratios and log sampler weights (the value; phi carries no
+    gradient)."""
+    floor = math.log(1e-8)
+    out: list[list[float]] = []
+    for row in rows:
+        if not row.tokens:
+            out.append([])
+            continue
+        log_w = 0.0
+        for t in row.tokens:
+            log_w += min(max(t.logp - t.old_logp, -20.0), 20.0)
+            if t.sampling_weight is not None:
+                log_rho = math.log(t.sampling_weight) if t.sampling_weight > 0 else -math.inf
+                log_w += min(max(log_rho, floor), 20.0)
+        log_w = min(max(log_w, floor), 20.0)
+        adv = row.tokens[0].adv
+        k = config.vespo_k_pos if adv >= 0 else config.vespo_k_neg
+        lam = max(config.vespo_lambda_pos if adv >= 0 else config.vespo_lambda_neg, 1e-4)
+        try:
+            phi = math.exp(lam + k * log_w - lam * math.exp(log_w))
+        except OverflowError:
+            phi = 0.0  # TRL: a non-finite weight is 0
+        out.append([-phi * adv * t.logp for t in row.tokens])
+    return out
+
+
+# --------------------------------------------------------------------------- the sampler's log-probs
+def _finite_or_zero(x: float) -> float:
+    """NaN -> 0, +-inf -> the largest float of that sign (torch.nan_to_num's rule, float64)."""
+    if math.isnan(x):
+        return 0.0
+    if math.isinf(x):
+        return math.copysign(sys.float_info.max, x)
+    return x
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 709.0 else math.inf
+
+
+def sampling_weights(
+    old_logp: list[float], sampling_logp: list[float], mode: str, clip_min: float | None, clip_max: float | None
+) -> list[float]:
+    """One completion's correction weights rho over its real tokens: d_t = old_t - sampling_t (0 where NaN), then
+    exp(d_t) (token modes) or exp(sum_t d_t) on every token (sequence modes), clamped (truncate) or zeroed outside
+    [clip_min, clip_max] (mask)."""
+    d = [_finite_or_zero(o - s) for o, s in zip(old_logp, sampling_logp)]
+    if mode.startswith("sequence"):
+        total = 0.0
+        for x in d:
+            total += x  # plain float additions: an overflow is inf, as in torch
+        rho = [_exp(total)] * len(d)
+    else:
+        rho = [_exp(x) for x in d]
+    out = []
+    for r in rho:
+        if mode.endswith("truncate"):
+            if clip_min is not None:
+                r = max(r, clip_min)
+            if clip_max is not None:
+                r = min(r, clip_max)
+        elif (clip_min is not None and r < clip_min) or (clip_max is not None and r > clip_max):
+            r = 0.0
+        out.append(r)
+    return out
+
+
+def off_policy_keep(adv: float, logp: list[float], sampling_logp: list[float], threshold: float) -> bool:
+    """DeepSeek-V3.2's off-policy sequence mask: keep iff A >= 0 or mean_t (sampling_t - logp_t) <= threshold
+    (NaN differences count as 0; an empty completion has mean 0)."""
+    gaps = [_finite_or_zero(s - lp) for lp, s in zip(logp, sampling_logp)]
+    mean = math.fsum(gaps) / len(gaps) if gaps else 0.0
+    return adv >= 0 or mean <= threshold
+
+
+# --------------------------------------------------------------------------- entropy
+def quantile_threshold(values: list[float], quantile: float) -> float:
+    """The ``1 - quantile`` quantile of ``values`` by linear interpolation between sorted values, on float32
+    values and rounded to float32 (as TRL's torch.quantile on float32); +inf for no values."""
+    if not values:
+        return math.inf
+    v = sorted(float(np.float32(x)) for x in values)
+    pos = (1.0 - quantile) * (len(v) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return float(np.float32(v[lo] + (pos - lo) * (v[hi] - v[lo])))
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -370,10 +461,15 @@ def per_token_losses(
     mask: ArrayLike,
     config: LossConfig,
     ref_logp: ArrayLike | None = None,
+    sampling_logp: ArrayLike | None = None,
+    entropy_keep: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The per-token loss ``(B, T)`` (0 on padding)."""
+    """The per-token loss ``(B, T)`` (0 on padding): the surrogate, times the sampler correction's weight, the
+    off-policy mask and the entropy mask (``entropy_keep``, 0/1) where the config has them, plus ``beta`` times the
+    KL."""
     lp = np.asarray(logp, dtype=np.float64)
     old = lp if old_logp is None else np.asarray(old_logp, dtype=np.float64)
+    sampling = None if sampling_logp is None else np.asarray(sampling_logp, dtype=np.float64)
     ref = None if ref_logp is None else np.asarray(ref_logp, dtype=np.float64)
     adv = np.asarray(advantages, dtype=np.float64)
     m = np.asarray(mask, dtype=np.float64)
@@ -385,10 +481,19 @@ def per_token_losses(
         tokens = [j for j in range(t) if m[i, j] != 0]
         if config.ratio_level == "sequence":
             seq_log_ratio = sum(lp[i, j] - old[i, j] for j in tokens) / max(len(tokens), 1)
+        rho: list[float | None] = [None] * len(tokens)
+        if config.sampling_correction is not None:
+            assert sampling is not None
+            olds, samples = [float(old[i, j]) for j in tokens], [float(sampling[i, j]) for j in tokens]
+            rho = list(
+                sampling_weights(
+                    olds, samples, config.sampling_correction, config.sampling_clip_min, config.sampling_clip_max
+                )
+            )
         row = []
-        for j in tokens:
+        for j, w in zip(tokens, rho):
             log_ratio = seq_log_ratio if config.ratio_level == "sequence" else lp[i, j] - old[i, j]
-            row.append(OracleToken(math.exp(log_ratio), float(adv[i]), float(lp[i, j]), float(old[i, j])))
+            row.append(OracleToken(math.exp(log_ratio), float(adv[i]), float(lp[i, j]), float(old[i, j]), w))
         positions.append(tokens)
         rows.append(OracleRow(row))
     if member.batch_oracle is not None:
@@ -397,7 +502,20 @@ def per_token_losses(
         assert member.oracle is not None
         losses = [[member.oracle(token, config) for token in row.tokens] for row in rows]
     for i in range(b):
+        keep = True
+        if config.off_policy_mask_threshold is not None:
+            source = old if sampling is None else sampling  # the sampler's log-probs when there are any
+            keep = off_policy_keep(
+                float(adv[i]),
+                [float(lp[i, j]) for j in positions[i]],
+                [float(source[i, j]) for j in positions[i]],
+                config.off_policy_mask_threshold,
+            )
         for j, token, loss in zip(positions[i], rows[i].tokens, losses[i]):
+            if token.sampling_weight is not None and not member.folds_sampling_weight:
+                loss *= token.sampling_weight
+            if not keep or (entropy_keep is not None and not entropy_keep[i, j]):
+                loss = 0.0
             if config.beta != 0:
                 assert ref is not None
                 weight = token.ratio if config.kl_importance_weight else 1.0  # TRL's use_bias_correction_kl
@@ -414,12 +532,44 @@ def policy_loss(
     config: LossConfig,
     ref_logp: ArrayLike | None = None,
     *,
+    sampling_logp: ArrayLike | None = None,
+    entropy: ArrayLike | None = None,
+    entropy_threshold: float | None = None,
     num_tokens: float | None = None,
     num_sequences: float | None = None,
 ) -> float:
-    """The aggregated loss of one batch, float64."""
-    per_token = per_token_losses(logp, old_logp, advantages, mask, config, ref_logp)
-    return aggregate(
+    """The aggregated loss of one batch, float64, minus the entropy bonus where the config has one (its token count:
+    ``num_tokens`` when given, else the tokens it acts on)."""
+    m = np.asarray(mask, dtype=np.float64)
+    b, t = m.shape
+    keep = None
+    if config.top_entropy_quantile < 1 or config.entropy_coef != 0:
+        assert entropy is not None
+        h = np.asarray(entropy, dtype=np.float64)
+        real = [(i, j) for i in range(b) for j in range(t) if m[i, j] != 0]
+        keep = np.zeros((b, t))
+        tau = entropy_threshold
+        if config.top_entropy_quantile < 1 and tau is None:
+            tau = quantile_threshold([h[i, j] for i, j in real], config.top_entropy_quantile)
+        for i, j in real:
+            keep[i, j] = 1.0 if config.top_entropy_quantile >= 1 or h[i, j] >= tau else 0.0
+    per_token = per_token_losses(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        config,
+        ref_logp,
+        sampling_logp,
+        keep if config.top_entropy_quantile < 1 else None,
+    )
+    bonus = 0.0
+    if config.entropy_coef != 0:
+        assert keep is not None
+        acting = [(i, j) for i in range(b) for j in range(t) if keep[i, j]]
+        count = num_tokens if num_tokens is not None else max(len(acting), 1)
+        bonus = config.entropy_coef * math.fsum(h[i, j] for i, j in acting) / count
+    return -bonus + aggregate(
         per_token,
         np.asarray(mask),
         config.effective_aggregation,

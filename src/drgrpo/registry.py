@@ -83,6 +83,13 @@ class SurrogateMember:
     """The peer frameworks' names for it (``TRL loss_type``, ``verl loss_mode``)."""
     peer_fields: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     """Per peer (``"trl"``, ``"verl"``): the peer's setting -> the LossConfig field it sets for this member."""
+    folds_sampling_weight: bool = False
+    """True when the member reads the sampler correction's weight itself (VESPO) instead of being multiplied by it."""
+    whole_rows: bool = False
+    """True when a token's loss depends on other tokens of its completion (the fused path keeps rows whole)."""
+    check: Callable[[Any], None] | None = None
+    """``check(config)`` raises a ValueError naming the fields when the config's values are not valid for this
+    member (LossConfig calls it after its own checks); None: no rules of its own."""
 
 
 SURROGATES: Registry[SurrogateMember] = Registry("surrogate")

@@ -11,6 +11,7 @@ it reads, its formula and paper); ``LossConfig.surrogate`` accepts the registere
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from drgrpo import reference
+from drgrpo.field_error import FieldError
 from drgrpo.registry import SURROGATES, SurrogateMember
 
 if TYPE_CHECKING:
@@ -38,6 +40,7 @@ class SurrogateInputs(NamedTuple):
     logp: Tensor  # (B, T) log pi_theta (carries the gradient)
     old_logp: Tensor  # (B, T) log pi_old (no gradient)
     mask: Tensor  # (B, T) 1.0 on real tokens
+    sampling_weight: Tensor | None = None  # (B, T) the sampler correction's weight rho (no gradient), if on
 
 
 SurrogateFn = Callable[[SurrogateInputs, "LossConfig"], Surrogate]
@@ -53,6 +56,9 @@ def register_surrogate(
     paper: str,
     frameworks: str = "",
     peer_fields: Mapping[str, Mapping[str, str]] | None = None,
+    folds_sampling_weight: bool = False,
+    whole_rows: bool = False,
+    check: Callable[[LossConfig], None] | None = None,
 ) -> Callable[[SurrogateFn], SurrogateFn]:
     """Decorator registering ``fn(x: SurrogateInputs, config: LossConfig) -> Surrogate`` under ``name``.
 
@@ -65,13 +71,27 @@ def register_surrogate(
         fields: the LossConfig fields it reads.
         formula, paper, frameworks: its row of docs/losses.md's table.
         peer_fields: per peer framework (``"trl"``, ``"verl"``), the peer's setting -> LossConfig field.
+        folds_sampling_weight: the member uses ``x.sampling_weight`` itself (the loss does not multiply by it).
+        whole_rows: a token's loss depends on other tokens of its completion (the fused path keeps rows whole).
+        check: ``check(config)`` raises a FieldError for values of its fields it cannot take.
     """
     if (oracle is None) == (batch_oracle is None):
         raise TypeError(f"surrogate {name!r}: pass exactly one of oracle and batch_oracle")
 
     def decorator(fn: SurrogateFn) -> SurrogateFn:
         member = SurrogateMember(
-            name, fn, oracle, batch_oracle, tuple(fields), formula, paper, frameworks, dict(peer_fields or {})
+            name,
+            fn,
+            oracle,
+            batch_oracle,
+            tuple(fields),
+            formula,
+            paper,
+            frameworks,
+            dict(peer_fields or {}),
+            folds_sampling_weight,
+            whole_rows,
+            check,
         )
         SURROGATES.add(name, member)
         return fn
@@ -282,6 +302,7 @@ def dppo_kl(x: SurrogateInputs, config: LossConfig) -> Surrogate:
     "geo_mean",
     batch_oracle=reference.geo_mean_losses,
     fields=("clip_low", "clip_high"),
+    whole_rows=True,
     formula="-A exp(mean_t sgn(A) min(sgn(A) d_t, sgn(A) clip(d_t, -eps_low, eps_high))), d = logp - old_logp",
     paper="GMPO, Zhao et al. 2025 (arXiv 2507.20673)",
     frameworks="verl geo_mean",
@@ -384,3 +405,61 @@ def _required(config: LossConfig, field: str) -> float:
     if value is None:
         raise ValueError(f"surrogate {config.surrogate!r} needs {field} (a positive number); it is not set")
     return float(value)
+
+
+def _check_vespo(config: LossConfig) -> None:
+    from drgrpo.config import LossConfig  # the owner FieldError names (config imports this module)
+
+    for field in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{field} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise FieldError(LossConfig, field, f"{field} must be finite, got {value}")
+    if (config.sampling_correction or "").startswith("sequence"):
+        raise FieldError(
+            LossConfig,
+            ("sampling_correction", "surrogate"),
+            f"surrogate 'vespo' folds the sampler correction into its weight token by token: sampling_correction "
+            f"must be 'token_truncate' or 'token_mask', got {config.sampling_correction!r} (as TRL requires)",
+        )
+
+
+@register_surrogate(
+    "vespo",
+    batch_oracle=reference.vespo_losses,
+    fields=("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
+    formula="-sg(phi(w)) A logp, phi(w) = exp(lambda + k log w - lambda w), w = prod_t r_t rho_t",
+    paper="VESPO, 2026 (arXiv 2602.10693)",
+    frameworks="TRL vespo",
+    peer_fields={
+        "trl": {f: f for f in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")},
+    },
+    folds_sampling_weight=True,
+    whole_rows=True,
+    check=_check_vespo,
+)
+def vespo(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""VESPO (arXiv 2602.10693): ``-sg(phi(w_i)) A_i logp_t``, a smooth, asymmetric Gamma weight of the completion's
+    importance weight instead of a clip.
+
+    ``log w_i = clamp(sum_t m_t clamp(log r_t, -20, 20) + sum_t m_t clamp(log rho_t, log 1e-8, 20), log 1e-8, 20)``
+    with the token ratio ``r_t`` (whatever ``ratio_level``) and the sampler correction's weight ``rho_t`` (1
+    without one), then ``phi(w) = exp(lambda + k log w - lambda w)`` (``phi(1) = 1``), with ``(k, lambda)`` the
+    ``vespo_*_pos`` values when ``A_i >= 0``, else ``vespo_*_neg`` (lambda at least 1e-4); a non-finite phi is 0.
+    """
+    floor = math.log(1e-8)
+    with torch.no_grad():
+        log_r = (x.logp - x.old_logp).clamp(-20.0, 20.0)
+        log_w = (log_r * x.mask).sum(-1, keepdim=True)  # (B, 1)
+        if x.sampling_weight is not None:
+            log_w = log_w + (torch.log(x.sampling_weight).clamp(floor, 20.0) * x.mask).sum(-1, keepdim=True)
+        log_w = log_w.clamp(floor, 20.0)
+        nonneg = x.adv >= 0  # (B, 1)
+        k = torch.where(nonneg, log_w.new_tensor(config.vespo_k_pos), log_w.new_tensor(config.vespo_k_neg))
+        lam = torch.where(
+            nonneg, log_w.new_tensor(config.vespo_lambda_pos), log_w.new_tensor(config.vespo_lambda_neg)
+        ).clamp_min(1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    never = torch.zeros_like(x.ratio, dtype=torch.bool)
+    return Surrogate(-phi * x.adv * x.logp, never, never)

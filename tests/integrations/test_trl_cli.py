@@ -142,6 +142,11 @@ def test_under_accelerate_launch_and_the_drgrpo_alias(workdir: Path):
         ({"seed: 0": "seed: 0\nlearning_rat: 1.0"}, "Unknown arguments from config file: ['--learning_rat'"),
         ({"loss_config: dr_grpo": "loss_config: {clip_high: 0.3}"}, "has no preset: add preset: <name>"),
         ({"max_steps: 2": "max_steps: 2\nscale_rewards: batch"}, "scale_rewards='batch' contradicts"),
+        (  # the fix is a flag of this command, not Python
+            {"max_steps: 2": "max_steps: 2\nscale_rewards: batch"},
+            """into the loss config: --loss_config '{"preset": "dr_grpo", "max_completion_length": 8, """
+            """"advantage_std": "batch"}'""",
+        ),
         ({"model_name_or_path:": "model_name_or_path: ''  #"}, "no model: set --model_name_or_path"),
         ({"seed: 0": "seed: 0\ndataset_train_split: training"}, "no split 'training' (--dataset_train_split; its"),
     ],

@@ -46,3 +46,21 @@ def test_two_processes_give_the_whole_batch_gradient(tmp_path: Path) -> None:
         total = sum(float(x) for r in ranks for x in r[j]["losses"][:k])
         assert abs(total - 2 * float(loss)) <= 1e-5 * max(1.0, abs(float(loss)))
     print(f"P = 2: largest relative gradient difference from the whole batch {worst:.3g}")
+
+
+@pytest.mark.slow
+def test_the_entropy_mask_and_bonus_on_two_processes_give_the_whole_batch_gradient(tmp_path: Path) -> None:
+    """dr_grpo with top_entropy_quantile = 0.5 and entropy_coef = 0.05: one threshold over both processes' tokens of
+    the step, the bonus over the step's tokens, so K = 4 with spg = 2 on P = 2 is the one-batch gradient."""
+    model_dir = h.save_tiny_model(tmp_path / "tiny")
+    job = {"trainer": "drgrpo", "loss_config": "dr_grpo", "k": 4, "spg": 2, "per_device": 2}
+    job.update(top_entropy_quantile=0.5, entropy_coef=0.05)
+    jobs = [job, {**job, "fused": True}]
+    ranks = h.run_ranks(jobs, model_dir, 2, tmp_path / "ranks")
+    config = h.preset_config("dr_grpo").replace(top_entropy_quantile=0.5, entropy_coef=0.05)
+    for j in range(len(jobs)):
+        _, grads, rollout = h.whole_batch_of_ranks([r[j] for r in ranks], config, model_dir, 4)
+        assert rollout.mask.shape[0] == 2 * 2 * 4
+        for rank, r in enumerate(ranks):
+            diff = h.relative_difference(r[j]["grads"][0], grads)
+            assert diff <= 1e-5, f"{jobs[j]}: rank {rank} gradient differs from the whole batch's by {diff:.3g}"

@@ -25,6 +25,8 @@ from trl import GRPOConfig, GRPOTrainer
 import trl_harness as h
 from drgrpo import LossConfig, group_advantages, preset_names
 from drgrpo.integrations.trl import DRGRPO_LOSS_TYPE, DrGRPOTrainer, resolve_loss_config
+from drgrpo.integrations.trl_cli import loss_config_from
+from drgrpo.integrations.trl_settings import command_line_hints, settings_warning
 
 TOL = 1e-5  # relative, float32
 LOGGER = "drgrpo.integrations.trl"
@@ -82,8 +84,21 @@ def test_default_grpo_config_trains_trls_default_loss(tmp_path: Path):
     assert config.name == "trl.dr_grpo" and config.max_completion_length == h.MAX_NEW
     config, _ = resolve_loss_config(None, _args(tmp_path, loss_type="cispo", epsilon_high=5.0))
     assert config.cispo_cap == 5.0
-    with pytest.raises(ValueError, match=r"loss_type='vespo' has no drgrpo equivalent.*pass loss_config"):
-        resolve_loss_config(None, _args(tmp_path, loss_type="vespo"))
+    config, _ = resolve_loss_config(None, _args(tmp_path, loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_neg=4.0))
+    assert (config.name, config.surrogate, config.vespo_k_pos, config.vespo_lambda_neg) == (
+        "trl.vespo",
+        "vespo",
+        1.5,
+        4.0,
+    )
+    config, _ = resolve_loss_config(None, _args(tmp_path, loss_type="luspo", importance_sampling_level="sequence"))
+    assert (config.name, config.ratio_level, config.per_call_normalization) == ("trl.luspo", "sequence", True)
+    future = _args(tmp_path)
+    future.loss_type = "future"  # a loss type of a later TRL
+    with pytest.raises(
+        ValueError, match=r"loss_type='future' has no drgrpo equivalent.*'vespo'.*loss_config='dr_grpo'"
+    ):
+        resolve_loss_config(None, future)
 
 
 # --------------------------------------------------------------------------- a loss_config: warnings
@@ -204,15 +219,90 @@ def test_loss_type_names_the_trl_loss_or_the_drgrpo_marker(tmp_path: Path, prese
         ({"loss_type": "bnpo"}, "trl.dapo", "loss_type='bnpo' contradicts"),
         ({"epsilon_high": 5.0}, "trl.cispo", r"epsilon_high=5\.0 contradicts .*cispo_cap=5\.0\)"),
         ({"sapo_temperature_pos": 2.0}, "sapo", r"contradicts .*sapo_tau_pos=2\.0\)"),
-        ({"top_entropy_quantile": 0.2}, "dr_grpo", "top_entropy_quantile"),
-        ({"off_policy_mask_threshold": 0.5}, "dr_grpo", "off_policy_mask_threshold"),
-        ({"entropy_coef": 0.01}, "dr_grpo", "entropy bonus"),
-        ({"multi_objective_aggregation": "normalize_then_sum"}, "dr_grpo", "normalize_then_sum"),
     ],
 )
 def test_contradicting_trl_settings_raise_naming_the_field(tmp_path: Path, overrides: dict, loss_config, match):
     with pytest.raises(ValueError, match=match):
         resolve_loss_config(loss_config, _args(tmp_path, **overrides))
+
+
+HINT_CASES = [
+    ({"scale_rewards": "batch"}, "dr_grpo"),
+    ({"epsilon": 0.1}, LossConfig.preset("dapo", clip_high=0.3)),  # the user's own clip_high is kept in the hint
+    ({"epsilon_high": 5.0}, "trl.cispo"),
+    ({"sapo_temperature_pos": 2.0}, "sapo"),
+    ({"beta": 0.1}, "grpo"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "loss_config"), HINT_CASES)
+def test_the_python_hint_is_a_loss_config_that_agrees(tmp_path: Path, overrides: dict, loss_config):
+    """The hint, run as Python, gives a loss config the same arguments accept (nothing left to contradict)."""
+    args = _args(tmp_path, **overrides)
+    with pytest.raises(ValueError, match="contradicts") as error:
+        resolve_loss_config(loss_config, args)
+    hint = str(error.value).rsplit("put the value into the loss config: ", 1)[1]
+    assert hint.startswith("loss_config=LossConfig.preset(") and "--" not in hint
+    fixed = eval(hint.removeprefix("loss_config="), {"LossConfig": LossConfig})
+    config, _ = resolve_loss_config(fixed, args)
+    if isinstance(loss_config, LossConfig):
+        assert config.clip_high == loss_config.clip_high
+
+
+@pytest.mark.parametrize(("overrides", "loss_config"), HINT_CASES)
+def test_the_command_line_hint_is_a_loss_config_flag_that_agrees(tmp_path: Path, overrides: dict, loss_config):
+    """From drgrpo trl the hint is --loss_config '{"preset": ...}', which the command line parses into a loss config
+    the same arguments accept."""
+    args = _args(tmp_path, **overrides)
+    with command_line_hints(), pytest.raises(ValueError, match="contradicts") as error:
+        resolve_loss_config(loss_config, args)
+    hint = str(error.value).rsplit("put the value into the loss config: ", 1)[1]
+    assert hint.startswith('--loss_config \'{"preset": ') and hint.endswith("}'") and "LossConfig" not in hint
+    fixed = loss_config_from(hint.removeprefix("--loss_config ").strip("'"), args.max_completion_length)
+    config, _ = resolve_loss_config(fixed, args)
+    if isinstance(loss_config, LossConfig):
+        assert config.clip_high == loss_config.clip_high
+    with pytest.raises(ValueError, match="contradicts") as python_error:  # outside the block: Python again
+        resolve_loss_config(loss_config, args)
+    assert "LossConfig.preset(" in str(python_error.value)
+
+
+def test_every_hint_takes_the_users_syntax(tmp_path: Path):
+    """The other hints (loss_type, no constant L, the warning's beta, a TRL loss type with no preset)."""
+    config, changes = resolve_loss_config("grpo", _args(tmp_path))
+    with command_line_hints():
+        warning = settings_warning(config, changes, _args(tmp_path))
+        with pytest.raises(ValueError) as loss_type:
+            resolve_loss_config("dr_grpo", _args(tmp_path, loss_type="grpo"))
+        with pytest.raises(ValueError) as no_length:
+            resolve_loss_config(
+                LossConfig.preset("dapo").replace(aggregation="seq-mean-token-sum-norm"), _args(tmp_path)
+            )
+        future = _args(tmp_path)
+        future.loss_type = "future"
+        with pytest.raises(ValueError) as unknown:
+            resolve_loss_config(None, future)
+    assert warning is not None and """--loss_config '{"preset": "grpo", "beta": 0.0}'""" in warning
+    assert "--loss_config trl.grpo" in str(loss_type.value)
+    assert "--loss_config dr_grpo takes max_completion_length" in str(no_length.value)
+    fix = """--loss_config '{"preset": "dapo", "aggregation": "seq-mean-token-sum-norm", "max_completion_length": 8}'"""
+    assert fix in str(no_length.value)
+    assert "e.g. --loss_config dr_grpo" in str(unknown.value)
+    for error in (loss_type, no_length, unknown):
+        assert "loss_config=" not in str(error.value) and "LossConfig.preset" not in str(error.value)
+
+
+def test_a_trl_loss_type_without_a_preset_is_not_sent_to_one(tmp_path: Path):
+    """A loss_type beside a loss_config: the error names the trl.* preset only when it exists."""
+    future = _args(tmp_path)
+    future.loss_type = "future"  # a loss type of a later TRL, which drgrpo has no preset for
+    with pytest.raises(ValueError, match="loss_type='future' contradicts") as error:
+        resolve_loss_config("dr_grpo", future)
+    assert "trl.future" not in str(error.value)
+    assert "drgrpo has no preset for TRL's 'future' loss" in str(error.value)
+    with pytest.raises(ValueError, match="loss_type='vespo' contradicts") as vespo:
+        resolve_loss_config("dr_grpo", _args(tmp_path, loss_type="vespo"))
+    assert "TRL's 'vespo' loss is loss_config='trl.vespo'" in str(vespo.value)
 
 
 def test_a_custom_configs_hint_uses_replace(tmp_path: Path):
@@ -264,7 +354,9 @@ def test_bad_arguments_are_named(tmp_path: Path):
 )
 def test_a_config_without_its_constant_l_fails_at_construction(tmp_path: Path, config: LossConfig):
     args = _args(tmp_path)
-    with pytest.raises(ValueError, match=r"cannot run: .*max_completion_length=8 in the LossConfig") as error:
+    with pytest.raises(
+        ValueError, match=r"cannot run: .*loss_config=loss_config\.replace\(max_completion_length=8\)"
+    ) as error:
         DrGRPOTrainer("never-loaded", h.digit_reward, args, loss_config=config)  # before the model is even read
     assert "aggregation" in str(error.value)
     ok = config.replace(max_completion_length=args.max_completion_length)
@@ -339,3 +431,85 @@ def test_every_preset_leaves_unscored_completions_out_as_trl_does(tmp_path: Path
     got = group_advantages(torch.tensor(rewards), 4, config).numpy()
     np.testing.assert_allclose(got, _nan_aware_oracle(rewards, 4, config), rtol=1e-12, atol=1e-12)
     assert got[20:24].tolist() == [0.0] * 4 and got[1] == 0.0
+
+
+# --------------------------------------------------------------------------- several rewards: normalize_then_sum
+
+
+def test_normalize_then_sum_without_loss_config_is_stock_trl(model_dir: Path, tmp_path: Path):
+    """Two reward functions (one scoring a quarter of the completions), each normalised in its group before the
+    weighted sum, then over the whole batch: stock GRPOTrainer's advantages, losses and gradient."""
+    fields = dict(multi_objective_aggregation="normalize_then_sum", reward_weights=[1.0, 0.5], loss_type="grpo")
+    rewards = [h.digit_reward, _partial_other]
+    ours = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "o", 2, 2, **fields), reward_funcs=rewards)
+    stock = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "s", 2, 2, **fields), reward_funcs=rewards)
+    assert_same_run(ours, stock, 2)
+    sum_first = h.run(
+        DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "f", 2, 2, loss_type="grpo"), reward_funcs=rewards
+    )
+    for (_, a), (_, b) in zip(ours.generations, sum_first.generations):  # the setting acts: other advantages
+        assert torch.equal(a["completion_ids"], b["completion_ids"])
+        assert not torch.allclose(a["advantages"], b["advantages"], atol=1e-3)
+
+
+@pytest.mark.parametrize("preset", ["dr_grpo", "grpo"])
+def test_normalize_then_sum_with_a_loss_config_feeds_its_advantages(model_dir: Path, tmp_path: Path, preset: str):
+    """With a loss_config, each function's rewards are normalised in their group (TRL's first stage), summed with the
+    weights, and the config's own advantage rule applies to the sum (dr_grpo: centred, no std): float64 oracle."""
+    args = h.grpo_args(tmp_path, 1, 1, multi_objective_aggregation="normalize_then_sum", reward_weights=[1.0, 0.5])
+    rewards = [_partial, _partial_other]  # i % 4 == 1 scored by neither: advantage 0
+    trainer = h.run(DrGRPOTrainer, model_dir, args, loss_config=preset, reward_funcs=rewards)
+    per_func = trainer._rewards_per_func.double().numpy()  # (N, 2): TRL's rewards of the one generation batch
+    stage = LossConfig(advantage_std="group", std_eps=1e-4, nan_rewards="ignore")
+    columns = [_nan_aware_oracle(per_func[:, k], h.G, stage) for k in range(2)]
+    total = columns[0] * 1.0 + columns[1] * 0.5
+    total[np.isnan(per_func).all(axis=1)] = np.nan
+    want = _nan_aware_oracle(total, h.G, trainer.loss_config)
+    got = trainer.generations[0][1]["advantages"].double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.abs(want).max() > 0.1 and (want[1::4] == 0).all()
+
+
+# --------------------------------------------------------------------------- the run's correction and mask
+
+
+def test_the_runs_vllm_correction_and_mask_reach_the_loss_config(tmp_path: Path):
+    """use_vllm with TRL's default correction: with no loss_config, and with a core preset, the loss config carries
+    GRPOConfig's mode and bounds (and off_policy_mask_threshold); nothing in args changes."""
+    args = _args(tmp_path, use_vllm=True, vllm_importance_sampling_clip_min=0.5, off_policy_mask_threshold=0.1)
+    for loss_config in (None, "dr_grpo", LossConfig.preset("dapo", clip_high=0.3)):
+        config, changes = resolve_loss_config(loss_config, args)
+        assert (config.sampling_correction, config.sampling_clip_min, config.sampling_clip_max) == (
+            "sequence_mask",
+            0.5,
+            3.0,
+        )
+        assert config.off_policy_mask_threshold == 0.1
+        assert not {name for name in changes if name.startswith("vllm") or name.startswith("off_policy")}
+    off, _ = resolve_loss_config("dr_grpo", _args(tmp_path, use_vllm=True, vllm_importance_sampling_correction=False))
+    assert off.sampling_correction is None  # the user switched TRL's correction off
+    plain, _ = resolve_loss_config("dr_grpo", _args(tmp_path))
+    assert plain.sampling_correction is None and plain.off_policy_mask_threshold is None  # no vLLM, no sampler
+
+
+def test_a_loss_configs_own_correction_sets_default_fields_and_refuses_contradictions(tmp_path: Path):
+    own = LossConfig.preset("dapo", sampling_correction="token_mask", sampling_clip_min=0.5)
+    config, changes = resolve_loss_config(own, _args(tmp_path, use_vllm=True))
+    assert config.sampling_correction == "token_mask"
+    assert changes["vllm_importance_sampling_mode"] == "token_mask"
+    assert changes["vllm_importance_sampling_clip_min"] == 0.5
+    contradicting = _args(tmp_path, use_vllm=True, vllm_importance_sampling_mode="token_truncate")
+    with pytest.raises(ValueError, match=r"vllm_importance_sampling_mode='token_truncate' contradicts") as error:
+        resolve_loss_config(own, contradicting)
+    assert "sampling_correction='token_truncate'" in str(error.value)
+    with pytest.raises(
+        ValueError, match=r"sampling_correction='token_mask'.*set use_vllm=True.*sampling_correction=None"
+    ):
+        resolve_loss_config(own, _args(tmp_path))
+    with command_line_hints(), pytest.raises(ValueError, match="--use_vllm true") as cli:
+        resolve_loss_config(own, _args(tmp_path))
+    assert '"sampling_correction": null' in str(cli.value)
+    masked = LossConfig.preset("dapo", off_policy_mask_threshold=0.5)
+    assert resolve_loss_config(masked, _args(tmp_path))[1]["off_policy_mask_threshold"] == 0.5
+    with pytest.raises(ValueError, match=r"off_policy_mask_threshold=0\.3 contradicts"):
+        resolve_loss_config(masked, _args(tmp_path, off_policy_mask_threshold=0.3))

@@ -99,8 +99,8 @@ def test_second_iteration_is_off_policy_and_exact(model_dir: Path, tmp_path: Pat
 
 @pytest.mark.parametrize(
     ("loss_type", "k", "spg"),
-    [(t, 2, 2) for t in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")]
-    + [(t, k, spg) for t in ("grpo", "bnpo", "dr_grpo") for k, spg in ((2, 4), (4, 2))],
+    [(t, 2, 2) for t in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo")]
+    + [(t, k, spg) for t in ("grpo", "bnpo", "dr_grpo", "luspo") for k, spg in ((2, 4), (4, 2))],
 )
 def test_trl_presets_give_stock_grpo_trainer_numbers(model_dir: Path, tmp_path: Path, loss_type: str, k: int, spg: int):
     stock = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "stock", k, spg, loss_type=loss_type))
@@ -128,7 +128,26 @@ def test_trl_grpo_with_kl_and_two_iterations_gives_stock_numbers(model_dir: Path
     kl = [row["kl"] for row in ours.state.log_history if "kl" in row]
     stock_kl = [row["kl"] for row in stock.state.log_history if "kl" in row]
     assert kl[0] == pytest.approx(0.0, abs=1e-7) and stock_kl[0] == pytest.approx(0.0, abs=1e-7)
-    assert kl[1] > 1e-3 and stock_kl[1] > 1e-3  # (TRL logs k3 * ratio, drgrpo the k3 estimate itself)
+    assert kl[1] == pytest.approx(stock_kl[1], rel=1e-4) and kl[1] > 1e-3  # k3 * ratio, as TRL logs it
+
+
+@pytest.mark.parametrize(
+    "fields", [{"loss_type": "vespo"}, {"loss_type": "luspo", "importance_sampling_level": "sequence", "epsilon": 0.01}]
+)
+def test_vespo_and_luspo_without_loss_config_are_stock_trl_off_policy(model_dir: Path, tmp_path: Path, fields):
+    """Two steps on one rollout (num_iterations = 2): the first against stock GRPOTrainer, the second (ratios away
+    from 1: VESPO's Gamma weights and LUSPO's clip act) against the whole-batch oracle at each run's weights."""
+    common = dict(num_iterations=2, max_steps=2, learning_rate=3e-3, **fields)
+    stock = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "s", 2, 2, **common))
+    ours = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "o", 2, 2, **common))
+    assert ours.loss_config.name == f"trl.{fields['loss_type']}" and ours.args.loss_type == fields["loss_type"]
+    assert h.relative_difference(ours.step_grads[0], stock.step_grads[0]) <= TOL
+    for trainer in (stock, ours):
+        trainer.loss_config = ours.loss_config
+        check_step(trainer, model_dir, 2, 1, off_policy=True)
+    rollout = h.step_rollout(ours.generations, ours.micro[2:4], ours.loss_config, build_tokenizer())
+    _, on_policy, _ = h.whole_batch_gradient(model_dir, rollout, ours.loss_config, weights=ours.step_params[1])
+    assert h.relative_difference(ours.step_grads[1], on_policy) > 1e-4  # the second step is off-policy
 
 
 # --------------------------------------------------------------------------- fused
@@ -185,6 +204,165 @@ def test_metrics_have_trls_names_and_values(model_dir: Path, tmp_path: Path):
     assert rows[0][0]["clip_ratio/high_max"] == 0 and rows[0][1]["clip_ratio/high_max"] > 0  # the second step clips
     assert rows[0][1]["clip_ratio/high_max"] > rows[0][1]["clip_ratio/high_mean"] > 0  # one completion vs the mean
     assert rows[2][0]["entropy"] == pytest.approx(rows[1][0]["entropy"], rel=1e-6)  # same weights: float32 rounding
+
+
+LOSS_METRICS = (*TRL_METRICS, "cispo_clip_ratio", "kl")  # what TRL's loss logs (besides vespo's, policy_loss)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"loss_type": "grpo", "epsilon": 0.01},
+        {"loss_type": "bnpo", "epsilon": 0.01},
+        {"loss_type": "dr_grpo", "epsilon": 0.01},
+        {"loss_type": "dapo", "epsilon": 0.01, "beta": 0.04},  # kl: TRL's k3 weighted by the ratio
+        {"loss_type": "dapo", "epsilon": 0.01, "beta": 0.04, "use_bias_correction_kl": False},
+        {"loss_type": "grpo", "epsilon": 0.01, "importance_sampling_level": "sequence"},  # GSPO: shares of completions
+        {"loss_type": "cispo"},  # TRL's cap is epsilon_high = epsilon = 0.2: every token with A > 0 is capped
+        {"loss_type": "cispo", "epsilon_high": 1.0},  # the second step caps some tokens
+        {"loss_type": "sapo"},
+        {"loss_type": "luspo", "epsilon": 0.01, "importance_sampling_level": "sequence"},
+        {"loss_type": "vespo"},
+    ],
+    ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()),
+)
+def test_every_loss_type_logs_trls_metrics_with_trls_values(model_dir: Path, tmp_path: Path, fields: dict):
+    """For each TRL loss type, DrGRPOTrainer with no loss_config logs the loss metrics stock GRPOTrainer logs, with
+    stock's values, on both steps of a two-step run (the second one off-policy) from the same seed."""
+    common = dict(num_iterations=2, max_steps=2, learning_rate=3e-3, **fields)
+    stock = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "s", 2, 2, **common))
+    ours = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "o", 2, 2, **common))
+    rows = [[row for row in t.state.log_history if "entropy" in row] for t in (stock, ours)]
+    assert [len(r) for r in rows] == [2, 2]
+    for step, (want, got) in enumerate(zip(*rows)):
+        logged = {key for key in LOSS_METRICS if key in want}
+        assert logged == {key for key in LOSS_METRICS if key in got}, step
+        for key in logged:
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (step, key, want[key], got[key])
+    if fields["loss_type"] == "cispo":
+        assert "drgrpo/clip_frac_high" not in rows[1][1]
+        if "epsilon_high" not in fields:
+            assert rows[0][0]["cispo_clip_ratio"] > 0  # TRL counts only tokens with A > 0, not every capped one
+        else:
+            assert rows[0][0]["cispo_clip_ratio"] == 0 < rows[0][1]["cispo_clip_ratio"]
+    if fields.get("importance_sampling_level") == "sequence":  # a share of the 16 completions: a multiple of 1/16
+        share = rows[0][1]["clip_ratio/region_mean"]
+        assert share > 0 and share * 16 == pytest.approx(round(share * 16))
+    if "beta" in fields:
+        assert rows[0][1]["kl"] > 1e-4
+
+
+# --------------------------------------------------------------------------- the entropy bonus
+
+
+@pytest.mark.parametrize(("loss_type", "k", "spg"), [("grpo", 1, 1), ("dapo", 2, 2), ("dr_grpo", 4, 2)])
+def test_the_entropy_bonus_without_loss_config_is_stock_trls(model_dir: Path, tmp_path: Path, loss_type, k, spg):
+    """entropy_coef > 0: TRL's bonus (each micro-batch's mean entropy over K), stock's gradient and metrics."""
+    fields = dict(loss_type=loss_type, entropy_coef=0.05)
+    stock = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "s", k, spg, **fields))
+    ours = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "o", k, spg, **fields))
+    for a, b in zip(stock.losses, ours.losses):
+        assert abs(float(a) - float(b)) <= TOL * max(1.0, abs(float(a)))
+    assert h.relative_difference(ours.first_step_grads, stock.first_step_grads) <= TOL
+    plain = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "p", k, spg, loss_type=loss_type))
+    assert h.relative_difference(plain.first_step_grads, stock.first_step_grads) > 1e-3  # the bonus acts
+    rows = [[r for r in t.state.log_history if "entropy_coef" in r] for t in (stock, ours)]
+    assert [r[0]["entropy_coef"] for r in rows] == [0.05, 0.05]
+    assert rows[1][0]["policy_loss"] == pytest.approx(rows[0][0]["policy_loss"], rel=1e-4, abs=1e-6)
+
+
+def test_the_entropy_bonus_of_a_core_preset_is_the_whole_steps(model_dir: Path, tmp_path: Path):
+    """loss_config="dr_grpo" with entropy_coef: minus c times the mean entropy over all the step's tokens, whatever
+    the split (K = 4, spg = 2 against one batch, no TRL code)."""
+    trainer = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path, 4, 2, entropy_coef=0.05), loss_config="dr_grpo")
+    config = trainer.loss_config
+    rollout = h.step_rollout(trainer.generations, trainer.micro[:4], config, build_tokenizer())
+    assert config.entropy_coef == 0.05  # the run's bonus, in the loss config
+    loss, grads, _ = h.whole_batch_gradient(model_dir, rollout, config)
+    assert h.relative_difference(trainer.step_grads[0], grads) <= TOL
+    assert abs(float(sum(trainer.losses[:4])) - float(loss)) <= TOL * max(1.0, abs(float(loss)))
+    _, plain, _ = h.whole_batch_gradient(model_dir, rollout, config.replace(entropy_coef=0.0))
+    assert h.relative_difference(plain, grads) > 1e-3
+
+
+@pytest.mark.parametrize("bonus", [0.0, 0.05])
+def test_the_high_entropy_mask_without_loss_config_is_stock_trls(model_dir: Path, tmp_path: Path, bonus: float):
+    """top_entropy_quantile = 0.5 (TRL's threshold per micro-batch), with and without the bonus on the kept tokens:
+    stock GRPOTrainer's losses and gradient at K = 2, spg = 2."""
+    fields = dict(loss_type="grpo", top_entropy_quantile=0.5, entropy_coef=bonus)
+    stock = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "s", 2, 2, **fields))
+    ours = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "o", 2, 2, **fields))
+    assert ours.loss_config.top_entropy_quantile == 0.5
+    for a, b in zip(stock.losses, ours.losses):
+        assert abs(float(a) - float(b)) <= TOL * max(1.0, abs(float(a)))
+    assert h.relative_difference(ours.first_step_grads, stock.first_step_grads) <= TOL
+    plain = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "p", 2, 2, loss_type="grpo", entropy_coef=bonus))
+    assert h.relative_difference(plain.first_step_grads, stock.first_step_grads) > 1e-3  # the mask acts
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_high_entropy_mask_of_a_core_preset_is_the_whole_steps(model_dir: Path, tmp_path: Path, fused: bool):
+    """loss_config="dr_grpo" with top_entropy_quantile = 0.5: one threshold over the whole step's tokens (all
+    processes), so K = 4 with spg = 2 gives the whole batch's gradient; with the bonus (in the fused pass too)."""
+    args = h.grpo_args(tmp_path, 4, 2, top_entropy_quantile=0.5, entropy_coef=0.05)
+    trainer = h.run(DrGRPOTrainer, model_dir, args, loss_config="dr_grpo", fused=fused)
+    config = trainer.loss_config
+    assert config.top_entropy_quantile == 0.5
+    rollout = h.step_rollout(trainer.generations, trainer.micro[:4], config, build_tokenizer())
+    loss, grads, _ = h.whole_batch_gradient(model_dir, rollout, config)
+    assert h.relative_difference(trainer.step_grads[0], grads) <= TOL
+    assert abs(float(sum(trainer.losses[:4])) - float(loss)) <= TOL * max(1.0, abs(float(loss)))
+    _, unmasked, _ = h.whole_batch_gradient(model_dir, rollout, config.replace(top_entropy_quantile=1.0))
+    assert h.relative_difference(unmasked, grads) > 1e-3
+
+
+def test_the_fused_entropy_bonus_is_stock_trls(model_dir: Path, tmp_path: Path):
+    """fused=True with TRL's bonus and mask (grpo: per micro-batch): stock GRPOTrainer's gradient at K = 2, spg = 2."""
+    fields = dict(loss_type="grpo", entropy_coef=0.05, top_entropy_quantile=0.5)
+    stock = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "s", 2, 2, **fields))
+    fused = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "f", 2, 2, **fields), fused=True)
+    for a, b in zip(stock.losses, fused.losses):
+        assert abs(float(a) - float(b)) <= TOL * max(1.0, abs(float(a)))
+    assert h.relative_difference(fused.first_step_grads, stock.first_step_grads) <= TOL
+    rows = [[r for r in t.state.log_history if "policy_loss" in r] for t in (stock, fused)]
+    assert rows[1][0]["policy_loss"] == pytest.approx(rows[0][0]["policy_loss"], rel=1e-4, abs=1e-6)
+
+
+def test_the_adaptive_entropy_controller_is_trls(model_dir: Path, tmp_path: Path):
+    """use_adaptive_entropy: no bonus on the first step (no measurement yet), then the bonus while the previous
+    step's entropy (about 2.85 nats here) is at most entropy_target; the coefficient moves by entropy_coef_delta
+    after each step within its bounds. Three steps: the same coefficients, losses and first gradient as stock."""
+    fields = dict(
+        use_adaptive_entropy=True,
+        entropy_coef=0.01,
+        entropy_coef_delta=0.02,
+        entropy_coef_max=0.04,
+        entropy_target=5.0,
+        max_steps=3,
+        loss_type="grpo",
+    )
+    stock = h.run(GRPOTrainer, model_dir, h.grpo_args(tmp_path / "s", 2, 2, **fields))
+    ours = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "o", 2, 2, **fields))
+    coefs = [[r["entropy_coef"] for r in t.state.log_history if "entropy_coef" in r] for t in (stock, ours)]
+    assert coefs[0] == pytest.approx([0.03, 0.04, 0.04]) and coefs[1] == pytest.approx(coefs[0])
+    assert ours._last_world_entropy == pytest.approx(stock._last_world_entropy, rel=1e-4)
+    assert h.relative_difference(ours.first_step_grads, stock.first_step_grads) <= TOL
+    rows = [[r for r in t.state.log_history if "policy_loss" in r] for t in (stock, ours)]
+    for a, b in zip(*rows):  # the logged loss includes the bonus from the second step on
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-6)
+    bonus = [r["loss"] - r["policy_loss"] for r in rows[1]]
+    assert bonus[0] == pytest.approx(0.0, abs=1e-6) and bonus[1] < -1e-3  # minus c H once the target is met
+    low = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path / "l", 2, 2, **{**fields, "entropy_target": 0.1}))
+    low_coefs = [r["entropy_coef"] for r in low.state.log_history if "entropy_coef" in r]
+    assert low_coefs == pytest.approx([0.0, 0.0, 0.0])  # entropy above the target: the coefficient goes down
+
+
+def test_fused_refuses_trls_per_micro_batch_bonus_where_the_loss_is_per_step(model_dir: Path, tmp_path: Path):
+    """trl.dapo (TRL's default loss) is normalised per step; the fused pass's bonus would be too, TRL's is not."""
+    with pytest.raises(ValueError, match=r"fused=True adds the entropy bonus with the step's token count.*fused=False"):
+        DrGRPOTrainer(
+            str(model_dir), h.digit_reward, _args(tmp_path, entropy_coef=0.01), h.train_dataset(8), fused=True
+        )
 
 
 # --------------------------------------------------------------------------- the window and evaluation

@@ -38,7 +38,7 @@ def test_every_peer_preset_is_registered():
 
 
 def test_issue_lists_every_peer_option():
-    trl = {f"trl.{t}" for t in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")}
+    trl = {f"trl.{t}" for t in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo")}
     modes = ("vanilla", "gspo", "cispo", "sapo", "grpo", "dr_grpo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean")
     modes += ("kl_cov", "clip_cov")
     verl = {f"verl.{m}" for m in modes}

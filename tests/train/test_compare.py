@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -67,7 +68,9 @@ def test_summary_table_from_hand_written_metrics(tmp_path):
         60.0,
     )
     assert "| `grpo` | 0.300 ± 0.141 | 0.700 ± 0.141 |" in text
-    assert "| 8.25 ± 6.01 | 0.190 ± 0.134 |" in text
+    # gap change = (incorrect - correct) final minus first: seed 0 (12.5 - 4) - (8.5 - 4) = 4, seed 1 0
+    assert row["gap_change"] == pytest.approx((2.0, math.sqrt(8.0)))
+    assert "| 8.25 ± 6.01 | 2.00 ± 2.83 | 0.190 ± 0.134 |" in text
 
 
 class _Base:
@@ -250,3 +253,164 @@ def test_the_warm_start_runs_with_the_settings_of_drgrpo_train(tmp_path, monkeyp
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
     assert seen == {"threads": 1, "deterministic": True}
+
+
+# --------------------------------------------------------------------------- reruns, interruptions, refusals
+
+COMPARE_TINY = [
+    "--tiny-hidden-size", "16", "--tiny-num-layers", "1", "--tiny-num-heads", "2", "--tiny-intermediate-size", "32",
+    "--task-max-operand", "9", "--task-num-eval", "20", "--task-max-work", "2", "--warm-start-steps", "10",
+    "--warm-start-batch-size", "16", "--warm-start-target-accuracy", "0", "--prompts-per-step", "4",
+    "--group-size", "4", "--max-new-tokens", "5", "--eval-every", "0", "--checkpoint-every", "1", "--seeds", "1",
+    "--jobs", "1", "--steps", "2", "--reward", "counting_rewards:judge",
+]  # fmt: skip
+"""Two runs (grpo, then dr_grpo, in one worker process) of 2 steps, 16 reward calls a step, no evaluation."""
+
+COUNTING_REWARDS = """
+import os, time
+from drgrpo.train.task import exact_match
+
+calls = 0  # one worker trains both runs, one after the other: calls 1-32 are grpo's, 33-64 dr_grpo's
+
+
+def judge(completion, example):
+    global calls
+    calls += 1
+    if calls > int(os.environ.get("FAIL_AFTER", "1000000")):
+        raise RuntimeError(f"judge gave up at call {calls}")
+    if calls > int(os.environ.get("SLOW_AFTER", "1000000")):
+        time.sleep(0.5)
+    return exact_match(completion, example)
+"""
+
+
+def _compare(tmp_path, *args, **env):
+    import os
+
+    (tmp_path / "counting_rewards.py").write_text(COUNTING_REWARDS)
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(tmp_path), **env}
+    argv = [sys.executable, "-m", "drgrpo", "compare", "--output-dir", str(tmp_path / "cmp"), *COMPARE_TINY, *args]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
+
+
+def _files(run):
+    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_failed_run_writes_the_report_of_the_others_and_a_rerun_continues(tmp_path):
+    out = tmp_path / "cmp"
+    # dr_grpo's reward fails in its step 2 (call 49): exit 1 naming it; its step 1 is saved; the report has grpo
+    p = _compare(tmp_path, FAIL_AFTER="48")
+    stdout, err = p.communicate(timeout=600)
+    assert p.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("drgrpo compare: error: RewardError: reward counting_rewards:judge raised"), err
+    assert "RuntimeError: judge gave up at call 49" in last
+    reward = err.split("Traceback of the reward (most recent call last):\n")[1]  # the reward's own frames, as train's
+    assert reward.startswith(f'  File "{tmp_path / "counting_rewards.py"}", line 12, in judge\n'), err
+    assert read_state_step(out / "runs" / "dr_grpo" / "seed0") == 1
+    report = (out / "report.md").read_text()
+    assert (
+        "**Partial report**: 1 of 2 runs did not finish (dr_grpo seed 0); the same command again continues them"
+        in report
+    )
+    assert "| `grpo` |" in report and "| `dr_grpo` |" not in report
+    grpo = _files(out / "runs" / "grpo" / "seed0")
+
+    # the same command again (the reward no longer fails): grpo is kept as it was, dr_grpo continues from step 1
+    p = _compare(tmp_path)
+    stdout, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    assert "compare: 2 runs (grpo, dr_grpo x 1 seeds), 1 at a time; 1 finished before, kept" in stdout
+    assert "dr_grpo seed 0: done, step 2" in stdout
+    assert _files(out / "runs" / "grpo" / "seed0") == grpo
+    rows = [json.loads(x) for x in (out / "runs" / "dr_grpo" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    state = json.loads((out / "runs" / "dr_grpo" / "seed0" / "checkpoints" / "step_000002" / "trainer_state.json")
+                       .read_text())  # fmt: skip
+    assert [(h["step"], h["branch"], h["changed"]) for h in state["history"]] == [(1, False, {})]
+    report = (out / "report.md").read_text()
+    assert "Partial report" not in report and "| `grpo` |" in report and "| `dr_grpo` |" in report
+
+    # other settings on a rerun: refused before any work, one line naming the flag; nothing changes
+    before = _files(out)
+    p = _compare(tmp_path, "--lr", "0.01")
+    stdout, err = p.communicate(timeout=600)
+    assert p.returncode == 2, err
+    assert err.strip().splitlines() == [
+        f"drgrpo compare: error: --output-dir {out} holds a comparison made with other settings: "
+        f"{out / 'runs' / 'grpo' / 'seed0'} has --lr 0.0005 -> 0.01 (its value -> the value given). A rerun "
+        "continues each run with the settings that made it: give those, or compare into another --output-dir"
+    ]
+    assert _files(out) == before
+
+
+def read_state_step(run):
+    from drgrpo.train.checkpoint import find_checkpoint, read_state
+
+    return read_state(find_checkpoint(run))["step"]
+
+
+@pytest.mark.slow
+def test_a_signal_stops_every_run_and_writes_the_report_of_those_that_finished(tmp_path):
+    import signal
+
+    out = tmp_path / "cmp"
+    p = _compare(tmp_path, SLOW_AFTER="32")  # dr_grpo's rewards take 0.5 s each: 8 s a step
+    assert p.stdout is not None
+    for line in p.stdout:
+        if "grpo seed 0: done" in line:
+            break
+    time.sleep(2.0)  # dr_grpo is in its first step's rewards
+    p.send_signal(signal.SIGTERM)
+    stdout, err = p.communicate(timeout=600)
+    assert p.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "drgrpo compare: stopped by a signal"
+    assert "compare: wrote " in stdout and "(1 of 2 runs)" in stdout
+    report = (out / "report.md").read_text()
+    assert "(dr_grpo seed 0); the same command again continues them" in report
+    assert read_state_step(out / "runs" / "grpo" / "seed0") == 2
+    assert not list((out / "runs" / "dr_grpo" / "seed0" / "checkpoints").glob("step_*"))  # its step 1: abandoned
+
+
+def test_each_loss_is_named_once(tmp_path, capsys):
+    from drgrpo.train.cli import main
+
+    with pytest.raises(ValueError, match="losses names dr_grpo more than once"):
+        CompareConfig(losses=("dr_grpo", "grpo,dr_grpo"))
+    out = tmp_path / "cmp"
+    assert main(["compare", "--losses", "dr_grpo,dr_grpo", "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "drgrpo compare: error: --losses names dr_grpo more than once: each loss is trained once per seed, into its "
+        "own runs/LOSS directory; name each loss once\n"
+    )
+    assert not out.exists()  # before any work
+
+
+def test_the_report_says_what_the_comparison_shows(tmp_path):
+    # hand-written runs: grpo's incorrect lengths ramp 4 -> 13 in seed 0 and stay at 4 in seed 1 (gap changes 4 and
+    # 0: mean 2, sample std sqrt(8) = 2.83); dr_grpo's seed 0 stays at 4 (gap change 0); dr_grpo seed 1 is missing
+    _write_run(tmp_path / "g0", [4.0 + i for i in range(10)], (0.2, 0.6))
+    _write_run(tmp_path / "g1", [4.0] * 10, (0.4, 0.8))
+    _write_run(tmp_path / "d0", [4.0] * 10, (0.3, 0.7))
+    curves = {
+        "grpo": [load_metrics(tmp_path / "g0"), load_metrics(tmp_path / "g1")],
+        "dr_grpo": [load_metrics(tmp_path / "d0")],
+    }
+    plots = {k: tmp_path / f"{k}.png" for k in ("all", "reward", "eval_accuracy", "length_correct", "length_incorrect")}
+    text = render_report(CompareConfig(seeds=2), _Base(), curves, plots, 60.0, ["dr_grpo seed 1"])
+    assert "## What this shows" in text
+    assert "Dr. GRPO removes that pull, it does not lengthen anything" in text
+    assert "docs/length-bias.md" in text
+    partial = "**Partial report**: 1 of 4 runs did not finish (dr_grpo seed 1); the same command again continues them"
+    assert partial in text
+    assert (
+        "Reading: over the run the gap (incorrect minus correct length) changed by +2.00 tokens under GRPO and +0.00 "
+        "under Dr. GRPO; GRPO's length bias predicts a positive difference, here +2.00, within the two losses' "
+        "spreads over seeds added (2.83)."
+    ) in text
+    one_seed = {"grpo": [load_metrics(tmp_path / "g0")], "dr_grpo": [load_metrics(tmp_path / "d0")]}
+    text = render_report(CompareConfig(seeds=1), _Base(), one_seed, plots, 60.0)
+    assert "here +4.00, with one seed and so no spread to compare it with (use --seeds 3 or more)." in text
+    assert "Partial report" not in text

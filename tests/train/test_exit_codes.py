@@ -259,3 +259,136 @@ def test_any_other_error_in_a_step_is_a_failure(
     assert getattr(info.value, trainer.FAILED_STEP) == 3
     assert "step 3 failed (ValueError); the last completed step is saved in" in capsys.readouterr().err
     assert read_state(find_checkpoint(run))["step"] == 2  # saved by the failure path (no scheduled checkpoint)
+
+
+# --------------------------------------------------------------------------- 2: values nothing could train with
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--lr", "1e39"],
+            "--lr must be at most 3.4e+37, got 1e+39: AdamW's first step size is --lr / (1 - beta1) = 10 x --lr, a "
+            "number it applies in the weights' dtype, which holds at most 3.4e+38 (float32, bfloat16)",
+        ),
+        (["--warm-start-lr", "1e38"], "--warm-start-lr must be at most 3.4e+37, got 1e+38: AdamW's first step size"),
+        (
+            ["--lr", "1e30", "--weight-decay", "1e10"],
+            "--lr x --weight-decay is 1e+40: AdamW multiplies the weights by 1 - --lr x --weight-decay, which float32 "
+            "and bfloat16 hold only up to 3.4e+38",
+        ),
+        (
+            ["--tiny-num-heads", "5"],
+            "--tiny-num-heads 5 does not split --tiny-hidden-size 16 into heads of an even width (rotary position "
+            "embeddings turn a head's dimensions in pairs); --tiny-num-heads can be 1, 2, 4 or 8",
+        ),
+        (["--tiny-hidden-size", "15"], "--tiny-hidden-size must be even"),
+        (
+            ["--task-max-operand", "1000000"],
+            "--task-max-operand must be in 1..999, got 1000000: the task holds every operand pair in memory, "
+            "(--task-max-operand + 1)^2 of them (1,000,000 at 999)",
+        ),
+        (
+            ["--max-new-tokens", "100000"],
+            "--max-new-tokens 100000 leaves no room for a prompt in the model's context of 64 tokens "
+            "(--tiny-max-positions)",
+        ),
+        (
+            ["--tiny-max-positions", "12", "--max-new-tokens", "9"],
+            "the built-in task's prompts ('",  # 4 tokens, 'a + b =' (--task-max-operand 9)
+        ),
+    ],
+    ids=["lr", "warm-start-lr", "weight-decay", "num-heads", "hidden-size", "max-operand", "max-new-tokens", "prompt"],
+)
+def test_values_nothing_could_train_with(tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], message: str):
+    # each was a traceback after the warm start (the learning rates, the heads), a process killed for its memory
+    # (22.5 GB for --task-max-operand 1000000), or accepted (--max-new-tokens beyond the model's positions)
+    line = refused(capsys, tmp_path / "out", "--steps", "1", *args)
+    assert message in line
+    assert not (tmp_path / "out").exists()  # nothing written: the output directory is made after every check
+
+
+def test_the_prompt_and_the_budget_must_fit_the_positions(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # the built-in prompt 'a + b =' is 4 tokens (--task-max-operand 9: one digit per operand): 4 + 8 new tokens
+    # fit 12 positions, 4 + 9 do not
+    too_many = refused(capsys, tmp_path / "out", "--tiny-max-positions", "12", "--max-new-tokens", "9")
+    assert too_many.endswith(
+        "the prompt is 4 tokens, more than the model's context leaves for it: 12 tokens (--tiny-max-positions) "
+        "minus --max-new-tokens 9 is 3; shorten the prompt or lower --max-new-tokens"
+    )
+    run = tmp_path / "fits"
+    fits = ["--tiny-max-positions", "12", "--max-new-tokens", "8", "--steps", "1", "--eval-every", "0"]
+    assert main(["train", "--output-dir", str(run), *TINY, *fits]) == 0
+    assert read_state(find_checkpoint(run))["step"] == 1
+
+
+def test_an_empty_output_directory_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # --output-dir "" wrote the run into the current directory
+    os.chdir(tmp_path)
+    line = error_line(capsys, "train", *TINY, "--output-dir", "")
+    assert line == "drgrpo train: error: --output-dir must name a directory, got ''"
+    line = error_line(capsys, "compare", "--output-dir", " ")
+    assert line == "drgrpo compare: error: --output-dir must name a directory, got ' '"
+    assert list(tmp_path.iterdir()) == []  # nothing written here
+
+
+def test_the_largest_learning_rate_is_where_adamw_overflows_float32() -> None:
+    # the oracle is torch's AdamW itself: its first step from a gradient g scales the step size lr / (1 - beta1)
+    # = 10 lr (a float32 number) by m / (sqrt(v) + eps) = 0.1 g / |g|, so a weight moves by lr; above LR_LIMIT torch
+    # refuses the step, at 0.99 of it the step is taken and TrainConfig accepts that lr
+    from drgrpo.train.config import LR_LIMIT, TrainConfig
+
+    def first_step(lr: float) -> torch.Tensor:
+        weight = torch.zeros(3, requires_grad=True)
+        weight.grad = torch.tensor([1.0, -2.0, 0.5])
+        torch.optim.AdamW([weight], lr=lr, betas=(0.9, 0.99), weight_decay=0.0).step()
+        return weight.detach()
+
+    moved = first_step(0.99 * LR_LIMIT)
+    assert torch.allclose(moved, torch.tensor([-1.0, 1.0, -1.0]) * 0.99 * LR_LIMIT, rtol=1e-6)
+    assert TrainConfig(lr=0.99 * LR_LIMIT).lr == 0.99 * LR_LIMIT
+    with pytest.raises(RuntimeError, match="overflow"):
+        first_step(1.01 * LR_LIMIT)
+    with pytest.raises(ValueError, match=r"lr must be at most 3\.4e\+37"):
+        TrainConfig(lr=1.01 * LR_LIMIT)
+
+
+def test_a_reader_that_stops_reading_loses_only_the_output(tmp_path: Path) -> None:
+    # `drgrpo train ... | head`: the pipe's reader is gone before the first line (its end closed at once); the run
+    # goes on to its end with its files intact and exits 0, without a BrokenPipeError traceback
+    run = tmp_path / "run"
+    args = ["train", "--output-dir", str(run), *TINY, "--steps", "2", "--eval-every", "1", "--progress"]
+    p = subprocess.Popen(
+        [sys.executable, "-m", "drgrpo", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+    )
+    assert p.stdout is not None
+    p.stdout.close()
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+    assert read_state(find_checkpoint(run))["step"] == 2
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], "reward" in x) for x in lines] == [(0, False), (1, True), (1, False), (2, True), (2, False)]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--sampling-correction", "token_truncate", "--sampling-clip-max", "2"],
+            "--sampling-correction 'token_truncate' needs a separate sampler's log-probs",
+        ),
+        (["--top-entropy-quantile", "0.5"], "--top-entropy-quantile 0.5 needs per-token entropies"),
+        (["--entropy-coef", "0.01"], "--entropy-coef 0.01 needs per-token entropies"),
+    ],
+    ids=["sampling-correction", "entropy-mask", "entropy-bonus"],
+)
+def test_loss_options_whose_inputs_the_trainer_does_not_make(
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], message: str
+) -> None:
+    # the loss flags mirror every LossConfig field; these three read inputs (a sampler's log-probs, entropies) that
+    # drgrpo train does not make: refused before any work instead of an error at the first loss call
+    line = refused(capsys, tmp_path / "out", "--steps", "1", *args)
+    assert message in line
+    assert not (tmp_path / "out").exists()

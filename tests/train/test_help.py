@@ -182,7 +182,11 @@ PRESETS = ", ".join(preset_names())
         (["train", "--delta", "1.1"], "--delta must be > 1 + --clip-high = 1.2, got 1.1"),
         (["train", "--clip-low", "none"], "--clip-low none (no lower clip) needs --surrogate 'cispo', got 'ppo'"),
         (["train", "--std-eps", "inf"], "--std-eps must be finite, got inf"),
-        (["train", "--task-max-operand", "0"], "--task-max-operand must be >= 1, got 0"),
+        (
+            ["train", "--task-max-operand", "0"],
+            "--task-max-operand must be in 1..999, got 0: the task holds every operand pair in memory, "
+            "(--task-max-operand + 1)^2 of them (1,000,000 at 999)",
+        ),
         (
             ["train", "--task-answer-noise", "0.95"],
             "--task-answer-noise must be in [0, 0.9) for --task-noise-kind 'digit' (the right answer must stay the "
@@ -243,7 +247,17 @@ def test_eval_errors_name_its_flags(tmp_path: Path, capsys, monkeypatch):
         (lambda: TrainConfig(eval_size=-1), "eval_size must be >= 0, got -1"),
         (lambda: TrainConfig(dtype="float64"), "dtype must be float32, bfloat16 or float16, got 'float64'"),  # type: ignore[arg-type]
         (lambda: LossConfig(delta=1.1), "delta must be > 1 + clip_high = 1.2, got 1.1"),
-        (lambda: TaskConfig(max_operand=0), "max_operand must be >= 1, got 0"),
+        (
+            lambda: TaskConfig(max_operand=0),
+            "max_operand must be in 1..999, got 0: the task holds every operand pair in memory, (max_operand + 1)^2 "
+            "of them (1,000,000 at 999)",
+        ),
+        (lambda: TrainConfig(output_dir=""), "output_dir must name a directory, got ''"),
+        (
+            lambda: TinyModelConfig(num_heads=5),
+            "num_heads 5 does not split hidden_size 64 into heads of an even width (rotary position embeddings turn "
+            "a head's dimensions in pairs); num_heads can be 1, 2, 4, 8, 16 or 32",
+        ),
         (lambda: CompareConfig(seeds=0), "seeds must be >= 1, got 0"),
     ],
 )

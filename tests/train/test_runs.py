@@ -285,7 +285,9 @@ def test_every_train_flag_is_classified_for_resume():
         if f.name in ("name", "per_call_normalization", "max_completion_length"):  # not loss flags
             continue
         old = getattr(base.loss_config(), f.name)
-        new = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v + 0.5}.get(type(old))
+        new = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v + 0.5 if v < 0.5 else v - 0.5}.get(
+            type(old)
+        )  # a valid other value (top_entropy_quantile is at most 1)
         if new is None:
             continue
         changed = config_changes(base, base.replace(loss_overrides=((f.name, new(old)),)))

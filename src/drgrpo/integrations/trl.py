@@ -34,6 +34,7 @@ from torch import Tensor
 
 from drgrpo.advantages import group_advantages
 from drgrpo.config import LossConfig
+from drgrpo.entropy import entropy_bonus, entropy_threshold, high_entropy_mask
 from drgrpo.fused import fused_policy_loss
 from drgrpo.loss import LossOutput, per_token_loss, policy_loss
 from drgrpo.normalizer import StepNormalizer
@@ -49,9 +50,17 @@ if not SUPPORTED_TRL[0] <= Version(Version(trl.__version__).base_version) < SUPP
         f"GRPOTrainer methods; found trl {trl.__version__}: from a clone of drgrpo, pip install -e '.[trl]'"
     )
 
-from drgrpo.integrations.trl_settings import DRGRPO_LOSS_TYPE, resolve_loss_config, settings_warning  # noqa: E402
+from drgrpo.integrations.trl_settings import (  # noqa: E402
+    DRGRPO_LOSS_TYPE,
+    resolve_loss_config,
+    setting_hint,
+    settings_warning,
+)
 
 logger = logging.getLogger(__name__)
+
+_PER_FUNCTION = LossConfig(advantage_std="group", std_eps=1e-4, nan_rewards="ignore")
+"""TRL's normalisation of each reward function's rewards in their group (``normalize_then_sum``)."""
 
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier")
 
@@ -66,6 +75,7 @@ class _Window:
     raw: list[Any]
     micro: list[dict[str, Any]] | None = None
     normalizer: StepNormalizer | None = None
+    entropy_threshold: Tensor | None = None  # the high-entropy mask's threshold over the whole step (core presets)
     position: int = 0
 
 
@@ -92,7 +102,7 @@ class DrGRPOTrainer(GRPOTrainer):
             :func:`drgrpo.fused_policy_loss` (no ``(B, T, V)`` logits, no TRL log-prob head; TRL's
             ``entropy`` metric comes from the same pass).
 
-    The module docstring lists what is exact, which TRL settings are read, aligned, refused or ignored.
+    docs/trl.md lists what is exact, which TRL settings are read, aligned, refused or ignored.
     """
 
     def __init__(
@@ -120,6 +130,10 @@ class DrGRPOTrainer(GRPOTrainer):
                 setattr(args, name, value)
             logger.warning(message)
         self.loss_config = config
+        # the entropy bonus is added by the trainer (its coefficient moves with use_adaptive_entropy)
+        self._call_config = config.replace(entropy_coef=0.0) if config.entropy_coef != 0 else config
+        # TRL's per-micro-batch definitions of the entropy mask and bonus (trl.* presets, no loss_config)
+        self._trl_definitions = (config.name or "").startswith("trl.")
         self.fused = fused
         self._window: _Window | None = None
         self._rewards_per_func: Tensor | None = None
@@ -136,9 +150,16 @@ class DrGRPOTrainer(GRPOTrainer):
                 "supported"
             )
         if self.fused:
+            if self._entropy_bonus_enabled and self._trl_definitions and not self.loss_config.per_call_normalization:
+                raise ValueError(
+                    f"fused=True adds the entropy bonus with the step's token count, but {self.loss_config.name}'s "
+                    "(TRL's) is each micro-batch's own mean: use "
+                    f"{setting_hint('fused', False)}, or a per-call loss type (grpo, bnpo, dr_grpo, luspo)"
+                )
             if self.aux_loss_enabled:
                 raise ValueError(
-                    "fused=True does not add the MoE router loss: set router_aux_loss_coef=0 or use fused=False"
+                    f"fused=True does not add the MoE router loss: set {setting_hint('router_aux_loss_coef', 0)} or "
+                    f"use {setting_hint('fused', False)}"
                 )
             text_config = self._unwrapped_causal_lm().config.get_text_config()
             for name in _LOGIT_TRANSFORMS:
@@ -146,10 +167,12 @@ class DrGRPOTrainer(GRPOTrainer):
                 if value is not None and value != 1.0:
                     raise ValueError(
                         f"fused=True computes log_softmax(h W^T / temperature); the model's config has {name}={value}, "
-                        "which changes the logits: use fused=False (TRL's head applies it)"
+                        f"which changes the logits: use {setting_hint('fused', False)} (TRL's head applies it)"
                     )
             if getattr(text_config, "logits_scaling", None) is not None:
-                raise ValueError("fused=True does not apply the model's logits_scaling: use fused=False")
+                raise ValueError(
+                    f"fused=True does not apply the model's logits_scaling: use {setting_hint('fused', False)}"
+                )
 
     # ----------------------------------------------------------------------- advantages
 
@@ -168,13 +191,7 @@ class DrGRPOTrainer(GRPOTrainer):
             raise RuntimeError("TRL's _generate_and_score_completions did not call _calculate_rewards")
         mode = self._mode()
         group = self.num_generations if mode == "train" else self.num_generations_eval
-        # The total reward as TRL computes it for "sum_then_normalize": weighted sum, NaN if no function scored.
-        # A function returning None (TRL: "not applicable") adds nothing; a completion no function scored is NaN,
-        # left out of its group's statistics and given advantage 0 (the config has nan_rewards="ignore").
-        weights = self.reward_weights.to(per_func.device)
-        rewards = (per_func * weights.unsqueeze(0)).nansum(dim=1)  # (N_global,)
-        rewards = rewards.masked_fill(torch.isnan(per_func).all(dim=1), float("nan"))
-        advantages = group_advantages(rewards, group, self.loss_config)  # (N_global,) groups are contiguous
+        advantages = self._advantages(per_func, group)  # (N_global,) groups are contiguous
         local = output["advantages"].shape[0]
         start = self.accelerator.process_index * local
         output["advantages"] = advantages[start : start + local].to(output["advantages"].dtype)
@@ -184,6 +201,28 @@ class DrGRPOTrainer(GRPOTrainer):
             logged.pop()
         logged.extend(advantages.tolist())
         return output
+
+    def _advantages(self, per_func: Tensor, group: int) -> Tensor:
+        """Advantages ``(N,)`` from every process's rewards ``(N, F)`` (NaN: not scored), groups of ``group``.
+
+        The total reward is TRL's for ``multi_objective_aggregation``: ``sum_then_normalize``, the weighted sum;
+        ``normalize_then_sum``, the weighted sum of each function's rewards normalised in their group
+        (``(r - mean) / (std + 1e-4)``). A function returning None adds nothing; a completion no function scored is
+        NaN, left out of the statistics and given advantage 0 (every config has ``nan_rewards="ignore"``). The
+        advantages are then the config's :func:`drgrpo.group_advantages` of that total, except that a ``trl.*``
+        preset with ``normalize_then_sum`` normalises over the whole batch, as TRL does there.
+        """
+        weights = self.reward_weights.to(per_func.device).unsqueeze(0)  # (1, F)
+        unscored = torch.isnan(per_func).all(dim=1)  # (N,)
+        config = self.loss_config
+        if self.multi_objective_aggregation == "normalize_then_sum":
+            columns = [group_advantages(per_func[:, k], group, _PER_FUNCTION) for k in range(per_func.shape[1])]
+            rewards = (torch.stack(columns, dim=1) * weights).sum(dim=1).masked_fill(unscored, float("nan"))
+            if config.name is not None and config.name.startswith("trl."):  # TRL: one group, the whole batch
+                return group_advantages(rewards, rewards.numel(), config.replace(advantage_std="group"))
+            return group_advantages(rewards, group, config)
+        rewards = (per_func * weights).nansum(dim=1).masked_fill(unscored, float("nan"))  # (N,)
+        return group_advantages(rewards, group, config)
 
     # ----------------------------------------------------------------------- the accumulation window
 
@@ -207,6 +246,8 @@ class DrGRPOTrainer(GRPOTrainer):
         if window.micro is None:
             window.micro = self._build_window(window.raw)
             window.normalizer = self._window_normalizer(window.micro)
+            if self.loss_config.top_entropy_quantile < 1 and not self._trl_definitions:
+                window.entropy_threshold = self._step_entropy_threshold(window.micro)
         inputs = window.micro[window.position]
         window.position += 1
         return inputs
@@ -249,18 +290,36 @@ class DrGRPOTrainer(GRPOTrainer):
             normalizer = self._window.normalizer
         else:  # evaluation: each batch is its own step
             normalizer = self._window_normalizer([inputs])
+        threshold = self._window.entropy_threshold if mode == "train" and self._window is not None else None
+        coef = self._applied_entropy_coef() if self._entropy_bonus_enabled else 0.0
         if self.fused:
             unwrapped = self.accelerator.unwrap_model(model)
+            # the fused pass adds the bonus itself (its entropies have a gradient only inside it)
+            config = self._call_config.replace(entropy_coef=coef) if coef else self._call_config
             # a tuple through the wrapper: DDP finds the loss tensor in it
             fused_loss, metrics, logp, entropy = self._forward_redirection(
-                model, unwrapped, self._fused_loss, inputs, normalizer
+                model, unwrapped, self._fused_loss, inputs, normalizer, threshold, config
             )
             out, aux_loss = LossOutput(loss=fused_loss, metrics=metrics, logp=logp), None
+            if threshold is None and self.loss_config.top_entropy_quantile < 1 and entropy is not None:
+                threshold = entropy_threshold(entropy, _loss_mask(inputs), self.loss_config.top_entropy_quantile)
         else:
-            out, entropy, aux_loss = self._logits_path_loss(model, inputs, normalizer)
+            out, entropy, aux_loss, threshold = self._logits_path_loss(model, inputs, normalizer, threshold)
         loss = out.loss
         if self.loss_config.per_call_normalization and mode == "train":
             loss = loss / self.current_gradient_accumulation_steps  # TRL's definition of per-call losses
+        if self._entropy_bonus_enabled:  # TRL's entropy bonus (entropy_coef, use_adaptive_entropy)
+            assert entropy is not None  # both paths compute it
+            acting = _loss_mask(inputs).bool()
+            if threshold is not None:  # the bonus acts on the tokens the mask keeps, as in TRL
+                acting = high_entropy_mask(entropy, acting, threshold)
+            if self.fused:  # already in the loss: TRL's policy_loss metric is the loss without it
+                policy = out.loss.detach() + entropy_bonus(entropy, acting, coef, normalizer)
+            else:
+                policy = out.loss.detach()
+                loss = loss - self._entropy_bonus(entropy, acting, normalizer, mode, coef)
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
+            self._observe_entropy(entropy, acting, mode)
         if aux_loss is not None:  # MoE load balancing, scaled as TRL scales it
             scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / scale
@@ -268,9 +327,58 @@ class DrGRPOTrainer(GRPOTrainer):
         self._log_loss_metrics(mode, out, entropy, inputs)
         return loss
 
+    def _entropy_bonus(
+        self, entropy: Tensor, mask: Tensor, normalizer: StepNormalizer | None, mode: str, coef: float
+    ) -> Tensor:
+        r"""This micro-batch's share of ``c * H``, subtracted from the loss (logits path).
+
+        ``H`` is the policy's mean entropy per completion token (``entropy`` ``(B, T)``, with its gradient) over the
+        tokens ``mask`` (the high-entropy mask's, if on). For a ``trl.*`` preset (and without ``loss_config``) it is
+        TRL's: each micro-batch's own mean divided by K. For the other presets it is
+        :func:`drgrpo.entropy.entropy_bonus` with the step's counts, so the gradient does not depend on the split.
+        """
+        if normalizer is None or self._trl_definitions:
+            accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            return entropy_bonus(entropy, mask, coef) / accumulation
+        return entropy_bonus(entropy, mask, coef, normalizer)
+
+    def _applied_entropy_coef(self) -> float:
+        """``c`` for this step: ``entropy_coef``; with ``use_adaptive_entropy`` 0 while the entropy measured over the
+        previous optimizer step is above ``entropy_target`` (none measured yet: above)."""
+        args: GRPOConfig = self.args  # type: ignore[assignment]
+        if self.use_adaptive_entropy and self._last_world_entropy > args.entropy_target:
+            return 0.0
+        return float(self.entropy_coef)
+
+    def _observe_entropy(self, entropy: Tensor, mask: Tensor, mode: str) -> None:
+        """TRL's adaptive controller: add this micro-batch's ``sum H m`` and ``sum m`` to the step's window; at the
+        step's last micro-batch reduce them over the processes and move ``entropy_coef`` by ``entropy_coef_delta``
+        (up when the step's entropy was at or below ``entropy_target``, else down) within
+        ``[entropy_coef_min, entropy_coef_max]``. ``entropy_coef`` is logged once per step (TRL's state and
+        checkpoint file)."""
+        if mode != "train":
+            return
+        args: GRPOConfig = self.args  # type: ignore[assignment]
+        if self.use_adaptive_entropy:
+            m = mask.to(entropy.dtype)
+            stats = torch.stack([(entropy.detach() * m).sum(), m.sum()]).float()
+            window: Tensor | None = self._entropy_window_stats
+            self._entropy_window_stats = stats if window is None else window + stats  # type: ignore[assignment]
+            if self.accelerator.sync_gradients:  # the window's last micro-batch: one reduce, then the update
+                sums = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                measured = float(sums[0] / sums[1].clamp(min=1.0))
+                if measured <= args.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+                self._last_world_entropy = measured
+                self._entropy_window_stats = None
+        if self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+
     def _logits_path_loss(
-        self, model: Any, inputs: dict[str, Any], normalizer: StepNormalizer | None
-    ) -> tuple[LossOutput, Tensor, Tensor | None]:
+        self, model: Any, inputs: dict[str, Any], normalizer: StepNormalizer | None, threshold: Tensor | None
+    ) -> tuple[LossOutput, Tensor, Tensor | None, Tensor | None]:
         """Per-token log-probs from TRL's own head (chunked, with entropies), then :func:`drgrpo.policy_loss`."""
         completion_ids = inputs["completion_ids"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
@@ -287,20 +395,51 @@ class DrGRPOTrainer(GRPOTrainer):
             compute_aux_loss=self.aux_loss_enabled,
             **multimodal,
         )
+        if self.loss_config.top_entropy_quantile < 1 and threshold is None:  # TRL's: this micro-batch, all processes
+            threshold = self._gathered_entropy_threshold([entropies[_loss_mask(inputs).bool()]])
         out = policy_loss(
             logp,  # (B, T)
             inputs.get("old_per_token_logps"),  # None: on-policy, ratio 1
             inputs["advantages"],  # (B,)
             _loss_mask(inputs),
-            self.loss_config,
+            self._call_config,
             ref_logp=inputs.get("ref_per_token_logps"),
+            sampling_logp=inputs.get("sampling_per_token_logps"),  # vLLM's, NaN where it could not score
             normalizer=normalizer,
+            entropy=entropies,
+            entropy_threshold=threshold,
         )
         out.logp = logp.detach()
-        return out, entropies, aux_loss
+        return out, entropies, aux_loss, threshold
+
+    def _step_entropy_threshold(self, micro: Sequence[dict[str, Any]]) -> Tensor:
+        """The high-entropy mask's threshold over every real token of the step, all processes (one no-grad forward
+        per micro-batch, with the step's weights): the same mask for any split."""
+        values = []
+        with torch.no_grad():
+            for inputs in micro:
+                completion_ids = inputs["completion_ids"]
+                _, entropies, _ = self._get_per_token_logps_and_entropies(
+                    self.model,
+                    torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+                    torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+                    completion_ids.size(1),
+                    compute_entropy=True,
+                    **{k: inputs.get(k) for k in _MULTIMODAL_KEYS},
+                )
+                values.append(entropies[_loss_mask(inputs).bool()])
+        return self._gathered_entropy_threshold(values)
+
+    def _gathered_entropy_threshold(self, values: Sequence[Tensor]) -> Tensor:
+        """:func:`drgrpo.entropy.entropy_threshold` of the real tokens' entropies ``values`` of every process."""
+        local = torch.cat([v.detach().float() for v in values])
+        sentinel = -1.0  # entropies are >= 0
+        gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=0, pad_index=sentinel))
+        gathered = gathered[gathered != sentinel]
+        return entropy_threshold(gathered, torch.ones_like(gathered), self.loss_config.top_entropy_quantile)
 
     def _fused_loss(
-        self, inputs: dict[str, Any], normalizer: StepNormalizer | None
+        self, inputs: dict[str, Any], normalizer: StepNormalizer | None, threshold: Tensor | None, config: LossConfig
     ) -> tuple[Tensor, dict[str, Tensor], Tensor | None, Tensor | None]:
         """Hidden states of the completion positions, then :func:`drgrpo.fused_policy_loss` with ``lm_head``.
 
@@ -320,7 +459,9 @@ class DrGRPOTrainer(GRPOTrainer):
         }
         present = [key for key in _MULTIMODAL_KEYS if inputs.get(key) is not None]
         if present:
-            raise ValueError(f"fused=True supports text-only models; this batch has {present}: use fused=False")
+            raise ValueError(
+                f"fused=True supports text-only models; this batch has {present}: use {setting_hint('fused', False)}"
+            )
         with self.accelerator.autocast():
             hidden = causal_lm.base_model(**model_inputs).last_hidden_state  # (B, P + T, H)
         hidden = hidden[:, -t - 1 : -1]  # (B, T, H): position p predicts token p + 1
@@ -336,13 +477,15 @@ class DrGRPOTrainer(GRPOTrainer):
                 completion_ids.to(weight.device),
                 _loss_mask(inputs).to(weight.device),
                 inputs["advantages"],
-                self.loss_config,
+                config,
                 old_logp=inputs.get("old_per_token_logps"),
                 ref_logp=inputs.get("ref_per_token_logps"),
+                sampling_logp=_to(inputs.get("sampling_per_token_logps"), weight.device),
                 bias=bias,
                 temperature=self.temperature,
                 normalizer=normalizer,
                 compute_entropy=True,
+                entropy_threshold=threshold,  # None: this call's (TRL's on one process)
             )
         return out.loss, out.metrics, out.logp, out.entropy
 
@@ -359,48 +502,76 @@ class DrGRPOTrainer(GRPOTrainer):
     # ----------------------------------------------------------------------- metrics
 
     def _log_loss_metrics(self, mode: str, out: LossOutput, entropy: Tensor | None, inputs: dict[str, Any]) -> None:
-        """Token means over all processes (one reduce), under TRL's metric names where TRL has them."""
-        mask = _loss_mask(inputs)
-        m = out.metrics
-        count = m["num_tokens"].to(torch.float32)
-        parts = [m["clip_frac_low"], m["clip_frac_high"], m["ratio_mean"], m["kl_mean"]]
-        sums = [p.to(torch.float32) * count for p in parts]
-        if entropy is not None:
-            sums.append((entropy.detach().float() * mask).sum())
-        totals = self.accelerator.reduce(torch.stack([*sums, count]), reduction="sum")
-        values = (totals[:-1] / totals[-1].clamp(min=1.0)).tolist()
-        low, high, ratio, kl = values[:4]
-        metrics = self._metrics[mode]
-        if self.loss_config.surrogate == "ppo":
-            metrics["clip_ratio/low_mean"].append(low)
-            metrics["clip_ratio/high_mean"].append(high)
-            metrics["clip_ratio/region_mean"].append(low + high)  # disjoint: low needs A < 0, high A > 0
-            assert out.logp is not None  # both loss paths return it
-            low_min, high_max = self._completion_clip_extremes(out.logp, inputs, mask)
-            metrics["clip_ratio/low_min"].append(low_min)
-            metrics["clip_ratio/high_max"].append(high_max)
-        else:
-            metrics["drgrpo/clip_frac_low"].append(low)
-            metrics["drgrpo/clip_frac_high"].append(high)
-        metrics["drgrpo/ratio_mean"].append(ratio)
-        if self.loss_config.beta != 0.0:
-            metrics["kl"].append(kl)
-        if entropy is not None:
-            metrics["entropy"].append(values[4])
+        """The loss's metrics under TRL's names, with TRL's meanings (one reduce over the processes, and one gather
+        for the PPO surrogate's per-completion extremes).
 
-    def _completion_clip_extremes(self, logp: Tensor, inputs: dict[str, Any], mask: Tensor) -> tuple[float, float]:
-        """TRL's ``clip_ratio/low_min`` and ``clip_ratio/high_max``: each completion's share of clipped tokens,
-        gathered over the processes; the smallest low share and the largest high share (a completion with no
-        tokens has no share and is left out; NaN if none has one)."""
+        A share is a token mean over all processes, except at sequence level (GSPO), where TRL counts
+        completions: the share of all completions (empty ones included) whose ratio was clipped.
+        """
+        config = self.loss_config
+        mask = _loss_mask(inputs)
+        assert out.logp is not None  # both loss paths return it
+        advantages = inputs["advantages"]
         with torch.no_grad():
             terms = per_token_loss(
-                logp.detach(), inputs.get("old_per_token_logps"), inputs["advantages"], mask, self.loss_config
+                out.logp.detach(),
+                inputs.get("old_per_token_logps"),
+                advantages,
+                mask,
+                config,
+                ref_logp=inputs.get("ref_per_token_logps"),
+                sampling_logp=inputs.get("sampling_per_token_logps"),
             )
-            m = mask.to(torch.float32)
-            clipped = torch.stack([terms.clipped_low, terms.clipped_high], dim=-1).to(torch.float32)  # (B, T, 2)
+        m = mask.to(torch.float32)  # (B, T)
+        tokens = m.sum()
+        rows = m.new_tensor(float(m.shape[0]))
+        sequence = config.ratio_level == "sequence"
+
+        def share(flags: Tensor) -> tuple[Tensor, Tensor]:  # flags (B, T) bool, False on padding
+            if sequence:  # one ratio per completion: TRL counts completions
+                return flags.any(dim=-1).to(torch.float32).sum(), rows
+            return flags.to(torch.float32).sum(), tokens
+
+        def token_mean(x: Tensor) -> tuple[Tensor, Tensor]:
+            return (x.detach().to(torch.float32) * m).sum(), tokens
+
+        entries: dict[str, tuple[Tensor, Tensor]] = {"drgrpo/ratio_mean": token_mean(terms.ratio)}
+        if config.beta != 0.0 and terms.kl is not None:  # TRL logs the KL term it adds: weighted by the ratio if so
+            entries["kl"] = token_mean(terms.kl * terms.ratio if config.kl_importance_weight else terms.kl)
+        if entropy is not None:
+            entries["entropy"] = token_mean(entropy)
+        if config.surrogate == "ppo":
+            entries["clip_ratio/low_mean"] = share(terms.clipped_low)
+            entries["clip_ratio/high_mean"] = share(terms.clipped_high)
+            entries["clip_ratio/region_mean"] = share(terms.clipped_low | terms.clipped_high)
+        elif config.surrogate == "cispo":
+            # TRL: the weight was capped on a token whose advantage is positive (where the cap acts on the gradient)
+            entries["cispo_clip_ratio"] = share(terms.clipped_high & (advantages > 0).unsqueeze(-1))
+            if config.clip_low is not None:  # a lower clip of the weight (verl's CISPO): no TRL name
+                entries["drgrpo/clip_frac_low"] = share(terms.clipped_low)
+        sums = torch.stack([value for value, _ in entries.values()] + [count for _, count in entries.values()])
+        totals = self.accelerator.reduce(sums, reduction="sum")
+        n = len(entries)
+        metrics = self._metrics[mode]
+        for name, total, count in zip(entries, totals[:n].tolist(), totals[n:].tolist()):
+            metrics[name].append(total / max(count, 1.0))
+        if config.surrogate == "ppo":
+            low_min, high_max = self._completion_clip_extremes(terms.clipped_low, terms.clipped_high, m, sequence)
+            metrics["clip_ratio/low_min"].append(low_min)
+            metrics["clip_ratio/high_max"].append(high_max)
+
+    def _completion_clip_extremes(self, low: Tensor, high: Tensor, m: Tensor, sequence: bool) -> tuple[float, float]:
+        """TRL's ``clip_ratio/low_min`` and ``clip_ratio/high_max``: each completion's share of clipped tokens
+        (at sequence level: 1 if its ratio was clipped, else 0), gathered over the processes; the smallest low share
+        and the largest high share. At token level a completion with no tokens has no share and is left out (NaN if
+        none has one)."""
+        clipped = torch.stack([low, high], dim=-1).to(torch.float32)  # (B, T, 2)
+        if sequence:
+            shares = clipped.amax(dim=1)  # (B, 2)
+        else:
             shares = (clipped * m[..., None]).sum(1) / m.sum(1, keepdim=True)  # (B, 2); 0 / 0 = NaN
-            shares = self.accelerator.gather(shares)  # (P * B, 2)
-            scored = shares[~torch.isnan(shares[:, 0])]
+        shares = self.accelerator.gather(shares)  # (P * B, 2)
+        scored = shares[~torch.isnan(shares[:, 0])]
         if scored.numel() == 0:
             return float("nan"), float("nan")
         return float(scored[:, 0].min()), float(scored[:, 1].max())
@@ -419,6 +590,10 @@ _MULTIMODAL_KEYS = (
     "mm_token_type_ids",
     "image_position_ids",
 )
+
+
+def _to(x: Tensor | None, device: Any) -> Tensor | None:
+    return None if x is None else x.to(device)
 
 
 def _unshard_fsdp2_head(causal_lm: Any, lm_head: Any) -> None:

@@ -178,17 +178,20 @@ def _build_trainer(
             "but the dataset has no split "
             f"{script_args.dataset_test_split!r} (--dataset_test_split; its splits: {splits})"
         )
-    return trainer_cls(
-        model=model_args.model_name_or_path,
-        reward_funcs=rewards,
-        args=training_args,
-        train_dataset=dataset[script_args.dataset_train_split],
-        eval_dataset=dataset[script_args.dataset_test_split] if evaluating else None,
-        peft_config=get_peft_config(model_args),
-        quantization_config=get_quantization_config(model_args),
-        loss_config=loss_config_from(drgrpo_args.loss_config, training_args.max_completion_length),
-        fused=drgrpo_args.fused,
-    )
+    from drgrpo.integrations.trl_settings import command_line_hints
+
+    with command_line_hints():  # the trainer's errors and warnings give flags, not Python
+        return trainer_cls(
+            model=model_args.model_name_or_path,
+            reward_funcs=rewards,
+            args=training_args,
+            train_dataset=dataset[script_args.dataset_train_split],
+            eval_dataset=dataset[script_args.dataset_test_split] if evaluating else None,
+            peft_config=get_peft_config(model_args),
+            quantization_config=get_quantization_config(model_args),
+            loss_config=loss_config_from(drgrpo_args.loss_config, training_args.max_completion_length),
+            fused=drgrpo_args.fused,
+        )
 
 
 def _load_dataset(script_args: Any, dataset_args: Any) -> Any:

@@ -22,11 +22,15 @@ describe the same run, by this policy (docs/trl.md, "Settings"):
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from trl import GRPOConfig
 
-from drgrpo.config import LossConfig, preset_config
+from drgrpo.config import LossConfig, preset_config, preset_names
 from drgrpo.normalizer import check_step_normalizable
 from drgrpo.registry import SURROGATES
 from drgrpo.surrogates import cispo_cap
@@ -34,10 +38,13 @@ from drgrpo.surrogates import cispo_cap
 __all__ = [
     "DRGRPO_LOSS_TYPE",
     "FIELD_MAP",
+    "RUN_FIELDS",
     "TRL_DEFAULTS",
+    "command_line_hints",
     "loss_config_from_args",
-    "refuse_unsupported",
+    "loss_config_hint",
     "resolve_loss_config",
+    "setting_hint",
     "settings_warning",
     "trl_loss_type",
 ]
@@ -62,13 +69,84 @@ def _field_map() -> dict[str, str]:
     return fields
 
 
-FIELD_MAP: dict[str, str] = _field_map()
+RUN_FIELDS: dict[str, str] = {
+    "vllm_importance_sampling_mode": "sampling_correction",
+    "vllm_importance_sampling_clip_min": "sampling_clip_min",
+    "vllm_importance_sampling_clip_max": "sampling_clip_max",
+    "off_policy_mask_threshold": "off_policy_mask_threshold",
+    "top_entropy_quantile": "top_entropy_quantile",
+    "entropy_coef": "entropy_coef",
+}
+"""``GRPOConfig`` fields of the run's corrections, masks and entropy bonus -> ``LossConfig`` fields: a loss config
+that leaves one off takes the run's (the vLLM correction applies when ``use_vllm`` and
+``vllm_importance_sampling_correction``; with ``use_adaptive_entropy`` the trainer moves the coefficient each step)."""
+
+FIELD_MAP: dict[str, str] = {**_field_map(), **RUN_FIELDS}
 """``GRPOConfig`` field -> the ``LossConfig`` field that describes the same choice (``epsilon_high`` is the CISPO
 cap, ``cispo_cap``, for a CISPO loss with no lower clip: each surrogate's ``peer_fields["trl"]`` says which).
 ``loss_type`` maps to surrogate and aggregation."""
 
-_PER_CALL_LOSS_TYPES = {"trl.grpo": "grpo", "trl.bnpo": "bnpo", "trl.dr_grpo": "dr_grpo"}
-_TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")  # those drgrpo has a trl.* preset for
+_PER_CALL_LOSS_TYPES = {"trl.grpo": "grpo", "trl.bnpo": "bnpo", "trl.dr_grpo": "dr_grpo", "trl.luspo": "luspo"}
+
+
+def _trl_loss_types() -> tuple[str, ...]:
+    """The TRL loss types drgrpo has a ``trl.<loss_type>`` preset for."""
+    return tuple(name.removeprefix("trl.") for name in preset_names() if name.startswith("trl."))
+
+
+# --------------------------------------------------------------------------- fix hints, in the user's syntax
+
+_COMMAND_LINE: ContextVar[bool] = ContextVar("drgrpo_trl_command_line", default=False)
+
+
+@contextmanager
+def command_line_hints() -> Iterator[None]:
+    """Inside this block the fix hints of errors and warnings are command-line flags (``drgrpo trl``,
+    ``python -m drgrpo.integrations.trl``: ``--loss_config '{"preset": ...}'``, ``--beta 0.0``), not Python."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
+
+def setting_hint(name: str, value: Any) -> str:
+    """How the user sets a ``GRPOConfig`` field (or ``DrGRPOTrainer`` argument) where they are:
+    ``beta=0.0`` from Python, ``--beta 0.0`` on the command line."""
+    if _COMMAND_LINE.get():
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        return f"--{name} {shown}"
+    return f"{name}={value!r}"
+
+
+def loss_config_hint(config: LossConfig, **fields: Any) -> str:
+    """How the user passes ``config`` with ``fields`` replaced, where they are.
+
+    A preset's config is written as the preset and every field that differs from it (so the user's own
+    changes are kept): ``loss_config=LossConfig.preset('dapo', clip_low=0.1)`` from Python, ``--loss_config
+    '{"preset": "dapo", "clip_low": 0.1}'`` on the command line; a config from no preset as
+    ``loss_config=loss_config.replace(...)``.
+    """
+    if config.name is None:
+        return "loss_config=loss_config.replace(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
+    preset = preset_config(config.name)
+    changed = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.name not in ("name", "nan_rewards", *fields) and getattr(config, f.name) != getattr(preset, f.name)
+    }
+    changed.update(fields)
+    if _COMMAND_LINE.get():
+        if not changed:
+            return f"--loss_config {config.name}"
+        return "--loss_config '" + json.dumps({"preset": config.name, **changed}) + "'"
+    arguments = "".join(f", {k}={v!r}" for k, v in changed.items())
+    return f"loss_config=LossConfig.preset({config.name!r}{arguments})"
+
+
+def _preset_name_hint(name: str) -> str:
+    """A preset passed by name, where the user is: ``loss_config='dr_grpo'`` or ``--loss_config dr_grpo``."""
+    return f"--loss_config {name}" if _COMMAND_LINE.get() else f"loss_config={name!r}"
 
 
 # --------------------------------------------------------------------------- the policy
@@ -91,15 +169,15 @@ def resolve_loss_config(loss_config: LossConfig | str | None, args: GRPOConfig) 
     Raises:
         TypeError: ``loss_config`` is not a LossConfig, a str or None.
         ValueError: a ``GRPOConfig`` field set to a non-default value contradicts the config; the config cannot
-            run (no constant L where it needs one); a TRL feature with no drgrpo equivalent is on.
+            run (no constant L where it needs one).
     """
     if loss_config is None:
         config, changes = loss_config_from_args(args), {}
     else:
         config = _as_config(loss_config, args)
         changes = _aligned_fields(config, args)
+        config = _with_run_modifiers(config, args, changes)
     _check_runnable(config, args)
-    refuse_unsupported(args)
     return config.replace(nan_rewards="ignore"), changes
 
 
@@ -107,14 +185,14 @@ def loss_config_from_args(args: GRPOConfig) -> LossConfig:
     """The loss stock TRL computes for ``args``: the ``trl.<loss_type>`` preset with ``args``' fields.
 
     Raises:
-        ValueError: for a ``loss_type`` drgrpo has no preset for (``luspo``, ``vespo``).
+        ValueError: for a ``loss_type`` drgrpo has no ``trl.*`` preset for.
     """
     loss_type = args.loss_type
-    if loss_type not in _TRL_LOSS_TYPES:
+    if loss_type not in _trl_loss_types():
         raise ValueError(
             f"GRPOConfig.loss_type={loss_type!r} has no drgrpo equivalent (drgrpo reproduces TRL's "
-            f"{', '.join(repr(t) for t in _TRL_LOSS_TYPES)}): pass loss_config, a preset name such as 'dr_grpo' "
-            "or a LossConfig"
+            f"{', '.join(repr(t) for t in _trl_loss_types())}): choose the loss with a preset, e.g. "
+            f"{_preset_name_hint('dr_grpo')}"
         )
     high = args.epsilon if args.epsilon_high is None else args.epsilon_high  # TRL: unset means epsilon
     fields: dict[str, Any] = {
@@ -128,6 +206,10 @@ def loss_config_from_args(args: GRPOConfig) -> LossConfig:
         fields[field] = high if trl_field == "epsilon_high" else getattr(args, trl_field)
     if loss_type == "dr_grpo":
         fields["max_completion_length"] = args.max_completion_length
+    if args.use_vllm and args.vllm_importance_sampling_correction:  # TRL's correction of vLLM's sampling
+        fields.update({field: getattr(args, name) for name, field in RUN_FIELDS.items() if name.startswith("vllm")})
+    for name in ("off_policy_mask_threshold", "top_entropy_quantile", "entropy_coef"):
+        fields[name] = getattr(args, name)
     return LossConfig.preset(f"trl.{loss_type}", **fields)
 
 
@@ -138,8 +220,9 @@ def trl_loss_type(config: LossConfig, max_completion_length: int | None) -> str:
     TRL's ``loss_type`` fixes the surrogate, the aggregation and (with ``beta > 0``) the k3 KL: ``grpo`` is the
     mean over completions of each completion's token mean, ``dapo`` the token mean over the step, ``dr_grpo``
     the mean over completions of each token sum divided by ``max_completion_length``, ``cispo`` the capped
-    stop-gradient weight with a token mean, ``sapo`` the soft gate aggregated like ``grpo``. The per-call presets
-    (``trl.grpo``, ``trl.bnpo``, ``trl.dr_grpo``) are their loss types by definition.
+    stop-gradient weight with a token mean, ``sapo`` the soft gate aggregated like ``grpo``, ``luspo`` the clip
+    with the mean over completions of each token sum, ``vespo`` the Gamma weight with a token mean. The per-call
+    presets (``trl.grpo``, ``trl.bnpo``, ``trl.dr_grpo``, ``trl.luspo``) are their loss types by definition.
     """
     if config.name in _PER_CALL_LOSS_TYPES:
         return _PER_CALL_LOSS_TYPES[config.name]
@@ -153,6 +236,10 @@ def trl_loss_type(config: LossConfig, max_completion_length: int | None) -> str:
             return "dapo"
         if aggregation == "seq-mean-token-sum-norm" and config.max_completion_length == max_completion_length:
             return "dr_grpo"
+        if aggregation == "seq-mean-token-sum":  # each completion's token sum, mean over completions
+            return "luspo"
+    if config.surrogate == "vespo" and aggregation == "token-mean":
+        return "vespo"
     if config.surrogate == "cispo" and config.clip_low is None and aggregation == "token-mean":
         return "cispo"
     if config.surrogate == "sapo" and aggregation == "seq-mean-token-mean":
@@ -170,7 +257,7 @@ def settings_warning(config: LossConfig, changes: dict[str, Any], args: GRPOConf
         line = f"{name} {_show(old)} -> {_show(new)}"
         if name == "beta" and new > 0 and old == 0:
             line += (
-                f" (TRL now builds a reference model; for no KL term pass LossConfig.preset({config.name!r}, beta=0.0))"
+                f" (TRL now builds a reference model; for no KL term pass {loss_config_hint(config, beta=0.0)})"
                 if config.name
                 else " (TRL now builds a reference model)"
             )
@@ -182,26 +269,6 @@ def settings_warning(config: LossConfig, changes: dict[str, Any], args: GRPOConf
         "defaults and now hold its values in trainer.args (set them to these values yourself to silence this "
         "warning): " + "; ".join(lines)
     )
-
-
-def refuse_unsupported(args: GRPOConfig) -> None:
-    """Raise a ValueError listing the TRL features that have no drgrpo equivalent and are on."""
-    problems = []
-    if args.top_entropy_quantile < 1.0:
-        problems.append(f"top_entropy_quantile={args.top_entropy_quantile} (the high-entropy token mask)")
-    if args.off_policy_mask_threshold is not None:
-        problems.append(f"off_policy_mask_threshold={args.off_policy_mask_threshold} (the off-policy sequence mask)")
-    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
-        problems.append("entropy_coef / use_adaptive_entropy (the entropy bonus)")
-    if args.use_vllm and args.vllm_importance_sampling_correction:
-        problems.append(
-            "vllm_importance_sampling_correction=True (set it to False: vLLM generation works, the correction "
-            "weight is not in drgrpo's loss)"
-        )
-    if args.multi_objective_aggregation != "sum_then_normalize":
-        problems.append(f"multi_objective_aggregation={args.multi_objective_aggregation!r} (use 'sum_then_normalize')")
-    if problems:
-        raise ValueError("DrGRPOTrainer does not support: " + "; ".join(problems))
 
 
 # --------------------------------------------------------------------------- the parts
@@ -222,8 +289,8 @@ def _as_config(loss_config: LossConfig | str, args: GRPOConfig) -> LossConfig:
     if config.name == "trl.dr_grpo" and config.max_completion_length != args.max_completion_length:
         raise ValueError(
             f"trl.dr_grpo divides by TRL's max_completion_length ({args.max_completion_length}), but the loss "
-            f"config has max_completion_length={config.max_completion_length}: pass the preset by name, or use "
-            "the core 'dr_grpo' preset for another constant L"
+            f"config has max_completion_length={config.max_completion_length}: pass the preset by name "
+            f"({_preset_name_hint('trl.dr_grpo')}), or use the core 'dr_grpo' preset for another constant L"
         )
     return config
 
@@ -235,11 +302,17 @@ def _aligned_fields(config: LossConfig, args: GRPOConfig) -> dict[str, Any]:
     if args.loss_type != loss_type:
         # The default, or the config's own name (drgrpo's "bnpo" is TRL's "dapo": the step's token mean), is replaced.
         if args.loss_type not in (TRL_DEFAULTS["loss_type"], _base_name(config)):
+            peer = f"trl.{args.loss_type}"
+            own = (
+                f"TRL's {args.loss_type!r} loss is {_preset_name_hint(peer)}"
+                if peer in preset_names()
+                else f"drgrpo has no preset for TRL's {args.loss_type!r} loss"
+            )
+            set_it = "" if loss_type == DRGRPO_LOSS_TYPE else f" or set it to {loss_type!r}"
             raise ValueError(
                 f"GRPOConfig.loss_type={args.loss_type!r} contradicts loss_config {_label(config)}, whose TRL loss "
                 f"type is {loss_type!r}. DrGRPOTrainer's loss is the loss config's: leave loss_type at its default "
-                f"({TRL_DEFAULTS['loss_type']!r}) or set it to {loss_type!r}, and choose the loss with loss_config "
-                f"(TRL's {args.loss_type!r} loss is the preset 'trl.{args.loss_type}')"
+                f"({TRL_DEFAULTS['loss_type']!r}){set_it}, and choose the loss with the loss config ({own})"
             )
         changes["loss_type"] = loss_type
     for name, value in _trl_view(config).items():
@@ -269,6 +342,47 @@ def _trl_view(config: LossConfig) -> dict[str, Any]:
     return view
 
 
+def _with_run_modifiers(config: LossConfig, args: GRPOConfig, changes: dict[str, Any]) -> LossConfig:
+    """The run's sampling correction, masks and entropy bonus (:data:`RUN_FIELDS`) in ``config``.
+
+    A modifier the loss config leaves off is the run's: TRL's correction of vLLM's sampling (``use_vllm`` with
+    ``vllm_importance_sampling_correction``, TRL's default), ``off_policy_mask_threshold``, ``top_entropy_quantile``
+    and ``entropy_coef`` apply to the config's loss. One the config sets must agree with ``args``: a field at its
+    default is set from it (into ``changes``), any other value raises. A config's correction needs the sampler's
+    log-probs, which TRL has only with ``use_vllm``.
+    """
+    correction_on = args.use_vllm and args.vllm_importance_sampling_correction
+    if config.sampling_correction is None:
+        if correction_on:
+            config = config.replace(
+                **{field: getattr(args, name) for name, field in RUN_FIELDS.items() if name.startswith("vllm")}
+            )
+    elif not correction_on:
+        reason = f"set {setting_hint('use_vllm', True)}" if not args.use_vllm else "leave it at its default (True)"
+        fix = loss_config_hint(config, sampling_correction=None)
+        raise ValueError(
+            f"loss_config {_label(config)} has sampling_correction={config.sampling_correction!r}, which weights each "
+            "token by the sampler's log-probs; TRL has them when it generates with vLLM and corrects for it "
+            f"(vllm_importance_sampling_correction={args.vllm_importance_sampling_correction}, "
+            f"use_vllm={args.use_vllm}): {reason}, or take the correction out of the loss config: {fix}"
+        )
+    off = {f.name: f.default for f in dataclasses.fields(LossConfig)}  # a modifier at this value is off
+    for name, field in RUN_FIELDS.items():
+        value, current = getattr(config, field), getattr(args, name)
+        if name.startswith("vllm"):
+            if config.sampling_correction is None:
+                continue
+        elif _same(value, off[field]):
+            config = config.replace(**{field: current})  # the run's (or off)
+            continue
+        if _same(current, value):
+            continue
+        if not _same(current, TRL_DEFAULTS[name]):
+            _contradiction(name, current, config, value)
+        changes[name] = value
+    return config
+
+
 def _trl_fields(config: LossConfig) -> dict[str, str]:
     """The config's surrogate's own GRPOConfig fields -> LossConfig fields (its registered ``peer_fields``)."""
     return dict(SURROGATES.get(config.surrogate).peer_fields.get("trl", {}))
@@ -277,17 +391,11 @@ def _trl_fields(config: LossConfig) -> dict[str, str]:
 def _contradiction(name: str, current: Any, config: LossConfig, implied: Any) -> None:
     """A non-default GRPOConfig field that contradicts the config: the error names it and the LossConfig fix."""
     field = _trl_fields(config).get(name, FIELD_MAP[name])  # epsilon_high is CISPO's cispo_cap
-    if config.name is None:
-        fix = f"loss_config.replace({field}={current!r})"
-    else:
-        length = ""
-        if config.divides_by_constant_length:
-            length = f"max_completion_length={config.max_completion_length}, "
-        fix = f"LossConfig.preset({config.name!r}, {length}{field}={current!r})"
     raise ValueError(
         f"GRPOConfig.{name}={current!r} contradicts loss_config {_label(config)}, which implies {name}={implied!r} "
         f"({field}={_config_value(config, field)!r}). DrGRPOTrainer's loss is the loss config's: leave {name} at its "
-        f"default ({TRL_DEFAULTS[name]!r}), or put the value into the loss config: loss_config={fix}"
+        f"default ({TRL_DEFAULTS[name]!r}), or put the value into the loss config: "
+        f"{loss_config_hint(config, **{field: current})}"
     )
 
 
@@ -300,8 +408,8 @@ def _check_runnable(config: LossConfig, args: GRPOConfig) -> None:
     except ValueError as error:
         raise ValueError(
             f"loss_config {_label(config)} cannot run: {error}. For this run's generation budget pass "
-            f"max_completion_length={args.max_completion_length} in the LossConfig, or the preset by name "
-            "(e.g. loss_config='dr_grpo' takes GRPOConfig.max_completion_length)"
+            f"{loss_config_hint(config, max_completion_length=args.max_completion_length)}, or the preset by name "
+            f"({_preset_name_hint('dr_grpo')} takes max_completion_length from the TRL arguments)"
         ) from None
 
 

@@ -169,8 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--loss and --seeds of --seed (the runs of each loss use seeds 0 to N-1); --output-dir is the "
             "comparison's directory (run N of loss X writes to OUTPUT_DIR/runs/X/seedN); --beta sets the KL "
             "coefficient of every loss (default 0, not the preset's); the loss flags override that setting of "
-            "every preset; --threads is per run (default 1). There is no --resume (a rerun reuses the cached "
-            "warm start and trains every run again) and no progress bar."
+            "every preset; --threads is per run (default 1). There is no --resume and no progress bar: the same "
+            "command again continues the comparison (the cached warm start and the finished runs are kept, a run "
+            "that stopped part-way resumes exactly, the missing ones are trained; other settings are refused).\n\n"
+            "A signal (Ctrl-C, SIGTERM) or a failed run stops every run, each after saving its last completed "
+            "step, and writes the report of the runs that finished (exit code 130, or 1). The report says what "
+            "the lengths show; the reasons: docs/length-bias.md."
         ),
         epilog=(
             "Task variant for the length bias, a model that answers right at greedy decoding and samples "
@@ -289,6 +293,15 @@ def eval_config_from_args(ns: argparse.Namespace) -> EvalConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``drgrpo ARGV``: the command's exit code. A reader that stops reading its output (``| head``) loses only the
+    output: the command goes on to its end and exits with its own code (:mod:`drgrpo.train.pipes`)."""
+    from drgrpo.train.pipes import reader_may_leave
+
+    with reader_may_leave():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["trl"]:  # TRL's own parser takes the rest (drgrpo.integrations.trl_cli)
@@ -309,7 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "compare":
             from drgrpo.train.compare import compare
 
-            print(compare(compare_config_from_args(ns)))
+            report = compare(compare_config_from_args(ns))  # a signal or a failed run: raised after the report
+            if report is not None:
+                print(report)
             return 0
         if ns.command == "plot":
             from drgrpo.train.plots import plot_run
@@ -367,14 +382,27 @@ def _eval(config: EvalConfig) -> int:
 
 def _failure(exc: BaseException, command: str = "train") -> int:
     """A failure during training: its cause in one paragraph, with the user's own traceback for a reward."""
-    cause = exc.__cause__
-    if isinstance(exc, RewardError) and cause is not None:
-        frames = traceback.extract_tb(cause.__traceback__)[1:]  # drop drgrpo's call_reward frame: the user's code
+    frames = reward_traceback(exc)
+    if frames:
         print("Traceback of the reward (most recent call last):", file=sys.stderr)
-        print("".join(traceback.format_list(frames)).rstrip(), file=sys.stderr)
+        print(frames, file=sys.stderr)
     kind = "" if isinstance(exc, (WriteFailed, FailedElsewhere)) else f"{type(exc).__name__}: "  # says it all
     print(f"drgrpo {command}: error: {kind}{exc}", file=sys.stderr)
     return 1
+
+
+REWARD_TRACEBACK = "reward_traceback"
+"""The attribute of a RewardError that holds :func:`reward_traceback`, set where the reward ran when the error
+crosses a process (``drgrpo compare``'s runs): a traceback does not."""
+
+
+def reward_traceback(exc: BaseException) -> str:
+    """The frames of the user's reward in a RewardError's cause, formatted ('' for any other error)."""
+    text = getattr(exc, REWARD_TRACEBACK, None)
+    if text is None and isinstance(exc, RewardError) and exc.__cause__ is not None:
+        frames = traceback.extract_tb(exc.__cause__.__traceback__)[1:]  # drop drgrpo's call_reward frame
+        text = "".join(traceback.format_list(frames)).rstrip()
+    return text or ""
 
 
 def _quiet_transformers() -> None:

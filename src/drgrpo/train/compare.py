@@ -13,11 +13,16 @@ Dr. GRPO modifications: the std division of the advantage and the ``1/|o_i|`` vs
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import statistics
+import textwrap
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -65,6 +70,16 @@ class CompareConfig:
         )
         if not self.losses:
             raise FieldError(CompareConfig, "losses", "losses must name at least one preset, e.g. grpo,dr_grpo")
+        twice = sorted({name for name in self.losses if self.losses.count(name) > 1})
+        if twice:
+            raise FieldError(
+                CompareConfig,
+                "losses",
+                f"losses names {', '.join(twice)} more than once: each loss is trained once per seed, into its own "
+                "runs/LOSS directory; name each loss once",
+            )
+        if not self.output_dir.strip():
+            raise FieldError(CompareConfig, "output_dir", f"output_dir must name a directory, got {self.output_dir!r}")
         unknown = [name for name in self.losses if name not in preset_names()]
         if unknown:
             raise FieldError(
@@ -86,11 +101,18 @@ def run_dir(out: Path, loss: str, seed: int) -> Path:
     return out / "runs" / loss / f"seed{seed}"
 
 
-def compare(config: CompareConfig) -> Path:
+def compare(config: CompareConfig) -> Path | None:
     """Run every (loss, seed) from one initial policy and write ``report.md`` and plots; returns the report path.
 
     The initial policy is the built-in warm start, or the local model ``config.train.model`` (a Hugging Face
     model directory, a run or a checkpoint; then with ``config.train``'s ``dataset`` and ``rewards``, if any).
+
+    A rerun with the same settings continues the comparison: the cached warm start and every finished run are
+    kept, a run that stopped part-way is resumed (exactly, as ``drgrpo train --resume``), the missing runs are
+    trained; settings that would change what a kept run computes are refused before any work. A signal
+    (SIGINT, SIGTERM) or a failed run stops every run (each saves its last completed step), the report of the
+    runs that finished is written, and the signal (KeyboardInterrupt) or the failure propagates. Returns None
+    when no run has finished.
     """
     from drgrpo.train.checkpoint import resolve_model_dir
     from drgrpo.train.warmstart import warm_start
@@ -100,18 +122,7 @@ def compare(config: CompareConfig) -> Path:
     base.check_trainable()  # --dtype float16: refused before the warm start
     if base.model is not None:
         base = base.replace(model=str(resolve_model_dir(base.model)))
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-
-    # ---- one initial policy for every run: a local model, or one warm start (cached: a rerun reuses it)
-    # with drgrpo train's torch settings (the tiny model on 1 thread: torch's default of one thread per core
-    # made this warm start 10-15 times slower on a busy machine; the weights are the same either way)
-    base.apply_torch_settings()
-    if base.model is not None:
-        init = str(base.model)
-    else:
-        init = str(out / "warm_start")
-        warm_start(init, base.warm_start, base.task, log=print)
+    init = str(base.model) if base.model is not None else str(out / "warm_start")
 
     # ---- one RL run per (loss, seed), same data order and sampling seeds across losses
     runs = []
@@ -130,27 +141,149 @@ def compare(config: CompareConfig) -> Path:
             )
     for run in runs:
         run.loss_config()  # fail before any work on a bad preset/override
-    jobs = config.jobs or min(os.cpu_count() or 1, 4)
-    print(f"compare: {len(runs)} runs ({', '.join(config.losses)} x {config.seeds} seeds), {jobs} at a time")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        for run, seconds in zip(runs, pool.map(_train_one, runs)):
-            print(f"  {run.loss} seed {run.seed}: {seconds:.0f} s -> {run.output_dir}")
-
-    # ---- report
-    curves = {loss: [load_metrics(run_dir(out, loss, s)) for s in range(config.seeds)] for loss in config.losses}
-    plot_paths = plot_comparison(curves, out, config.window)
-    report = out / "report.md"
-    report.write_text(render_report(config, base, curves, plot_paths, time.time() - started))
-    print(f"compare: wrote {report}")
+    todo, finished = plan_runs(out, runs)  # a rerun: kept, resumed or new; other settings refused
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    try:
+        with _sigterm_as_sigint():
+            # ---- one initial policy for every run: a local model, or one warm start (cached: a rerun reuses it)
+            # with drgrpo train's torch settings (the tiny model on 1 thread: torch's default of one thread per
+            # core made this warm start 10-15 times slower on a busy machine; the weights are the same either way)
+            base.apply_torch_settings()
+            if base.model is None and todo:
+                warm_start(init, base.warm_start, base.task, log=print)
+            jobs = config.jobs or min(os.cpu_count() or 1, 4)
+            kept = f"; {len(finished)} finished before, kept" if finished else ""
+            what = f"{len(runs)} runs ({', '.join(config.losses)} x {config.seeds} seeds)"
+            print(f"compare: {what}, {jobs} at a time{kept}")
+            train_all(todo, jobs, finished)
+    finally:  # done, stopped or failed: the report of the runs that finished
+        report = write_report(config, base, runs, finished, time.time() - started)
     return report
 
 
-def _train_one(run: Any) -> float:
+def plan_runs(out: Path, runs: list[TrainConfig]) -> tuple[list[TrainConfig], list[TrainConfig]]:
+    """(runs to train, runs finished before): a run whose directory holds checkpoints is resumed, or kept when
+    its newest checkpoint is its last step. Only reads. Raises ValueError before any work when a kept run was made
+    with settings that change what it computes (:data:`~drgrpo.train.config.ON_RESUME`), or for a damaged
+    checkpoint."""
+    from drgrpo.train.checkpoint import check_checkpoint, checkpoints_of, find_checkpoint, read_state
+    from drgrpo.train.resume import config_changes, plan_run
+
+    todo, finished = [], []
+    for run in runs:
+        path = Path(run.output_dir)
+        if not checkpoints_of(path / "checkpoints"):
+            todo.append(run)
+            continue
+        saved = TrainConfig.from_dict(read_state(check_checkpoint(find_checkpoint(str(path))))["train_config"])
+        changed = [change for change in config_changes(saved, run) if change.kind != "free"]
+        if changed:
+            raise ValueError(
+                f"--output-dir {out} holds a comparison made with other settings: {path} has "
+                f"{', '.join(map(str, changed))} (its value -> the value given). A rerun continues each run with "
+                "the settings that made it: give those, or compare into another --output-dir"
+            )
+        resumed = run.replace(resume=str(path))
+        start = plan_run(resumed)
+        if start.step >= run.steps and not start.eval_pending:
+            finished.append(run)
+        else:
+            todo.append(resumed)
+    return todo, finished
+
+
+def train_all(runs: list[TrainConfig], jobs: int, finished: list[TrainConfig]) -> None:
+    """Train ``runs``, ``jobs`` at a time, each in a process of its own, appending each that reaches its last step
+    to ``finished``. A failed run, a stopped run or KeyboardInterrupt here stops them all: every running one is
+    sent SIGTERM (it saves its last completed step), the rest never start, and the error propagates."""
+    if not runs:
+        return
+    spawn = get_context("spawn")
+    pids = spawn.SimpleQueue()  # each worker's process id, sent as it starts
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn, initializer=_started, initargs=(pids,)) as pool:
+        futures = {pool.submit(_train_one, run): run for run in runs}
+        try:
+            for future in as_completed(futures):
+                run = futures[future]
+                seconds, step, interrupted = future.result()  # a failed run raises here
+                how = "stopped by a signal at" if interrupted else "done,"
+                print(f"  {run.loss} seed {run.seed}: {how} step {step} in {seconds:.0f} s -> {run.output_dir}")
+                if interrupted:
+                    raise KeyboardInterrupt  # a run stopped by a signal of its own: the comparison stops too
+                finished.append(run)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            while not pids.empty():  # SIGTERM to the pool's processes: each run saves its last completed step
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pids.get(), signal.SIGTERM)
+            raise
+
+
+def _started(pids: Any) -> None:
+    """A worker of :func:`train_all` starts: it tells its process id (a queue of the pool's processes)."""
+    pids.put(os.getpid())
+
+
+def _train_one(run: TrainConfig) -> tuple[float, int, bool]:
+    """Train one run (in a process of the pool): (seconds, its last step, whether a signal stopped it)."""
+    from transformers.utils import logging as hf_logging
+
+    from drgrpo.train.cli import REWARD_TRACEBACK, reward_traceback
+    from drgrpo.train.data import RewardError
     from drgrpo.train.trainer import train
 
+    hf_logging.disable_progress_bar()  # as drgrpo's own command does: no loading bars from every run
+    hf_logging.set_verbosity_error()
     started = time.time()
-    train(run)
-    return time.time() - started
+    try:
+        result = train(run)
+    except RewardError as exc:  # its traceback stays in this process: the reward's frames go with it as text
+        setattr(exc, REWARD_TRACEBACK, reward_traceback(exc))
+        raise
+    return time.time() - started, result.step, result.interrupted
+
+
+@contextlib.contextmanager
+def _sigterm_as_sigint() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so that either stops the comparison in order (in the main
+    thread; elsewhere signals are the caller's)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def write_report(
+    config: CompareConfig, base: TrainConfig, runs: list[TrainConfig], finished: list[TrainConfig], seconds: float
+) -> Path | None:
+    """``report.md`` and the plots of the ``finished`` runs (of ``runs``, in their order); None if none finished."""
+    out = Path(config.output_dir)
+    names = {run.output_dir for run in finished}
+    done = [run for run in runs if run.output_dir in names]
+    if not done:
+        print("compare: no run has finished yet; no report (a rerun continues the comparison)")
+        return None
+    curves = {
+        loss: [load_metrics(Path(run.output_dir)) for run in done if run.loss == loss]
+        for loss in config.losses
+        if any(run.loss == loss for run in done)
+    }
+    missing = [f"{run.loss} seed {run.seed}" for run in runs if run.output_dir not in names]
+    plot_paths = plot_comparison(curves, out, config.window)
+    report = out / "report.md"
+    report.write_text(render_report(config, base, curves, plot_paths, seconds, missing))
+    print(f"compare: wrote {report}" + (f" ({len(done)} of {len(runs)} runs)" if missing else ""))
+    return report
 
 
 # --------------------------------------------------------------------------- metrics
@@ -175,7 +308,7 @@ def load_metrics(path: Path) -> RunCurves:
     for row in read_metrics_file(path / METRICS_FILE):  # a cut-off last line is left out, with a warning
         if "eval/accuracy" in row:
             curves.eval_steps.append(int(row["step"]))
-            curves.eval_accuracy.append(float(row["eval/accuracy"]))
+            curves.eval_accuracy.append(math.nan if row["eval/accuracy"] is None else float(row["eval/accuracy"]))
         elif "reward" in row:
             curves.steps.append(int(row["step"]))
             curves.reward.append(row["reward"])
@@ -213,6 +346,52 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
 
 # --------------------------------------------------------------------------- plots and report
 
+EXPLANATION = (
+    "GRPO divides each completion's summed token losses by its own length |o_i|, Dr. GRPO by the constant L (the "
+    "generation budget). Under GRPO a long incorrect completion is therefore penalised less per token than a short "
+    "one, which can make incorrect completions grow longer during training (Liu et al. 2025, arXiv 2503.20783, Fig. "
+    "6); Dr. GRPO removes that pull, it does not lengthen anything. So read the *gap* between the lengths of "
+    "incorrect and correct completions, GRPO's against Dr. GRPO's, from the same start ('gap change' below): a "
+    "length that moves alike under both losses comes from training itself, not from the loss, and a difference "
+    "between the losses within the spread over seeds is noise. The bias needs a model whose decision to stop can "
+    "depend on whether its answer is already wrong; on the built-in 2-layer model the effect measured so far is a "
+    "few hundredths of a token."
+)
+"""What a comparison shows, at the top of every report: so that nobody reads 'Dr. GRPO makes outputs longer'."""
+
+PLOT_NOTE = (
+    "Read the gap between incorrect and correct lengths, one loss against the other; what both losses share comes "
+    "from training. Why: docs/length-bias.md"
+)
+"""The note under the comparison's plots."""
+
+
+def length_bias_doc() -> str:
+    """Where the explanation is: docs/length-bias.md of this source tree (a path a viewer can open), or its name."""
+    path = Path(__file__).resolve().parents[3] / "docs" / "length-bias.md"
+    return f"[docs/length-bias.md]({path})" if path.is_file() else "docs/length-bias.md in the drgrpo repository"
+
+
+def reading(rows: list[dict[str, Any]]) -> str | None:
+    """One sentence comparing GRPO's gap change with Dr. GRPO's against their spread over seeds (None without
+    both losses)."""
+    by_loss = {row["loss"]: row["gap_change"] for row in rows}
+    if "grpo" not in by_loss or "dr_grpo" not in by_loss:
+        return None
+    (g, g_spread), (d, d_spread) = by_loss["grpo"], by_loss["dr_grpo"]
+    if math.isnan(g) or math.isnan(d):
+        return "Reading: a loss has no run with both correct and incorrect completions, so no gap to compare."
+    diff, spread = g - d, g_spread + d_spread
+    text = (
+        f"Reading: over the run the gap (incorrect minus correct length) changed by {g:+.2f} tokens under GRPO "
+        f"and {d:+.2f} under Dr. GRPO; GRPO's length bias predicts a positive difference, here {diff:+.2f}"
+    )
+    if spread == 0:
+        return text + ", with one seed and so no spread to compare it with (use --seeds 3 or more)."
+    verdict = "within" if abs(diff) <= spread else "larger than"
+    return text + f", {verdict} the two losses' spreads over seeds added ({spread:.2f})."
+
+
 PANELS = (
     ("reward", "rollout reward (moving average)"),
     ("eval_accuracy", "held-out accuracy (greedy)"),
@@ -248,15 +427,29 @@ def plot_comparison(curves: dict[str, list[RunCurves]], out: Path, window: int) 
             target.set_xlabel("RL step")
             target.grid(alpha=0.3)
             target.legend(fontsize=8)
-        single.tight_layout()
+        if key.startswith("length"):
+            single.text(0.5, 0.01, textwrap.fill(PLOT_NOTE, 90), ha="center", va="bottom", fontsize=7)
+            single.tight_layout(rect=(0, 0.08, 1, 1))
+        else:
+            single.tight_layout()
         paths[key] = out / f"{key}.png"
         single.savefig(paths[key], dpi=110)
         plt.close(single)
-    grid.tight_layout()
+    grid.suptitle(f"{' vs '.join(curves)}: mean and min-max over seeds")
+    grid.text(0.5, 0.005, PLOT_NOTE, ha="center", va="bottom", fontsize=8)
+    grid.tight_layout(rect=(0, 0.03, 1, 1))
     paths["all"] = out / "compare.png"
     grid.savefig(paths["all"], dpi=110)
     plt.close(grid)
     return paths
+
+
+def gap_change(run: RunCurves) -> float:
+    """How much longer incorrect completions became than correct ones over the run, in tokens: the gap
+    ``length_incorrect - length_correct`` at the end (last 20% of steps) minus the gap at the start (first 10
+    steps). GRPO's length bias makes it positive; Dr. GRPO's expected change is 0 (docs/length-bias.md)."""
+    first = tail_mean(run.length_incorrect[:10], 1.0) - tail_mean(run.length_correct[:10], 1.0)
+    return tail_mean(run.length_incorrect) - tail_mean(run.length_correct) - first
 
 
 def summary_rows(curves: dict[str, list[RunCurves]]) -> list[dict[str, Any]]:
@@ -273,6 +466,7 @@ def summary_rows(curves: dict[str, list[RunCurves]]) -> list[dict[str, Any]]:
                 "len_incorrect_first": mean_spread([tail_mean(r.length_incorrect[:10], 1.0) for r in runs]),
                 "len_incorrect": mean_spread([tail_mean(r.length_incorrect) for r in runs]),
                 "truncated": mean_spread([tail_mean(r.frac_truncated) for r in runs]),
+                "gap_change": mean_spread([gap_change(r) for r in runs]),
             }
         )
     return rows
@@ -284,11 +478,34 @@ def _fmt(pair: tuple[float, float], digits: int = 2) -> str:
 
 
 def render_report(
-    config: CompareConfig, base: Any, curves: dict[str, list[RunCurves]], plots: dict[str, Path], seconds: float
+    config: CompareConfig,
+    base: Any,
+    curves: dict[str, list[RunCurves]],
+    plots: dict[str, Path],
+    seconds: float,
+    missing: list[str] = [],  # noqa: B006 (never changed)
 ) -> str:
+    """report.md: what the comparison shows, its settings, the table over seeds, the plots. ``missing`` names the
+    runs of the comparison that have not finished (a signal or a failed run stopped it); the report is of the rest."""
     run = base.replace(loss=config.losses[0])
+    rows = summary_rows(curves)
     lines = [
         "# GRPO vs Dr. GRPO: lengths of correct and incorrect completions",
+        "",
+        "## What this shows",
+        "",
+        EXPLANATION,
+        f"The mechanism, a policy where it is large, and seven settings of this command: {length_bias_doc()}.",
+        "",
+    ]
+    if missing:
+        lines += [
+            f"**Partial report**: {len(missing)} of {len(config.losses) * config.seeds} runs did not finish "
+            f"({', '.join(missing)}); the same command again continues them.",
+            "",
+        ]
+    lines += [
+        "## Results",
         "",
         f"{len(config.losses)} losses x {config.seeds} seeds from one initial policy, {seconds / 60:.1f} min in all.",
         f"Settings: steps={run.steps}, prompts_per_step={run.prompts_per_step}, group_size={run.group_size}, "
@@ -312,17 +529,23 @@ def render_report(
         "Lengths are in tokens (the end-of-sequence token included) of the rollout completions; 'first' is the",
         "mean over the first 10 RL steps, 'final' over the last 20% of steps; each cell is mean ± std over seeds.",
         "'truncated final' is the share of rollout completions cut off at max_new_tokens, over the same steps.",
+        "'gap change' is (incorrect - correct length) final minus first, per run: how much longer the incorrect",
+        "completions became than the correct ones.",
         "",
         "| loss | held-out acc. first | held-out acc. last | len. correct first | len. correct final "
-        "| len. incorrect first | len. incorrect final | truncated final |",
-        "|---|---|---|---|---|---|---|---|",
+        "| len. incorrect first | len. incorrect final | gap change | truncated final |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in summary_rows(curves):
+    for row in rows:
         lines.append(
             f"| `{row['loss']}` | {_fmt(row['acc_first'], 3)} | {_fmt(row['acc_last'], 3)} | "
             f"{_fmt(row['len_correct_first'])} | {_fmt(row['len_correct'])} | "
-            f"{_fmt(row['len_incorrect_first'])} | {_fmt(row['len_incorrect'])} | {_fmt(row['truncated'], 3)} |"
+            f"{_fmt(row['len_incorrect_first'])} | {_fmt(row['len_incorrect'])} | {_fmt(row['gap_change'])} | "
+            f"{_fmt(row['truncated'], 3)} |"
         )
+    sentence = reading(rows)
+    if sentence:
+        lines += ["", sentence]
     lines += ["", f"![all panels]({plots['all'].name})", ""]
     for key, title in PANELS:
         lines.append(f"- {title}: [{plots[key].name}]({plots[key].name})")

@@ -22,8 +22,37 @@ from drgrpo.advantages import OUTCOME_ESTIMATORS
 from drgrpo.config import LossConfig, preset_names
 from drgrpo.field_error import FieldError, check_finite_fields
 from drgrpo.train.flags import add_flags, config_flags
+from drgrpo.train.rewards import check_reward_fields
 from drgrpo.train.task import TaskConfig
 from drgrpo.train.tiny import TinyModelConfig
+
+ADAM_BETAS = (0.9, 0.99)
+"""AdamW's (beta1, beta2), in the RL steps and in the warm start."""
+LARGEST_WEIGHT = float(torch.finfo(torch.float32).max)
+"""The largest number float32 and bfloat16 weights hold (3.4e38)."""
+LR_LIMIT = LARGEST_WEIGHT * (1 - ADAM_BETAS[0])
+"""The largest learning rate: torch's AdamW applies its first step size, lr / (1 - beta1) = 10 lr, as a number of
+the weights' dtype (and stops with a traceback, mid-step, when it is larger)."""
+
+
+def check_lr(owner: type, name: str, lr: float, weight_decay: float = 0.0) -> None:
+    """Refuse a learning rate whose AdamW step the weights' dtype cannot hold: lr above :data:`LR_LIMIT`, or a
+    decay factor ``1 - lr * weight_decay`` beyond :data:`LARGEST_WEIGHT`."""
+    if lr > LR_LIMIT:
+        raise FieldError(
+            owner,
+            name,
+            f"{name} must be at most {LR_LIMIT:.2g}, got {lr:g}: AdamW's first step size is {name} / (1 - beta1) "
+            f"= 10 x {name}, a number it applies in the weights' dtype, which holds at most {LARGEST_WEIGHT:.2g} "
+            "(float32, bfloat16)",
+        )
+    if lr * weight_decay > LARGEST_WEIGHT:
+        raise FieldError(
+            owner,
+            (name, "weight_decay"),
+            f"{name} x weight_decay is {lr * weight_decay:g}: AdamW multiplies the weights by 1 - {name} x "
+            f"weight_decay, which float32 and bfloat16 hold only up to {LARGEST_WEIGHT:.2g}",
+        )
 
 
 @dataclass(frozen=True)
@@ -59,6 +88,7 @@ class WarmStartConfig:
             )
         if not self.lr > 0:
             raise FieldError(WarmStartConfig, "lr", f"lr must be > 0, got {self.lr}")
+        check_lr(WarmStartConfig, "lr", self.lr)
 
 
 @dataclass(frozen=True)
@@ -178,7 +208,12 @@ class TrainConfig:
     """The supervised warm start of the built-in model (used when no model is given)."""
 
     def __post_init__(self) -> None:
+        rewards, weights = check_reward_fields(self.rewards, self.reward_weights)  # names and numbers, as tuples
+        object.__setattr__(self, "rewards", rewards)
+        object.__setattr__(self, "reward_weights", weights)
         check_finite_fields(self)  # --lr nan, --reward-weights inf, ...: refused like any bad value
+        if not self.output_dir.strip():  # "" would write the run into the current directory
+            raise FieldError(TrainConfig, "output_dir", f"output_dir must name a directory, got {self.output_dir!r}")
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "micro_batch_size")
         for name in positive:
             value = getattr(self, name)
@@ -202,6 +237,7 @@ class TrainConfig:
         for name in ("lr", "weight_decay", "eval_temperature"):
             if getattr(self, name) < 0:
                 raise FieldError(TrainConfig, name, f"{name} must be >= 0, got {getattr(self, name)}")
+        check_lr(TrainConfig, "lr", self.lr, self.weight_decay)
         if self.grad_clip < 0:
             raise FieldError(
                 TrainConfig, "grad_clip", f"grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}"
@@ -302,7 +338,7 @@ class TrainConfig:
 
     def optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
         """AdamW over ``params`` with this run's learning rate and weight decay (betas 0.9, 0.99)."""
-        return torch.optim.AdamW(params, lr=self.lr, betas=(0.9, 0.99), weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr, betas=ADAM_BETAS, weight_decay=self.weight_decay)
 
     # ---------------------------------------------------------------- (de)serialisation
 

@@ -1,34 +1,32 @@
-"""Prompts and rewards: JSONL datasets and reward callables ``(completion, example) -> float``.
+"""Prompts: JSONL datasets, the built-in task's splits, and each step's share of them.
 
-Everything here fails early with an error that names the file, line, field or example.
+Everything here fails early with an error that names the file, line or field. The reward callables live in
+:mod:`drgrpo.train.rewards` (their names are imported here too, for older imports).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-import math
-import numbers
-import reprlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from drgrpo.train.rewards import LIMIT_TEXT, Example, RewardError, RewardFn, Rewards, call_reward, load_reward
 from drgrpo.train.seeds import prompt_rng
-from drgrpo.train.stopping import TimeLimitExceeded, reward_watchdog
 from drgrpo.train.task import TaskConfig, make_splits
 
-Example = dict[str, Any]
-RewardFn = Callable[[str, Example], float]
-
-
-LIMIT_TEXT = "the largest reward whose advantages the loss's dtype holds"
-"""Why a reward has a limit (:meth:`Rewards.__call__`), in error messages."""
-
-
-class RewardError(RuntimeError):
-    """A reward function raised, or returned something that is not a finite number."""
+__all__ = [
+    "LIMIT_TEXT",
+    "Example",
+    "RewardError",
+    "RewardFn",
+    "Rewards",
+    "call_reward",
+    "load_examples",
+    "load_jsonl",
+    "load_reward",
+    "prompts_for_step",
+]
 
 
 def load_jsonl(
@@ -125,134 +123,3 @@ def prompts_for_step(
     per_process = prompts_per_step // world
     mine = order[rank * per_process : (rank + 1) * per_process]
     return [examples[i] for i in mine], mine
-
-
-def load_reward(spec: str) -> RewardFn:
-    """Import ``'package.module:function'`` and check it is callable."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"reward {spec!r} must be 'module:function', e.g. 'drgrpo.train.task:exact_match'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r} ({exc})") from exc
-    fn = module
-    for part in attr.split("."):
-        if not hasattr(fn, part):
-            raise ValueError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
-        fn = getattr(fn, part)
-    if not callable(fn):
-        raise ValueError(f"reward {spec!r} is not callable (got {type(fn).__name__})")
-    return fn  # type: ignore[return-value]
-
-
-@dataclass(frozen=True)
-class Rewards:
-    """Weighted reward callables; the first is the correctness reward behind ``accuracy``."""
-
-    names: tuple[str, ...]
-    fns: tuple[RewardFn, ...]
-    weights: tuple[float, ...]
-
-    @classmethod
-    def from_specs(cls, specs: Sequence[str], weights: Sequence[float] = ()) -> Rewards:
-        specs = tuple(specs) or ("drgrpo.train.task:exact_match",)
-        weights = tuple(float(w) for w in weights) or (1.0,) * len(specs)
-        if len(weights) != len(specs):
-            raise ValueError(f"{len(weights)} reward weights for {len(specs)} rewards; give one weight per reward")
-        return cls(specs, tuple(load_reward(s) for s in specs), weights)
-
-    def __call__(
-        self,
-        completions: Sequence[str],
-        examples: Sequence[Example],
-        indices: Sequence[int],
-        limit: float = math.inf,
-    ) -> tuple[list[float], list[float]]:
-        """(total weighted reward, first reward) per completion, as Python floats (float64); raises
-        :class:`RewardError` on a bad value.
-
-        ``indices`` are the examples' positions in their dataset, used in error messages with the completion's
-        position in ``completions``. ``limit``: the largest magnitude a reward and a total may have (the range of
-        the dtype the advantages are computed in; beyond it they would become infinite).
-        """
-        totals, firsts = [], []
-        for position, (completion, ex, idx) in enumerate(zip(completions, examples, indices, strict=True)):
-            total = 0.0
-            for k, (name, fn, w) in enumerate(zip(self.names, self.fns, self.weights, strict=True)):
-                value = call_reward(name, fn, completion, ex, idx, position, limit)
-                total += w * value
-                if k == 0:
-                    firsts.append(value)
-            if not (math.isfinite(total) and abs(total) <= limit):
-                terms = " + ".join(f"{w} * {n}" for n, w in zip(self.names, self.weights, strict=True))
-                why = f"beyond {limit:.3g}, {LIMIT_TEXT}" if math.isfinite(total) else "not a finite number"
-                raise RewardError(
-                    f"the weighted reward {terms} is {total}, {why}, on example {_describe(ex, idx)} with "
-                    f"{_completion(completion, position)}; scale the rewards or --reward-weights down"
-                )
-            totals.append(total)
-        return totals, firsts
-
-
-def call_reward(
-    name: str,
-    fn: RewardFn,
-    completion: str,
-    example: Example,
-    index: int | None = None,
-    position: int | None = None,
-    limit: float = math.inf,
-) -> float:
-    """``fn(completion, example)`` as a finite float of magnitude at most ``limit``, or a :class:`RewardError`
-    naming the reward, the example (``index``: its position in the dataset) and the completion (``position``: its
-    row in the batch).
-
-    Within a run with ``--reward-timeout`` the call is bounded (:class:`~drgrpo.train.stopping.Watchdog`): a call
-    past the limit is abandoned with a :class:`RewardError` naming the reward and the limit.
-    """
-    where = f"on example {_describe(example, index)} with {_completion(completion, position)}"
-    watchdog = reward_watchdog()
-    try:
-        if watchdog is None:
-            value = fn(completion, example)
-        else:
-            with watchdog.timing():
-                value = fn(completion, example)
-    except TimeLimitExceeded:
-        seconds = watchdog.seconds if watchdog is not None else 0.0
-        raise RewardError(
-            f"reward {name} ran longer than --reward-timeout {seconds:g} s {where}; the call was abandoned"
-        ) from None
-    except Exception as exc:
-        raise RewardError(f"reward {name} raised {type(exc).__name__}: {exc} {where}") from exc
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise RewardError(
-            f"reward {name} returned {reprlib.repr(value)} ({type(value).__name__}), expected a float, {where}"
-        )
-    try:
-        value = float(value)
-    except OverflowError:
-        raise RewardError(
-            f"reward {name} returned {reprlib.repr(value)} ({type(value).__name__}), too large for a float, {where}"
-        ) from None
-    if not math.isfinite(value):
-        raise RewardError(f"reward {name} returned {value} (not finite) {where}")
-    if abs(value) > limit:
-        raise RewardError(
-            f"reward {name} returned {value:.6g}, beyond {limit:.3g}, {LIMIT_TEXT}, {where}; scale the reward down"
-        )
-    return value
-
-
-def _completion(completion: str, position: int | None) -> str:
-    return (
-        f"completion {position} of the batch, {completion!r}" if position is not None else f"completion {completion!r}"
-    )
-
-
-def _describe(example: Example, index: int | None) -> str:
-    text = json.dumps(example, default=str)
-    if len(text) > 200:
-        text = text[:200] + "...}"
-    return f"#{index} {text}" if index is not None else text

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from drgrpo.train.checkpoint import STATE_FILE, read_state, resolve_model_dir
 from drgrpo.train.config import TrainConfig
 from drgrpo.train.data import Example, Rewards, load_examples
-from drgrpo.train.metrics import length_sums, mean_or_none, sum_across_processes
+from drgrpo.train.metrics import accuracy_metrics, correctness_sums, length_sums, mean_or_none, sum_across_processes
 from drgrpo.train.model import load_model, load_tokenizer
 from drgrpo.train.preflight import check_device, prompt_check
 from drgrpo.train.rollout import generate, prompt_texts
@@ -59,8 +59,9 @@ def evaluate(
     (default ``config.eval_temperature``; 0 is greedy). Keys start with ``prefix``.
 
     With several processes each evaluates its share and the sums are all-reduced.
-    ``accuracy`` is the mean of the first reward (the correctness reward, expected in [0, 1]);
-    a completion counts as correct when that reward is >= 0.5. Lengths count completion
+    ``accuracy`` is the share of completions the first reward scored 1, when it scored each 0 or 1; otherwise it is
+    None and ``reward/NAME`` is that reward's mean (:func:`~drgrpo.train.metrics.accuracy_metrics`). A completion
+    counts as correct (for the lengths) when the first reward is >= 0.5. Lengths count completion
     tokens, the end-of-sequence token included; ``frac_truncated`` is the share of completions
     with no end-of-sequence token within ``max_new_tokens``. The generation and the rewards are this process's
     own work (:func:`~drgrpo.train.stopping.agreed`): a failure or a signal (``stop``) there stops every process
@@ -69,7 +70,7 @@ def evaluate(
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
     idx = list(range(rank, len(examples), world))
-    local = {"reward": 0.0, "accuracy": 0.0, "truncated": 0.0, **length_sums([], [])}
+    local = {"reward": 0.0, **correctness_sums([]), "truncated": 0.0, **length_sums([], [])}
     temp = config.eval_temperature if temperature is None else temperature
     with agreed(stop, device), torch.random.fork_rng(devices=[]):  # sampling never disturbs the training RNG
         torch.manual_seed(derive_seed(config.seed, EVAL_STREAM, rank))
@@ -86,13 +87,13 @@ def evaluate(
                 top_p=config.top_p,
             )
             totals, firsts = rewards(roll.texts, exs, chunk)
-            part = {"reward": sum(totals), "accuracy": sum(firsts), "truncated": float(roll.truncated.sum()),
+            part = {"reward": sum(totals), **correctness_sums(firsts), "truncated": float(roll.truncated.sum()),
                     **length_sums(roll.lengths.tolist(), [r >= 0.5 for r in firsts])}  # fmt: skip
             local = {key: local[key] + part[key] for key in local}
     s = sum_across_processes(local, device)
     n = s["completions"]
     return {
-        f"{prefix}accuracy": mean_or_none(s["accuracy"], n),
+        **accuracy_metrics(s, rewards.names[0], prefix),
         f"{prefix}reward": mean_or_none(s["reward"], n),
         f"{prefix}length": mean_or_none(s["length"], n),
         f"{prefix}length_correct": mean_or_none(s["length_correct"], s["num_correct"]),

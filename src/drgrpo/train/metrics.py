@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from drgrpo.distributed import Processes
 from drgrpo.train.disk import write_error
+from drgrpo.train.rewards import DEFAULT_REWARD
 from drgrpo.train.rollout import Rollout
 from drgrpo.train.stopping import deferred
 from drgrpo.train.update import AVERAGED, UpdateStats
@@ -51,6 +52,24 @@ def length_sums(lengths: list[float], correct: list[bool]) -> dict[str, float]:
     }
 
 
+def correctness_sums(firsts: Sequence[float]) -> dict[str, float]:
+    """Sums behind ``accuracy`` (to be added across processes): the first reward's values, and how many are
+    neither 0 nor 1 (any such value means the first reward is no correctness reward)."""
+    return {"accuracy": float(sum(firsts)), "not_0_or_1": float(sum(1 for r in firsts if r != 0.0 and r != 1.0))}
+
+
+def accuracy_metrics(s: dict[str, float], first_reward: str, prefix: str = "") -> dict[str, float | None]:
+    """``accuracy``: the share of completions the first reward scored 1, when it scored each 0 or 1 (a
+    correctness reward, as the built-in exact match). Otherwise no accuracy (None) and the first reward's mean
+    under its name, ``reward/NAME``: the mean of ``1e8 + correct`` is no accuracy.
+    ``s``: the added :func:`correctness_sums` and ``completions``.
+    """
+    mean = mean_or_none(s["accuracy"], s["completions"])
+    if s["not_0_or_1"] == 0:
+        return {f"{prefix}accuracy": mean}
+    return {f"{prefix}accuracy": None, f"{prefix}reward/{first_reward}": mean}
+
+
 def step_metrics(
     step: int,
     batch: Rollout,
@@ -67,9 +86,9 @@ def step_metrics(
 ) -> dict[str, Any]:
     """One step's metrics line, over the whole batch of all processes.
 
-    ``rewards`` are the weighted totals, ``firsts`` the correctness reward (a completion is correct when it
-    is >= 0.5); ``reward``, ``accuracy`` and the lengths are means over completions, the loss metrics
-    (``clip_frac_*``, ``ratio_mean``, ``kl``) means over real tokens. ``loss`` is the step's objective.
+    ``rewards`` are the weighted totals, ``firsts`` the first reward's values (a completion is correct when it
+    is >= 0.5); ``reward``, ``accuracy`` (:func:`accuracy_metrics`) and the lengths are means over completions,
+    the loss metrics (``clip_frac_*``, ``ratio_mean``, ``kl``) means over real tokens. ``loss`` is the step's objective.
     ``frac_groups_no_signal`` is the share of groups whose ``advantages`` (``(B,)``, as the loss got them) are
     all 0 (equal rewards, or differences the advantages' dtype cannot hold): 1.0 means the policy loss gave no
     gradient this step (a KL penalty still may).
@@ -79,7 +98,7 @@ def step_metrics(
     local = {
         "reward": sum(rewards),
         "reward_sq": sum(r * r for r in rewards),
-        "accuracy": sum(firsts),
+        **correctness_sums(firsts),
         "flat_groups": float((advantages.view(-1, group_size) == 0).all(-1).sum()),  # no learning signal
         "truncated": float(batch.truncated.sum()),
         "loss": update.loss,
@@ -94,7 +113,7 @@ def step_metrics(
         "step": step,
         "reward": mean_reward,
         "reward_std": math.sqrt(max(s["reward_sq"] / n - mean_reward**2, 0.0)),
-        "accuracy": s["accuracy"] / n,
+        **accuracy_metrics(s, config.rewards[0] if config.rewards else DEFAULT_REWARD),
         "frac_groups_no_signal": s["flat_groups"] / (n / group_size),
         "loss": s["loss"] / procs.world,  # every process's share is world x its part (DDP averages the gradients)
         "length": tokens / n,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from drgrpo.config import LossConfig
+from drgrpo.field_error import FieldError
 from drgrpo.train.checkpoint import resolve_model_dir
 from drgrpo.train.config import TrainConfig
 from drgrpo.train.data import Example, Rewards, load_examples
@@ -53,21 +54,63 @@ def check_run(config: TrainConfig) -> RunPlan:
     """
     config.check_trainable()  # --dtype float16
     loss_config = config.loss_config()  # unknown preset or bad override: a ValueError listing the valid ones
+    check_loss_inputs(loss_config)  # options whose inputs this trainer does not make (a sampler's log-probs)
     rewards = Rewards.from_specs(config.rewards, config.reward_weights)  # import errors now, not at step 1
     start = plan_run(config)  # new, resumed or branched: a damaged checkpoint or a refused flag is an error here
     model_dir = resolve_model_dir(config.model) if config.model else None
     weights_dir = start.checkpoint or model_dir
     if weights_dir is not None:
         check_local_code(weights_dir)  # a model that needs its own Python code is refused, never run
-    check = prompt_check(weights_dir, config) if config.dataset or config.eval_dataset else None  # empty, too long
+    check = prompt_check(weights_dir, config)  # --max-new-tokens must leave room for a prompt in the context
     train_examples, eval_examples = load_examples(
         config.dataset, config.eval_dataset, config.prompt_field, config.task, check
-    )
+    )  # every dataset prompt checked: empty, too long
+    if config.dataset is None:  # the built-in task: every prompt has the same number of tokens
+        check_task_prompt(check, train_examples[0]["prompt"])
     check_answers(config, train_examples, eval_examples)  # without --reward: every example needs its answer
     check_device(config.device)
     check_tensorboard(config.tensorboard)
     check_output_dir(config.output_dir)  # a file, or not writable
     return RunPlan(loss_config, rewards, start, model_dir, train_examples, eval_examples)
+
+
+def check_loss_inputs(loss_config: LossConfig) -> None:
+    """Refuse the loss options that need inputs this trainer does not make, naming the field (the CLI: the flag).
+
+    ``sampling_correction`` weighs each token by pi_old / pi_sampler, for runs whose completions come from another
+    engine (vLLM): here the policy samples its own completions, so there is no sampler's log-prob to read.
+    ``top_entropy_quantile < 1`` and ``entropy_coef`` need per-token entropies with one threshold per step, which this
+    trainer does not compute. All three are in :func:`drgrpo.policy_loss` and ``DrGRPOTrainer``.
+    """
+    where = "drgrpo.policy_loss and DrGRPOTrainer have it"
+    if loss_config.sampling_correction is not None:
+        raise FieldError(
+            LossConfig,
+            "sampling_correction",
+            f"sampling_correction {loss_config.sampling_correction!r} needs a separate sampler's log-probs (vLLM's), "
+            f"but drgrpo train samples with the policy itself: leave it unset ({where})",
+        )
+    if loss_config.top_entropy_quantile < 1:
+        raise FieldError(
+            LossConfig,
+            "top_entropy_quantile",
+            f"top_entropy_quantile {loss_config.top_entropy_quantile} needs per-token entropies, which drgrpo train "
+            f"does not compute: leave it at 1 ({where})",
+        )
+    if loss_config.entropy_coef != 0:
+        raise FieldError(
+            LossConfig,
+            "entropy_coef",
+            f"entropy_coef {loss_config.entropy_coef} needs per-token entropies, which drgrpo train does not "
+            f"compute: leave it at 0 ({where})",
+        )
+
+
+def check_task_prompt(check: PromptCheck, prompt: str) -> None:
+    """The built-in task's prompts (all of ``prompt``'s length) and ``--max-new-tokens`` fit the model's context."""
+    problem = check(prompt)
+    if problem is not None:
+        raise ValueError(f"the built-in task's prompts ({prompt!r}, --task-max-operand): {problem}")
 
 
 def check_output_dir(path: str | Path) -> None:

@@ -24,6 +24,11 @@ stays an ordinary call in the main thread. Its results, its random draws and its
 short of a separate process: a call stuck inside native code that never returns to Python cannot be
 interrupted; SIGKILL then leaves the checkpoints intact (every write is atomic).
 
+A reward being a plain call, it could also undo this design: raise ``KeyboardInterrupt`` or ``SystemExit`` itself,
+or replace the SIGINT/SIGTERM handlers installed here. :func:`drgrpo.train.rewards.call_reward` catches the one
+and puts the other back after each call, failing the step; :class:`Interrupted` and :class:`TimeLimitExceeded`
+pass through it, so the signals keep the meaning given here.
+
 ``--reward-timeout SECONDS`` bounds every reward call: a watchdog thread (only started with a limit) sends SIGINT
 to the main thread when a call passes its deadline, and the handler raises :class:`TimeLimitExceeded` inside
 that call; the caller turns it into a failed step naming the reward and the limit.

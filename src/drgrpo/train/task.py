@@ -23,12 +23,17 @@ WORK_TOKEN = "."
 """The working token: filler a completion may emit before its answer."""
 
 
+MAX_OPERAND = 999
+"""The largest ``max_operand``: :func:`make_splits` lists every operand pair, 10^6 of them at 999 and a hundred
+times as many at 9999 (tens of gigabytes)."""
+
+
 @dataclass(frozen=True)
 class TaskConfig:
     """The built-in addition task."""
 
     max_operand: int = 49
-    """Operands are drawn from 0 to this number, inclusive."""
+    """Operands are drawn from 0 to this number, inclusive (at most 999)."""
     max_work: int = 4
     """The warm-start data put 0 to this many working tokens in each completion (uniformly)."""
     work_position: Literal["after", "before"] = "after"
@@ -46,8 +51,13 @@ class TaskConfig:
     """Seed of the train/held-out split (independent of the training seed)."""
 
     def __post_init__(self) -> None:
-        if self.max_operand < 1:
-            raise FieldError(TaskConfig, "max_operand", f"max_operand must be >= 1, got {self.max_operand}")
+        if not 1 <= self.max_operand <= MAX_OPERAND:
+            raise FieldError(
+                TaskConfig,
+                "max_operand",
+                f"max_operand must be in 1..{MAX_OPERAND}, got {self.max_operand}: the task holds every operand "
+                f"pair in memory, (max_operand + 1)^2 of them ({(MAX_OPERAND + 1) ** 2:,} at {MAX_OPERAND})",
+            )
         if self.work_position not in ("before", "after"):
             raise FieldError(
                 TaskConfig, "work_position", f"work_position must be 'before' or 'after', got {self.work_position!r}"

@@ -29,6 +29,7 @@ owns its output directory (:mod:`drgrpo.train.runlock`); resume and branch rules
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -98,8 +99,9 @@ def train(config: TrainConfig) -> TrainResult:
     config.apply_torch_settings()  # deterministic algorithms, threads
     procs = init_processes(config.device)  # rank, world size, device; starts the process group under torchrun
     config.check_world_size(procs.world)
-    out_dir = Path(config.output_dir)
-    result = TrainResult(output_dir=out_dir, step=start.step, checkpoint=start.checkpoint, checkpoint_step=start.step)
+    given = Path(config.output_dir)  # as the user wrote it, for messages
+    out_dir = Path(os.path.abspath(given))  # where --output-dir said, whatever changes the working directory later
+    result = TrainResult(output_dir=given, step=start.step, checkpoint=start.checkpoint, checkpoint_step=start.step)
     state: TrainState | None = None
     log: MetricsLog | None = None
     progress = ProgressBar(False, 0, 0)  # replaced once the run is set up
@@ -118,7 +120,9 @@ def train(config: TrainConfig) -> TrainResult:
             metrics = held_out_metrics(state.model, state.tokenizer, eval_examples, rewards, config, stop)
             result.evals.append({"step": step, **metrics})
             log(result.evals[-1])
-            progress.print(f"step {step}: held-out accuracy {metrics['eval/accuracy']:.3f}")
+            acc = metrics["eval/accuracy"]  # None when the first reward is no 0/1 correctness reward
+            progress.print(f"step {step}: held-out " + (f"accuracy {acc:.3f}" if acc is not None else "reward "
+                                                        f"{metrics['eval/reward']:.4g}"))  # fmt: skip
             doing = f"the end of step {step}"
 
     def save(step: int, barrier: bool = True) -> None:
@@ -129,7 +133,7 @@ def train(config: TrainConfig) -> TrainResult:
                                                 procs.rank, barrier, config.keep_checkpoints)  # fmt: skip
         result.checkpoint_step = step
 
-    owned = hold_run_dir(out_dir, procs, lambda: check_run_dir(out_dir, start))  # a second run is refused
+    owned = hold_run_dir(given, procs, lambda: check_run_dir(given, start))  # a second run is refused
     stop = StopOnSignal(config.reward_timeout, escalate=procs.world == 1)  # SIGINT/SIGTERM: stopping.py
     with owned, stop:
         try:
@@ -163,7 +167,7 @@ def train(config: TrainConfig) -> TrainResult:
                     batch = generate(state.model, state.tokenizer, prompts, G, max_new_tokens=config.max_new_tokens,
                                      temperature=config.temperature, top_p=config.top_p)  # fmt: skip
                     # (B = len(prompts) * G rows, prompt j's completions in rows j*G .. j*G + G - 1)
-                    totals, firsts = rewards(batch.texts, repeat(examples, G), repeat(idx, G), reward_limit)  # (B,)
+                    totals, firsts = rewards(batch.texts, repeat(examples, G), repeat(idx, G), reward_limit, step)
 
                 # ---------------------------------------------------------------- advantages
                 # Dr. GRPO: A_i = r_i - mean_group(r), no std division (the preset's advantage_std = "none"),
