@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from drgrpo import LossConfig, StepNormalizer, group_advantages, policy_loss
+from drgrpo import LossConfig, StepNormalizer, group_advantages, policy_loss, reference
 from drgrpo.config import AGGREGATIONS
-from drgrpo.distributed import global_group_advantages
+from drgrpo.distributed import global_group_advantages, global_outcome_advantages
 from gloo_ranks import launch, leave
 from test_normalizer import (
     L,
@@ -122,6 +122,15 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
                 "num_sequences": int(norm.num_sequences),
             }
 
+        # Outcome estimators: the batch-wide ones (gpg, reinforce_plus_plus_baseline) gather every process's rows
+        rows = step_of("preset-grpo", configs()["preset-grpo"], num_groups)
+        results["outcome"] = {
+            name: global_outcome_advantages(
+                rows.rewards[mine], GROUP_SIZE, configs()["preset-grpo"], name, lengths=rows.lengths[mine]
+            )
+            for name in ("gpg", "reinforce_plus_plus_baseline", "rloo")
+        }
+
         # Groups split across processes are refused clearly, by every process (no hang in the all-reduce).
         bad = step.rewards[: 2 * GROUP_SIZE + (1 if rank == 1 else 0)]
         errors = {}
@@ -184,6 +193,17 @@ def test_ddp_with_uneven_micro_batches_gives_the_whole_batch_gradient(world_size
         else:
             assert "other process" in errors["batch-std"]
             assert errors["preset-grpo"] is None  # group std: local, nothing to wait for
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_outcome_estimators_over_processes_are_the_whole_batchs(world_size: int, tmp_path: Path) -> None:
+    # every process's slice of the whole batch's advantages, against the float64 loop oracle on the whole batch
+    results = run_processes(world_size, tmp_path)
+    step = step_of("preset-grpo", configs()["preset-grpo"], sum(GROUPS_PER_PROCESS[world_size]))
+    for name in ("gpg", "reinforce_plus_plus_baseline", "rloo"):
+        got = torch.cat([r["outcome"][name] for r in results])
+        want = reference.outcome_advantages(step.rewards.numpy(), GROUP_SIZE, name, lengths=step.lengths.numpy())
+        torch.testing.assert_close(got.double(), torch.from_numpy(want), rtol=1e-12, atol=1e-12)
 
 
 def test_global_group_advantages_without_a_process_group_is_group_advantages() -> None:

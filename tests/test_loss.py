@@ -81,6 +81,7 @@ def test_surrogate_ratio_level_and_kl_combinations(surrogate, ratio_level, kl):
         clip_low=0.2,
         clip_high=0.28,
         aggregation="seq-mean-token-mean",
+        dro_beta=0.2,  # dro has no default (verl's policy_loss.dro_beta is required); the others ignore it
     )
     adv = group_advantages(batch.rewards, batch.group_size, config)
     out = policy_loss(batch.logp, batch.old_logp, adv, batch.mask, config, ref_logp=batch.ref_logp)

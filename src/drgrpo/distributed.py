@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from drgrpo.advantages import group_advantages
+from drgrpo.advantages import group_advantages, outcome_advantages
 from drgrpo.config import LossConfig
 
 
@@ -175,3 +175,37 @@ def _local_problem(r: Tensor, group_size: int, config: LossConfig, rank: int, si
         first = int(torch.nonzero(bad)[0])
         return f"rewards has a non-finite value {r[first].item()} at position {first}{where}"
     return None
+
+
+BATCH_WIDE: tuple[str, ...] = ("reinforce_plus_plus_baseline", "gpg")
+"""The estimators whose advantage of one completion depends on other prompts' rewards (whole-batch statistics)."""
+
+
+def global_outcome_advantages(
+    rewards: Tensor, group_size: int, config: LossConfig, estimator: str, *, lengths: Tensor | None = None
+) -> Tensor:
+    """:func:`outcome_advantages` of this process's rows, with the statistics of all processes' rows.
+
+    ``grpo`` is :func:`global_group_advantages`; the per-prompt estimators need only the
+    process's own whole groups; :data:`BATCH_WIDE` ones gather every process's rewards and lengths (each process
+    holds the same number of rows) and return this process's slice of the whole batch's advantages.
+    """
+    if estimator == "grpo":
+        return global_group_advantages(rewards, group_size, config)
+    if estimator not in BATCH_WIDE or not is_distributed():
+        return outcome_advantages(rewards, group_size, config, estimator, lengths=lengths)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    n = rewards.shape[0]
+    sizes = [torch.zeros(1, dtype=torch.long, device=rewards.device) for _ in range(world)]
+    torch.distributed.all_gather(sizes, torch.tensor([n], device=rewards.device))
+    counts = [int(c) for c in sizes]  # rows per process (one sync)
+    local = torch.zeros(2, max(counts), dtype=rewards.dtype, device=rewards.device)
+    local[0, :n] = rewards
+    if lengths is not None:
+        local[1, :n] = lengths.to(rewards)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    torch.distributed.all_gather(parts, local)
+    whole = torch.cat([part[:, :c] for part, c in zip(parts, counts)], dim=1)  # (2, N_total), process order
+    out = outcome_advantages(whole[0], group_size, config, estimator, lengths=None if lengths is None else whole[1])
+    start = sum(counts[:rank])
+    return out[start : start + n]

@@ -27,7 +27,7 @@ from drgrpo.loss import (
     policy_loss,
     validate_inputs,
 )
-from drgrpo.surrogates import get_surrogate
+from drgrpo.surrogates import BATCH_COUPLED, get_surrogate
 from drgrpo.validation import check_finite_large, check_finite_rows, check_shape
 
 if TYPE_CHECKING:
@@ -486,6 +486,11 @@ def fused_policy_loss(
         logp_shape, old_logp, advantages, mask, config, ref_logp, values=validate, sampling_logp=sampling_logp
     )
     check_entropy_inputs(config, logp_shape, logp_shape, entropy_threshold, normalizer)
+    if config.surrogate in BATCH_COUPLED:
+        raise ValueError(
+            f"config.surrogate {config.surrogate!r} reads a covariance over every token of the call, which the fused "
+            "path, evaluating chunks of rows, does not have: use drgrpo.policy_loss"
+        )
     if validate:
         check_finite_rows("hidden", hidden, mask)
         check_finite_large("weight", weight)

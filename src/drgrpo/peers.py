@@ -204,6 +204,64 @@ def _verl_sapo() -> LossConfig:
     )
 
 
+@register_preset("verl.gpg")
+def _verl_gpg() -> LossConfig:
+    # l = -A logp (no ratio, no clip), aggregated with loss_agg_mode (default token-mean).
+    return LossConfig(surrogate="gpg", aggregation="token-mean", beta=0.0, name="verl.gpg", **_VERL_ADVANTAGES)
+
+
+@register_preset("verl.dro")
+def _verl_dro() -> LossConfig:
+    # l = -(A logp - dro_beta / 2 (logp - old)^2); verl has no default dro_beta (pass dro_beta=).
+    return LossConfig(surrogate="dro", aggregation="token-mean", beta=0.0, name="verl.dro", **_VERL_ADVANTAGES)
+
+
+@register_preset("verl.dppo_tv")
+def _verl_dppo_tv() -> LossConfig:
+    # l = -A sg(min(r, 3)) logp where p - p_old stays within 0.2 (clip_ratio_low/high), else 0; c = clip_ratio_c.
+    return LossConfig(
+        surrogate="dppo_tv", dppo_cap=3.0, aggregation="token-mean", beta=0.0, name="verl.dppo_tv", **_VERL_ADVANTAGES
+    )
+
+
+@register_preset("verl.dppo_kl")
+def _verl_dppo_kl() -> LossConfig:
+    # as verl.dppo_tv with the binary KL between p_old and p as the trust region.
+    return LossConfig(
+        surrogate="dppo_kl", dppo_cap=3.0, aggregation="token-mean", beta=0.0, name="verl.dppo_kl", **_VERL_ADVANTAGES
+    )
+
+
+@register_preset("verl.kl_cov")
+def _verl_kl_cov() -> LossConfig:
+    # -A r, plus 0.1 |logp - old| on the 0.02% of the call's tokens of largest cov(A, logp) (at least one).
+    return LossConfig(surrogate="kl_cov", aggregation="token-mean", beta=0.0, name="verl.kl_cov", **_VERL_ADVANTAGES)
+
+
+@register_preset("verl.clip_cov")
+def _verl_clip_cov() -> LossConfig:
+    # PPO clip 0.2 (no dual clip); the loss of 0.02% of the call's tokens (at least one), drawn among those with
+    # 1 < cov(A, logp) < 5 that the clip leaves alone, set to 0.
+    return LossConfig(
+        surrogate="clip_cov", aggregation="token-mean", beta=0.0, name="verl.clip_cov", **_VERL_ADVANTAGES
+    )
+
+
+@register_preset("verl.geo_mean")
+def _verl_geo_mean() -> LossConfig:
+    # GMPO: -A rho_i per completion, averaged over the completions of each call (verl's torch.mean over the
+    # micro-batch's rows, whatever loss_agg_mode and global_batch_info say): per call by definition.
+    return LossConfig(
+        surrogate="geo_mean",
+        aggregation="seq-mean-token-mean",
+        forced_aggregation="seq-mean-token-mean",
+        per_call_normalization=True,
+        beta=0.0,
+        name="verl.geo_mean",
+        **_VERL_ADVANTAGES,
+    )
+
+
 # ----------------------------------------------------------------------------------------- oat
 # OATArgs/PPOArgs defaults: cliprange=0.2, generate_max_length=512, beta=0.1 (the Dr. GRPO recipes of
 # understand-r1-zero pass --beta 0, used here), k3 KL, torch.std (unbiased) + 1e-8 for "grpo".
@@ -243,6 +301,13 @@ PEER_PRESETS: tuple[str, ...] = (
     "verl.gspo",
     "verl.cispo",
     "verl.sapo",
+    "verl.gpg",
+    "verl.dro",
+    "verl.dppo_tv",
+    "verl.dppo_kl",
+    "verl.geo_mean",
+    "verl.kl_cov",
+    "verl.clip_cov",
     "oat.grpo",
     "oat.drgrpo",
 )

@@ -112,3 +112,12 @@ def _seed() -> LossConfig:
         beta=0.04,
         name="seed",
     )
+
+
+@register_preset("gmpo")
+def _gmpo() -> LossConfig:
+    # GMPO (arXiv 2507.20673): geometric-mean ratio per completion, token log-ratios clipped to [-0.4, 0.4]
+    # (the paper's wider clip, e^0.4), the mean over the step's completions.
+    return LossConfig(
+        surrogate="geo_mean", clip_low=0.4, clip_high=0.4, aggregation="seq-mean-token-mean", name="gmpo", **GROUP_STD
+    )

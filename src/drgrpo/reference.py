@@ -83,6 +83,76 @@ def config_advantages(rewards: ArrayLike, group_size: int, config: LossConfig) -
     )
 
 
+def outcome_advantages(
+    rewards: ArrayLike,
+    group_size: int,
+    estimator: str,
+    *,
+    lengths: ArrayLike | None = None,
+    std: str = "group",
+    unbiased: bool = True,
+    eps: float = 1e-6,
+) -> np.ndarray:
+    """verl's outcome estimators, one group at a time (``grpo`` is :func:`group_advantages`, not here).
+
+    A group of one has mean 0. ``std``/``unbiased``/``eps`` are read by ``grpo_passk`` only.
+    """
+    r = [float(v) for v in np.asarray(rewards, dtype=np.float64)]
+    n = len(r)
+    assert n % group_size == 0
+    tokens = [0.0] * n if lengths is None else [float(v) for v in np.asarray(lengths)]
+    groups = [list(range(s, s + group_size)) for s in range(0, n, group_size)]
+
+    def mean_of(members: list[int]) -> float:
+        return sum(r[i] for i in members) / len(members) if len(members) > 1 else 0.0
+
+    out = [0.0] * n
+    if estimator == "rloo":
+        for members in groups:
+            g = len(members)
+            for i in members:
+                out[i] = (r[i] - mean_of(members)) * g / (g - 1) if g > 1 else r[i]
+    elif estimator == "opo":
+        for members in groups:
+            weight = sum(tokens[i] for i in members)
+            if len(members) == 1:
+                baseline = 0.0
+            elif weight > 0:
+                baseline = sum(tokens[i] * r[i] for i in members) / weight
+            else:
+                baseline = mean_of(members)
+            for i in members:
+                out[i] = r[i] - baseline
+    elif estimator == "gpg":
+        alpha = n / max(sum(1 for v in r if v != 0), 1)
+        for members in groups:
+            for i in members:
+                out[i] = alpha * (r[i] - mean_of(members))
+    elif estimator == "reinforce_plus_plus_baseline":
+        centered = [0.0] * n
+        for members in groups:
+            for i in members:
+                centered[i] = r[i] - mean_of(members)
+        total = sum(tokens)
+        mu = sum(tokens[i] * centered[i] for i in range(n)) / total
+        var = sum(tokens[i] * (centered[i] - mu) ** 2 for i in range(n)) / (total - 1)
+        out = [(c - mu) / math.sqrt(var + 1e-8) for c in centered]
+    elif estimator == "grpo_passk":
+        for members in groups:
+            assert len(members) >= 2
+            ranked = sorted(members, key=lambda i: -r[i])
+            gap = r[ranked[0]] - r[ranked[1]]
+            if std == "group":
+                mu = sum(r[i] for i in members) / len(members)
+                ddof = 1 if unbiased else 0
+                spread = math.sqrt(sum((r[i] - mu) ** 2 for i in members) / (len(members) - ddof))
+                gap = gap / (spread + eps)
+            out[ranked[0]] = gap
+    else:
+        raise ValueError(estimator)
+    return np.array(out)
+
+
 # --------------------------------------------------------------------------- per-token terms
 def kl(logp: float, ref: float, kind: str) -> float:
     """One token's KL estimate; ``d = logp - ref``."""
@@ -141,6 +211,121 @@ def sapo_token_loss(t: OracleToken, config: LossConfig) -> float:
     """``-(4/tau) sigmoid(tau (r - 1)) A``."""
     tau = config.sapo_tau_pos if t.adv > 0 else config.sapo_tau_neg
     return -(4 / tau) / (1 + math.exp(-tau * (t.ratio - 1))) * t.adv
+
+
+def gpg_token_loss(t: OracleToken, config: LossConfig) -> float:
+    """``-A logp``."""
+    return -t.adv * t.logp
+
+
+def dro_token_loss(t: OracleToken, config: LossConfig) -> float:
+    """``-(A logp - beta/2 (logp - old)^2)``."""
+    assert config.dro_beta is not None
+    d = t.logp - t.old_logp
+    return -(t.adv * t.logp - 0.5 * config.dro_beta * d * d)
+
+
+def _dppo_token_loss(t: OracleToken, config: LossConfig, inside: bool) -> float:
+    ratio = t.ratio  # at the config's ratio level (verl's dppo: per token)
+    weight = ratio if config.dppo_cap is None else min(ratio, config.dppo_cap)
+    return -t.adv * weight * t.logp if inside else 0.0
+
+
+def dppo_tv_token_loss(t: OracleToken, config: LossConfig) -> float:
+    """DPPO-TV: ``-A min(r, c) logp`` where ``p - p_old <= eps_high`` (A > 0) or ``>= -eps_low`` (A <= 0), else 0."""
+    gap = math.exp(t.logp) - math.exp(t.old_logp)
+    low = config.clip_low if config.clip_low is not None else 0.0
+    inside = gap <= config.clip_high if t.adv > 0 else gap >= -low
+    return _dppo_token_loss(t, config, inside)
+
+
+def dppo_kl_token_loss(t: OracleToken, config: LossConfig) -> float:
+    """DPPO-KL: as DPPO-TV with the binary KL between p_old and p as the trust region."""
+    p, p_old = math.exp(t.logp), math.exp(t.old_logp)
+    odds = (1 - p_old + 1e-8) / (1 - p + 1e-8)  # <= 0 only for log-probs above 0: NaN, outside every bound
+    binary_kl = p_old * (t.old_logp - t.logp) + (1 - p_old) * (math.log(odds) if odds > 0 else math.nan)
+    low = config.clip_low if config.clip_low is not None else 0.0
+    if t.adv > 0:
+        inside = binary_kl <= config.clip_high or p <= p_old
+    else:
+        inside = binary_kl <= low or p >= p_old
+    return _dppo_token_loss(t, config, inside)
+
+
+def geo_mean_losses(rows: list[OracleRow], config: LossConfig) -> list[list[float]]:
+    """GMPO: ``-A exp(mean_t clipped d_t)`` on every token of the row, ``d_t`` clipped to ``[-eps_low, eps_high]``
+    where that is the smaller of ``A d_t`` and ``A clip(d_t)``."""
+    low = config.clip_low if config.clip_low is not None else 0.0
+    out = []
+    for row in rows:
+        kept = []
+        for t in row.tokens:
+            d = t.logp - t.old_logp
+            c = min(max(d, -low), config.clip_high)
+            if t.adv > 0:
+                kept.append(min(d, c))
+            elif t.adv < 0:
+                kept.append(max(d, c))
+            else:
+                kept.append(0.0)
+        rho = math.exp(math.fsum(kept) / len(kept)) if kept else 1.0
+        out.append([-t.adv * rho for t in row.tokens])
+    return out
+
+
+def _token_covariances(rows: list[OracleRow]) -> list[list[float]]:
+    """``(A - mean A)(logp - mean logp)`` for every real token, means over all rows' real tokens."""
+    tokens = [t for row in rows for t in row.tokens]
+    if not tokens:
+        return [[] for _ in rows]
+    mean_adv = math.fsum(t.adv for t in tokens) / len(tokens)
+    mean_logp = math.fsum(t.logp for t in tokens) / len(tokens)
+    return [[(t.adv - mean_adv) * (t.logp - mean_logp) for t in row.tokens] for row in rows]
+
+
+def kl_cov_losses(rows: list[OracleRow], config: LossConfig) -> list[list[float]]:
+    """KL-Cov: ``-A r``, plus ``coef |logp - old|`` on the ``max(1, floor(ratio n))`` tokens of largest covariance."""
+    cov = _token_covariances(rows)
+    flat = [(cov[i][j], i, j) for i, row in enumerate(rows) for j in range(len(row.tokens))]
+    k = max(1, int(len(flat) * config.kl_cov_ratio)) if flat else 0
+    chosen = {(i, j) for _, i, j in sorted(flat, key=lambda c: -c[0])[:k]}
+    out = []
+    for i, row in enumerate(rows):
+        losses = []
+        for j, t in enumerate(row.tokens):
+            loss = -t.adv * t.ratio
+            if (i, j) in chosen:
+                loss += config.ppo_kl_coef * abs(t.logp - t.old_logp)
+            losses.append(loss)
+        out.append(losses)
+    return out
+
+
+def clip_cov_losses(rows: list[OracleRow], config: LossConfig) -> list[list[float]]:
+    """Clip-Cov: PPO's clipped loss, 0 on a random draw of the unclipped tokens with ``lb < cov < ub``.
+
+    The draw is ``torch.randperm`` of the candidates (row-major), the generator verl uses: seed it the same.
+    """
+    import torch  # the random draw only
+
+    cov = _token_covariances(rows)
+    low = config.clip_low if config.clip_low is not None else 0.0
+    loss, candidates = [], []
+    n = sum(len(row.tokens) for row in rows)
+    for i, row in enumerate(rows):
+        losses = []
+        for j, t in enumerate(row.tokens):
+            unclipped, clipped = -t.adv * t.ratio, -t.adv * min(max(t.ratio, 1 - low), 1 + config.clip_high)
+            losses.append(max(unclipped, clipped))
+            if not clipped > unclipped and config.clip_cov_lb < cov[i][j] < config.clip_cov_ub:
+                candidates.append((i, j))
+        loss.append(losses)
+    if candidates:
+        k = max(int(config.clip_cov_ratio * n), 1)
+        for c in torch.randperm(len(candidates))[:k].tolist():
+            i, j = candidates[c]
+            loss[i][j] = 0.0
+    return loss
 
 
 def vespo_losses(rows: list[OracleRow], config: LossConfig) -> list[list[float]]:

@@ -220,6 +220,193 @@ def sapo(x: SurrogateInputs, config: LossConfig) -> Surrogate:
     return Surrogate(loss, never, never)
 
 
+# --------------------------------------------------------------------------- verl 0.9.1's other loss modes
+
+
+@register_surrogate(
+    "gpg",
+    oracle=reference.gpg_token_loss,
+    formula="-A logp",
+    paper="GPG, Chu et al. 2025 (arXiv 2504.02546)",
+    frameworks="verl gpg",
+)
+def gpg(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""GPG's plain policy gradient, ``-A logp``: no ratio and no clip (the gradient is ``-A`` per token)."""
+    never = torch.zeros_like(x.ratio, dtype=torch.bool)
+    return Surrogate(-x.adv * x.logp, never, never)
+
+
+@register_surrogate(
+    "dro",
+    oracle=reference.dro_token_loss,
+    fields=("dro_beta",),
+    formula="-(A logp - dro_beta / 2 (logp - old_logp)^2)",
+    paper="Direct Reward Optimisation, Richemond et al. 2024 (arXiv 2405.19107)",
+    frameworks="verl dro",
+    peer_fields={"verl": {"policy_loss.dro_beta": "dro_beta"}},
+)
+def dro(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""DRO's regularised policy gradient, ``-(A logp - (beta / 2) (logp - old_logp)^2)``, beta = ``dro_beta``."""
+    beta = _required(config, "dro_beta")
+    log_ratio = x.logp - x.old_logp
+    never = torch.zeros_like(x.ratio, dtype=torch.bool)
+    return Surrogate(-(x.adv * x.logp - 0.5 * beta * log_ratio * log_ratio), never, never)
+
+
+def _dppo(x: SurrogateInputs, config: LossConfig, inside: Tensor) -> Surrogate:
+    """DPPO's loss ``-A sg(min(r, c)) logp`` on the tokens ``inside`` the trust region, 0 elsewhere."""
+    weight = x.ratio if config.dppo_cap is None else x.ratio.clamp(max=config.dppo_cap)
+    loss = -x.adv * weight.detach() * x.logp * inside.detach().to(x.logp.dtype)
+    positive = (x.adv > 0).expand_as(inside)
+    return Surrogate(loss, ~inside & ~positive, ~inside & positive)
+
+
+@register_surrogate(
+    "dppo_tv",
+    oracle=reference.dppo_tv_token_loss,
+    fields=("clip_low", "clip_high", "dppo_cap"),
+    formula="-A sg(min(r, c)) logp on tokens with p - p_old <= eps_high (A > 0) or >= -eps_low (A <= 0)",
+    paper="DPPO, 2026 (arXiv 2602.04879), binary total variation",
+    frameworks="verl dppo_tv",
+    peer_fields={"verl": {"clip_ratio_c": "dppo_cap"}},
+)
+def dppo_tv(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""DPPO-Binary-TV: the truncated-IS policy gradient ``-A sg(min(r, c)) logp`` (c = ``dppo_cap``), kept on a
+    token only while the probability moved by at most ``clip_high`` up (A > 0) or ``clip_low`` down (A <= 0)."""
+    gap = x.logp.exp() - x.old_logp.exp()  # p - p_old
+    inside = torch.where(x.adv > 0, gap <= config.clip_high, gap >= -config.epsilon_low)
+    return _dppo(x, config, inside)
+
+
+@register_surrogate(
+    "dppo_kl",
+    oracle=reference.dppo_kl_token_loss,
+    fields=("clip_low", "clip_high", "dppo_cap"),
+    formula="-A sg(min(r, c)) logp on tokens whose binary KL(p_old, p) <= eps (or that moved against A)",
+    paper="DPPO, 2026 (arXiv 2602.04879), binary KL",
+    frameworks="verl dppo_kl",
+    peer_fields={"verl": {"clip_ratio_c": "dppo_cap"}},
+)
+def dppo_kl(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""DPPO-Binary-KL: as :func:`dppo_tv` with the trust region ``KL_bin(p_old || p) <= eps``, where
+    ``KL_bin = p_old log(p_old / p) + (1 - p_old) log((1 - p_old + 1e-8) / (1 - p + 1e-8))``; a token whose
+    probability moved against its advantage's direction is always kept."""
+    p, p_old = x.logp.exp(), x.old_logp.exp()
+    binary_kl = p_old * (x.old_logp - x.logp) + (1 - p_old) * torch.log((1 - p_old + 1e-8) / (1 - p + 1e-8))
+    up = torch.where(x.adv > 0, binary_kl <= config.clip_high, binary_kl <= config.epsilon_low)
+    inside = up | torch.where(x.adv > 0, p <= p_old, p >= p_old)
+    return _dppo(x, config, inside)
+
+
+@register_surrogate(
+    "geo_mean",
+    batch_oracle=reference.geo_mean_losses,
+    fields=("clip_low", "clip_high"),
+    whole_rows=True,
+    formula="-A exp(mean_t sgn(A) min(sgn(A) d_t, sgn(A) clip(d_t, -eps_low, eps_high))), d = logp - old_logp",
+    paper="GMPO, Zhao et al. 2025 (arXiv 2507.20673)",
+    frameworks="verl geo_mean",
+)
+def geo_mean(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""GMPO's geometric-mean ratio: ``-A_i rho_i`` on every token of completion i, with ``log rho_i`` the mean over
+    its tokens of the log-ratio ``d_t`` clipped to ``[-eps_low, eps_high]`` only where the clip lowers ``A d_t``.
+
+    A per-completion loss: aggregated with ``seq-mean-token-mean`` it is ``mean_i(-A_i rho_i)``. Reads its own
+    token log-ratios (``ratio_level`` does not apply).
+    """
+    d = x.logp - x.old_logp  # (B, T)
+    sign = torch.sign(x.adv)  # (B, 1)
+    clipped = d.clamp(-config.epsilon_low, config.clip_high)
+    kept = sign * torch.minimum(sign * d, sign * clipped)  # the pessimistic one of d and its clip, as A's sign says
+    length = x.mask.sum(-1, keepdim=True).clamp_min(1)
+    rho = torch.exp((kept * x.mask).sum(-1, keepdim=True) / length)  # (B, 1)
+    moved = (d != clipped) & x.mask.bool()
+    return Surrogate((-x.adv * rho).expand_as(d), moved & (x.adv < 0), moved & (x.adv > 0))
+
+
+BATCH_COUPLED: tuple[str, ...] = ("kl_cov", "clip_cov")
+"""Surrogates whose token loss reads every row of the call (a covariance over its tokens): not chunkable."""
+
+
+def _token_covariance(x: SurrogateInputs) -> tuple[Tensor, Tensor]:
+    """``(A_t - mean A)(logp_t - mean logp)`` over the call's real tokens (detached), and the real-token mask."""
+    real = x.mask.bool()
+    adv = x.adv.expand_as(x.logp).detach()
+    logp = x.logp.detach()
+    count = real.sum().clamp_min(1)
+    mean_adv = torch.where(real, adv, 0.0).sum() / count
+    mean_logp = torch.where(real, logp, 0.0).sum() / count
+    return torch.where(real, (adv - mean_adv) * (logp - mean_logp), 0.0), real
+
+
+@register_surrogate(
+    "kl_cov",
+    batch_oracle=reference.kl_cov_losses,
+    fields=("kl_cov_ratio", "ppo_kl_coef"),
+    formula="-A r, plus ppo_kl_coef abs(logp - old_logp) on the kl_cov_ratio share of tokens of largest cov(A, logp)",
+    paper="Cui et al. 2025, The Entropy Mechanism of RL for Reasoning LMs (arXiv 2505.22617)",
+    frameworks="verl kl_cov",
+    peer_fields={"verl": {"policy_loss.kl_cov_ratio": "kl_cov_ratio", "policy_loss.ppo_kl_coef": "ppo_kl_coef"}},
+)
+def kl_cov(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""KL-Cov: ``-A r`` (no clip) on every token, plus ``ppo_kl_coef |logp - old_logp|`` on the
+    ``max(1, floor(kl_cov_ratio n))`` real tokens (of the n in the call) with the largest covariance
+    ``(A_t - mean A)(logp_t - mean logp)``: a covariance over the whole call's tokens."""
+    cov, real = _token_covariance(x)
+    n = int(real.sum())
+    selected = torch.zeros_like(real)
+    if n > 0:
+        k = max(1, int(n * config.kl_cov_ratio))
+        flat = torch.where(real, cov, -torch.inf).reshape(-1)
+        selected.view(-1)[flat.topk(k).indices] = True
+    penalty = config.ppo_kl_coef * (x.logp - x.old_logp).abs()
+    loss = -x.adv * x.ratio + torch.where(selected, penalty, 0.0)
+    never = torch.zeros_like(real)
+    return Surrogate(loss, never, selected)
+
+
+@register_surrogate(
+    "clip_cov",
+    batch_oracle=reference.clip_cov_losses,
+    fields=("clip_low", "clip_high", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub"),
+    formula="PPO's -min(r A, clip(r) A), 0 on clip_cov_ratio of the tokens with lb < cov(A, logp) < ub, at random",
+    paper="Cui et al. 2025, The Entropy Mechanism of RL for Reasoning LMs (arXiv 2505.22617)",
+    frameworks="verl clip_cov",
+    peer_fields={
+        "verl": {
+            "policy_loss.clip_cov_ratio": "clip_cov_ratio",
+            "policy_loss.clip_cov_lb": "clip_cov_lb",
+            "policy_loss.clip_cov_ub": "clip_cov_ub",
+        }
+    },
+)
+def clip_cov(x: SurrogateInputs, config: LossConfig) -> Surrogate:
+    r"""Clip-Cov: PPO's clipped surrogate (no dual clip) with the loss of ``max(1, floor(clip_cov_ratio n))``
+    tokens set to 0, drawn with ``torch.randperm`` (the global generator, as verl's) among the real tokens the clip
+    leaves alone whose covariance ``(A_t - mean A)(logp_t - mean logp)`` lies strictly between ``clip_cov_lb`` and
+    ``clip_cov_ub`` (in row-major order): a random choice over the whole call's tokens."""
+    cov, real = _token_covariance(x)
+    unclipped = -x.adv * x.ratio
+    clipped = -x.adv * x.ratio.clamp(1 - config.epsilon_low, 1 + config.clip_high)
+    by_clip = (clipped > unclipped) & real
+    candidates = (real & ~by_clip & (cov > config.clip_cov_lb) & (cov < config.clip_cov_ub)).nonzero()
+    cut = torch.zeros_like(real)
+    if len(candidates) > 0:
+        k = max(int(config.clip_cov_ratio * int(real.sum())), 1)
+        chosen = candidates[torch.randperm(len(candidates))[:k]]
+        cut[chosen[:, 0], chosen[:, 1]] = True
+    loss = torch.maximum(unclipped, clipped) * (~cut).to(unclipped.dtype)
+    never = torch.zeros_like(real)
+    return Surrogate(loss, never, cut)
+
+
+def _required(config: LossConfig, field: str) -> float:
+    value = getattr(config, field)
+    if value is None:
+        raise ValueError(f"surrogate {config.surrogate!r} needs {field} (a positive number); it is not set")
+    return float(value)
+
+
 def _check_vespo(config: LossConfig) -> None:
     from drgrpo.config import LossConfig  # the owner FieldError names (config imports this module)
 

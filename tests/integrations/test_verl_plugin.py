@@ -39,6 +39,12 @@ def expected_config(preset: str, settings: dict) -> LossConfig:
         overrides["dual_clip"] = s["clip_ratio_c"]
     if s.get("loss_scale_factor") is not None:
         overrides["max_completion_length"] = s["loss_scale_factor"]
+    if preset.startswith("verl.") and "loss_agg_mode" in s:  # the twins of verl's modes aggregate with it
+        overrides["aggregation"] = s["loss_agg_mode"]
+    if base.surrogate in ("dppo_tv", "dppo_kl"):
+        overrides["dppo_cap"] = s["clip_ratio_c"]  # the cap of the truncated ratio
+    if base.surrogate == "dro":
+        overrides["dro_beta"] = s["policy_loss"]["dro_beta"]
     return LossConfig.preset(preset, **overrides)
 
 
@@ -59,7 +65,9 @@ def test_import_verl_alone_registers_every_step_wide_preset():
     assert ep["modules_before_verl"] == []  # the runner never imports drgrpo itself
     assert "drgrpo.integrations.verl" in ep["modules_after_verl"]  # verl's plugin loader did
     assert (ep["function_module"], ep["function_preset"]) == ("drgrpo.integrations.verl", "dr_grpo")
-    step_wide = {n for n in preset_names() if not preset_config(n).per_call_normalization}
+    # every preset defined over the whole mini-batch, and verl.geo_mean (per call in verl itself)
+    step_wide = {n for n in preset_names() if not preset_config(n).per_call_normalization} | {"verl.geo_mean"}
+    step_wide |= {"verl.bypass_mode"}  # a dispatch over verl.vanilla and verl.gpg, not a preset
     assert {"dr_grpo", "grpo", "dapo", "bnpo", "gspo", "cispo", "sapo"} <= step_wide
     assert set(ep["registered"]) == {f"drgrpo.{n}" for n in step_wide}
     for name, message in ep["per_call_lookup"].items():  # trl.grpo, trl.bnpo, trl.dr_grpo: per micro-batch
@@ -93,6 +101,11 @@ def test_import_without_verl_says_how_to_install():
         "dr_grpo_clip_ratio",
         "oat_drgrpo_default_L",
         "grpo_with_verl_kl",
+        "verl_gpg",
+        "verl_dro",
+        "verl_dppo_tv",
+        "verl_dppo_kl",
+        "gmpo",
     ],
 )
 def test_micro_batches_on_every_rank_give_the_mini_batch_gradient(case):
@@ -226,6 +239,129 @@ def test_dr_grpo_without_a_constant_length_is_an_error():
     assert "loss_scale_factor is not set" in messages["dr_grpo_without_L"]
     assert "padded width" in messages["dr_grpo_without_L"]
     assert messages["dr_grpo_with_L"] is None
+
+
+def test_twins_of_verl_modes_follow_loss_agg_mode():
+    # drgrpo.verl.<mode> against verl's <mode>, both through ppo_loss on the same batch, for every loss_agg_mode:
+    # the same loss and gradient (verl's sapo forces seq-mean-token-mean and so does its twin); without
+    # loss_scale_factor, seq-mean-token-sum-norm is refused (verl divides by each micro-batch's padded width)
+    cases = live()["twins"]["cases"]
+    assert {c["mode"] for c in cases} == {"vanilla", "gspo", "cispo", "sapo"} and len(cases) == 24
+    for case in cases:
+        verl, ours = case["verl"], case["ours"]
+        needs_l = case["agg"] == "seq-mean-token-sum-norm" and case["scale"] is None and case["mode"] != "sapo"
+        if needs_l:
+            assert "loss_scale_factor is not set" in ours["error"], case
+            continue
+        torch.testing.assert_close(ours["loss"], verl["loss"], rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(ours["grad"], verl["grad"], rtol=1e-13, atol=1e-17)
+    # the aggregations really differ: token-sum vs token-mean of vanilla
+    by = {(c["mode"], c["agg"], c["scale"]): c["verl"] for c in cases}
+    ratio = float(by[("vanilla", "token-sum", None)]["loss"] / by[("vanilla", "token-mean", None)]["loss"])
+    assert abs(ratio - 1) > 1.0, ratio
+
+
+NEW_TWINS = ("gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean", "kl_cov", "clip_cov")
+
+
+@pytest.mark.parametrize("mode", NEW_TWINS)
+def test_twins_of_verls_other_modes(mode):
+    # drgrpo.verl.<mode> against verl's <mode> through ppo_loss, every loss_agg_mode, with rollout IS weights (and
+    # without, for token-mean); policy_loss.dro_beta 0.3, verl's clip_ratio_c 3 as DPPO's cap
+    block = live()["new_modes"]
+    cases = [c for c in block["cases"] if c["mode"] == mode]
+    assert len(cases) == 7  # 5 modes, sum-norm with and without L, token-mean without IS weights too
+    for case in cases:
+        verl, ours = case["verl"], case["ours"]
+        if case["agg"] == "seq-mean-token-sum-norm" and case["scale"] is None and mode != "geo_mean":
+            assert "loss_scale_factor is not set" in ours["error"]  # verl would divide by the padded width
+            continue
+        # geo_mean ignores loss_agg_mode (the mean over the call's completions, as verl's); with IS weights verl
+        # takes log(w + 1e-10), a relative 1e-10 of the weights that drgrpo does not add
+        rtol = 1e-9 if mode == "geo_mean" and case["weights"] else 1e-13
+        torch.testing.assert_close(ours["loss"], verl["loss"], rtol=rtol, atol=1e-15)
+        torch.testing.assert_close(ours["grad"], verl["grad"], rtol=rtol, atol=1e-17)
+        assert float(verl["grad"].abs().max()) > 1e-2
+    if mode == "clip_cov":  # the random cut is active (both drew the same tokens: the same seed)
+        token_mean = next(c for c in cases if c["agg"] == "token-mean" and c["weights"])
+        assert token_mean["verl"]["metrics"]["actor/pg_clipfrac"] > 0.05
+    if mode.startswith("dppo"):  # the trust region drops tokens, and the cap 3 truncates ratios e^1.5
+        token_mean = next(c for c in cases if c["agg"] == "token-mean" and c["weights"])
+        assert token_mean["verl"]["metrics"]["actor/pg_clipfrac"] > 0.02  # 2 or more of 46 tokens
+        assert token_mean["verl"]["metrics"]["actor/pg_clipfrac_lower"] > 0
+
+
+def test_geo_mean_is_per_call_in_verl_and_in_its_twin():
+    # verl's geo_mean is torch.mean over the micro-batch's completions, whatever global_batch_info says: its twin
+    # keeps that, so one micro-batch on one rank is the whole mini-batch's mean and a split is not
+    split = live()["split"]
+    batch = split["batch"]
+    _, whole = whole_batch(batch, LossConfig.preset("verl.geo_mean"))
+    runs = {(r["mode"], r["ranks"], r["micro"]): r for r in split["geo_mean"]}
+    for ranks, micro in ((1, 1), (2, 3)):
+        ours, verl = runs[("drgrpo.verl.geo_mean", ranks, micro)], runs[("geo_mean", ranks, micro)]
+        torch.testing.assert_close(ours["grad"], verl["grad"], rtol=1e-13, atol=1e-17)
+    torch.testing.assert_close(runs[("geo_mean", 1, 1)]["grad"], whole, rtol=1e-13, atol=1e-17)
+    split_run = runs[("geo_mean", 2, 3)]
+    error = relative_error(split_run, whole)
+    MEASURED.append(
+        f"verl geo_mean and drgrpo.verl.geo_mean, 2 ranks x 3 micro-batches (rows {split_run['rows']}): "
+        f"|g - g_whole| / |g_whole| = {error:.2f}"
+    )
+    assert error > 0.5  # each micro-batch's mean, summed: about 3 times the mini-batch's mean
+
+
+def test_bypass_mode_twin():
+    # verl's bypass_mode and drgrpo.verl.bypass_mode through ppo_loss (rollout_correction from the same config):
+    # ppo_clip is vanilla without IS weights; reinforce is -A logp times min(rho, 1.5), rho per token or completion
+    block = live()["bypass_mode"]
+    assert len(block["cases"]) == 12
+    for case in block["cases"]:
+        torch.testing.assert_close(case["ours"]["loss"], case["verl"]["loss"], rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(case["ours"]["grad"], case["verl"]["grad"], rtol=1e-13, atol=1e-17)
+    by = {(c["loss_type"], c["level"], c["agg"]): c["ours"]["grad"] for c in block["cases"]}
+    for level in ("token", "sequence"):  # the weights matter, and differently by level
+        assert (
+            float((by[("reinforce", level, "token-mean")] - by[("reinforce", None, "token-mean")]).abs().max()) > 1e-3
+        )
+    assert (
+        float((by[("reinforce", "token", "token-mean")] - by[("reinforce", "sequence", "token-mean")]).abs().max())
+        > 1e-4
+    )
+    # the float64 oracle for reinforce with token weights, token-mean over the mini-batch: -A min(e^(logp - old), 1.5)
+    batch = block["batch"]
+    case = next(
+        c for c in block["cases"] if (c["loss_type"], c["level"], c["agg"]) == ("reinforce", "token", "token-mean")
+    )
+    rho = (batch["logp"] - batch["old"]).exp().clamp(max=1.5)
+    tokens = int(batch["mask"].sum()) + 17  # the runner's batch_num_tokens; dp_size 2 undoes FSDP's average
+    expected = -batch["adv"].unsqueeze(-1) * rho * batch["mask"] * 2 / tokens
+    torch.testing.assert_close(case["ours"]["grad"], expected, rtol=1e-13, atol=1e-17)
+    refused = block["refused"]
+    assert "rollout_correction.rollout_rs='token_k1'" in refused["rs"]
+    assert "rollout_is_batch_normalize=True" in refused["batch_normalize"]
+    assert "IcePop thresholds ('0.5_2.0')" in refused["icepop"]
+
+
+def test_dro_without_dro_beta_is_refused():
+    messages = live()["errors"]
+    assert messages["dro_without_beta"].startswith("ValueError: ")
+    assert "dro_beta" in messages["dro_without_beta"]
+
+
+def test_core_presets_refuse_a_contradicting_loss_agg_mode():
+    messages = live()["errors"]
+    for key, mode, own, given in (
+        ("dr_grpo_token_mean", "drgrpo.dr_grpo", "seq-mean-token-sum-norm", "token-mean"),
+        ("grpo_token_sum", "drgrpo.grpo", "seq-mean-token-mean", "token-sum"),
+        ("verl_dr_grpo_token_mean", "drgrpo.verl.dr_grpo", "seq-mean-token-sum-norm", "token-mean"),
+    ):
+        message = messages[key]
+        assert message.startswith(f"ValueError: loss_mode {mode} aggregates with '{own}'"), message
+        assert f"loss_agg_mode is '{given}'" in message and f"set loss_agg_mode={own}" in message
+        assert "\n" not in message
+    assert "loss_mode drgrpo.verl.vanilla (seq-mean-token-sum-norm)" in messages["twin_sum_norm_without_L"]
+    assert "loss_scale_factor is not set" in messages["twin_sum_norm_without_L"]
 
 
 def test_other_misuse_is_reported():

@@ -12,6 +12,7 @@ from drgrpo.config import LossConfig, preset_config, preset_names
 from drgrpo.fused import fused_policy_loss
 from drgrpo.loss import policy_loss
 from drgrpo.normalizer import StepNormalizer
+from drgrpo.surrogates import BATCH_COUPLED
 
 
 def peer_config(name: str, **overrides) -> LossConfig:
@@ -21,6 +22,8 @@ def peer_config(name: str, **overrides) -> LossConfig:
         and preset_config(name).max_completion_length is None
     ):
         overrides.setdefault("max_completion_length", 7)
+    if preset_config(name).surrogate == "dro":  # verl's dro has no default dro_beta (policy_loss.dro_beta)
+        overrides.setdefault("dro_beta", 0.2)
     return LossConfig.preset(name, **overrides)
 
 
@@ -36,7 +39,9 @@ def test_every_peer_preset_is_registered():
 
 def test_issue_lists_every_peer_option():
     trl = {f"trl.{t}" for t in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo")}
-    verl = {f"verl.{m}" for m in ("vanilla", "gspo", "cispo", "sapo", "grpo", "dr_grpo")}
+    modes = ("vanilla", "gspo", "cispo", "sapo", "grpo", "dr_grpo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean")
+    modes += ("kl_cov", "clip_cov")
+    verl = {f"verl.{m}" for m in modes}
     assert trl | verl | {"oat.grpo", "oat.drgrpo"} == set(peers.PEER_PRESETS)
 
 
@@ -111,6 +116,10 @@ def test_peer_presets_through_the_fused_path(name):
     logp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets[..., None]).squeeze(-1)
     old = logp.detach() + 0.2 * torch.randn(b, t, generator=g, dtype=torch.float64)
     ref = logp.detach() + 0.2 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    if config.surrogate in BATCH_COUPLED:  # a covariance over every token of the call: refused by the fused path
+        with pytest.raises(ValueError, match="reads a covariance over every token of the call"):
+            fused_policy_loss(hidden, weight, targets, mask, adv, config, old_logp=old, ref_logp=ref, chunk_size=3)
+        return
     plain = policy_loss(logp, old, adv, mask, config, ref_logp=ref).loss
     dh, dw = torch.autograd.grad(plain, (hidden, weight))
     fused = fused_policy_loss(hidden, weight, targets, mask, adv, config, old_logp=old, ref_logp=ref, chunk_size=3)

@@ -259,6 +259,7 @@ def test_every_train_flag_is_classified_for_resume():
         "model": ("model", "some/model"), "dataset": ("dataset", "d.jsonl"),
         "eval_dataset": ("eval-dataset", "e.jsonl"), "prompt_field": ("prompt-field", "question"),
         "rewards": ("reward", ("m:f",)), "reward_weights": ("reward-weights", (0.5,)), "steps": ("steps", 9),
+        "advantage": ("advantage", "rloo"),
         "prompts_per_step": ("prompts-per-step", 8), "group_size": ("group-size", 4),
         "max_new_tokens": ("max-new-tokens", 9), "temperature": ("temperature", 0.7), "top_p": ("top-p", 0.9),
         "ppo_epochs": ("ppo-epochs", 2), "micro_batch_size": ("micro-batch-size", 4), "lr": ("lr", 1e-4),

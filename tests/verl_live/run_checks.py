@@ -61,12 +61,12 @@ def ragged(rows: int, width: int, seed: int, *, min_len: int = 1, ratio_scale: f
     return {"logp": logp, "old": old, "ref": ref, "mask": mask, "adv": adv, "is_weights": is_weights}
 
 
-def actor_config(loss_mode: str, **settings) -> ActorConfig:
+def actor_config(loss_mode: str, policy_loss: dict | None = None, **settings) -> ActorConfig:
     return ActorConfig(
         strategy="fsdp",
         rollout_n=1,
         ppo_micro_batch_size_per_gpu=1,
-        policy_loss=PolicyLossConfig(loss_mode=loss_mode),
+        policy_loss=PolicyLossConfig(loss_mode=loss_mode, **(policy_loss or {})),
         **settings,
     )
 
@@ -228,6 +228,7 @@ def rollout_correction() -> dict:
     batch = ragged(8, 6, seed=4)
     info = {"dp_size": 2, "batch_num_tokens": int(batch["mask"].sum()) + 11, "global_batch_size": 8 + 5}
     gspo = actor_config("gspo", loss_agg_mode="seq-mean-token-mean")
+    ours_gspo = actor_config("drgrpo.gspo", loss_agg_mode="seq-mean-token-mean")
     return {
         "batch": batch,
         "info": info,
@@ -237,27 +238,117 @@ def rollout_correction() -> dict:
         "drgrpo.bnpo_plain": call_ppo_loss(actor_config("drgrpo.bnpo"), batch, info),
         # GSPO: verl's gspo and drgrpo.gspo with the same aggregation, with and without IS weights
         "gspo": call_ppo_loss(gspo, batch, info, is_weights=True),
-        "drgrpo.gspo": call_ppo_loss(actor_config("drgrpo.gspo"), batch, info, is_weights=True),
+        "drgrpo.gspo": call_ppo_loss(ours_gspo, batch, info, is_weights=True),
         "gspo_plain": call_ppo_loss(gspo, batch, info),
-        "drgrpo.gspo_plain": call_ppo_loss(actor_config("drgrpo.gspo"), batch, info),
+        "drgrpo.gspo_plain": call_ppo_loss(ours_gspo, batch, info),
     }
+
+
+def twins_follow_loss_agg_mode() -> dict:
+    """verl's own loss modes and their drgrpo.verl.<mode> twins through ppo_loss, every loss_agg_mode (and L)."""
+    batch = ragged(12, 9, seed=13)
+    info = {"dp_size": 2, "batch_num_tokens": int(batch["mask"].sum()) + 29, "global_batch_size": 12 + 7}
+    cases = []
+    for mode in BUILTIN_MODES:
+        for agg in AGG_MODES:
+            for scale in (None, 20) if agg == "seq-mean-token-sum-norm" else (None,):
+                out = {}
+                for name in (mode, f"drgrpo.verl.{mode}"):
+                    cfg = actor_config(name, loss_agg_mode=agg, loss_scale_factor=scale)
+                    try:
+                        out[name] = call_ppo_loss(cfg, batch, info)
+                    except ValueError as err:
+                        out[name] = {"error": f"ValueError: {err}"}
+                ours = out[f"drgrpo.verl.{mode}"]
+                cases.append({"mode": mode, "agg": agg, "scale": scale, "verl": out[mode], "ours": ours})
+    return {"batch": batch, "info": info, "cases": cases}
+
+
+NEW_MODES = ("gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean", "kl_cov", "clip_cov")
+NEW_MODE_SETTINGS = {  # policy_loss.* settings of each mode (loud enough to matter on 12 x 9 tokens)
+    "dro": {"dro_beta": 0.3},
+    "kl_cov": {"kl_cov_ratio": 0.1, "ppo_kl_coef": 0.5},
+    "clip_cov": {"clip_cov_ratio": 0.2, "clip_cov_lb": 0.1, "clip_cov_ub": 5.0},
+}
+
+
+def new_modes() -> dict:
+    """verl's other loss modes and their drgrpo.verl.<mode> twins through ppo_loss, every loss_agg_mode, with and
+    without rollout IS weights; clip_cov (random) under the same torch seed for both."""
+    batch = ragged(12, 9, seed=15)
+    info = {"dp_size": 2, "batch_num_tokens": int(batch["mask"].sum()) + 23, "global_batch_size": 12 + 5}
+    cases = []
+    for mode in NEW_MODES:
+        for agg in AGG_MODES:
+            for scale in (None, 20) if agg == "seq-mean-token-sum-norm" else (None,):
+                for weights in (True, False) if agg == "token-mean" else (True,):
+                    out = {}
+                    for name in (mode, f"drgrpo.verl.{mode}"):
+                        settings = NEW_MODE_SETTINGS.get(mode)
+                        cfg = actor_config(name, settings, loss_agg_mode=agg, loss_scale_factor=scale)
+                        torch.manual_seed(1234)  # clip_cov picks its tokens with torch.randperm
+                        try:
+                            out[name] = call_ppo_loss(cfg, batch, info, is_weights=weights)
+                        except (ValueError, AssertionError) as err:
+                            out[name] = {"error": f"{type(err).__name__}: {err}"}
+                    ours = out[f"drgrpo.verl.{mode}"]
+                    cases.append(
+                        {"mode": mode, "agg": agg, "scale": scale, "weights": weights, "verl": out[mode], "ours": ours}
+                    )
+    return {"batch": batch, "info": info, "cases": cases, "settings": NEW_MODE_SETTINGS}
+
+
+def bypass_mode() -> dict:
+    """verl's bypass_mode and drgrpo.verl.bypass_mode through ppo_loss: both loss types, no / token / sequence IS
+    weights (threshold 1.5), two loss_agg_modes; and the settings the twin refuses."""
+    from verl.trainer.config import RolloutCorrectionConfig
+
+    batch = ragged(12, 9, seed=16)
+    info = {"dp_size": 2, "batch_num_tokens": int(batch["mask"].sum()) + 17, "global_batch_size": 12 + 3}
+    cases = []
+    for loss_type in ("ppo_clip", "reinforce"):
+        for level in (None, "token", "sequence"):
+            for agg in ("token-mean", "seq-mean-token-sum"):
+                out = {}
+                for name in ("bypass_mode", "drgrpo.verl.bypass_mode"):
+                    rc = RolloutCorrectionConfig(rollout_is=level, rollout_is_threshold=1.5, loss_type=loss_type)
+                    cfg = actor_config(name, {"rollout_correction": rc}, loss_agg_mode=agg)
+                    out[name] = call_ppo_loss(cfg, batch, info, is_weights=True)  # both ignore the argument
+                cases.append(
+                    {"loss_type": loss_type, "level": level, "agg": agg, "verl": out["bypass_mode"],
+                     "ours": out["drgrpo.verl.bypass_mode"]}
+                )  # fmt: skip
+    refused = {}
+    for key, rc_settings in {
+        "rs": {"rollout_rs": "token_k1", "rollout_rs_threshold": 2.0},
+        "batch_normalize": {"rollout_is": "token", "rollout_is_batch_normalize": True},
+        "icepop": {"rollout_is": "token", "rollout_is_threshold": "0.5_2.0", "loss_type": "reinforce"},
+    }.items():
+        cfg = actor_config("drgrpo.verl.bypass_mode", {"rollout_correction": RolloutCorrectionConfig(**rc_settings)})
+        try:
+            call_ppo_loss(cfg, batch, info)
+            refused[key] = None
+        except ValueError as err:
+            refused[key] = f"ValueError: {err}"
+    return {"batch": batch, "cases": cases, "refused": refused}
 
 
 # (preset, verl actor settings) per split check; verl's defaults otherwise (clip_ratio* 0.2, clip_ratio_c 3)
 SPLIT_CASES = {
-    "dr_grpo": ("dr_grpo", {"loss_scale_factor": 16}),
-    "grpo": ("grpo", {}),
+    "dr_grpo": ("dr_grpo", {"loss_scale_factor": 16, "loss_agg_mode": "seq-mean-token-sum-norm"}),
+    "grpo": ("grpo", {"loss_agg_mode": "seq-mean-token-mean"}),
     "dapo": ("dapo", {"clip_ratio_high": 0.28}),
     "bnpo": ("bnpo", {}),
-    "gspo": ("gspo", {}),
+    "gspo": ("gspo", {"loss_agg_mode": "seq-mean-token-mean"}),
     "cispo": ("cispo", {"clip_ratio_low": 1.0, "clip_ratio_high": 4.0}),
     "sapo": ("sapo", {}),
     # the mapping table's other rows: taus, no dual clip, the symmetric clip_ratio fallback, L for oat.drgrpo
     "sapo_taus": ("sapo", {"tau_pos": 1.3, "tau_neg": 0.9}),
-    "grpo_no_dual_clip": ("grpo", {"clip_ratio_c": None}),
+    "grpo_no_dual_clip": ("grpo", {"clip_ratio_c": None, "loss_agg_mode": "seq-mean-token-mean"}),
     "dr_grpo_clip_ratio": (
         "dr_grpo",
         {
+            "loss_agg_mode": "seq-mean-token-sum-norm",
             "loss_scale_factor": 20,
             "clip_ratio": 0.1,
             "clip_ratio_low": None,
@@ -265,7 +356,13 @@ SPLIT_CASES = {
             "clip_ratio_c": 5.0,
         },
     ),
-    "oat_drgrpo_default_L": ("oat.drgrpo", {}),
+    "oat_drgrpo_default_L": ("oat.drgrpo", {"loss_agg_mode": "seq-mean-token-sum-norm"}),
+    # the twins of verl's other token-level modes (they follow loss_agg_mode; the mini-batch's counts)
+    "verl_gpg": ("verl.gpg", {"loss_agg_mode": "seq-mean-token-mean"}),
+    "verl_dro": ("verl.dro", {"policy_loss": {"dro_beta": 0.3}}),
+    "verl_dppo_tv": ("verl.dppo_tv", {"loss_agg_mode": "seq-mean-token-sum"}),
+    "verl_dppo_kl": ("verl.dppo_kl", {"clip_ratio_c": 2.0, "clip_ratio_high": 0.05}),
+    "gmpo": ("gmpo", {"loss_agg_mode": "seq-mean-token-mean", "clip_ratio": 0.4, "clip_ratio_low": None}),
     # grpo's k3 KL (beta 0.04) through verl's own KL settings, aggregated like the preset's surrogate
     "grpo_with_verl_kl": (
         "grpo",
@@ -285,6 +382,12 @@ def plugin_split() -> dict:
                 kl = bool(settings.get("use_kl_loss"))
                 run = split_run(factory, batch, ranks, micro, seed=100 * ranks + micro, kl=kl)
                 out["runs"].append({"case": case, "ranks": ranks, "micro": micro, **run})
+    # verl's geo_mean averages over each call's completions: its own and its twin's gradient under splits
+    out["geo_mean"] = []
+    for mode in ("geo_mean", "drgrpo.verl.geo_mean"):
+        for ranks, micro in ((1, 1), (2, 3)):
+            run = split_run(lambda m=mode: actor_config(m), batch, ranks, micro, seed=100 * ranks + micro)
+            out["geo_mean"].append({"mode": mode, "ranks": ranks, "micro": micro, **run})
     # completions with no tokens count in global_batch_size (verl's trainer) and in our N_seq alike
     empty = ragged(24, 16, seed=12)
     empty["mask"][[3, 10, 17]] = 0.0
@@ -344,15 +447,22 @@ def errors() -> dict:
         cfg.global_batch_info.update(info)
         a = batch["adv"].unsqueeze(-1) * batch["mask"] if adv is None else adv
         return core_algos.get_policy_loss_fn(mode)(
-            batch["old"], batch["logp"], a, batch["mask"].bool(), "token-mean", cfg
+            batch["old"], batch["logp"], a, batch["mask"].bool(), cfg.loss_agg_mode, cfg
         )
 
     attempt("empty_info", lambda: with_info({}))
     for key in plugin.REQUIRED_BATCH_INFO:
         attempt(f"missing_{key}", lambda k=key: with_info({kk: v for kk, v in full.items() if kk != k}))
     attempt("none_global_batch_size", lambda: with_info({**full, "global_batch_size": None}))
-    attempt("dr_grpo_without_L", lambda: with_info(full, "drgrpo.dr_grpo"))
-    attempt("dr_grpo_with_L", lambda: with_info(full, "drgrpo.dr_grpo", loss_scale_factor=8))
+    sum_norm = "seq-mean-token-sum-norm"
+    attempt("dr_grpo_without_L", lambda: with_info(full, "drgrpo.dr_grpo", loss_agg_mode=sum_norm))
+    attempt("dr_grpo_with_L", lambda: with_info(full, "drgrpo.dr_grpo", loss_scale_factor=8, loss_agg_mode=sum_norm))
+    # a core preset's own aggregation against verl's loss_agg_mode (verl's default token-mean here)
+    attempt("dr_grpo_token_mean", lambda: with_info(full, "drgrpo.dr_grpo", loss_scale_factor=8))
+    attempt("grpo_token_sum", lambda: with_info(full, "drgrpo.grpo", loss_agg_mode="token-sum"))
+    attempt("verl_dr_grpo_token_mean", lambda: with_info(full, "drgrpo.verl.dr_grpo", loss_scale_factor=8))
+    attempt("twin_sum_norm_without_L", lambda: with_info(full, "drgrpo.verl.vanilla", loss_agg_mode=sum_norm))
+    attempt("dro_without_beta", lambda: with_info(full, "drgrpo.verl.dro"))
     token_adv = batch["adv"].unsqueeze(-1) * batch["mask"] + 0.01 * batch["mask"].cumsum(-1)  # GAE-like
     attempt("token_level_advantages", lambda: with_info(full, adv=token_adv))
     attempt("bad_clip_ratio_c", lambda: with_info(full, clip_ratio_c=0.5))
@@ -392,6 +502,68 @@ def advantages() -> dict:
     return out
 
 
+ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus_baseline", "opo", "grpo_passk", "gpg")
+
+
+def estimators() -> dict:
+    """verl's outcome estimators and drgrpo.<name>, each called as verl's trainer calls it (``compute_advantage``).
+
+    Layouts: 5 prompts x 4 completions with interleaved uids, ragged lengths (1..9 tokens), zero rewards (gpg's
+    alpha), a tie at the top (grpo_passk) and an equal-reward prompt; and 6 prompts of one completion each.
+    """
+    from verl.trainer.config import AlgoConfig
+
+    def compute_advantage(scores, mask, index, est, norm):
+        # verl.trainer.ppo.ray_trainer.compute_advantage's two outcome branches (that module needs cachetools,
+        # which verl 0.9.1 does not install): "grpo" gets norm_adv_by_std_in_grpo as an argument; any other
+        # name is looked up in the registry and called with token_level_rewards, response_mask, config, index
+        cfg = AlgoConfig(adv_estimator=est, norm_adv_by_std_in_grpo=norm)
+        if est == "grpo":
+            return core_algos.compute_grpo_outcome_advantage(
+                token_level_rewards=scores, response_mask=mask, index=index, norm_adv_by_std_in_grpo=norm
+            )
+        fn = core_algos.get_adv_estimator_fn(est)
+        return fn(token_level_rewards=scores, response_mask=mask, config=cfg, index=index)
+
+    g = torch.Generator().manual_seed(14)
+    rows, width = 20, 9
+    rewards = torch.rand(rows, generator=g, dtype=F64)
+    uids = np.array([f"p{i % 5}" for i in range(rows)], dtype=object)  # prompt k: rows k, k + 5, k + 10, k + 15
+    rewards[[0, 5]] = 0.0  # zero rewards
+    rewards[[1, 6]] = 0.9  # prompt 1: a tie for the best reward (with rows 11, 16 lower)
+    rewards[[11, 16]] = 0.2
+    rewards[[2, 7, 12, 17]] = 0.3  # prompt 2: equal rewards
+    layouts = {
+        "groups": (rewards, uids, 1 + (width * torch.rand(rows, generator=g)).long().clamp(max=width - 1)),
+        "singletons": (rewards[:6], np.array([f"s{i}" for i in range(6)], dtype=object), torch.arange(1, 7)),
+    }
+    out = {}
+    for layout, (r, index, lengths) in layouts.items():
+        mask = (torch.arange(width) < lengths.unsqueeze(1)).to(F64)
+        scores = torch.zeros(len(r), width, dtype=F64)
+        scores[torch.arange(len(r)), lengths - 1] = r  # verl puts the outcome reward on the last real token
+        cases = []
+        for name in ESTIMATORS:
+            for norm in (True, False):
+                got = {}
+                for est in (name, f"drgrpo.{name}"):
+                    try:
+                        adv, returns = compute_advantage(scores.clone(), mask.clone(), index, est, norm)
+                        got[est] = {"adv": adv, "returns": returns}
+                    except ValueError as err:
+                        got[est] = {"error": f"ValueError: {err}"}
+                cases.append({"name": name, "norm": norm, "verl": got[name], "ours": got[f"drgrpo.{name}"]})
+        out[layout] = {"rewards": r, "uids": list(index), "mask": mask, "cases": cases}
+    out["registered"] = sorted(k for k in core_algos.ADV_ESTIMATOR_REGISTRY if k.startswith("drgrpo."))
+    try:  # prompts with different numbers of completions
+        uneven = np.array(["a", "a", "a", "b", "b"], dtype=object)
+        compute_advantage(torch.ones(5, 2, dtype=F64), torch.ones(5, 2, dtype=F64), uneven, "drgrpo.rloo", True)
+        out["uneven_groups"] = None
+    except ValueError as err:
+        out["uneven_groups"] = f"ValueError: {err}"
+    return out
+
+
 def main(path: str) -> None:
     torch.set_num_threads(1)
     results = {
@@ -403,6 +575,10 @@ def main(path: str) -> None:
         "split": plugin_split(),
         "padding": builtin_dr_grpo_padding(),
         "errors": errors(),
+        "twins": twins_follow_loss_agg_mode(),
+        "estimators": estimators(),
+        "new_modes": new_modes(),
+        "bypass_mode": bypass_mode(),
         "advantages": advantages(),
     }
     torch.save(results, path)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from drgrpo.advantages import OUTCOME_ESTIMATORS
 from drgrpo.config import LossConfig, preset_names
 from drgrpo.field_error import FieldError, check_finite_fields
 from drgrpo.train.flags import add_flags, config_flags
@@ -124,6 +125,13 @@ class TrainConfig:
     loss_overrides: tuple[tuple[str, Any], ...] = field(default=(), metadata={"flag": None, "via": "loss"})
     """(field, value) overrides of the preset's LossConfig, one per loss flag given. Its L, max_completion_length,
     is max_new_tokens: an override of it must agree."""
+    advantage: Literal["grpo", "rloo", "reinforce_plus_plus_baseline", "opo", "grpo_passk", "gpg"] = "grpo"
+    """Advantage estimator, from each prompt's rewards (verl's estimators of the same names): grpo, the loss
+    preset's (r minus its prompt's mean, divided by the std where the preset divides); rloo, r minus the mean of
+    the prompt's other completions; opo, r minus the length-weighted mean; reinforce_plus_plus_baseline, r minus
+    the mean, whitened over the batch's tokens; grpo_passk, only each prompt's best completion, best minus second
+    best (divided by the std where the preset divides; needs --group-size 2 or more); gpg, r minus the mean,
+    scaled by the batch size over its nonzero rewards."""
     steps: int = 300
     """RL steps: one rollout batch each, followed by ``ppo_epochs`` optimizer steps."""
     prompts_per_step: int = 64
@@ -233,6 +241,16 @@ class TrainConfig:
         if self.grad_clip < 0:
             raise FieldError(
                 TrainConfig, "grad_clip", f"grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}"
+            )
+        if self.advantage not in OUTCOME_ESTIMATORS:
+            choices = ", ".join(OUTCOME_ESTIMATORS)
+            raise FieldError(TrainConfig, "advantage", f"advantage must be one of {choices}, got {self.advantage!r}")
+        if self.advantage == "grpo_passk" and self.group_size < 2:
+            raise FieldError(
+                TrainConfig,
+                ("advantage", "group_size"),
+                f"advantage grpo_passk compares each prompt's best two completions: group_size must be >= 2, "
+                f"got {self.group_size}",
             )
         if not self.temperature > 0:
             raise FieldError(
@@ -379,9 +397,9 @@ CONFIG_FILE = "config.yaml"
 ON_RESUME: dict[str, str] = {
     **dict.fromkeys(("model", "warm_start"), "checkpoint"),
     **dict.fromkeys(("dataset", "eval_dataset", "prompt_field", "rewards", "reward_weights", "loss", "loss_overrides",
-                     "prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p", "ppo_epochs", "lr",
-                     "warmup_steps", "weight_decay", "grad_clip", "seed", "dtype", "eval_size", "eval_temperature",
-                     "eval_sampled", "task"), "meaning"),
+                     "advantage", "prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p",
+                     "ppo_epochs", "lr", "warmup_steps", "weight_decay", "grad_clip", "seed", "dtype", "eval_size",
+                     "eval_temperature", "eval_sampled", "task"), "meaning"),
     **dict.fromkeys(("output_dir", "resume", "steps", "micro_batch_size", "fused", "device", "threads", "eval_every",
                      "checkpoint_every", "keep_checkpoints", "reward_timeout", "ref_kl", "progress", "tensorboard",
                      "deterministic"), "free"),

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from drgrpo.distributed import any_process, global_group_advantages, init_processes, shutdown
+from drgrpo.distributed import any_process, global_outcome_advantages, init_processes, shutdown
 from drgrpo.loss import compute_dtype
 from drgrpo.train.checkpoint import CheckpointWriteFailed, clean_stale, config_state, save_run_checkpoint
 from drgrpo.train.config import TrainConfig
@@ -178,7 +178,9 @@ def train(config: TrainConfig) -> TrainResult:
                 # Dr. GRPO: A_i = r_i - mean_group(r), no std division (the preset's advantage_std = "none"),
                 # from the float64 rewards (1e8 + r has the advantages of r), then in the loss's dtype
                 rewards64 = torch.tensor(totals, dtype=torch.float64, device=adv_device)  # (B,)
-                advantages = global_group_advantages(rewards64, G, loss_config).to(procs.device, adv_dtype)  # (B,)
+                lengths = batch.lengths.to(adv_device)  # (B,) opo and reinforce_plus_plus_baseline weigh by them
+                advantages = global_outcome_advantages(rewards64, G, loss_config, config.advantage, lengths=lengths)
+                advantages = advantages.to(procs.device, adv_dtype)  # (B,)
 
                 # ---------------------------------------------------------------- policy update
                 update = policy_update(state, batch, advantages, loss_config, config, step)
