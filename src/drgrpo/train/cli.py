@@ -34,7 +34,6 @@ import json
 import os
 import sys
 import textwrap
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from drgrpo.train.config import EvalConfig, TrainConfig
 from drgrpo.train.data import RewardError
 from drgrpo.train.disk import WriteFailed
 from drgrpo.train.flags import Flag, add_flags, flag_names, given, nested_replace, parse_with_config
+from drgrpo.train.rewards import reward_traceback
 from drgrpo.train.stopping import FailedElsewhere, Interrupted
 
 LOSS_SKIP = ("name", "per_call_normalization")
@@ -389,20 +389,6 @@ def _failure(exc: BaseException, command: str = "train") -> int:
     kind = "" if isinstance(exc, (WriteFailed, FailedElsewhere)) else f"{type(exc).__name__}: "  # says it all
     print(f"drgrpo {command}: error: {kind}{exc}", file=sys.stderr)
     return 1
-
-
-REWARD_TRACEBACK = "reward_traceback"
-"""The attribute of a RewardError that holds :func:`reward_traceback`, set where the reward ran when the error
-crosses a process (``drgrpo compare``'s runs): a traceback does not."""
-
-
-def reward_traceback(exc: BaseException) -> str:
-    """The frames of the user's reward in a RewardError's cause, formatted ('' for any other error)."""
-    text = getattr(exc, REWARD_TRACEBACK, None)
-    if text is None and isinstance(exc, RewardError) and exc.__cause__ is not None:
-        frames = traceback.extract_tb(exc.__cause__.__traceback__)[1:]  # drop drgrpo's call_reward frame
-        text = "".join(traceback.format_list(frames)).rstrip()
-    return text or ""
 
 
 def _quiet_transformers() -> None:

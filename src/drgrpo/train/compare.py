@@ -230,8 +230,8 @@ def _train_one(run: TrainConfig) -> tuple[float, int, bool]:
     """Train one run (in a process of the pool): (seconds, its last step, whether a signal stopped it)."""
     from transformers.utils import logging as hf_logging
 
-    from drgrpo.train.cli import REWARD_TRACEBACK, reward_traceback
     from drgrpo.train.data import RewardError
+    from drgrpo.train.rewards import REWARD_TRACEBACK, reward_traceback
     from drgrpo.train.trainer import train
 
     hf_logging.disable_progress_bar()  # as drgrpo's own command does: no loading bars from every run

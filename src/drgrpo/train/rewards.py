@@ -32,6 +32,7 @@ import numbers
 import os
 import reprlib
 import signal
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -358,3 +359,17 @@ def _describe(example: Example, index: int | None) -> str:
     if len(text) > 200:
         text = text[:200] + "...}"
     return f"#{index} {text}" if index is not None else text
+
+
+REWARD_TRACEBACK = "reward_traceback"
+"""The attribute of a RewardError that holds :func:`reward_traceback`, set where the reward ran when the error
+crosses a process (``drgrpo compare``'s runs): a traceback does not."""
+
+
+def reward_traceback(exc: BaseException) -> str:
+    """The frames of the user's reward in a RewardError's cause, formatted ('' for any other error)."""
+    text = getattr(exc, REWARD_TRACEBACK, None)
+    if text is None and isinstance(exc, RewardError) and exc.__cause__ is not None:
+        frames = traceback.extract_tb(exc.__cause__.__traceback__)[1:]  # drop drgrpo's call_reward frame
+        text = "".join(traceback.format_list(frames)).rstrip()
+    return text or ""
