@@ -13,7 +13,6 @@ import dataclasses
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -375,20 +374,6 @@ class TrainConfig:
             {name.replace("_", "-"): value for name, value in self.loss_overrides if name != "max_completion_length"}
         )
         return values
-
-    def write(self, out_dir: str | Path, notes: Iterable[str] = ()) -> Path:
-        """Write ``out_dir/config.yaml`` (creating ``out_dir``): every flag of this run, for ``--config``.
-
-        ``notes`` become comment lines under the header (the run's resumes and what they changed)."""
-        import yaml
-
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / CONFIG_FILE
-        header = "# drgrpo train --config this-file reruns this run; keys are the flags of drgrpo train\n"
-        header += "".join(f"# {note}\n" for note in notes)
-        path.write_text(header + yaml.safe_dump(self.to_flags(), sort_keys=False))
-        return path
 
 
 CONFIG_FILE = "config.yaml"
