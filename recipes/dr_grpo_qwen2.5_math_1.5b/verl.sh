@@ -11,12 +11,21 @@
 # --num_samples 8); mini-batches of 16 prompts = 128 completions per optimizer step ([1.5b] --train_batch_size 128),
 # one pass ([1.5b] --num_ppo_epochs 1): 8 optimizer steps per rollout. The micro-batch (4 completions per GPU) is a
 # memory choice: drgrpo.dr_grpo takes verl's mini-batch counts, so the gradient does not depend on it.
-# Not the paper's: verl's rule reward (verl.utils.reward_score.math_reward) grades the boxed answer where oat used
-# its own grader and gave truncated completions reward 0; validation is MATH-500 only, not the paper's five
-# benchmarks.
+# Reward: verl's rule grader for MATH (verl.utils.reward_score.math_reward) on every benchmark, and 0 for a
+# completion cut off at the budget, as oat (verl_reward.py). Not the paper's: the grader is verl's, not oat's.
+# Evaluation: every benchmark prepare_math.py wrote (test_*.parquet: MATH-500, and AIME 2024, AMC, Minerva Math,
+# OlympiadBench where given), greedy, every 16 steps, each reported under its own name.
 set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 MODEL=${MODEL:-Qwen/Qwen2.5-Math-1.5B}
 DATA=${DATA:-data/math_lvl3to5/verl}
+tests=()
+for f in "$DATA"/test_*.parquet; do [ -e "$f" ] && tests+=("$f"); done
+if [ ${#tests[@]} -eq 0 ]; then
+    echo "verl.sh: no $DATA/test_*.parquet (DATA=$DATA); write them with prepare_math.py" >&2
+    exit 2
+fi
+val_files=$(printf "'%s'," "${tests[@]}")
 
 args=(
     # --- the loss: Dr. GRPO ([paper]: r - mean with no std; token sums over a constant L = the generation budget,
@@ -32,11 +41,18 @@ args=(
     actor_rollout_ref.actor.use_kl_loss=False         # [1.5b] --beta 0
     algorithm.use_kl_in_reward=False
     actor_rollout_ref.actor.entropy_coeff=0
+    # --- the reward: verl's MATH grader whatever the benchmark, 0 for a truncated completion (verl_reward.py)
+    reward.custom_reward_function.path="$HERE/verl_reward.py"
+    reward.custom_reward_function.name=compute_score
+    reward.reward_manager.source=importlib
+    reward.reward_manager.name=TruncatedZeroRewardManager
+    reward.reward_manager.module.path="$HERE/verl_reward.py"
     # --- data ([paper] MATH levels 3-5 with the Qwen-Math template, its minimalist recipe, prepared by
     #     prepare_math.py; [1.5b] --prompt_max_length 1024,
     #     --generate_max_length 3000, --num_prompt_epoch 20)
     data.train_files="$DATA/train.parquet"
-    data.val_files="$DATA/test.parquet"
+    data.val_files="[${val_files%,}]"
+    data.filter_overlong_prompts=True                 # prompts over max_prompt_length are dropped (verl logs the count)
     data.prompt_key=prompt
     data.max_prompt_length=1024
     data.max_response_length=3000
@@ -64,12 +80,15 @@ args=(
     actor_rollout_ref.rollout.gpu_memory_utilization=0.35
     actor_rollout_ref.rollout.tensor_model_parallel_size=1
     actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8
-    actor_rollout_ref.rollout.val_kwargs.do_sample=False
+    actor_rollout_ref.rollout.val_kwargs.do_sample=False  # [1.5b] --eval_temperature 0: greedy, one per question
+    actor_rollout_ref.rollout.val_kwargs.temperature=0
+    actor_rollout_ref.rollout.val_kwargs.n=1
     # --- one node of 8 GPUs ([1.5b] --gpus 8); no intermediate checkpoints ([1.5b] --save_steps -1)
     trainer.n_gpus_per_node=8
     trainer.nnodes=1
     trainer.save_freq=-1
     trainer.test_freq=16                              # [1.5b] --eval_steps 16 (counted in oat's steps)
+    trainer.val_before_train=True                     # the base model's scores first
     trainer.logger=[console]
     trainer.project_name=drgrpo
     trainer.experiment_name=dr_grpo_qwen2.5_math_1.5b

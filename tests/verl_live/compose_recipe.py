@@ -5,7 +5,9 @@ Run by ``tests/integrations/test_recipes.py`` as ``.venv-verl/bin/python tests/v
 them with hydra onto ``verl/trainer/config/ppo_trainer.yaml`` (an unknown key or a bad value fails here), runs
 verl's ``validate_config`` (batch sizes against the GPU count), builds the actor's dataclass, resolves the policy
 loss through verl's registry (``import verl`` loads drgrpo's plug-in) and calls it once on a small on-policy
-batch. It writes what it found as JSON to ``OUT``; nothing here asserts.
+batch. It resolves the reward manager and the reward function the way verl's trainer does and scores hand-made
+completions with them (the model's tokenizer): complete or cut off at the budget ``data.max_response_length``,
+right or wrong. It writes what it found as JSON to ``OUT``; nothing here asserts.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 import verl  # its plug-in loader registers drgrpo's loss modes
 from hydra import compose, initialize_config_dir
+from verl import DataProto
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
+from verl.trainer.ppo.reward import get_custom_reward_fn, resolve_reward_manager_cls
 from verl.utils.config import omega_conf_to_dataclass, validate_config
 
 LENGTHS = (3, 1, 2, 4)
@@ -44,6 +49,7 @@ def main(args_file: str, out_file: str) -> None:
     loss, _ = loss_fn(logp, logp, advantages, mask, actor.loss_agg_mode, config=actor)
 
     rollout, data, algorithm = cfg.actor_rollout_ref.rollout, cfg.data, cfg.algorithm
+    rewards = score_hand_made(cfg)
     report = {
         "loss_fn": getattr(loss_fn, "drgrpo_preset", loss_fn.__name__),
         "loss": float(loss),
@@ -74,10 +80,59 @@ def main(args_file: str, out_file: str) -> None:
             "train_files": str(data.train_files),
         },
         "model": str(cfg.actor_rollout_ref.model.path),
+        "evaluation": {
+            "val_files": [str(f) for f in data.val_files],
+            "do_sample": rollout.val_kwargs.do_sample,
+            "temperature": rollout.val_kwargs.temperature,
+            "n": rollout.val_kwargs.n,
+            "test_freq": cfg.trainer.test_freq,
+            "val_before_train": cfg.trainer.val_before_train,
+        },
+        "filter_overlong_prompts": data.filter_overlong_prompts,
+        "rewards": rewards,
         "gpus": cfg.trainer.n_gpus_per_node * cfg.trainer.nnodes,
     }
     with open(out_file, "w") as f:
         json.dump(report, f)
+
+
+def score_hand_made(cfg) -> dict:
+    """The configured reward manager's scores of hand-made completions, keyed by what each one is."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.actor_rollout_ref.model.path)
+    manager_cls = resolve_reward_manager_cls(cfg)
+    manager = manager_cls(cfg, tokenizer, get_custom_reward_fn(cfg))
+    budget = int(cfg.data.max_response_length)
+    right = tokenizer.encode(" so \\boxed{42}", add_special_tokens=False)
+    wrong = tokenizer.encode(" so \\boxed{41}", add_special_tokens=False)
+    filler = tokenizer.encode(" think", add_special_tokens=False)[:1]  # one token, repeated to fill the budget
+    eos = tokenizer.eos_token_id
+    cases = {
+        "right, ended": [*right, eos],
+        "right, ended on the last slot": filler * (budget - len(right) - 1) + right + [eos],
+        "right, cut off": filler * (budget - len(right)) + right,
+        "wrong, cut off": filler * (budget - len(wrong)) + wrong,
+        "right, one short of the budget": filler * (budget - len(right) - 1) + right,
+    }
+    scores = {}
+    for name, ids in cases.items():
+        assert len(ids) <= budget, (name, len(ids))
+        responses = torch.full((1, budget), tokenizer.pad_token_id or 0, dtype=torch.long)
+        responses[0, : len(ids)] = torch.tensor(ids)
+        prompts = torch.tensor([tokenizer.encode("What is 6 x 7?", add_special_tokens=False)])
+        mask = torch.cat([torch.ones_like(prompts), (torch.arange(budget) < len(ids)).long()[None]], dim=1)
+        batch = DataProto.from_dict(
+            tensors={"prompts": prompts, "responses": responses, "attention_mask": mask},
+            non_tensors={
+                "data_source": np.array(["aime2024"], dtype=object),
+                "reward_model": np.array([{"ground_truth": "42", "style": "rule"}], dtype=object),
+                "extra_info": np.array([{}], dtype=object),
+            },
+        )
+        result = manager.loop.run_until_complete(manager.run_single(batch))
+        scores[name] = {"score": result["reward_score"], "length": len(ids), "last_is_eos": ids[-1] == eos}
+    return {"manager": manager_cls.__name__, "budget": budget, "scores": scores}
 
 
 if __name__ == "__main__":
