@@ -173,7 +173,7 @@ def test_prepare_math_writes_every_benchmark_for_evaluation(prepared: tuple[Path
     )
 
 
-def test_prepare_math_refuses_a_benchmark_without_its_columns(tmp_path: Path, capsys: pytest.CaptureFixture):
+def test_prepare_math_refuses_a_benchmark_without_its_columns(tmp_path: Path):
     source, math500, _ = fake_math(tmp_path)
     bad = tmp_path / "bad_amc"
     bad.mkdir()
