@@ -150,6 +150,43 @@ def test_vespo_and_luspo_without_loss_config_are_stock_trl_off_policy(model_dir:
     assert h.relative_difference(ours.step_grads[1], on_policy) > 1e-4  # the second step is off-policy
 
 
+# --------------------------------------------------------------------------- advantage estimators
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "opo"])
+def test_advantage_estimators_feed_the_loss_the_float64_oracles_advantages(
+    model_dir: Path, tmp_path: Path, estimator: str
+):
+    """advantage="rloo" / "opo": the advantages of TRL's generation batch, and of the micro-batch the loss gets,
+    are reference.outcome_advantages (float64, plain loops) of the same rewards and completion lengths."""
+    from drgrpo import reference
+
+    trainer = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path, 1, 1), loss_config="dr_grpo", advantage=estimator)
+    assert trainer.advantage == estimator
+    (_, out), micro = trainer.generations[0], trainer.micro[0]
+    tokenizer = build_tokenizer()
+    rows = zip(out["completion_ids"], out["completion_mask"])
+    texts = [tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True) for ids, m in rows]
+    lengths = out["completion_mask"].sum(1)
+    assert int(lengths.min()) < int(lengths.max())  # ragged: opo's length weights matter
+    want = reference.outcome_advantages(h.digit_reward(texts), h.G, estimator, lengths=lengths.tolist())
+    assert torch.allclose(out["advantages"].double(), torch.as_tensor(want), rtol=1e-6, atol=1e-6)
+    grpo = reference.config_advantages(h.digit_reward(texts), h.G, trainer.loss_config)
+    assert float(torch.as_tensor(want - grpo).abs().max()) > 1e-2  # not the default estimator's
+    fed = {(tuple(p.tolist()), tuple(c.tolist())): float(a) for p, c, a in zip(*_rows(micro))}
+    made = {(tuple(p.tolist()), tuple(c.tolist())): float(a) for p, c, a in zip(*_rows(out))}
+    assert fed == made  # the loss's micro-batch carries them
+
+
+def _rows(batch: dict) -> tuple:
+    return batch["prompt_ids"], batch["completion_ids"] * batch["completion_mask"], batch["advantages"]
+
+
+def test_an_unknown_advantage_estimator_is_one_clear_error(model_dir: Path, tmp_path: Path):
+    with pytest.raises(ValueError, match=r"^advantage must be one of grpo, rloo, .*, gpg; got 'rlooo' \(e.g. advan"):
+        DrGRPOTrainer(str(model_dir), h.digit_reward, _args(tmp_path), h.train_dataset(8), advantage="rlooo")
+
+
 # --------------------------------------------------------------------------- fused
 
 

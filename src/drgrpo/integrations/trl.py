@@ -1,8 +1,9 @@
 r"""``DrGRPOTrainer``: TRL's ``GRPOTrainer`` with drgrpo's loss, advantages and step normaliser.
 
 Everything TRL does for scale stays TRL's; three things become drgrpo's: the advantages
-(:func:`drgrpo.group_advantages`), each micro-batch's loss (:func:`drgrpo.policy_loss`, or
-:func:`drgrpo.fused_policy_loss` with ``fused=True``, inside the wrapped model's forward) and one
+(:func:`drgrpo.group_advantages`, or another estimator of :func:`drgrpo.outcome_advantages`), each micro-batch's
+loss (:func:`drgrpo.policy_loss`, or :func:`drgrpo.fused_policy_loss` with ``fused=True``, inside the wrapped
+model's forward) and one
 :class:`drgrpo.StepNormalizer` per optimizer step. This module holds the trainer subclass, the generation of a
 whole accumulation window ahead and the logging; the settings policy lives in
 :mod:`drgrpo.integrations.trl_settings`. Why the window is generated ahead, which side decides each setting, what
@@ -32,7 +33,7 @@ import torch
 from packaging.version import Version
 from torch import Tensor
 
-from drgrpo.advantages import group_advantages
+from drgrpo.advantages import OUTCOME_ESTIMATORS, group_advantages, outcome_advantages
 from drgrpo.config import LossConfig
 from drgrpo.entropy import entropy_bonus, entropy_threshold, high_entropy_mask
 from drgrpo.fused import fused_policy_loss
@@ -91,7 +92,7 @@ def _loss_mask(inputs: dict[str, Any]) -> Tensor:
 class DrGRPOTrainer(GRPOTrainer):
     """TRL's ``GRPOTrainer`` whose advantages, loss and per-step normalisation are drgrpo's.
 
-    Constructed exactly like ``trl.GRPOTrainer`` plus two keyword arguments:
+    Constructed exactly like ``trl.GRPOTrainer`` plus three keyword arguments:
 
     Args:
         loss_config: a :class:`~drgrpo.LossConfig` or a preset name (``"dr_grpo"``, ``"dapo"``, ``"grpo"``,
@@ -101,6 +102,10 @@ class DrGRPOTrainer(GRPOTrainer):
         fused: compute the loss from the last hidden states and ``lm_head`` with
             :func:`drgrpo.fused_policy_loss` (no ``(B, T, V)`` logits, no TRL log-prob head; TRL's
             ``entropy`` metric comes from the same pass).
+        advantage: the outcome advantage estimator (:data:`drgrpo.advantages.OUTCOME_ESTIMATORS`): ``"grpo"``, the
+            loss config's group advantages; ``"rloo"``, ``"opo"``, ... :func:`drgrpo.outcome_advantages` of the
+            total reward over TRL's whole generation batch (every process's completions), ``opo`` and
+            ``reinforce_plus_plus_baseline`` weighting each completion by its trained-on token count.
 
     docs/trl.md lists what is exact, which TRL settings are read, aligned, refused or ignored.
     """
@@ -113,10 +118,16 @@ class DrGRPOTrainer(GRPOTrainer):
         *trainer_args: Any,
         loss_config: LossConfig | str | None = None,
         fused: bool = False,
+        advantage: str = "grpo",
         **trainer_kwargs: Any,
     ) -> None:
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
+        if advantage not in OUTCOME_ESTIMATORS:
+            raise ValueError(
+                f"advantage must be one of {', '.join(OUTCOME_ESTIMATORS)}; got {advantage!r} "
+                f"(e.g. {setting_hint('advantage', 'rloo')})"
+            )
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
             args = GRPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-DrGRPO")
@@ -130,6 +141,10 @@ class DrGRPOTrainer(GRPOTrainer):
                 setattr(args, name, value)
             logger.warning(message)
         self.loss_config = config
+        self.advantage = advantage
+        if advantage != "grpo":  # the estimator's refusals of this config (grpo_passk and a batch std), up front
+            group = args.num_generations or 2
+            outcome_advantages(torch.arange(2.0 * group), group, config, advantage, lengths=torch.ones(2 * group))
         # the entropy bonus is added by the trainer (its coefficient moves with use_adaptive_entropy)
         self._call_config = config.replace(entropy_coef=0.0) if config.entropy_coef != 0 else config
         # TRL's per-micro-batch definitions of the entropy mask and bonus (trl.* presets, no loss_config)
@@ -191,7 +206,10 @@ class DrGRPOTrainer(GRPOTrainer):
             raise RuntimeError("TRL's _generate_and_score_completions did not call _calculate_rewards")
         mode = self._mode()
         group = self.num_generations if mode == "train" else self.num_generations_eval
-        advantages = self._advantages(per_func, group)  # (N_global,) groups are contiguous
+        lengths = None
+        if self.advantage != "grpo":  # (N_global,) every process's trained-on token counts, in process order
+            lengths = self.accelerator.gather(_loss_mask(output).sum(dim=1)).to(per_func.dtype)
+        advantages = self._advantages(per_func, group, lengths)  # (N_global,) groups are contiguous
         local = output["advantages"].shape[0]
         start = self.accelerator.process_index * local
         output["advantages"] = advantages[start : start + local].to(output["advantages"].dtype)
@@ -202,7 +220,7 @@ class DrGRPOTrainer(GRPOTrainer):
         logged.extend(advantages.tolist())
         return output
 
-    def _advantages(self, per_func: Tensor, group: int) -> Tensor:
+    def _advantages(self, per_func: Tensor, group: int, lengths: Tensor | None = None) -> Tensor:
         """Advantages ``(N,)`` from every process's rewards ``(N, F)`` (NaN: not scored), groups of ``group``.
 
         The total reward is TRL's for ``multi_objective_aggregation``: ``sum_then_normalize``, the weighted sum;
@@ -210,7 +228,9 @@ class DrGRPOTrainer(GRPOTrainer):
         (``(r - mean) / (std + 1e-4)``). A function returning None adds nothing; a completion no function scored is
         NaN, left out of the statistics and given advantage 0 (every config has ``nan_rewards="ignore"``). The
         advantages are then the config's :func:`drgrpo.group_advantages` of that total, except that a ``trl.*``
-        preset with ``normalize_then_sum`` normalises over the whole batch, as TRL does there.
+        preset with ``normalize_then_sum`` normalises over the whole batch, as TRL does there. Another
+        ``advantage`` estimator is :func:`drgrpo.outcome_advantages` of the total reward, with ``lengths`` ``(N,)``
+        (every completion must then be scored).
         """
         weights = self.reward_weights.to(per_func.device).unsqueeze(0)  # (1, F)
         unscored = torch.isnan(per_func).all(dim=1)  # (N,)
@@ -218,11 +238,26 @@ class DrGRPOTrainer(GRPOTrainer):
         if self.multi_objective_aggregation == "normalize_then_sum":
             columns = [group_advantages(per_func[:, k], group, _PER_FUNCTION) for k in range(per_func.shape[1])]
             rewards = (torch.stack(columns, dim=1) * weights).sum(dim=1).masked_fill(unscored, float("nan"))
+            if self.advantage != "grpo":
+                return self._estimated(rewards, group, lengths)
             if config.name is not None and config.name.startswith("trl."):  # TRL: one group, the whole batch
                 return group_advantages(rewards, rewards.numel(), config.replace(advantage_std="group"))
             return group_advantages(rewards, group, config)
         rewards = (per_func * weights).nansum(dim=1).masked_fill(unscored, float("nan"))  # (N,)
+        if self.advantage != "grpo":
+            return self._estimated(rewards, group, lengths)
         return group_advantages(rewards, group, config)
+
+    def _estimated(self, rewards: Tensor, group: int, lengths: Tensor | None) -> Tensor:
+        """The ``advantage`` estimator's advantages ``(N,)`` of the total rewards ``(N,)`` (none may be NaN)."""
+        unscored = torch.isnan(rewards)
+        if bool(unscored.any()):
+            raise ValueError(
+                f"advantage={self.advantage!r} needs a reward for every completion, but {int(unscored.sum())} of "
+                f"{rewards.numel()} were scored by no reward function (None): only "
+                f"{setting_hint('advantage', 'grpo')} leaves unscored completions out"
+            )
+        return outcome_advantages(rewards, group, self.loss_config, self.advantage, lengths=lengths)
 
     # ----------------------------------------------------------------------- the accumulation window
 
@@ -646,7 +681,8 @@ def _is_dtensor(x: Any) -> bool:
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """``python -m drgrpo.integrations.trl``: ``trl grpo``'s command line, training with :class:`DrGRPOTrainer`.
 
-    The arguments are ``trl grpo``'s plus ``loss_config`` and ``fused`` (:mod:`drgrpo.integrations.trl_cli`).
+    The arguments are ``trl grpo``'s plus ``loss_config``, ``fused`` and ``advantage``
+    (:mod:`drgrpo.integrations.trl_cli`).
     """
     from drgrpo.integrations.trl_cli import main as cli_main
 
