@@ -8,6 +8,7 @@ whatever the gradient accumulation K and ``steps_per_generation`` (spg); ``trl.*
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -383,6 +384,16 @@ def test_the_adaptive_entropy_controller_is_trls(model_dir: Path, tmp_path: Path
     coefs = [[r["entropy_coef"] for r in t.state.log_history if "entropy_coef" in r] for t in (stock, ours)]
     assert coefs[0] == pytest.approx([0.03, 0.04, 0.04]) and coefs[1] == pytest.approx(coefs[0])
     assert ours._last_world_entropy == pytest.approx(stock._last_world_entropy, rel=1e-4)
+    assert ours._entropy_controller.last_entropy == ours._last_world_entropy  # one controller: drgrpo's
+    # TRL's checkpoint file of the controller, written and read back by TRL's own methods
+    ours._save_checkpoint(ours.model, trial=None)
+    checkpoint = Path(ours.args.output_dir) / f"checkpoint-{ours.state.global_step}"
+    saved = json.loads((checkpoint / "entropy_ctrl_state.json").read_text())
+    assert saved["entropy_coef"] == pytest.approx(0.04)
+    assert saved["last_world_entropy"] == pytest.approx(stock._last_world_entropy, rel=1e-4)
+    ours._entropy_controller.coef, ours._entropy_controller.last_entropy = 0.0, float("inf")
+    ours._load_optimizer_and_scheduler(str(checkpoint))
+    assert ours._applied_entropy_coef() == pytest.approx(0.04)  # restored: the next step's bonus
     assert h.relative_difference(ours.first_step_grads, stock.first_step_grads) <= TOL
     rows = [[r for r in t.state.log_history if "policy_loss" in r] for t in (stock, ours)]
     for a, b in zip(*rows):  # the logged loss includes the bonus from the second step on

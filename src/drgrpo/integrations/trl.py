@@ -35,7 +35,7 @@ from torch import Tensor
 
 from drgrpo.advantages import OUTCOME_ESTIMATORS, group_advantages, outcome_advantages
 from drgrpo.config import LossConfig
-from drgrpo.entropy import entropy_bonus, entropy_threshold, high_entropy_mask
+from drgrpo.entropy import AdaptiveEntropyCoef, entropy_bonus, entropy_threshold, high_entropy_mask
 from drgrpo.fused import fused_policy_loss
 from drgrpo.loss import LossOutput, per_token_loss, policy_loss
 from drgrpo.normalizer import StepNormalizer
@@ -150,6 +150,15 @@ class DrGRPOTrainer(GRPOTrainer):
         # TRL's per-micro-batch definitions of the entropy mask and bonus (trl.* presets, no loss_config)
         self._trl_definitions = (config.name or "").startswith("trl.")
         self.fused = fused
+        # TRL's entropy controller state (entropy_coef, _last_world_entropy: the attributes TRL's __init__ sets and
+        # its checkpoint file saves and restores) lives in drgrpo's controller, through the properties below
+        self._entropy_controller = AdaptiveEntropyCoef(
+            coef=args.entropy_coef,
+            coef_min=args.entropy_coef_min,
+            coef_max=args.entropy_coef_max,
+            delta=args.entropy_coef_delta,
+            target=args.entropy_target,
+        )
         self._window: _Window | None = None
         self._rewards_per_func: Tensor | None = None
         super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
@@ -377,37 +386,41 @@ class DrGRPOTrainer(GRPOTrainer):
             return entropy_bonus(entropy, mask, coef) / accumulation
         return entropy_bonus(entropy, mask, coef, normalizer)
 
+    @property
+    def entropy_coef(self) -> float:
+        """TRL's ``entropy_coef`` attribute (the coefficient after the last step): the controller's."""
+        return self._entropy_controller.coef
+
+    @entropy_coef.setter
+    def entropy_coef(self, value: float) -> None:  # TRL's __init__ and checkpoint loading set it
+        self._entropy_controller.coef = float(value)
+
+    @property
+    def _last_world_entropy(self) -> float:
+        """TRL's ``_last_world_entropy`` (the last step's entropy over all processes; inf before the first)."""
+        return self._entropy_controller.last_entropy
+
+    @_last_world_entropy.setter
+    def _last_world_entropy(self, value: float) -> None:
+        self._entropy_controller.last_entropy = float(value)
+
     def _applied_entropy_coef(self) -> float:
-        """``c`` for this step: ``entropy_coef``; with ``use_adaptive_entropy`` 0 while the entropy measured over the
-        previous optimizer step is above ``entropy_target`` (none measured yet: above)."""
-        args: GRPOConfig = self.args  # type: ignore[assignment]
-        if self.use_adaptive_entropy and self._last_world_entropy > args.entropy_target:
-            return 0.0
-        return float(self.entropy_coef)
+        """``c`` for this step: ``entropy_coef``; with ``use_adaptive_entropy`` the controller's
+        (:meth:`drgrpo.entropy.AdaptiveEntropyCoef.applied`: 0 until a step at or below ``entropy_target``)."""
+        return self._entropy_controller.applied() if self.use_adaptive_entropy else float(self.entropy_coef)
 
     def _observe_entropy(self, entropy: Tensor, mask: Tensor, mode: str) -> None:
-        """TRL's adaptive controller: add this micro-batch's ``sum H m`` and ``sum m`` to the step's window; at the
-        step's last micro-batch reduce them over the processes and move ``entropy_coef`` by ``entropy_coef_delta``
-        (up when the step's entropy was at or below ``entropy_target``, else down) within
-        ``[entropy_coef_min, entropy_coef_max]``. ``entropy_coef`` is logged once per step (TRL's state and
-        checkpoint file)."""
+        """TRL's adaptive controller (:class:`drgrpo.entropy.AdaptiveEntropyCoef`): this micro-batch's entropies
+        join the step's window; at the step's last micro-batch the window is reduced over the processes (one
+        reduce) and the coefficient updated. ``entropy_coef`` is logged once per step."""
         if mode != "train":
             return
-        args: GRPOConfig = self.args  # type: ignore[assignment]
         if self.use_adaptive_entropy:
-            m = mask.to(entropy.dtype)
-            stats = torch.stack([(entropy.detach() * m).sum(), m.sum()]).float()
-            window: Tensor | None = self._entropy_window_stats
-            self._entropy_window_stats = stats if window is None else window + stats  # type: ignore[assignment]
-            if self.accelerator.sync_gradients:  # the window's last micro-batch: one reduce, then the update
-                sums = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
-                measured = float(sums[0] / sums[1].clamp(min=1.0))
-                if measured <= args.entropy_target:
-                    self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
-                else:
-                    self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
-                self._last_world_entropy = measured
-                self._entropy_window_stats = None
+            controller = self._entropy_controller
+            controller.observe(entropy, mask)
+            if self.accelerator.sync_gradients:
+                sums = self.accelerator.reduce(controller.window(), reduction="sum")
+                controller.step(float(sums[0]), float(sums[1]))
         if self.accelerator.sync_gradients:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
