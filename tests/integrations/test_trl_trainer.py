@@ -244,7 +244,7 @@ def test_metrics_have_trls_names_and_values(model_dir: Path, tmp_path: Path):
     assert rows[2][0]["entropy"] == pytest.approx(rows[1][0]["entropy"], rel=1e-6)  # same weights: float32 rounding
 
 
-LOSS_METRICS = (*TRL_METRICS, "cispo_clip_ratio", "kl")  # what TRL's loss logs (besides vespo's, policy_loss)
+LOSS_METRICS = (*TRL_METRICS, "cispo_clip_ratio", "kl", "vespo/phi_seq_mean")  # what TRL's loss logs (and policy_loss)
 
 
 @pytest.mark.parametrize(
@@ -288,6 +288,9 @@ def test_every_loss_type_logs_trls_metrics_with_trls_values(model_dir: Path, tmp
         assert share > 0 and share * 16 == pytest.approx(round(share * 16))
     if "beta" in fields:
         assert rows[0][1]["kl"] > 1e-4
+    if fields["loss_type"] == "vespo":  # phi(1) = 1 on the first step; the second step's ratios move it
+        assert rows[0][0]["vespo/phi_seq_mean"] == pytest.approx(1.0, abs=1e-6)
+        assert abs(rows[0][1]["vespo/phi_seq_mean"] - 1) > 1e-4
 
 
 # --------------------------------------------------------------------------- the entropy bonus

@@ -597,6 +597,9 @@ class DrGRPOTrainer(GRPOTrainer):
             entries["cispo_clip_ratio"] = share(terms.clipped_high & (advantages > 0).unsqueeze(-1))
             if config.clip_low is not None:  # a lower clip of the weight (verl's CISPO): no TRL name
                 entries["drgrpo/clip_frac_low"] = share(terms.clipped_low)
+        elif config.surrogate == "vespo" and terms.sequence_weight is not None:
+            # TRL: the Gamma weight phi(w_i) averaged over all completions of all processes (empty ones: phi = 1)
+            entries["vespo/phi_seq_mean"] = (terms.sequence_weight.detach().to(torch.float32).sum(), rows)
         sums = torch.stack([value for value, _ in entries.values()] + [count for _, count in entries.values()])
         totals = self.accelerator.reduce(sums, reduction="sum")
         n = len(entries)
