@@ -478,8 +478,8 @@ TIMEOUT_S = 300  # and the parent gives up
 def run_ranks(jobs: list[dict[str, Any]], model_dir: Path, world_size: int, out_dir: Path) -> list[list[dict]]:
     """Run ``jobs`` (``run`` arguments) on ``world_size`` gloo processes; returns ``[rank][job]`` records.
 
-    A job is ``{"trainer": "drgrpo" or "stock", "k", "spg", "per_device", "loss_config", "fused"}`` plus any
-    GRPOConfig field; ``"model_dir"`` replaces ``model_dir`` for that job, and ``"fsdp2": plan`` or
+    A job is ``{"trainer": "drgrpo" or "stock", "k", "spg", "per_device", "loss_config", "fused", "advantage"}``
+    plus any GRPOConfig field; ``"model_dir"`` replaces ``model_dir`` for that job, and ``"fsdp2": plan`` or
     ``"zero3": True`` shard the model (``sharding.py``; such a record also has ``head`` and ``layout``).
 
     Each rank is a fresh ``python`` interpreter (not a fork of pytest's, whose thread pools are running) with
@@ -533,7 +533,11 @@ def _rank_main(argv: list[str]) -> None:
             cls = DrGRPOTrainer if job.pop("trainer") == "drgrpo" else GRPOTrainer
             k, spg, per_device = job.pop("k"), job.pop("spg"), job.pop("per_device")
             kwargs = (
-                {"loss_config": job.pop("loss_config"), "fused": job.pop("fused", False)}
+                {
+                    "loss_config": job.pop("loss_config"),
+                    "fused": job.pop("fused", False),
+                    "advantage": job.pop("advantage", "grpo"),
+                }
                 if cls is DrGRPOTrainer
                 else {}
             )

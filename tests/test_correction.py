@@ -91,6 +91,29 @@ def test_vespo_folds_the_weight_and_matches_the_oracle(mode):
     assert out.loss.item() != pytest.approx(plain.loss.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("mode", [None, "token_truncate"])
+def test_vespo_reports_phi_the_oracles_mean_over_completions(mode):
+    """metrics["vespo_phi_mean"]: phi(w_i) averaged over the B completions (an empty one has w = 1, phi = 1)."""
+    batch = random_batch(seed=37, empty_rows=1, ratio_scale=0.1)
+    sampling = sampler_logp(batch.old_logp, batch.mask, seed=7, scale=0.1)
+    config = preset("trl.vespo", sampling_correction=mode, sampling_clip_min=0.9, sampling_clip_max=1.1)
+    adv = group_advantages(batch.rewards, batch.group_size, config)
+    out = policy_loss(batch.logp, batch.old_logp, adv, batch.mask, config, sampling_logp=sampling)
+    _, rows = ref.oracle_rows(
+        batch.logp.double().numpy(),
+        batch.old_logp.double().numpy(),
+        adv.double().numpy(),
+        batch.mask.double().numpy(),
+        config,
+        sampling.double().numpy(),
+    )
+    phis = [ref.vespo_phi(row, config) for row in rows]
+    assert not all(row.tokens for row in rows) and max(abs(p - 1) for p in phis) > 0.05  # an empty row; phi moves
+    assert out.metrics["vespo_phi_mean"].item() == pytest.approx(sum(phis) / len(phis), rel=1e-12)
+    plain = policy_loss(batch.logp, batch.old_logp, adv, batch.mask, preset("dapo"))
+    assert "vespo_phi_mean" not in plain.metrics
+
+
 def test_vespo_refuses_a_sequence_correction():
     with pytest.raises(ValueError, match="surrogate 'vespo' folds the sampler correction into its weight token by"):
         LossConfig(surrogate="vespo", sampling_correction="sequence_mask")

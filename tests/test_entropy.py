@@ -127,7 +127,7 @@ def test_adaptive_coefficient_follows_trls_rule():
     c = AdaptiveEntropyCoef(coef=0.01, coef_min=0.0, coef_max=0.02, delta=0.005, target=0.5)
     assert c.applied() == 0.0  # nothing measured yet
     c.observe(torch.tensor([[0.2, 0.4, 9.0]]), torch.tensor([[1, 1, 0]]))  # mean 0.3 <= 0.5: more bonus
-    assert c.window() == pytest.approx((0.6000000000000001, 2.0))
+    assert c.window().tolist() == pytest.approx([0.6, 2.0])
     assert c.step() == pytest.approx(0.015) and c.applied() == pytest.approx(0.015)
     c.observe(torch.tensor([[0.2]]), torch.tensor([[1]]))
     assert c.step() == pytest.approx(0.02)  # capped at coef_max

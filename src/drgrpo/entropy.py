@@ -52,37 +52,38 @@ class AdaptiveEntropyCoef:
     """TRL's adaptive entropy coefficient (``use_adaptive_entropy``): the bonus applies ``coef`` while the last
     step's entropy is at most ``target`` (0 otherwise; none measured yet: 0); after each optimizer step ``coef``
     moves by ``delta`` towards more bonus if that step's entropy was at most ``target``, less otherwise, within
-    ``[coef_min, coef_max]``."""
+    ``[coef_min, coef_max]``. ``DrGRPOTrainer`` keeps TRL's state in it (``entropy_coef`` is :attr:`coef`,
+    ``_last_world_entropy`` is :attr:`last_entropy`)."""
 
     def __init__(self, coef: float, coef_min: float, coef_max: float, delta: float, target: float) -> None:
         self.coef, self.coef_min, self.coef_max, self.delta, self.target = coef, coef_min, coef_max, delta, target
         self.last_entropy = float("inf")  # no measurement yet: no bonus in the first step
-        self._sum, self._count = 0.0, 0.0
+        self._window: Tensor | None = None  # (2,) float32: sum H m, sum m of the current step so far
 
     def applied(self) -> float:
         """The coefficient every micro-batch of the current step uses."""
         return self.coef if self.last_entropy <= self.target else 0.0
 
     def observe(self, entropy: Tensor, mask: Tensor) -> None:
-        """Add a micro-batch's ``sum H m`` and ``sum m`` to the current step's window (reads them: a sync)."""
+        """Add a micro-batch's ``sum H m`` and ``sum m`` (``entropy``, ``mask`` ``(B, T)``) to the current step's
+        window (float32 tensors on ``entropy``'s device: no sync)."""
         m = mask.to(entropy.dtype)
-        self._sum += float((entropy.detach() * m).sum())
-        self._count += float(m.sum())
+        stats = torch.stack([(entropy.detach() * m).sum(), m.sum()]).float()
+        self._window = stats if self._window is None else self._window + stats
+
+    def window(self) -> Tensor:
+        """The current window's ``[sum H m, sum m]`` ``(2,)`` float32, e.g. to all-reduce before :meth:`step`."""
+        return torch.zeros(2) if self._window is None else self._window
 
     def step(self, entropy_sum: float | None = None, count: float | None = None) -> float:
         """End of an optimizer step: the window's mean entropy (pass the all-reduced ``sum`` and ``count`` to
         use every process's), the coefficient update, and the window reset. Returns the new ``coef``."""
-        total = self._sum if entropy_sum is None else entropy_sum
-        n = self._count if count is None else count
+        total, n = (float(x) for x in self.window()) if entropy_sum is None or count is None else (entropy_sum, count)
         world = total / max(n, 1.0)
         if world <= self.target:
             self.coef = min(self.coef + self.delta, self.coef_max)
         else:
             self.coef = max(self.coef - self.delta, self.coef_min)
         self.last_entropy = world
-        self._sum, self._count = 0.0, 0.0
+        self._window = None
         return self.coef
-
-    def window(self) -> tuple[float, float]:
-        """The current window's ``(sum H m, sum m)``, e.g. to all-reduce before :meth:`step`."""
-        return self._sum, self._count

@@ -48,6 +48,7 @@ class PerTokenLoss(NamedTuple):
     kl: Tensor | None  # (B, T) per-token KL, or None without ref_logp
     sampling_weight: Tensor | None = None  # (B, T) the sampler correction's weight rho (config.sampling_correction)
     keep: Tensor | None = None  # (B, 1) the off-policy mask (config.off_policy_mask_threshold)
+    sequence_weight: Tensor | None = None  # (B, 1) the surrogate's own weight of each completion (VESPO's phi)
 
 
 @dataclass
@@ -57,7 +58,8 @@ class LossOutput:
     loss: Tensor
     """Scalar, float32 for half-precision inputs, else the inputs' dtype."""
     metrics: dict[str, Tensor] = field(default_factory=dict)
-    """Detached scalars: clip_frac_low, clip_frac_high, ratio_mean, kl_mean, num_tokens."""
+    """Detached scalars: clip_frac_low, clip_frac_high, ratio_mean, kl_mean, num_tokens (and the others
+    :func:`policy_loss` lists)."""
     logp: Tensor | None = None
     """Detached per-token log-probs ``(B, T)`` (set by the fused path)."""
     entropy: Tensor | None = None
@@ -122,7 +124,8 @@ def per_token_loss(
         if config.beta != 0:
             # TRL's use_bias_correction_kl: weight the KL by the unclipped ratio (gradient flows through it)
             loss = loss + config.beta * (kl * ratio if config.kl_importance_weight else kl)
-    return PerTokenLoss(loss * m, ratio, term.clipped_low & real, term.clipped_high & real, kl, rho, keep)
+    clipped_low, clipped_high = term.clipped_low & real, term.clipped_high & real
+    return PerTokenLoss(loss * m, ratio, clipped_low, clipped_high, kl, rho, keep, term.weight)
 
 
 def policy_loss(
@@ -167,7 +170,9 @@ def policy_loss(
         :class:`LossOutput` with ``loss`` (scalar; float32 for bf16/fp16 inputs) and detached metrics
         ``clip_frac_low``, ``clip_frac_high``, ``ratio_mean``, ``kl_mean`` (over real tokens) and ``num_tokens``; with
         ``sampling_logp``, ``sampling_logp_difference_mean/max`` and (with a correction)
-        ``importance_sampling_ratio_min/mean/max`` (:func:`drgrpo.correction.sampling_metrics`).
+        ``importance_sampling_ratio_min/mean/max`` (:func:`drgrpo.correction.sampling_metrics`); with the ``vespo``
+        surrogate, ``vespo_phi_mean``, its Gamma weight ``phi(w_i)`` averaged over the ``B`` completions (empty ones
+        included, as TRL's ``vespo/phi_seq_mean``).
     """
     validate_inputs(logp, old_logp, advantages, mask, config, ref_logp, values=validate, sampling_logp=sampling_logp)
     check_entropy_inputs(config, logp, entropy, entropy_threshold, normalizer)
@@ -196,19 +201,23 @@ def policy_loss(
 
 
 def loss_metrics(terms: PerTokenLoss, mask: Tensor) -> dict[str, Tensor]:
-    """Detached masked means over real tokens (no ``.item()``: no device sync)."""
+    """Detached masked means over real tokens (no ``.item()``: no device sync); a surrogate's per-completion
+    weight (VESPO's phi) is averaged over the completions, as ``vespo_phi_mean``."""
     with torch.no_grad():
         m = mask.to(terms.ratio.dtype)
         count = m.sum()
         denom = count.clamp_min(1)
         kl_mean = (terms.kl * m).sum() / denom if terms.kl is not None else torch.zeros_like(count)
-        return {
+        metrics = {
             "clip_frac_low": (terms.clipped_low.to(m.dtype) * m).sum() / denom,
             "clip_frac_high": (terms.clipped_high.to(m.dtype) * m).sum() / denom,
             "ratio_mean": (terms.ratio * m).sum() / denom,
             "kl_mean": kl_mean,
             "num_tokens": count,
         }
+        if terms.sequence_weight is not None:
+            metrics["vespo_phi_mean"] = terms.sequence_weight.detach().sum() / max(terms.sequence_weight.numel(), 1)
+        return metrics
 
 
 def check_entropy_inputs(

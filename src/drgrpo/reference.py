@@ -328,31 +328,34 @@ def clip_cov_losses(rows: list[OracleRow], config: LossConfig) -> list[list[floa
     return loss
 
 
-def vespo_losses(rows: list[OracleRow], config: LossConfig) -> list[list[float]]:
-    """VESPO: ``-phi(w) A logp`` on every token of a completion, ``phi(w) = exp(lambda + k log w - lambda w)`` with
-    ``log w`` the clamped sum of the clamped token log-ratios and log sampler weights (the value; phi carries no
-    gradient)."""
+def vespo_phi(row: OracleRow, config: LossConfig) -> float:
+    """VESPO's weight of one completion, ``phi(w) = exp(lambda + k log w - lambda w)`` with ``log w`` the clamped sum
+    of the clamped token log-ratios and log sampler weights; 1 for a completion with no token (``w = 1``)."""
+    if not row.tokens:
+        return 1.0
     floor = math.log(1e-8)
+    log_w = 0.0
+    for t in row.tokens:
+        log_w += min(max(t.logp - t.old_logp, -20.0), 20.0)
+        if t.sampling_weight is not None:
+            log_rho = math.log(t.sampling_weight) if t.sampling_weight > 0 else -math.inf
+            log_w += min(max(log_rho, floor), 20.0)
+    log_w = min(max(log_w, floor), 20.0)
+    adv = row.tokens[0].adv
+    k = config.vespo_k_pos if adv >= 0 else config.vespo_k_neg
+    lam = max(config.vespo_lambda_pos if adv >= 0 else config.vespo_lambda_neg, 1e-4)
+    try:
+        return math.exp(lam + k * log_w - lam * math.exp(log_w))
+    except OverflowError:
+        return 0.0  # TRL: a non-finite weight is 0
+
+
+def vespo_losses(rows: list[OracleRow], config: LossConfig) -> list[list[float]]:
+    """VESPO: ``-phi(w) A logp`` on every token of a completion (:func:`vespo_phi`; phi carries no gradient)."""
     out: list[list[float]] = []
     for row in rows:
-        if not row.tokens:
-            out.append([])
-            continue
-        log_w = 0.0
-        for t in row.tokens:
-            log_w += min(max(t.logp - t.old_logp, -20.0), 20.0)
-            if t.sampling_weight is not None:
-                log_rho = math.log(t.sampling_weight) if t.sampling_weight > 0 else -math.inf
-                log_w += min(max(log_rho, floor), 20.0)
-        log_w = min(max(log_w, floor), 20.0)
-        adv = row.tokens[0].adv
-        k = config.vespo_k_pos if adv >= 0 else config.vespo_k_neg
-        lam = max(config.vespo_lambda_pos if adv >= 0 else config.vespo_lambda_neg, 1e-4)
-        try:
-            phi = math.exp(lam + k * log_w - lam * math.exp(log_w))
-        except OverflowError:
-            phi = 0.0  # TRL: a non-finite weight is 0
-        out.append([-phi * adv * t.logp for t in row.tokens])
+        phi = vespo_phi(row, config)
+        out.append([-phi * t.adv * t.logp for t in row.tokens])
     return out
 
 
@@ -454,29 +457,24 @@ def aggregate(
 
 
 # --------------------------------------------------------------------------- the whole loss
-def per_token_losses(
+def oracle_rows(
     logp: ArrayLike,
-    old_logp: ArrayLike | None,
+    old_logp: ArrayLike,
     advantages: ArrayLike,
     mask: ArrayLike,
     config: LossConfig,
-    ref_logp: ArrayLike | None = None,
     sampling_logp: ArrayLike | None = None,
-    entropy_keep: np.ndarray | None = None,
-) -> np.ndarray:
-    """The per-token loss ``(B, T)`` (0 on padding): the surrogate, times the sampler correction's weight, the
-    off-policy mask and the entropy mask (``entropy_keep``, 0/1) where the config has them, plus ``beta`` times the
-    KL."""
+) -> tuple[list[list[int]], list[OracleRow]]:
+    """Each completion's real token positions and its :class:`OracleRow` (ratios at the config's level, the sampler
+    correction's weights where the config has one)."""
     lp = np.asarray(logp, dtype=np.float64)
-    old = lp if old_logp is None else np.asarray(old_logp, dtype=np.float64)
+    old = np.asarray(old_logp, dtype=np.float64)
     sampling = None if sampling_logp is None else np.asarray(sampling_logp, dtype=np.float64)
-    ref = None if ref_logp is None else np.asarray(ref_logp, dtype=np.float64)
     adv = np.asarray(advantages, dtype=np.float64)
     m = np.asarray(mask, dtype=np.float64)
     b, t = lp.shape
-    out = np.zeros((b, t))
-    member = SURROGATES.get(config.surrogate)
-    positions, rows = [], []
+    positions: list[list[int]] = []
+    rows: list[OracleRow] = []
     for i in range(b):
         tokens = [j for j in range(t) if m[i, j] != 0]
         if config.ratio_level == "sequence":
@@ -496,6 +494,31 @@ def per_token_losses(
             row.append(OracleToken(math.exp(log_ratio), float(adv[i]), float(lp[i, j]), float(old[i, j]), w))
         positions.append(tokens)
         rows.append(OracleRow(row))
+    return positions, rows
+
+
+def per_token_losses(
+    logp: ArrayLike,
+    old_logp: ArrayLike | None,
+    advantages: ArrayLike,
+    mask: ArrayLike,
+    config: LossConfig,
+    ref_logp: ArrayLike | None = None,
+    sampling_logp: ArrayLike | None = None,
+    entropy_keep: np.ndarray | None = None,
+) -> np.ndarray:
+    """The per-token loss ``(B, T)`` (0 on padding): the surrogate, times the sampler correction's weight, the
+    off-policy mask and the entropy mask (``entropy_keep``, 0/1) where the config has them, plus ``beta`` times the
+    KL."""
+    lp = np.asarray(logp, dtype=np.float64)
+    old = lp if old_logp is None else np.asarray(old_logp, dtype=np.float64)
+    sampling = None if sampling_logp is None else np.asarray(sampling_logp, dtype=np.float64)
+    ref = None if ref_logp is None else np.asarray(ref_logp, dtype=np.float64)
+    adv = np.asarray(advantages, dtype=np.float64)
+    b, t = lp.shape
+    out = np.zeros((b, t))
+    member = SURROGATES.get(config.surrogate)
+    positions, rows = oracle_rows(lp, old, adv, mask, config, sampling)
     if member.batch_oracle is not None:
         losses = member.batch_oracle(rows, config)
     else:

@@ -30,6 +30,7 @@ class Surrogate(NamedTuple):
     loss: Tensor  # (B, T) per-token loss
     clipped_low: Tensor  # (B, T) bool: the lower bound 1 - eps_low is active
     clipped_high: Tensor  # (B, T) bool: the upper bound 1 + eps_high is active
+    weight: Tensor | None = None  # (B, 1) a member's own per-completion weight, reported as a metric (VESPO's phi)
 
 
 class SurrogateInputs(NamedTuple):
@@ -462,4 +463,4 @@ def vespo(x: SurrogateInputs, config: LossConfig) -> Surrogate:
         ).clamp_min(1e-4)
         phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
     never = torch.zeros_like(x.ratio, dtype=torch.bool)
-    return Surrogate(-phi * x.adv * x.logp, never, never)
+    return Surrogate(-phi * x.adv * x.logp, never, never, weight=phi)

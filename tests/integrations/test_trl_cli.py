@@ -149,6 +149,11 @@ def test_under_accelerate_launch_and_the_drgrpo_alias(workdir: Path):
         ),
         ({"model_name_or_path:": "model_name_or_path: ''  #"}, "no model: set --model_name_or_path"),
         ({"seed: 0": "seed: 0\ndataset_train_split: training"}, "no split 'training' (--dataset_train_split; its"),
+        (  # the estimator's name, with the choices and a flag for the fix
+            {"seed: 0": "seed: 0\nadvantage: rlooo"},
+            "advantage must be one of grpo, rloo, reinforce_plus_plus_baseline, opo, grpo_passk, gpg; got 'rlooo' "
+            "(e.g. --advantage rloo)",
+        ),
     ],
 )
 def test_configuration_errors_are_one_line_with_exit_code_2(
@@ -205,14 +210,15 @@ def test_the_parser_is_trl_grpos_plus_two_fields(tmp_path: Path):
             """
         )
     )
-    script, grpo, model, _, ours = parser.parse_args_and_config(["--config", str(recipe), "--fused", "true"])
+    argv = ["--config", str(recipe), "--fused", "true", "--advantage", "opo"]
+    script, grpo, model, _, ours = parser.parse_args_and_config(argv)
     assert (script.dataset_name, model.model_name_or_path, model.lora_r, grpo.output_dir) == (
         "d",
         "m",
         8,
         str(tmp_path),
     )
-    assert isinstance(ours, DrGRPOArguments) and ours.fused is True
+    assert isinstance(ours, DrGRPOArguments) and ours.fused is True and ours.advantage == "opo"
     assert ours.loss_config == {"preset": "dapo", "clip_high": 0.3}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("trl")
 
@@ -64,3 +65,30 @@ def test_the_entropy_mask_and_bonus_on_two_processes_give_the_whole_batch_gradie
         for rank, r in enumerate(ranks):
             diff = h.relative_difference(r[j]["grads"][0], grads)
             assert diff <= 1e-5, f"{jobs[j]}: rank {rank} gradient differs from the whole batch's by {diff:.3g}"
+
+
+@pytest.mark.slow
+def test_advantage_estimators_on_two_processes_see_the_whole_generation_batch(tmp_path: Path) -> None:
+    """advantage="gpg" (its alpha counts the whole batch's nonzero rewards) and "opo" (length weights, a group split
+    over the processes): both ranks' advantages are the float64 oracle's of every rank's rewards and lengths."""
+    from drgrpo import reference
+    from drgrpo.train.tiny import build_tokenizer
+
+    model_dir = h.save_tiny_model(tmp_path / "tiny")
+    jobs = [
+        {"trainer": "drgrpo", "loss_config": "dr_grpo", "k": 1, "spg": 1, "per_device": 2, "advantage": name}
+        for name in ("gpg", "opo")
+    ]
+    ranks = h.run_ranks(jobs, model_dir, 2, tmp_path / "ranks")
+    tokenizer = build_tokenizer()
+    for j, job in enumerate(jobs):
+        outs = [r[j]["generations"][0][1] for r in ranks]  # process order: TRL's gather order
+        ids = torch.cat([o["completion_ids"] for o in outs])
+        mask = torch.cat([o["completion_mask"] for o in outs])
+        texts = [tokenizer.decode(i[m.bool()].tolist(), skip_special_tokens=True) for i, m in zip(ids, mask)]
+        rewards = h.digit_reward(texts)
+        want = reference.outcome_advantages(rewards, h.G, job["advantage"], lengths=mask.sum(1).tolist())
+        got = torch.cat([o["advantages"] for o in outs]).double()
+        assert len(rewards) == 2 * 2 and torch.allclose(got, torch.as_tensor(want), rtol=1e-6, atol=1e-6), job
+        local = reference.outcome_advantages(rewards[:2], 2, job["advantage"], lengths=mask.sum(1)[:2].tolist())
+        assert float(torch.as_tensor(want[:2] - local).abs().max()) > 1e-3  # one process's rows alone would differ

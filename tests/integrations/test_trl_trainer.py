@@ -8,6 +8,7 @@ whatever the gradient accumulation K and ``steps_per_generation`` (spg); ``trl.*
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -150,6 +151,43 @@ def test_vespo_and_luspo_without_loss_config_are_stock_trl_off_policy(model_dir:
     assert h.relative_difference(ours.step_grads[1], on_policy) > 1e-4  # the second step is off-policy
 
 
+# --------------------------------------------------------------------------- advantage estimators
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "opo"])
+def test_advantage_estimators_feed_the_loss_the_float64_oracles_advantages(
+    model_dir: Path, tmp_path: Path, estimator: str
+):
+    """advantage="rloo" / "opo": the advantages of TRL's generation batch, and of the micro-batch the loss gets,
+    are reference.outcome_advantages (float64, plain loops) of the same rewards and completion lengths."""
+    from drgrpo import reference
+
+    trainer = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path, 1, 1), loss_config="dr_grpo", advantage=estimator)
+    assert trainer.advantage == estimator
+    (_, out), micro = trainer.generations[0], trainer.micro[0]
+    tokenizer = build_tokenizer()
+    rows = zip(out["completion_ids"], out["completion_mask"])
+    texts = [tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True) for ids, m in rows]
+    lengths = out["completion_mask"].sum(1)
+    assert int(lengths.min()) < int(lengths.max())  # ragged: opo's length weights matter
+    want = reference.outcome_advantages(h.digit_reward(texts), h.G, estimator, lengths=lengths.tolist())
+    assert torch.allclose(out["advantages"].double(), torch.as_tensor(want), rtol=1e-6, atol=1e-6)
+    grpo = reference.config_advantages(h.digit_reward(texts), h.G, trainer.loss_config)
+    assert float(torch.as_tensor(want - grpo).abs().max()) > 1e-2  # not the default estimator's
+    fed = {(tuple(p.tolist()), tuple(c.tolist())): float(a) for p, c, a in zip(*_rows(micro))}
+    made = {(tuple(p.tolist()), tuple(c.tolist())): float(a) for p, c, a in zip(*_rows(out))}
+    assert fed == made  # the loss's micro-batch carries them
+
+
+def _rows(batch: dict) -> tuple:
+    return batch["prompt_ids"], batch["completion_ids"] * batch["completion_mask"], batch["advantages"]
+
+
+def test_an_unknown_advantage_estimator_is_one_clear_error(model_dir: Path, tmp_path: Path):
+    with pytest.raises(ValueError, match=r"^advantage must be one of grpo, rloo, .*, gpg; got 'rlooo' \(e.g. advan"):
+        DrGRPOTrainer(str(model_dir), h.digit_reward, _args(tmp_path), h.train_dataset(8), advantage="rlooo")
+
+
 # --------------------------------------------------------------------------- fused
 
 
@@ -206,7 +244,7 @@ def test_metrics_have_trls_names_and_values(model_dir: Path, tmp_path: Path):
     assert rows[2][0]["entropy"] == pytest.approx(rows[1][0]["entropy"], rel=1e-6)  # same weights: float32 rounding
 
 
-LOSS_METRICS = (*TRL_METRICS, "cispo_clip_ratio", "kl")  # what TRL's loss logs (besides vespo's, policy_loss)
+LOSS_METRICS = (*TRL_METRICS, "cispo_clip_ratio", "kl", "vespo/phi_seq_mean")  # what TRL's loss logs (and policy_loss)
 
 
 @pytest.mark.parametrize(
@@ -250,6 +288,9 @@ def test_every_loss_type_logs_trls_metrics_with_trls_values(model_dir: Path, tmp
         assert share > 0 and share * 16 == pytest.approx(round(share * 16))
     if "beta" in fields:
         assert rows[0][1]["kl"] > 1e-4
+    if fields["loss_type"] == "vespo":  # phi(1) = 1 on the first step; the second step's ratios move it
+        assert rows[0][0]["vespo/phi_seq_mean"] == pytest.approx(1.0, abs=1e-6)
+        assert abs(rows[0][1]["vespo/phi_seq_mean"] - 1) > 1e-4
 
 
 # --------------------------------------------------------------------------- the entropy bonus
@@ -346,6 +387,16 @@ def test_the_adaptive_entropy_controller_is_trls(model_dir: Path, tmp_path: Path
     coefs = [[r["entropy_coef"] for r in t.state.log_history if "entropy_coef" in r] for t in (stock, ours)]
     assert coefs[0] == pytest.approx([0.03, 0.04, 0.04]) and coefs[1] == pytest.approx(coefs[0])
     assert ours._last_world_entropy == pytest.approx(stock._last_world_entropy, rel=1e-4)
+    assert ours._entropy_controller.last_entropy == ours._last_world_entropy  # one controller: drgrpo's
+    # TRL's checkpoint file of the controller, written and read back by TRL's own methods
+    ours._save_checkpoint(ours.model, trial=None)
+    checkpoint = Path(ours.args.output_dir) / f"checkpoint-{ours.state.global_step}"
+    saved = json.loads((checkpoint / "entropy_ctrl_state.json").read_text())
+    assert saved["entropy_coef"] == pytest.approx(0.04)
+    assert saved["last_world_entropy"] == pytest.approx(stock._last_world_entropy, rel=1e-4)
+    ours._entropy_controller.coef, ours._entropy_controller.last_entropy = 0.0, float("inf")
+    ours._load_optimizer_and_scheduler(str(checkpoint))
+    assert ours._applied_entropy_coef() == pytest.approx(0.04)  # restored: the next step's bonus
     assert h.relative_difference(ours.first_step_grads, stock.first_step_grads) <= TOL
     rows = [[r for r in t.state.log_history if "policy_loss" in r] for t in (stock, ours)]
     for a, b in zip(*rows):  # the logged loss includes the bonus from the second step on

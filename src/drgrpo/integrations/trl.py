@@ -1,8 +1,9 @@
 r"""``DrGRPOTrainer``: TRL's ``GRPOTrainer`` with drgrpo's loss, advantages and step normaliser.
 
 Everything TRL does for scale stays TRL's; three things become drgrpo's: the advantages
-(:func:`drgrpo.group_advantages`), each micro-batch's loss (:func:`drgrpo.policy_loss`, or
-:func:`drgrpo.fused_policy_loss` with ``fused=True``, inside the wrapped model's forward) and one
+(:func:`drgrpo.group_advantages`, or another estimator of :func:`drgrpo.outcome_advantages`), each micro-batch's
+loss (:func:`drgrpo.policy_loss`, or :func:`drgrpo.fused_policy_loss` with ``fused=True``, inside the wrapped
+model's forward) and one
 :class:`drgrpo.StepNormalizer` per optimizer step. This module holds the trainer subclass, the generation of a
 whole accumulation window ahead and the logging; the settings policy lives in
 :mod:`drgrpo.integrations.trl_settings`. Why the window is generated ahead, which side decides each setting, what
@@ -32,9 +33,9 @@ import torch
 from packaging.version import Version
 from torch import Tensor
 
-from drgrpo.advantages import group_advantages
+from drgrpo.advantages import OUTCOME_ESTIMATORS, group_advantages, outcome_advantages
 from drgrpo.config import LossConfig
-from drgrpo.entropy import entropy_bonus, entropy_threshold, high_entropy_mask
+from drgrpo.entropy import AdaptiveEntropyCoef, entropy_bonus, entropy_threshold, high_entropy_mask
 from drgrpo.fused import fused_policy_loss
 from drgrpo.loss import LossOutput, per_token_loss, policy_loss
 from drgrpo.normalizer import StepNormalizer
@@ -91,7 +92,7 @@ def _loss_mask(inputs: dict[str, Any]) -> Tensor:
 class DrGRPOTrainer(GRPOTrainer):
     """TRL's ``GRPOTrainer`` whose advantages, loss and per-step normalisation are drgrpo's.
 
-    Constructed exactly like ``trl.GRPOTrainer`` plus two keyword arguments:
+    Constructed exactly like ``trl.GRPOTrainer`` plus three keyword arguments:
 
     Args:
         loss_config: a :class:`~drgrpo.LossConfig` or a preset name (``"dr_grpo"``, ``"dapo"``, ``"grpo"``,
@@ -101,6 +102,10 @@ class DrGRPOTrainer(GRPOTrainer):
         fused: compute the loss from the last hidden states and ``lm_head`` with
             :func:`drgrpo.fused_policy_loss` (no ``(B, T, V)`` logits, no TRL log-prob head; TRL's
             ``entropy`` metric comes from the same pass).
+        advantage: the outcome advantage estimator (:data:`drgrpo.advantages.OUTCOME_ESTIMATORS`): ``"grpo"``, the
+            loss config's group advantages; ``"rloo"``, ``"opo"``, ... :func:`drgrpo.outcome_advantages` of the
+            total reward over TRL's whole generation batch (every process's completions), ``opo`` and
+            ``reinforce_plus_plus_baseline`` weighting each completion by its trained-on token count.
 
     docs/trl.md lists what is exact, which TRL settings are read, aligned, refused or ignored.
     """
@@ -113,10 +118,16 @@ class DrGRPOTrainer(GRPOTrainer):
         *trainer_args: Any,
         loss_config: LossConfig | str | None = None,
         fused: bool = False,
+        advantage: str = "grpo",
         **trainer_kwargs: Any,
     ) -> None:
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
+        if advantage not in OUTCOME_ESTIMATORS:
+            raise ValueError(
+                f"advantage must be one of {', '.join(OUTCOME_ESTIMATORS)}; got {advantage!r} "
+                f"(e.g. {setting_hint('advantage', 'rloo')})"
+            )
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
             args = GRPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-DrGRPO")
@@ -130,11 +141,24 @@ class DrGRPOTrainer(GRPOTrainer):
                 setattr(args, name, value)
             logger.warning(message)
         self.loss_config = config
+        self.advantage = advantage
+        if advantage != "grpo":  # the estimator's refusals of this config (grpo_passk and a batch std), up front
+            group = args.num_generations or 2
+            outcome_advantages(torch.arange(2.0 * group), group, config, advantage, lengths=torch.ones(2 * group))
         # the entropy bonus is added by the trainer (its coefficient moves with use_adaptive_entropy)
         self._call_config = config.replace(entropy_coef=0.0) if config.entropy_coef != 0 else config
         # TRL's per-micro-batch definitions of the entropy mask and bonus (trl.* presets, no loss_config)
         self._trl_definitions = (config.name or "").startswith("trl.")
         self.fused = fused
+        # TRL's entropy controller state (entropy_coef, _last_world_entropy: the attributes TRL's __init__ sets and
+        # its checkpoint file saves and restores) lives in drgrpo's controller, through the properties below
+        self._entropy_controller = AdaptiveEntropyCoef(
+            coef=args.entropy_coef,
+            coef_min=args.entropy_coef_min,
+            coef_max=args.entropy_coef_max,
+            delta=args.entropy_coef_delta,
+            target=args.entropy_target,
+        )
         self._window: _Window | None = None
         self._rewards_per_func: Tensor | None = None
         super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
@@ -191,7 +215,10 @@ class DrGRPOTrainer(GRPOTrainer):
             raise RuntimeError("TRL's _generate_and_score_completions did not call _calculate_rewards")
         mode = self._mode()
         group = self.num_generations if mode == "train" else self.num_generations_eval
-        advantages = self._advantages(per_func, group)  # (N_global,) groups are contiguous
+        lengths = None
+        if self.advantage != "grpo":  # (N_global,) every process's trained-on token counts, in process order
+            lengths = self.accelerator.gather(_loss_mask(output).sum(dim=1)).to(per_func.dtype)
+        advantages = self._advantages(per_func, group, lengths)  # (N_global,) groups are contiguous
         local = output["advantages"].shape[0]
         start = self.accelerator.process_index * local
         output["advantages"] = advantages[start : start + local].to(output["advantages"].dtype)
@@ -202,7 +229,7 @@ class DrGRPOTrainer(GRPOTrainer):
         logged.extend(advantages.tolist())
         return output
 
-    def _advantages(self, per_func: Tensor, group: int) -> Tensor:
+    def _advantages(self, per_func: Tensor, group: int, lengths: Tensor | None = None) -> Tensor:
         """Advantages ``(N,)`` from every process's rewards ``(N, F)`` (NaN: not scored), groups of ``group``.
 
         The total reward is TRL's for ``multi_objective_aggregation``: ``sum_then_normalize``, the weighted sum;
@@ -210,7 +237,9 @@ class DrGRPOTrainer(GRPOTrainer):
         (``(r - mean) / (std + 1e-4)``). A function returning None adds nothing; a completion no function scored is
         NaN, left out of the statistics and given advantage 0 (every config has ``nan_rewards="ignore"``). The
         advantages are then the config's :func:`drgrpo.group_advantages` of that total, except that a ``trl.*``
-        preset with ``normalize_then_sum`` normalises over the whole batch, as TRL does there.
+        preset with ``normalize_then_sum`` normalises over the whole batch, as TRL does there. Another
+        ``advantage`` estimator is :func:`drgrpo.outcome_advantages` of the total reward, with ``lengths`` ``(N,)``
+        (every completion must then be scored).
         """
         weights = self.reward_weights.to(per_func.device).unsqueeze(0)  # (1, F)
         unscored = torch.isnan(per_func).all(dim=1)  # (N,)
@@ -218,11 +247,26 @@ class DrGRPOTrainer(GRPOTrainer):
         if self.multi_objective_aggregation == "normalize_then_sum":
             columns = [group_advantages(per_func[:, k], group, _PER_FUNCTION) for k in range(per_func.shape[1])]
             rewards = (torch.stack(columns, dim=1) * weights).sum(dim=1).masked_fill(unscored, float("nan"))
+            if self.advantage != "grpo":
+                return self._estimated(rewards, group, lengths)
             if config.name is not None and config.name.startswith("trl."):  # TRL: one group, the whole batch
                 return group_advantages(rewards, rewards.numel(), config.replace(advantage_std="group"))
             return group_advantages(rewards, group, config)
         rewards = (per_func * weights).nansum(dim=1).masked_fill(unscored, float("nan"))  # (N,)
+        if self.advantage != "grpo":
+            return self._estimated(rewards, group, lengths)
         return group_advantages(rewards, group, config)
+
+    def _estimated(self, rewards: Tensor, group: int, lengths: Tensor | None) -> Tensor:
+        """The ``advantage`` estimator's advantages ``(N,)`` of the total rewards ``(N,)`` (none may be NaN)."""
+        unscored = torch.isnan(rewards)
+        if bool(unscored.any()):
+            raise ValueError(
+                f"advantage={self.advantage!r} needs a reward for every completion, but {int(unscored.sum())} of "
+                f"{rewards.numel()} were scored by no reward function (None): only "
+                f"{setting_hint('advantage', 'grpo')} leaves unscored completions out"
+            )
+        return outcome_advantages(rewards, group, self.loss_config, self.advantage, lengths=lengths)
 
     # ----------------------------------------------------------------------- the accumulation window
 
@@ -342,37 +386,41 @@ class DrGRPOTrainer(GRPOTrainer):
             return entropy_bonus(entropy, mask, coef) / accumulation
         return entropy_bonus(entropy, mask, coef, normalizer)
 
+    @property
+    def entropy_coef(self) -> float:
+        """TRL's ``entropy_coef`` attribute (the coefficient after the last step): the controller's."""
+        return self._entropy_controller.coef
+
+    @entropy_coef.setter
+    def entropy_coef(self, value: float) -> None:  # TRL's __init__ and checkpoint loading set it
+        self._entropy_controller.coef = float(value)
+
+    @property
+    def _last_world_entropy(self) -> float:
+        """TRL's ``_last_world_entropy`` (the last step's entropy over all processes; inf before the first)."""
+        return self._entropy_controller.last_entropy
+
+    @_last_world_entropy.setter
+    def _last_world_entropy(self, value: float) -> None:
+        self._entropy_controller.last_entropy = float(value)
+
     def _applied_entropy_coef(self) -> float:
-        """``c`` for this step: ``entropy_coef``; with ``use_adaptive_entropy`` 0 while the entropy measured over the
-        previous optimizer step is above ``entropy_target`` (none measured yet: above)."""
-        args: GRPOConfig = self.args  # type: ignore[assignment]
-        if self.use_adaptive_entropy and self._last_world_entropy > args.entropy_target:
-            return 0.0
-        return float(self.entropy_coef)
+        """``c`` for this step: ``entropy_coef``; with ``use_adaptive_entropy`` the controller's
+        (:meth:`drgrpo.entropy.AdaptiveEntropyCoef.applied`: 0 until a step at or below ``entropy_target``)."""
+        return self._entropy_controller.applied() if self.use_adaptive_entropy else float(self.entropy_coef)
 
     def _observe_entropy(self, entropy: Tensor, mask: Tensor, mode: str) -> None:
-        """TRL's adaptive controller: add this micro-batch's ``sum H m`` and ``sum m`` to the step's window; at the
-        step's last micro-batch reduce them over the processes and move ``entropy_coef`` by ``entropy_coef_delta``
-        (up when the step's entropy was at or below ``entropy_target``, else down) within
-        ``[entropy_coef_min, entropy_coef_max]``. ``entropy_coef`` is logged once per step (TRL's state and
-        checkpoint file)."""
+        """TRL's adaptive controller (:class:`drgrpo.entropy.AdaptiveEntropyCoef`): this micro-batch's entropies
+        join the step's window; at the step's last micro-batch the window is reduced over the processes (one
+        reduce) and the coefficient updated. ``entropy_coef`` is logged once per step."""
         if mode != "train":
             return
-        args: GRPOConfig = self.args  # type: ignore[assignment]
         if self.use_adaptive_entropy:
-            m = mask.to(entropy.dtype)
-            stats = torch.stack([(entropy.detach() * m).sum(), m.sum()]).float()
-            window: Tensor | None = self._entropy_window_stats
-            self._entropy_window_stats = stats if window is None else window + stats  # type: ignore[assignment]
-            if self.accelerator.sync_gradients:  # the window's last micro-batch: one reduce, then the update
-                sums = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
-                measured = float(sums[0] / sums[1].clamp(min=1.0))
-                if measured <= args.entropy_target:
-                    self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
-                else:
-                    self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
-                self._last_world_entropy = measured
-                self._entropy_window_stats = None
+            controller = self._entropy_controller
+            controller.observe(entropy, mask)
+            if self.accelerator.sync_gradients:
+                sums = self.accelerator.reduce(controller.window(), reduction="sum")
+                controller.step(float(sums[0]), float(sums[1]))
         if self.accelerator.sync_gradients:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
@@ -549,6 +597,9 @@ class DrGRPOTrainer(GRPOTrainer):
             entries["cispo_clip_ratio"] = share(terms.clipped_high & (advantages > 0).unsqueeze(-1))
             if config.clip_low is not None:  # a lower clip of the weight (verl's CISPO): no TRL name
                 entries["drgrpo/clip_frac_low"] = share(terms.clipped_low)
+        elif config.surrogate == "vespo" and terms.sequence_weight is not None:
+            # TRL: the Gamma weight phi(w_i) averaged over all completions of all processes (empty ones: phi = 1)
+            entries["vespo/phi_seq_mean"] = (terms.sequence_weight.detach().to(torch.float32).sum(), rows)
         sums = torch.stack([value for value, _ in entries.values()] + [count for _, count in entries.values()])
         totals = self.accelerator.reduce(sums, reduction="sum")
         n = len(entries)
@@ -646,7 +697,8 @@ def _is_dtensor(x: Any) -> bool:
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """``python -m drgrpo.integrations.trl``: ``trl grpo``'s command line, training with :class:`DrGRPOTrainer`.
 
-    The arguments are ``trl grpo``'s plus ``loss_config`` and ``fused`` (:mod:`drgrpo.integrations.trl_cli`).
+    The arguments are ``trl grpo``'s plus ``loss_config``, ``fused`` and ``advantage``
+    (:mod:`drgrpo.integrations.trl_cli`).
     """
     from drgrpo.integrations.trl_cli import main as cli_main
 

@@ -3,7 +3,7 @@
 It takes what ``trl grpo`` takes, parsed by TRL's own ``TrlParser``: a YAML file (``--config``, with an ``env``
 section) and flags, over TRL's script arguments (``dataset_name``, ``reward_funcs``,
 ``reward_model_name_or_path``, ...), every ``GRPOConfig`` field, every ``ModelConfig`` field (model path, dtype,
-LoRA) and the dataset mixture (``datasets:``); plus drgrpo's two, ``loss_config`` and ``fused``
+LoRA) and the dataset mixture (``datasets:``); plus drgrpo's three, ``loss_config``, ``fused`` and ``advantage``
 (:class:`DrGRPOArguments`). The run is ``trl grpo``'s: load the dataset (the Hub, a local directory of
 JSON/Parquet/CSV files, or a mixture), build the reward functions (TRL's registry names or a dotted path), train,
 save the model to ``output_dir``. Under ``accelerate launch`` every process runs it::
@@ -51,6 +51,13 @@ class DrGRPOArguments:
     fused: bool = field(
         default=False,
         metadata={"help": "Compute the loss from the last hidden states and lm_head, without the logits tensor."},
+    )
+    advantage: str = field(
+        default="grpo",
+        metadata={
+            "help": "The outcome advantage estimator: grpo (the loss config's group advantages), rloo, "
+            "reinforce_plus_plus_baseline, opo, grpo_passk or gpg (drgrpo.outcome_advantages)."
+        },
     )
 
 
@@ -191,6 +198,7 @@ def _build_trainer(
             quantization_config=get_quantization_config(model_args),
             loss_config=loss_config_from(drgrpo_args.loss_config, training_args.max_completion_length),
             fused=drgrpo_args.fused,
+            advantage=drgrpo_args.advantage,
         )
 
 
