@@ -44,12 +44,14 @@ class FieldError(ValueError):
         return pattern.sub(lambda m: known[m.group(1)], self.message)
 
 
-def check_finite_fields(config: Any) -> None:
+def check_finite_fields(config: object) -> None:
     """Refuse NaN and infinity in every float field of the dataclass ``config`` (and in tuples of floats).
 
     For a configuration's ``__post_init__``: ``TrainConfig(lr=math.nan)`` raises ``lr must be a finite number,
     got nan``, and ``drgrpo train --lr nan`` prints it as ``--lr must be a finite number, got nan``.
     """
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"check_finite_fields needs a dataclass instance, got {type(config).__name__}")
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         for v in value if isinstance(value, tuple) else (value,):

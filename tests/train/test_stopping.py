@@ -22,7 +22,7 @@ from test_faults import STEPS, assert_same_end
 from drgrpo.train.checkpoint import checkpoints_of, find_checkpoint, read_state
 from drgrpo.train.cli import main
 from drgrpo.train.data import RewardError, call_reward
-from drgrpo.train.stopping import Interrupted, StopOnSignal, deferred
+from drgrpo.train.stopping import Interrupted, StopOnSignal
 
 SIGNAL_TO_EXIT = 30.0
 """Seconds a stopped run may take to end (about 1 s on a quiet 2-core machine; margin for a loaded one)."""
@@ -33,7 +33,7 @@ SIGNAL_TO_EXIT = 30.0
 
 def test_what_a_signal_does_in_each_kind_of_section():
     with StopOnSignal() as stop:
-        with deferred():
+        with stop.deferred():
             os.kill(os.getpid(), signal.SIGTERM)  # the optimizer step, a checkpoint write: never cut
             os.kill(os.getpid(), signal.SIGINT)
         assert stop.stopped and stop.signum == signal.SIGINT
@@ -73,10 +73,10 @@ def busy(completion: str, example: dict) -> float:
 
 @pytest.mark.parametrize("fn", [slow(600), busy], ids=["sleeping", "looping"])
 def test_a_reward_past_its_time_limit_is_abandoned(fn):
-    with StopOnSignal(reward_timeout=0.3):
+    with StopOnSignal(reward_timeout=0.3) as stop:
         started = time.monotonic()
         with pytest.raises(RewardError) as info:
-            call_reward("mod:slow", fn, "4 2", {"prompt": "3 7 + 0 5 ="}, 7)
+            call_reward("mod:slow", fn, "4 2", {"prompt": "3 7 + 0 5 ="}, 7, watchdog=stop.watchdog)
         took = time.monotonic() - started
         assert 0.3 <= took < 5, took
         assert str(info.value) == (
@@ -84,7 +84,7 @@ def test_a_reward_past_its_time_limit_is_abandoned(fn):
             "with completion '4 2'; the call was abandoned"
         )
         # calls within the limit are untouched, and no late signal of the abandoned call reaches them
-        assert [call_reward("mod:quick", slow(0.1), "x", {}) for _ in range(5)] == [1.0] * 5
+        assert [call_reward("mod:quick", slow(0.1), "x", {}, watchdog=stop.watchdog) for _ in range(5)] == [1.0] * 5
 
 
 # --------------------------------------------------------------------------- a whole run, hung and signalled

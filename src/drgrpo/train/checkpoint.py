@@ -49,9 +49,12 @@ from typing import Any
 
 import torch
 
+from drgrpo.config import LossConfig
+from drgrpo.train.config import TrainConfig
 from drgrpo.train.disk import WriteFailed, free_bytes, write_error
 from drgrpo.train.identity import config_run_id
-from drgrpo.train.stopping import deferred
+from drgrpo.train.stopping import NO_STOP, Stop
+from drgrpo.train.update import TrainState
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -161,13 +164,20 @@ def prune(root: Path, keep: int, newest: Path) -> list[Path]:
 
 
 def save_run_checkpoint(
-    out_dir: Path, step: int, state: Any, extra_state: dict[str, Any], rank: int, barrier: bool = True, keep: int = 0
+    out_dir: Path,
+    step: int,
+    state: TrainState,
+    extra_state: dict[str, Any],
+    rank: int,
+    barrier: bool = True,
+    keep: int = 0,
+    stop: Stop = NO_STOP,
 ) -> Path | None:
-    """The trainer's save: rank 0 writes ``out_dir/checkpoints/step_N`` from ``state`` (a TrainState), then every
+    """The trainer's save: rank 0 writes ``out_dir/checkpoints/step_N`` from ``state``, then every
     process waits for it (``barrier``). Returns the checkpoint on rank 0, None elsewhere. Signals wait for the
-    end of the write (:func:`~drgrpo.train.stopping.deferred`)."""
+    end of the write (``stop.deferred()``, :class:`~drgrpo.train.stopping.Stop`)."""
     path = None
-    with deferred():
+    with stop.deferred():
         if rank == 0:
             path = save_checkpoint(
                 out_dir / "checkpoints", step, state.model, state.tokenizer, state.optimizer, extra_state, keep
@@ -387,7 +397,7 @@ def load_optimizer_state(ckpt: str | Path, device: torch.device) -> dict[str, An
     return state
 
 
-def config_state(train_config: Any, loss_config: Any, **extra: Any) -> dict[str, Any]:
+def config_state(train_config: TrainConfig, loss_config: LossConfig, **extra: Any) -> dict[str, Any]:
     """The JSON part of a checkpoint: the train config, the resolved loss config and ``extra``."""
     return {"train_config": train_config.to_dict(), "loss_config": dataclasses.asdict(loss_config), **extra}
 

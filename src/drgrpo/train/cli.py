@@ -242,8 +242,8 @@ def _as_train_fields(flags: Sequence[Flag]) -> dict[tuple[type, str], str]:
     return {(TrainConfig, flag.field): f"--{flag.name}" for flag in flags}
 
 
-def with_loss_overrides(config: Any, groups: dict[str, dict[str, Any]]) -> Any:
-    """``config`` (a TrainConfig) with the loss flags given merged into its ``loss_overrides``."""
+def with_loss_overrides(config: TrainConfig, groups: dict[str, dict[str, Any]]) -> TrainConfig:
+    """``config`` with the loss flags given merged into its ``loss_overrides``."""
     overrides = {**dict(config.loss_overrides), **groups.get("loss", {})}
     return config.replace(loss_overrides=tuple(sorted(overrides.items())))
 
@@ -278,7 +278,7 @@ def train_config_from_args(ns: argparse.Namespace) -> TrainConfig:
         groups["train"].setdefault("output_dir", str(ckpt.parent.parent))
     else:
         base = TrainConfig()
-    return with_loss_overrides(nested_replace(base, groups, "train"), groups)  # type: ignore[no-any-return]
+    return with_loss_overrides(nested_replace(base, groups, "train"), groups)
 
 
 def compare_config_from_args(ns: argparse.Namespace) -> CompareConfig:

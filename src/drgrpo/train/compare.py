@@ -479,7 +479,7 @@ def _fmt(pair: tuple[float, float], digits: int = 2) -> str:
 
 def render_report(
     config: CompareConfig,
-    base: Any,
+    base: TrainConfig,
     curves: dict[str, list[RunCurves]],
     plots: dict[str, Path],
     seconds: float,

@@ -109,16 +109,15 @@ def load_examples(
 
 
 def prompts_for_step(
-    examples: Sequence[Example], config: Any, step: int, rank: int, world: int
+    examples: Sequence[Example], prompts_per_step: int, seed: int, step: int, rank: int, world: int
 ) -> tuple[list[Example], list[int]]:
     """This process's share of a step's prompts, and their positions in ``examples``.
 
-    Every process draws the same ``config.prompts_per_step`` positions without replacement from
-    ``(config.seed, step)`` (repeating the draw when the dataset is smaller), then takes its contiguous
-    slice of ``prompts_per_step / world``: the processes' prompts are disjoint and together the step's.
+    Every process draws the same ``prompts_per_step`` positions without replacement from ``(seed, step)``
+    (repeating the draw when the dataset is smaller), then takes its contiguous slice of
+    ``prompts_per_step / world``: the processes' prompts are disjoint and together the step's.
     """
-    prompts_per_step = config.prompts_per_step
-    order = prompt_rng(config.seed, step).sample(range(len(examples)), min(prompts_per_step, len(examples)))
+    order = prompt_rng(seed, step).sample(range(len(examples)), min(prompts_per_step, len(examples)))
     order = (order * prompts_per_step)[:prompts_per_step]  # tiny datasets: repeat the draw
     per_process = prompts_per_step // world
     mine = order[rank * per_process : (rank + 1) * per_process]

@@ -65,7 +65,7 @@ def evaluate(
     tokens, the end-of-sequence token included; ``frac_truncated`` is the share of completions
     with no end-of-sequence token within ``max_new_tokens``. The generation and the rewards are this process's
     own work (:func:`~drgrpo.train.stopping.agreed`): a failure or a signal (``stop``) there stops every process
-    before the sums are added.
+    before the sums are added; ``stop``'s watchdog bounds each reward call (``--reward-timeout``).
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
@@ -86,7 +86,7 @@ def evaluate(
                 temperature=temp,
                 top_p=config.top_p,
             )
-            totals, firsts = rewards(roll.texts, exs, chunk)
+            totals, firsts = rewards(roll.texts, exs, chunk, watchdog=stop.watchdog if stop is not None else None)
             part = {"reward": sum(totals), **correctness_sums(firsts), "truncated": float(roll.truncated.sum()),
                     **length_sums(roll.lengths.tolist(), [r >= 0.5 for r in firsts])}  # fmt: skip
             local = {key: local[key] + part[key] for key in local}

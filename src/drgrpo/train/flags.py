@@ -40,7 +40,7 @@ import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 NONE_WORDS = ("none", "None", "null")
 """What a flag of an optional type accepts for ``None``."""
@@ -258,8 +258,14 @@ def given(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return groups
 
 
-def nested_replace(config: Any, groups: dict[str, dict[str, Any]], group: str) -> Any:
+Config = TypeVar("Config")
+"""A configuration dataclass (TrainConfig, CompareConfig, ...)."""
+
+
+def nested_replace(config: Config, groups: dict[str, dict[str, Any]], group: str) -> Config:
     """``config`` with the given fields of ``group`` replaced, and its nested dataclasses from their groups."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"nested_replace needs a dataclass instance, got {type(config).__name__}")
     changes = dict(groups.get(group, {}))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)

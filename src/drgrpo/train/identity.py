@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from drgrpo.train.config import CONFIG_FILE
+from drgrpo.train.config import CONFIG_FILE, TrainConfig
 
 RUN_LINE = re.compile(r"# run ([0-9a-f]+); sha256 of the keys below: ([0-9a-f]{16})")
 HEADER = "# drgrpo train --config this-file reruns this run; keys are the flags of drgrpo train\n"
@@ -41,12 +41,12 @@ def checksum(body: str) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-def config_body(config: Any) -> str:
+def config_body(config: TrainConfig) -> str:
     """config.yaml's keys: every flag of ``config`` (a TrainConfig) as YAML."""
     return yaml.safe_dump(config.to_flags(), sort_keys=False)
 
 
-def write_config(out_dir: str | Path, config: Any, run_id: str, notes: list[str]) -> Path:
+def write_config(out_dir: str | Path, config: TrainConfig, run_id: str, notes: list[str]) -> Path:
     """Write ``out_dir/config.yaml`` atomically: the header, ``notes`` (the run's history) as comment lines, the
     run line (id and checksum), then every flag of ``config`` (``drgrpo train --config`` reruns it)."""
     out_dir = Path(out_dir)
@@ -100,7 +100,7 @@ def config_run_id(run_dir: str | Path) -> str | None:
     return found.run_id if found else None
 
 
-def flag_differences(found: dict[str, Any], config: Any, where: str = "for the run") -> list[str]:
+def flag_differences(found: dict[str, Any], config: TrainConfig, where: str = "for the run") -> list[str]:
     """The keys of ``found`` (a config.yaml's flags) whose values differ from ``config``'s (a TrainConfig), but
     those of :data:`WHERE_KEYS`: 'lr: 0.02 in the file, 0.01 for the run' items (``where`` ends them)."""
     expected = yaml.safe_load(config_body(config))
@@ -116,7 +116,7 @@ def _show(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def config_problem(run_dir: Path, config: Any, run_id: str | None, resumed: Any | None) -> str | None:
+def config_problem(run_dir: Path, config: TrainConfig, run_id: str | None, resumed: TrainConfig | None) -> str | None:
     """Why a run may not (over)write ``run_dir/config.yaml``, or None when nothing would be lost.
 
     ``config`` is the run's TrainConfig, ``run_id`` its id; ``resumed`` is the TrainConfig of the checkpoint a resume

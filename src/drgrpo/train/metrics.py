@@ -18,9 +18,8 @@ import torch.distributed as dist
 
 from drgrpo.distributed import Processes
 from drgrpo.train.disk import write_error
-from drgrpo.train.rewards import DEFAULT_REWARD
 from drgrpo.train.rollout import Rollout
-from drgrpo.train.stopping import deferred
+from drgrpo.train.stopping import NO_STOP, Stop
 from drgrpo.train.update import AVERAGED, UpdateStats
 
 
@@ -77,7 +76,8 @@ def step_metrics(
     firsts: list[float],
     advantages: torch.Tensor,
     update: UpdateStats,
-    config: Any,
+    group_size: int,
+    first_reward: str,
     procs: Processes,
     has_reference: bool,
     *,
@@ -92,9 +92,9 @@ def step_metrics(
     ``frac_groups_no_signal`` is the share of groups whose ``advantages`` (``(B,)``, as the loss got them) are
     all 0 (equal rewards, or differences the advantages' dtype cannot hold): 1.0 means the policy loss gave no
     gradient this step (a KL penalty still may).
-    ``seconds`` is the step's wall time, ``elapsed`` the run's so far.
+    ``group_size`` is G (the completions of a prompt: consecutive rows), ``first_reward`` the name of the first
+    reward (behind ``accuracy``); ``seconds`` is the step's wall time, ``elapsed`` the run's so far.
     """
-    group_size = config.group_size
     local = {
         "reward": sum(rewards),
         "reward_sq": sum(r * r for r in rewards),
@@ -113,7 +113,7 @@ def step_metrics(
         "step": step,
         "reward": mean_reward,
         "reward_std": math.sqrt(max(s["reward_sq"] / n - mean_reward**2, 0.0)),
-        **accuracy_metrics(s, config.rewards[0] if config.rewards else DEFAULT_REWARD),
+        **accuracy_metrics(s, first_reward),
         "frac_groups_no_signal": s["flat_groups"] / (n / group_size),
         "loss": s["loss"] / procs.world,  # every process's share is world x its part (DDP averages the gradients)
         "length": tokens / n,
@@ -178,12 +178,18 @@ class MetricsLog:
     the run's lines up to ``k``, so that the file reads as one uninterrupted run), written to a temporary file
     and renamed into place, so no line is lost to a kill meanwhile. A failed write raises
     :class:`~drgrpo.train.disk.WriteFailed` naming the file and the reason ("No space left on device"); signals
-    wait for the end of a line (:func:`~drgrpo.train.stopping.deferred`).
+    wait for the end of a line (``stop.deferred()``, :class:`~drgrpo.train.stopping.Stop`).
     """
 
     def __init__(
-        self, out_dir: Path, rank: int, start: Sequence[dict[str, Any]] = (), tensorboard: bool = False
+        self,
+        out_dir: Path,
+        rank: int,
+        start: Sequence[dict[str, Any]] = (),
+        tensorboard: bool = False,
+        stop: Stop = NO_STOP,
     ) -> None:
+        self.stop = stop
         self.file = None
         self.writer = None
         self.path = out_dir / METRICS_FILE
@@ -204,7 +210,7 @@ class MetricsLog:
 
     def __call__(self, line: dict[str, Any]) -> None:
         if self.file is not None:
-            with deferred():
+            with self.stop.deferred():
                 try:
                     self.file.write(json.dumps(line) + "\n")
                     self.file.flush()

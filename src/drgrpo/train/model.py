@@ -17,6 +17,7 @@ import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from drgrpo.train.checkpoint import load_optimizer_state, read_state
+from drgrpo.train.config import TrainConfig
 from drgrpo.train.update import TrainState
 
 
@@ -187,7 +188,7 @@ def initial_policy_dir(
 
 
 def load_train_state(
-    weights_dir: Path, init_dir: Path, config: Any, device: torch.device, needs_reference: bool,
+    weights_dir: Path, init_dir: Path, config: TrainConfig, device: torch.device, needs_reference: bool,
     resume_from: Path | None,
 ) -> TrainState:  # fmt: skip
     """The policy (from ``weights_dir``: a checkpoint or the initial model), its tokenizer, the optimizer

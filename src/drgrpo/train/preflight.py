@@ -236,7 +236,7 @@ class PromptCheck:
         )
 
 
-def prompt_check(weights_dir: Path | None, config: Any, tokenizer: Any = None) -> PromptCheck:
+def prompt_check(weights_dir: Path | None, config: TrainConfig, tokenizer: Any = None) -> PromptCheck:
     """The :class:`PromptCheck` of a run's policy: the tokenizer (``tokenizer`` when already loaded) and context of
     ``weights_dir`` (a model or checkpoint directory), or of the built-in tiny model when None (its tokenizer,
     ``--tiny-max-positions``)."""
@@ -256,7 +256,7 @@ BUILT_IN_WORDS = ("0-9", "+", "-", "=", ".")
 """The built-in tokenizer's words as a message lists them (:data:`drgrpo.train.tiny.VOCAB` less its specials)."""
 
 
-def check_answers(config: Any, train: list[Example], held_out: list[Example]) -> None:
+def check_answers(config: TrainConfig, train: list[Example], held_out: list[Example]) -> None:
     """Without --reward, the default reward (exact match) reads each example's ``answer``: a dataset lacking it
     is refused now, naming the file and the first example without it, not after the first rollout."""
     if config.rewards:

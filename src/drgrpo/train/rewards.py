@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from drgrpo.train.stopping import Interrupted, TimeLimitExceeded, reward_watchdog
+from drgrpo.train.stopping import Interrupted, TimeLimitExceeded, Watchdog
 
 Example = dict[str, Any]
 RewardFn = Callable[[str, Example], float]
@@ -158,6 +158,7 @@ class Rewards:
         indices: Sequence[int],
         limit: float = math.inf,
         step: int | None = None,
+        watchdog: Watchdog | None = None,
     ) -> tuple[list[float], list[float]]:
         """(total weighted reward, first reward) per completion, as Python floats (float64); raises
         :class:`RewardError` on a bad value or a call that harmed the process (:func:`call_reward`).
@@ -165,12 +166,13 @@ class Rewards:
         ``indices`` are the examples' positions in their dataset, used in error messages with the completion's
         position in ``completions`` and the RL ``step``. ``limit``: the largest magnitude a reward and a total may
         have (the range of the dtype the advantages are computed in; beyond it they would become infinite).
+        ``watchdog``: bounds every call (``--reward-timeout``, :func:`call_reward`); None: unbounded.
         """
         totals, firsts = [], []
         for position, (completion, ex, idx) in enumerate(zip(completions, examples, indices, strict=True)):
             total = 0.0
             for k, (name, fn, w) in enumerate(zip(self.names, self.fns, self.weights, strict=True)):
-                value = call_reward(name, fn, completion, ex, idx, position, limit, step)
+                value = call_reward(name, fn, completion, ex, idx, position, limit, step, watchdog)
                 total += w * value
                 if k == 0:
                     firsts.append(value)
@@ -194,6 +196,7 @@ def call_reward(
     position: int | None = None,
     limit: float = math.inf,
     step: int | None = None,
+    watchdog: Watchdog | None = None,
 ) -> float:
     """``fn(completion, copy of example)`` as a finite float of magnitude at most ``limit``, or a
     :class:`RewardError` naming the reward, the example (``index``: its position in the dataset), the completion
@@ -201,11 +204,10 @@ def call_reward(
 
     The call cannot harm the run (the module docstring): any exception, ``SystemExit`` and ``KeyboardInterrupt``
     included, is a RewardError; a forked child returning here ends at once; a changed working directory or
-    SIGINT/SIGTERM handler is put back and is a RewardError. Within a run with ``--reward-timeout`` the call is
-    bounded (:class:`~drgrpo.train.stopping.Watchdog`): a call past the limit is abandoned with a RewardError.
-    Signals from outside pass through (:class:`~drgrpo.train.stopping.Interrupted`).
+    SIGINT/SIGTERM handler is put back and is a RewardError. Given a ``watchdog`` (a run's ``--reward-timeout``, the
+    trainer passes its :class:`~drgrpo.train.stopping.StopOnSignal`'s), the call is bounded: a call past the limit
+    is abandoned with a RewardError. Signals from outside pass through (:class:`~drgrpo.train.stopping.Interrupted`).
     """
-    watchdog = reward_watchdog()
     before = _Process()
 
     def where() -> str:

@@ -45,7 +45,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any, Protocol
 
 import torch
 
@@ -76,15 +76,13 @@ ABANDON, FINISH, DEFER = "abandon", "finish", "defer"
 class StopOnSignal:
     """Within its ``with`` block: SIGINT and SIGTERM stop the run as the module docstring says.
 
-    ``stopped`` is True once a signal arrived; :meth:`abandonable` and :func:`deferred` mark sections.
+    ``stopped`` is True once a signal arrived; :meth:`abandonable` and :meth:`deferred` mark sections. The trainer
+    passes it down as the :class:`Stop` of the work it runs (no global: code outside a run gets :data:`NO_STOP`).
     ``reward_timeout`` (seconds, 0: none) starts the watchdog of reward calls (:meth:`Watchdog.timing`).
     ``escalate``: a second signal acts at once (False under several processes: every signal acts as the first).
     Handlers are installed only in the main thread (elsewhere Python allows none): there signals keep their
     default meaning and the reward time limit is not available.
     """
-
-    active: ClassVar[StopOnSignal | None] = None
-    """The instance whose handlers are installed (None outside a run)."""
 
     def __init__(self, reward_timeout: float = 0.0, escalate: bool = True) -> None:
         self.escalate = escalate
@@ -101,7 +99,6 @@ class StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
-            StopOnSignal.active = self
             if self.watchdog is not None:
                 self.watchdog.start()
         elif self.watchdog is not None:
@@ -113,8 +110,6 @@ class StopOnSignal:
             self.watchdog.close()
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
-        if StopOnSignal.active is self:
-            StopOnSignal.active = None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.watchdog is not None and self.watchdog.claim():  # the watchdog's own SIGINT: a call ran too long
@@ -141,17 +136,37 @@ class StopOnSignal:
         """A section whose work the first signal abandons at once (raising :class:`Interrupted` inside it)."""
         return self.section(ABANDON)
 
-
-def deferred() -> contextlib.AbstractContextManager[None]:
-    """A section no signal interrupts: a signal within it only sets ``stopped`` (a no-op outside a run)."""
-    stop = StopOnSignal.active
-    return stop.section(DEFER) if stop is not None else contextlib.nullcontext()
+    def deferred(self) -> contextlib.AbstractContextManager[None]:
+        """A section no signal interrupts: a signal within it only sets ``stopped``."""
+        return self.section(DEFER)
 
 
-def reward_watchdog() -> Watchdog | None:
-    """The running watchdog of reward calls, or None (no ``--reward-timeout``, or not in a run)."""
-    stop = StopOnSignal.active
-    return stop.watchdog if stop is not None else None
+class Stop(Protocol):
+    """What the loop's work needs of the run's signal handling, passed to it by the trainer: sections that no
+    signal may cut (an optimizer step, a checkpoint or metrics write), and the watchdog of reward calls.
+    :class:`StopOnSignal` is one; :data:`NO_STOP` (outside a run) defers nothing and bounds no call."""
+
+    @property
+    def watchdog(self) -> Watchdog | None:
+        """The watchdog of reward calls (``--reward-timeout``), or None."""
+        ...
+
+    def deferred(self) -> contextlib.AbstractContextManager[None]:
+        """A section no signal interrupts (the signal waits for its end)."""
+        ...
+
+
+class _NoStop:
+    """:class:`Stop` outside a run: signals keep their default meaning, reward calls are not bounded."""
+
+    watchdog: Watchdog | None = None
+
+    def deferred(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+NO_STOP: Stop = _NoStop()
+"""The :class:`Stop` of work done outside a run (a test, a benchmark): nothing deferred, no watchdog."""
 
 
 class Watchdog:

@@ -128,12 +128,13 @@ def train(config: TrainConfig) -> TrainResult:
             doing = f"the end of step {step}"
 
     def save(step: int, barrier: bool = True) -> None:
+        assert state is not None
         lines = [m for m in (result.last_metrics, *result.evals[-1:]) if m.get("step") == step]  # restored if lost
         extra = {"init_model": str(init_dir.resolve()), "world_size": procs.world, "history": list(start.history),
                  "metrics": lines, "run_id": start.run_id, "parent_run": start.parent,
                  "run_dir": str(out_dir.resolve())}  # fmt: skip
         result.checkpoint = save_run_checkpoint(out_dir, step, state, config_state(config, loss_config, **extra),
-                                                procs.rank, barrier, config.keep_checkpoints)  # fmt: skip
+                                                procs.rank, barrier, config.keep_checkpoints, stop)  # fmt: skip
         result.checkpoint_step = step
 
     owned = hold_run_dir(given, procs, lambda: check_run_dir(given, start, config=config))  # one run a directory
@@ -146,7 +147,7 @@ def train(config: TrainConfig) -> TrainResult:
                 write_config(out_dir, config, start.run_id, start.notes())  # `drgrpo train --config` reruns it
                 clean_stale(out_dir / "checkpoints")  # what a killed checkpoint write left behind
             lines = start_lines(out_dir, start) if procs.rank == 0 else []  # the run's history on resume
-            log = MetricsLog(out_dir, procs.rank, lines, config.tensorboard)
+            log = MetricsLog(out_dir, procs.rank, lines, config.tensorboard, stop)
             with agreed(stop, procs.device):  # rank 0 makes the warm start, the others wait; a signal abandons it
                 init_dir = initial_policy_dir(
                     plan.model_dir, start.checkpoint, out_dir,
@@ -167,12 +168,14 @@ def train(config: TrainConfig) -> TrainResult:
                 # this process's own work: a signal abandons it at once (the step is redone on resume), then every
                 # process learns whether any failed or was stopped, and all stop alike (stopping.py)
                 with agreed(stop, procs.device):
-                    examples, idx = prompts_for_step(train_examples, config, step, procs.rank, procs.world)
+                    examples, idx = prompts_for_step(train_examples, config.prompts_per_step, config.seed, step,
+                                                    procs.rank, procs.world)  # fmt: skip
                     prompts = prompt_texts([e[config.prompt_field] for e in examples], state.tokenizer)
                     batch = generate(state.model, state.tokenizer, prompts, G, max_new_tokens=config.max_new_tokens,
                                      temperature=config.temperature, top_p=config.top_p)  # fmt: skip
                     # (B = len(prompts) * G rows, prompt j's completions in rows j*G .. j*G + G - 1)
-                    totals, firsts = rewards(batch.texts, repeat(examples, G), repeat(idx, G), reward_limit, step)
+                    totals, firsts = rewards(batch.texts, repeat(examples, G), repeat(idx, G), reward_limit, step,
+                                             stop.watchdog)  # fmt: skip
 
                 # ---------------------------------------------------------------- advantages
                 # Dr. GRPO: A_i = r_i - mean_group(r), no std division (the preset's advantage_std = "none"),
@@ -183,12 +186,13 @@ def train(config: TrainConfig) -> TrainResult:
                 advantages = advantages.to(procs.device, adv_dtype)  # (B,)
 
                 # ---------------------------------------------------------------- policy update
-                update = policy_update(state, batch, advantages, loss_config, config, step)
+                update = policy_update(state, batch, advantages, loss_config, config, step, stop)
 
                 # ---------------------------------------------------------------- log
                 result.last_metrics = step_metrics(
-                    step, batch, totals, firsts, advantages, update, config, procs, state.ref_model is not None,
-                    seconds=time.perf_counter() - step_started, elapsed=time.perf_counter() - started,
+                    step, batch, totals, firsts, advantages, update, G, rewards.names[0], procs,
+                    state.ref_model is not None, seconds=time.perf_counter() - step_started,
+                    elapsed=time.perf_counter() - started,
                 )  # fmt: skip
                 log(result.last_metrics)  # (saved with the step's checkpoint too, should the write fail)
                 result.step = step

@@ -32,8 +32,9 @@ from drgrpo.config import LossConfig
 from drgrpo.fused import fused_policy_loss
 from drgrpo.loss import LossOutput, policy_loss
 from drgrpo.normalizer import StepNormalizer
+from drgrpo.train.config import TrainConfig
 from drgrpo.train.rollout import Rollout, completion_hidden, completion_logp, output_layer, token_logp
-from drgrpo.train.stopping import deferred
+from drgrpo.train.stopping import NO_STOP, Stop
 
 AVERAGED = ("clip_frac_low", "clip_frac_high", "ratio_mean", "kl_mean")
 """Loss metrics averaged over the step's real tokens."""
@@ -74,13 +75,19 @@ def micro_batches(rows: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, rows)) for i in range(0, rows, size)]
 
 
-def learning_rate(config: Any, optimizer_step: int) -> float:
+def learning_rate(config: TrainConfig, optimizer_step: int) -> float:
     """``config.lr`` after a linear warm-up over ``config.warmup_steps`` optimizer steps (1-based)."""
     return config.lr * min(1.0, optimizer_step / config.warmup_steps) if config.warmup_steps else config.lr
 
 
 def policy_update(
-    state: TrainState, batch: Rollout, advantages: Tensor, loss_config: LossConfig, config: Any, step: int
+    state: TrainState,
+    batch: Rollout,
+    advantages: Tensor,
+    loss_config: LossConfig,
+    config: TrainConfig,
+    step: int,
+    stop: Stop = NO_STOP,
 ) -> UpdateStats:
     """``config.ppo_epochs`` optimizer steps on one rollout batch; sets ``state.step = step`` when done.
 
@@ -90,9 +97,11 @@ def policy_update(
         batch: this process's rollout, ``B`` completions in whole groups.
         advantages: ``(B,)`` one advantage per completion.
         loss_config: the resolved loss.
-        config: the :class:`~drgrpo.train.config.TrainConfig` (micro_batch_size, ppo_epochs, lr, grad_clip,
+        config: the run's settings (micro_batch_size, ppo_epochs, lr, grad_clip,
             temperature, fused).
         step: the RL step (1-based), for the learning-rate schedule and error messages.
+        stop: the run's signal handling: from the first optimizer step to the end, a signal waits
+            (``stop.deferred()``), so the weights saved always hold a whole step.
 
     Raises:
         ValueError: for ``beta > 0`` without a reference model.
@@ -146,14 +155,14 @@ def policy_update(
                 )
             state.step = None  # the parameters change from here until the step is complete
             if epoch == 0:
-                weights_changing.enter_context(deferred())
+                weights_changing.enter_context(stop.deferred())
             state.optimizer.step()
             check_finite_weights(state.model, step, stats.grad_norm, config)  # never a non-finite checkpoint
         state.step = step  # a signal that came meanwhile stops the run at the next point it can (stopping.py)
     return stats
 
 
-def check_finite_weights(model: Any, step: int, grad_norm: float, config: Any) -> None:
+def check_finite_weights(model: Any, step: int, grad_norm: float, config: TrainConfig) -> None:
     """Raise FloatingPointError when an optimizer step left a NaN or an infinity in the weights.
 
     The largest magnitude of each parameter tensor (one multi-tensor ``_foreach_norm(ord=inf)``, as
@@ -182,7 +191,7 @@ def micro_batch_loss(
     advantages: Tensor,
     loss_config: LossConfig,
     normalizer: StepNormalizer | None,
-    config: Any,
+    config: TrainConfig,
 ) -> LossOutput:
     """The loss of one micro-batch (its share of the step's objective), through ``state.policy``'s forward.
 
@@ -213,5 +222,5 @@ def micro_batch_loss(
     )  # fmt: skip
 
 
-def _logp_or_none(model: Any, mb: Rollout, config: Any, needed: bool) -> Tensor | None:
+def _logp_or_none(model: Any, mb: Rollout, config: TrainConfig, needed: bool) -> Tensor | None:
     return completion_logp(model, mb, config.temperature, config.fused) if needed else None

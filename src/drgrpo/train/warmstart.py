@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from drgrpo.train.config import WarmStartConfig
 from drgrpo.train.rollout import generate
 from drgrpo.train.task import TaskConfig, exact_match, make_splits, sft_pairs
 from drgrpo.train.tiny import build_model, build_tokenizer
@@ -54,12 +55,14 @@ def _batch(pairs: list[tuple[str, str]], tokenizer: Any) -> tuple[torch.Tensor, 
     return ids, attn, lab
 
 
-def warm_start(out_dir: str | Path, config: Any, task: TaskConfig, *, log: Any = None, force: bool = False) -> Path:
+def warm_start(
+    out_dir: str | Path, config: WarmStartConfig, task: TaskConfig, *, log: Any = None, force: bool = False
+) -> Path:
     """Build the tiny model, train it supervised for ``config.steps`` and save it to ``out_dir``.
 
     Args:
         out_dir: where the model directory goes (reused if it holds a warm start made with the same settings).
-        config: a :class:`drgrpo.train.config.WarmStartConfig`.
+        config: the warm start's settings (steps, batch size, learning rate, the tiny model's shape).
         task: the built-in task (its train split is the supervised data; the held-out split is never touched).
         log: optional callable receiving a line when the warm start begins and one when it is done (or reused).
         force: retrain even if a matching cached warm start exists.
