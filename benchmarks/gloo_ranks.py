@@ -1,7 +1,7 @@
 """Several gloo processes on one CPU machine, robustly: each rank a fresh interpreter, a file rendezvous.
 
 Used by the tests (``tests/test_distributed.py``, the TRL two-process tests) and by the benchmarks
-(``trl_harness.run_ranks``); ``tests/conftest.py`` puts this folder on the tests' import path.
+(``trl_harness.run_ranks``); pyproject.toml's pytest ``pythonpath`` puts this folder on the tests' import path.
 
 Each rank is its own ``python`` process (not a fork of the pytest process, whose OpenMP and OpenBLAS
 thread pools are already running, nor of a forkserver that has imported them), pinned to one thread and

@@ -1,6 +1,6 @@
 """Runs TRL's ``GRPOTrainer`` / ``DrGRPOTrainer`` for real on the tiny model, and the independent oracle.
 
-Shared by the TRL tests (``tests/integrations/``, which find it through ``tests/conftest.py``) and
+Shared by the TRL tests (``tests/integrations/``, which find it through pyproject.toml's pytest ``pythonpath``) and
 ``benchmarks/trl_split.py``, so the benchmark runs on its own from a clone.
 
 What a run records (``Recorder``, a mixin placed in front of the trainer class):

@@ -1,11 +1,10 @@
-"""Shared test set-up: make ``tests/`` (for ``batches``, ``verl_env``) and ``benchmarks/`` (for ``gloo_ranks``,
-``trl_harness``, shared with the benchmark scripts) importable from every sub-folder."""
+"""Shared test set-up: at most two threads for torch in the test process.
 
-import os
-import sys
+The shared helpers (``tests/helpers/``, ``batches``, ``verl_env``) and the code shared with the benchmarks
+(``benchmarks/trl_harness.py``, ``gloo_ranks.py``) are importable from every folder through ``pythonpath`` in
+pyproject.toml's ``[tool.pytest.ini_options]``.
+"""
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

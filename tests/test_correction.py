@@ -14,7 +14,8 @@ from drgrpo import LossConfig, StepNormalizer, group_advantages, policy_loss
 from drgrpo import reference as ref
 from drgrpo.correction import SAMPLING_CORRECTIONS, sampling_weight
 from drgrpo.fused import fused_policy_loss
-from test_normalizer import (
+from helpers import fused_batches
+from helpers.normalizer_steps import (
     L,
     gradients,
     make_model,
@@ -282,20 +283,18 @@ def test_a_correction_without_the_samplers_logp_is_refused():
 @pytest.mark.parametrize("mode", [*SAMPLING_CORRECTIONS, None])
 @pytest.mark.parametrize("name", ["dr_grpo", "gspo", "cispo"])
 def test_fused_matches_the_logits_path(mode, name, monkeypatch):
-    import test_fused
-
-    d = test_fused.make(seed=4)
+    d = fused_batches.make(seed=4)
     config = preset(
         name, sampling_correction=mode, sampling_clip_min=0.9, sampling_clip_max=1.1, off_policy_mask_threshold=0.0
     )
     sampling = sampler_logp(d["old"], d["mask"], seed=5, scale=0.1)
-    # test_fused's comparison (loss, gradients, log-probs, metrics) with sampling_logp passed to both paths
-    monkeypatch.setattr(test_fused, "policy_loss", lambda *a, **k: policy_loss(*a, sampling_logp=sampling, **k))
+    # fused_batches.check: the comparison (loss, gradients, log-probs, metrics) with sampling_logp passed to both paths
+    monkeypatch.setattr(fused_batches, "policy_loss", lambda *a, **k: policy_loss(*a, sampling_logp=sampling, **k))
     monkeypatch.setattr(
-        test_fused, "fused_policy_loss", lambda *a, **k: fused_policy_loss(*a, sampling_logp=sampling, **k)
+        fused_batches, "fused_policy_loss", lambda *a, **k: fused_policy_loss(*a, sampling_logp=sampling, **k)
     )
     for chunk_size in (3, 100):
-        test_fused.check(d, config, 1e-12, chunk_size=chunk_size)
+        fused_batches.check(d, config, 1e-12, chunk_size=chunk_size)
 
 
 # --------------------------------------------------------------------------- split invariance

@@ -22,7 +22,7 @@ from drgrpo import LossConfig, StepNormalizer, group_advantages, policy_loss, re
 from drgrpo.config import AGGREGATIONS
 from drgrpo.distributed import global_group_advantages, global_outcome_advantages
 from gloo_ranks import launch, leave
-from test_normalizer import (
+from helpers.normalizer_steps import (
     L,
     Micro,
     Step,

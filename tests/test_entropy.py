@@ -12,7 +12,9 @@ from batches import random_batch
 from drgrpo import LossConfig, StepNormalizer, group_advantages, policy_loss
 from drgrpo import reference as ref
 from drgrpo.entropy import AdaptiveEntropyCoef, entropy_threshold
-from test_normalizer import L, gradients, make_model, make_step, max_diff, token_logp, uneven_split, whole
+from drgrpo.fused import fused_policy_loss
+from helpers import fused_batches
+from helpers.normalizer_steps import L, gradients, make_model, make_step, max_diff, token_logp, uneven_split, whole
 
 PRESETS = ("dr_grpo", "grpo", "dapo", "gspo", "cispo", "sapo", "trl.grpo", "trl.vespo")
 
@@ -164,44 +166,40 @@ def _logits_entropy(d):
 @pytest.mark.parametrize(("quantile", "coef"), [(0.4, 0.0), (1.0, 0.05), (0.4, 0.05)])
 @pytest.mark.parametrize("name", ["dr_grpo", "gspo", "cispo"])
 def test_fused_mask_and_bonus_match_the_logits_path(name, quantile, coef, given):
-    import test_fused
-
-    d = test_fused.make(seed=7)
+    d = fused_batches.make(seed=7)
     config = preset(name, top_entropy_quantile=quantile, entropy_coef=coef)
     with torch.no_grad():
         tau = entropy_threshold(_logits_entropy(d), d["mask"], quantile) if given else None
-    params = test_fused.params(d)
-    lp = test_fused.logits_logp(d["hidden"], d["weight"], d["target"], d["bias"], d["tau"])
+    params = fused_batches.params(d)
+    lp = fused_batches.logits_logp(d["hidden"], d["weight"], d["target"], d["bias"], d["tau"])
     plain = policy_loss(lp, d["old"], d["adv"], d["mask"], config, entropy=_logits_entropy(d), entropy_threshold=tau)
     plain_grads = torch.autograd.grad(plain.loss, params)
     for chunk_size in (3, 100):
-        out = test_fused.fused_policy_loss(
+        out = fused_policy_loss(
             d["hidden"], d["weight"], d["target"], d["mask"], d["adv"], config, old_logp=d["old"], bias=d["bias"],
             temperature=d["tau"], chunk_size=chunk_size, entropy_threshold=tau,
         )  # fmt: skip
         grads = torch.autograd.grad(out.loss, params)
-        test_fused.assert_close(out.loss, plain.loss, 1e-12, "loss")
+        fused_batches.assert_close(out.loss, plain.loss, 1e-12, "loss")
         for what, a, b in zip(("hidden", "weight", "bias"), grads, plain_grads):
-            test_fused.assert_close(a, b, 1e-10, f"d loss / d {what}, chunk {chunk_size}")
+            fused_batches.assert_close(a, b, 1e-10, f"d loss / d {what}, chunk {chunk_size}")
         assert out.entropy is not None
 
 
 def test_fused_bonus_with_a_step_normalizer_matches_the_logits_path():
-    import test_fused
-
-    d = test_fused.make(seed=8)
+    d = fused_batches.make(seed=8)
     config = preset("dapo", top_entropy_quantile=0.5, entropy_coef=0.1)
     with torch.no_grad():
         tau = entropy_threshold(_logits_entropy(d), d["mask"], 0.5)
     norm = StepNormalizer(num_tokens=float(d["mask"].sum()) * 2, num_sequences=12.0, world_size=1)
-    params = test_fused.params(d)
-    lp = test_fused.logits_logp(d["hidden"], d["weight"], d["target"], d["bias"], d["tau"])
+    params = fused_batches.params(d)
+    lp = fused_batches.logits_logp(d["hidden"], d["weight"], d["target"], d["bias"], d["tau"])
     kw = dict(entropy_threshold=tau, normalizer=norm)
     plain = policy_loss(lp, d["old"], d["adv"], d["mask"], config, entropy=_logits_entropy(d), **kw)
     plain_grads = torch.autograd.grad(plain.loss, params)
-    out = test_fused.fused_policy_loss(
+    out = fused_policy_loss(
         d["hidden"], d["weight"], d["target"], d["mask"], d["adv"], config, old_logp=d["old"], bias=d["bias"],
         temperature=d["tau"], chunk_size=4, **kw,
     )  # fmt: skip
     for what, a, b in zip(("hidden", "weight", "bias"), torch.autograd.grad(out.loss, params), plain_grads):
-        test_fused.assert_close(a, b, 1e-10, f"d loss / d {what}")
+        fused_batches.assert_close(a, b, 1e-10, f"d loss / d {what}")

@@ -158,3 +158,75 @@ def test_every_public_name_imports():
     assert not missing
     # the registry is complete after import drgrpo: core and peer presets both
     assert {"dr_grpo", "grpo", "dapo", "trl.dr_grpo", "verl.grpo", "oat.drgrpo"} <= set(drgrpo.preset_names())
+
+
+# --------------------------------------------------------------------------- the tests' own imports
+
+TESTS = Path(__file__).resolve().parent
+
+
+def imports_of_test_modules(path: Path, root: Path) -> list[str]:
+    """The imports of a test module in ``path``, at any depth, as "FILE:LINE imports MODULE".
+
+    A test module is a ``test_*`` module or anything under a ``tests`` package; ``from pkg import test_x``
+    imports ``pkg.test_x``.
+    """
+
+    def is_test(module: str) -> bool:
+        return any(part.startswith("test_") or part == "tests" for part in module.split("."))
+
+    found: list[tuple[str, int]] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names if is_test(alias.name)]
+        elif isinstance(node, ast.ImportFrom) and is_test(node.module or ""):
+            found.append((node.module or "", node.lineno))
+        elif isinstance(node, ast.ImportFrom):
+            names = [f"{node.module or ''}.{alias.name}".lstrip(".") for alias in node.names]
+            found += [(name, node.lineno) for name in names if is_test(name)]
+    return [f"{path.relative_to(root)}:{line} imports {module}" for module, line in found]
+
+
+def test_the_test_import_check_finds_each_kind(tmp_path: Path):
+    module = tmp_path / "test_example.py"
+    module.write_text(
+        "import os\nimport tests.train.test_cli\nfrom helpers.cli_runs import TINY\nfrom train import test_faults\n"
+        "\n\ndef f():\n    from test_cli import ENV\n"
+    )
+    assert imports_of_test_modules(module, tmp_path) == [
+        "test_example.py:2 imports tests.train.test_cli",
+        "test_example.py:4 imports train.test_faults",
+        "test_example.py:8 imports test_cli",
+    ]
+
+
+def test_no_test_module_imports_another():
+    # what test modules share lives in tests/helpers/ (or batches.py, verl_env.py), never in a test module
+    found = [hit for path in sorted(TESTS.rglob("*.py")) for hit in imports_of_test_modules(path, TESTS.parent)]
+    assert found == [], "\n".join(found)
+
+
+def sys_path_edits(path: Path, root: Path) -> list[str]:
+    """Every ``sys.path.insert``, ``append`` or ``extend`` in ``path``, as "FILE:LINE"."""
+    return [
+        f"{path.relative_to(root)}:{node.lineno}"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute)
+        and node.attr in {"insert", "append", "extend"}
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr == "path"
+        and isinstance(node.value.value, ast.Name)
+        and node.value.value.id == "sys"
+    ]
+
+
+def test_the_sys_path_check_finds_an_edit(tmp_path: Path):
+    module = tmp_path / "conftest.py"
+    module.write_text("import sys\n\nsys.path.insert(0, 'x')\nsys.path.remove('x')\nsys.path.append('y')\n")
+    assert sys_path_edits(module, tmp_path) == ["conftest.py:3", "conftest.py:5"]
+
+
+def test_no_test_edits_sys_path():
+    # tests/ and benchmarks/ are on the tests' import path through pyproject.toml's pytest ``pythonpath``
+    edits = [hit for path in sorted(TESTS.rglob("*.py")) for hit in sys_path_edits(path, TESTS.parent)]
+    assert edits == [], edits

@@ -1,4 +1,5 @@
-"""The entropy mask and bonus against TRL's ``_compute_loss`` run live (``test_trl``'s stand-in, with entropies)."""
+"""The entropy mask and bonus against TRL's ``_compute_loss`` run live (the stand-in trainer of
+``helpers/trl_standin.py``, with entropies)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,17 @@ import zlib
 
 import pytest
 import torch
-from test_trl import GRPOTrainer, inputs_for, ragged_batch, trl_args
-from test_trl_sampling import StandIn
-from test_trl_vespo_luspo import ours_for, trl_generation
 
 from drgrpo.loss import policy_loss
+from helpers.trl_standin import (
+    GRPOTrainer,
+    StandIn,
+    inputs_for,
+    ours_for_vespo_luspo,
+    ragged_batch,
+    trl_args,
+    trl_generation,
+)
 
 
 class _Accelerator:
@@ -59,7 +66,7 @@ LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vesp
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_entropy_mask_and_bonus_against_trl(loss_type, quantile, coef, record):
     args = trl_args(loss_type, beta=0.04, top_entropy_quantile=quantile, entropy_coef=coef)
-    config = ours_for(args).replace(top_entropy_quantile=quantile, entropy_coef=coef)
+    config = ours_for_vespo_luspo(args).replace(top_entropy_quantile=quantile, entropy_coef=coef)
     if loss_type == "sapo":  # TRL's float32 temperatures (test_trl explains)
         config = config.replace(
             **{

@@ -1,4 +1,5 @@
-"""The sampler correction and the off-policy mask against TRL's own code, run live (``test_trl``'s stand-in).
+"""The sampler correction and the off-policy mask against TRL's own code, run live (on the stand-in trainer of
+``helpers/trl_standin.py``).
 
 TRL builds its vLLM importance-sampling ratio in ``_generate_and_score_completions`` from the log-probs its
 generation step reports (the stand-in's ``_generate`` returns them, ``None`` where vLLM could not score a
@@ -9,83 +10,30 @@ gradient are TRL's, compared with drgrpo's ``trl.*`` presets given ``sampling_lo
 
 from __future__ import annotations
 
-import math
 import zlib
 
 import pytest
 import torch
-from test_trl import (
+
+from drgrpo.correction import SAMPLING_CORRECTIONS
+from drgrpo.loss import policy_loss
+from helpers.trl_standin import (
     B,
     G,
     GRPOTrainer,
+    StandIn,
     TRLStandIn,
     inputs_for,
     our_loss,
     ours_for,
     ragged_batch,
+    sampler_lists,
     trl_args,
+    trl_loss_vllm,
+    trl_step,
 )
 
-from drgrpo.correction import SAMPLING_CORRECTIONS
-from drgrpo.loss import policy_loss
-
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
-
-
-class StandIn(TRLStandIn):
-    """TRLStandIn with TRL's own static helpers that ``_compute_loss`` calls for these options."""
-
-    get_off_policy_mask = staticmethod(GRPOTrainer.get_off_policy_mask)
-    get_gamma_weights = staticmethod(GRPOTrainer.get_gamma_weights)
-
-
-class VLLMStandIn(StandIn):
-    """TRLStandIn generating "with vLLM": ``_generate`` also reports the sampler's per-token log-probs."""
-
-    def __init__(self, args, *, sampling, **kwargs):
-        super().__init__(args, **kwargs)
-        self.use_vllm = True
-        self.vllm_importance_sampling_correction = args.vllm_importance_sampling_correction
-        self.vllm_importance_sampling_mode = args.vllm_importance_sampling_mode
-        self.vllm_importance_sampling_clip_min = args.vllm_importance_sampling_clip_min
-        self.vllm_importance_sampling_clip_max = args.vllm_importance_sampling_clip_max
-        self._sampling = sampling  # list of per-completion lists, None where not scored
-
-    def _generate(self, prompts):
-        prompt_ids, completion_ids, tool_mask, completions, _, extra, images, tool_images = super()._generate(prompts)
-        return prompt_ids, completion_ids, tool_mask, completions, self._sampling, extra, images, tool_images
-
-
-def sampler_lists(old: torch.Tensor, lengths: torch.Tensor, seed: int) -> tuple[list[list[float | None]], torch.Tensor]:
-    """The sampler's log-probs: old + noise, None (not scored) at two tokens; and the same as a NaN-padded tensor."""
-    g = torch.Generator().manual_seed(seed)
-    # TRL turns the reported lists into a float32 tensor: report values that float32 holds exactly
-    noisy = (old + 0.25 * torch.randn(old.shape, generator=g, dtype=old.dtype)).float().double()
-    lists: list[list[float | None]] = [noisy[i, : int(n)].tolist() for i, n in enumerate(lengths)]
-    lists[0][1] = None
-    lists[5][0] = None
-    dense = torch.full_like(old, math.nan)
-    for i, row in enumerate(lists):
-        dense[i, : len(row)] = torch.tensor([math.nan if x is None else x for x in row], dtype=old.dtype)
-    return lists, dense
-
-
-def trl_step(args, lengths, old, rewards, sampling_lists):
-    """TRL's generation side: advantages, mask, the IS ratio and its metrics (old = the trainer's log-probs)."""
-    stand_in = VLLMStandIn(
-        args, sampling=sampling_lists, logp=old.clone(), ref_logp=old.clone(), rewards=rewards, lengths=lengths
-    )
-    out = GRPOTrainer._generate_and_score_completions(stand_in, [{"prompt": "p"}] * B)
-    metrics = {k: v[-1] for k, v in stand_in._metrics["train"].items() if k.startswith("sampling/")}
-    return out, metrics
-
-
-def trl_loss_vllm(args, inputs, logp, ref, sampling_lists):
-    logp = logp.detach().clone().requires_grad_(True)
-    stand_in = VLLMStandIn(args, sampling=sampling_lists, logp=logp, ref_logp=ref)
-    loss = GRPOTrainer._compute_loss(stand_in, None, inputs)
-    (grad,) = torch.autograd.grad(loss, logp)
-    return loss.detach(), grad
 
 
 def sampling_fields(args) -> dict:

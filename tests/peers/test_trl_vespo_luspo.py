@@ -1,5 +1,6 @@
-"""``trl.vespo`` and ``trl.luspo`` against TRL's own ``_compute_loss`` (run live, ``test_trl``'s stand-in), with and
-without the vLLM correction, at K = 1 and with gradient accumulation (K = 2 micro-batches of one generation batch)."""
+"""``trl.vespo`` and ``trl.luspo`` against TRL's own ``_compute_loss`` (run live on the stand-in trainer of
+``helpers/trl_standin.py``), with and without the vLLM correction, at K = 1 and with gradient accumulation (K = 2
+micro-batches of one generation batch)."""
 
 from __future__ import annotations
 
@@ -8,35 +9,26 @@ import zlib
 
 import pytest
 import torch
-from test_trl import B, GRPOConfig, GRPOTrainer, inputs_for, our_loss, ragged_batch, trl_args
-from test_trl_sampling import StandIn, sampler_lists, trl_loss_vllm, trl_step
 
 from drgrpo.config import LossConfig
 from drgrpo.loss import policy_loss
 from drgrpo.normalizer import StepNormalizer
-
-VESPO_FIELDS = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
-
-
-def ours_for(args: GRPOConfig) -> LossConfig:
-    """trl.<loss_type> with TRL's arguments under LossConfig's names."""
-    fields = dict(
-        beta=args.beta,
-        advantage_std=args.scale_rewards,
-        ratio_level=args.importance_sampling_level,
-        kl_importance_weight=args.use_bias_correction_kl,
-    )
-    if args.loss_type == "vespo":
-        fields.update({f: getattr(args, f) for f in VESPO_FIELDS})
-    else:
-        high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-        fields.update(clip_low=args.epsilon, clip_high=high, delta=args.delta)
-    return LossConfig.preset(f"trl.{args.loss_type}", **fields)
-
-
-def trl_generation(args, lengths, logp, rewards):
-    stand_in = StandIn(args, logp=logp.detach(), ref_logp=logp.detach(), rewards=rewards, lengths=lengths)
-    return GRPOTrainer._generate_and_score_completions(stand_in, [{"prompt": "p"}] * B)
+from helpers.trl_standin import (
+    VESPO_FIELDS,
+    B,
+    GRPOConfig,
+    GRPOTrainer,
+    StandIn,
+    inputs_for,
+    our_loss,
+    ours_for_vespo_luspo,
+    ragged_batch,
+    sampler_lists,
+    trl_args,
+    trl_generation,
+    trl_loss_vllm,
+    trl_step,
+)
 
 
 def trl_loss_of(args, inputs, logp, ref, grad_accum=1):
@@ -62,7 +54,7 @@ CASES = [
 @pytest.mark.parametrize(("loss_type", "extra"), CASES)
 def test_loss_and_grad_against_trl(loss_type, extra, record):
     args = trl_args(loss_type, **extra)
-    config = ours_for(args)
+    config = ours_for_vespo_luspo(args)
     lengths, _, logp, old, ref, rewards = ragged_batch(seed=zlib.crc32(f"{loss_type}{extra}".encode()))
     out = trl_generation(args, lengths, logp, rewards)
     adv, mask = out["advantages"].double(), out["completion_mask"]
@@ -84,7 +76,7 @@ def test_with_the_vllm_correction_against_trl(loss_type, mode, record):
         loss_type, vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=0.8,
         vllm_importance_sampling_clip_max=1.2,
     )  # fmt: skip
-    config = ours_for(args).replace(sampling_correction=mode, sampling_clip_min=0.8, sampling_clip_max=1.2)
+    config = ours_for_vespo_luspo(args).replace(sampling_correction=mode, sampling_clip_min=0.8, sampling_clip_max=1.2)
     lengths, _, logp, old, ref, rewards = ragged_batch(seed=zlib.crc32(f"vllm{loss_type}{mode}".encode()))
     sampling_lists, sampling = sampler_lists(old, lengths, seed=4)
     out, _ = trl_step(args, lengths, old, rewards, sampling_lists)
@@ -111,7 +103,7 @@ def test_gradient_accumulation_against_trl(loss_type, record):
     """K = 2 micro-batches of one generation batch: vespo is a step-wide token mean (a StepNormalizer), luspo is
     defined per micro-batch and divided by K (the per-call preset, each call's loss over K)."""
     args = trl_args(loss_type, beta=0.04, gradient_accumulation_steps=2)
-    config = ours_for(args)
+    config = ours_for_vespo_luspo(args)
     lengths, _, logp, old, ref, rewards = ragged_batch(seed=21)
     out = trl_generation(args, lengths, logp, rewards)
     adv, mask, num_items = out["advantages"].double(), out["completion_mask"], out["num_items_in_batch"]

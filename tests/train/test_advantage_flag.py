@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cli import TINY
 
 from drgrpo import reference
 from drgrpo.config import LossConfig
@@ -15,6 +14,7 @@ from drgrpo.field_error import FieldError
 from drgrpo.train import trainer
 from drgrpo.train.cli import main
 from drgrpo.train.config import TrainConfig
+from helpers.cli_runs import TINY
 
 LENGTH_REWARD = """
 def length(completion, example):

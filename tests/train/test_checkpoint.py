@@ -109,7 +109,7 @@ def test_a_checkpoint_with_a_pickled_payload_is_refused(tmp_path: Path):
 
 
 def test_resume_refuses_a_pickled_payload(tmp_path: Path, capsys):
-    from test_cli import TINY
+    from helpers.cli_runs import TINY
 
     run = tmp_path / "run"
     assert main(["train", "--output-dir", str(run), "--steps", "1", "--eval-every", "0", *TINY]) == 0

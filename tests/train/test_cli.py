@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,43 +13,7 @@ import pytest
 
 from drgrpo.train import TrainConfig
 from drgrpo.train.cli import build_parser, main, train_config_from_args
-
-TINY = [
-    "--tiny-hidden-size",
-    "16",
-    "--tiny-num-layers",
-    "1",
-    "--tiny-num-heads",
-    "2",
-    "--tiny-intermediate-size",
-    "32",
-    "--task-max-operand",
-    "9",
-    "--task-num-eval",
-    "20",
-    "--task-max-work",
-    "2",
-    "--warm-start-steps",
-    "20",
-    "--warm-start-batch-size",
-    "16",
-    "--warm-start-lr",
-    "0.01",
-    "--prompts-per-step",
-    "4",
-    "--group-size",
-    "4",
-    "--max-new-tokens",
-    "5",
-    "--micro-batch-size",
-    "8",
-    "--eval-size",
-    "8",
-    "--lr",
-    "0.01",
-    "--no-progress",
-]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+from helpers.cli_runs import ENV, TINY
 
 
 def drgrpo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import TINY
-from test_faults import STEPS, assert_same_end, metrics
 
 import drgrpo.train.disk as disk
 from drgrpo.train.checkpoint import checkpoints_of, find_checkpoint, read_state
 from drgrpo.train.cli import main
 from drgrpo.train.metrics import MetricsLog
+from helpers.cli_runs import STEPS, TINY, assert_same_end, metrics
 
 Usage = namedtuple("Usage", "total used free")
 

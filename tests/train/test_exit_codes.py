@@ -17,23 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import ENV, TINY
-from test_faults import poison_weights_at
 
 from drgrpo.train.checkpoint import find_checkpoint, read_state
 from drgrpo.train.cli import main
+from helpers.cli_runs import ENV, TINY, error_line, poison_weights_at
 
 QUICK = ["--steps", "4", "--eval-every", "0", "--checkpoint-every", "1"]
-
-
-def error_line(capsys: pytest.CaptureFixture, *argv: str) -> str:
-    """Run ``drgrpo ARGV`` expecting a configuration error: exit 2 and one line on stderr, which is returned."""
-    code = main(list(argv))
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"drgrpo {argv[0]}: error: "), err
-    return lines[0]
 
 
 def refused(capsys: pytest.CaptureFixture, out: Path, *args: str) -> str:

@@ -9,7 +9,6 @@ with the cause; a SIGKILL (no chance to save) must leave the checkpoints consist
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,33 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import ENV, TINY
 
 from drgrpo.train import train
 from drgrpo.train.checkpoint import find_checkpoint, read_state
 from drgrpo.train.cli import main
-
-STEPS = ["--steps", "6", "--eval-every", "0", "--checkpoint-every", "2"]
-TIMING = {"time", "step_time", "tokens_per_s"}
-
-
-def metrics(run: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
-def assert_same_end(run: Path, reference: Path) -> None:
-    """The run ended exactly where the uninterrupted one did, and left no temporary files."""
-    final, expected = find_checkpoint(run), find_checkpoint(reference)
-    assert final.name == expected.name == "step_000006"
-    a, b = load_file(str(final / "model.safetensors")), load_file(str(expected / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    oa = torch.load(final / "optimizer.pt", weights_only=True)["state"]
-    ob = torch.load(expected / "optimizer.pt", weights_only=True)["state"]
-    assert all(torch.equal(oa[k]["exp_avg_sq"], ob[k]["exp_avg_sq"]) for k in ob)
-    assert metrics(run) == metrics(reference)  # every step logged once, with the same values
-    leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
-    assert not leftovers, leftovers
+from helpers.cli_runs import ENV, STEPS, TINY, assert_same_end, poison_weights_at
 
 
 def resume(run: Path, path: Path | None = None) -> None:
@@ -119,30 +96,6 @@ def test_a_nan_loss(tmp_path: Path, reference: Path, monkeypatch, capsys):
     monkeypatch.setattr(update, "policy_loss", real)
     resume(run)
     assert_same_end(run, reference)
-
-
-def poison_weights_at(monkeypatch, optimizer_step: int) -> None:
-    """Fault injection: the RL optimizer's ``optimizer_step``-th step (1-based) leaves a NaN in a weight."""
-    from drgrpo.train.config import TrainConfig
-
-    make = TrainConfig.optimizer
-
-    def optimizer(self, params):
-        opt = make(self, params)
-        real, calls = opt.step, []
-
-        def step(*args, **kwargs):
-            out = real(*args, **kwargs)
-            calls.append(1)
-            if len(calls) == optimizer_step:
-                with torch.no_grad():
-                    opt.param_groups[0]["params"][1].view(-1)[7] = float("nan")
-            return out
-
-        opt.step = step
-        return opt
-
-    monkeypatch.setattr(TrainConfig, "optimizer", optimizer)
 
 
 def test_non_finite_weights_are_never_saved(tmp_path: Path, reference: Path, monkeypatch, capsys):

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import TINY
 
 from drgrpo.config import LossConfig
 from drgrpo.train import EvalConfig, TrainConfig
@@ -22,6 +21,7 @@ from drgrpo.train.cli import (
 )
 from drgrpo.train.compare import CompareConfig
 from drgrpo.train.flags import flags_of, parse_with_config
+from helpers.cli_runs import TINY
 
 
 def subparser(name: str):

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import ENV, TINY
-from test_exit_codes import error_line
-from test_trainer import TINY_MODEL
 
 from drgrpo.train.config import TrainConfig
 from drgrpo.train.data import load_jsonl
 from drgrpo.train.model import check_local_code, load_model, load_tokenizer
 from drgrpo.train.preflight import CHARS_PER_TOKEN, PromptCheck, prompt_check
 from drgrpo.train.tiny import build_model, build_tokenizer
+from helpers.cli_runs import ENV, TINY, error_line
+from helpers.tiny_configs import TINY_MODEL
 
 CONTEXT = 64  # TINY's model: --tiny-max-positions keeps its default
 NEW = 5  # TINY's --max-new-tokens

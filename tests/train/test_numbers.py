@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainer import TINY_TASK, TINY_WARM, tiny
 
 from drgrpo.train import TrainConfig, train
 from drgrpo.train.config import EvalConfig
 from drgrpo.train.data import RewardError, Rewards
 from drgrpo.train.evaluation import evaluate_model
 from drgrpo.train.warmstart import warm_start
+from helpers.tiny_configs import TINY_TASK, TINY_WARM, tiny
 
 SIGNAL = """
 def parity(completion, example):

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import ENV, TINY
 
 from drgrpo.train import TrainConfig
 from drgrpo.train.checkpoint import find_checkpoint, read_state
@@ -27,6 +26,7 @@ from drgrpo.train.cli import main
 from drgrpo.train.rewards import FORKED_CHILD_EXIT, RewardError, Rewards, call_reward
 from drgrpo.train.stopping import StopOnSignal
 from drgrpo.train.task import exact_match
+from helpers.cli_runs import ENV, TINY
 
 RUN = ["--steps", "3", "--eval-every", "0", "--checkpoint-every", "0"]
 """Three steps, no scheduled checkpoint: only the failure path saves step 1."""

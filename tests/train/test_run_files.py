@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cli import TINY
-from test_runs import tree
 
 from drgrpo.train.checkpoint import read_state
 from drgrpo.train.cli import main
 from drgrpo.train.config import TrainConfig
 from drgrpo.train.identity import config_run_id
 from drgrpo.train.resume import config_changes
+from helpers.cli_runs import TINY, tree
 
 SHORT = ["--steps", "2", "--eval-every", "0", "--checkpoint-every", "2"]
 
@@ -290,7 +289,7 @@ def test_a_resume_on_another_number_of_processes_is_refused(tmp_path: Path, shor
 
 @pytest.mark.slow
 def test_a_resume_under_torchrun_on_more_processes_is_refused(tmp_path: Path, short: Path):
-    from test_torchrun import torchrun
+    from helpers.cli_runs import torchrun
 
     run = copy(short, tmp_path)
     before = tree(run)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -14,10 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cli import TINY
-from test_faults import STEPS, assert_same_end, metrics
-from test_stopping import launch, wait_for
-from test_torchrun import torchrun
 
 from drgrpo.config import LossConfig
 from drgrpo.train.checkpoint import checkpoints_of, find_checkpoint, read_state
@@ -27,6 +22,7 @@ from drgrpo.train.resume import config_changes
 from drgrpo.train.runlock import LOCK_FILE, RunInUse, RunLock
 from drgrpo.train.task import TaskConfig
 from drgrpo.train.tiny import TinyModelConfig
+from helpers.cli_runs import STEPS, TINY, assert_same_end, launch, metrics, torchrun, tree, wait_for
 
 GATE_REWARD = """
 import os, time
@@ -50,15 +46,6 @@ def gated(tmp_path: Path) -> None:
     """tmp_path/gate_reward.py: exact match, which stops at step 4 until tmp_path/go exists."""
     text = GATE_REWARD.replace("MARKER", repr(str(tmp_path / "marker"))).replace("GO", repr(str(tmp_path / "go")))
     (tmp_path / "gate_reward.py").write_text(text)
-
-
-def tree(directory: Path) -> dict[str, str]:
-    """Every file under ``directory`` and the hash of its bytes, but the lock's note of its last holder."""
-    return {
-        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != LOCK_FILE
-    }
 
 
 def copy_of(reference: Path, tmp_path: Path) -> Path:

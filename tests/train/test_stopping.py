@@ -16,13 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import ENV, TINY
-from test_faults import STEPS, assert_same_end
 
 from drgrpo.train.checkpoint import checkpoints_of, find_checkpoint, read_state
 from drgrpo.train.cli import main
 from drgrpo.train.data import RewardError, call_reward
 from drgrpo.train.stopping import Interrupted, StopOnSignal
+from helpers.cli_runs import STEPS, TINY, assert_same_end, launch, wait_for
 
 SIGNAL_TO_EXIT = 30.0
 """Seconds a stopped run may take to end (about 1 s on a quiet 2-core machine; margin for a loaded one)."""
@@ -105,61 +104,6 @@ def right(completion, example):
             HANG
     return exact_match(completion, example)
 """
-
-HANG = """
-import os, sys, time, importlib
-
-owner = importlib.import_module(sys.argv[1])
-path = sys.argv[2].split(".")
-for part in path[:-1]:
-    owner = getattr(owner, part)
-real = getattr(owner, path[-1])
-calls, at, caller, marker, release = [0], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
-
-
-def called_from(name):
-    frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_name != name:
-        frame = frame.f_back
-    return frame is not None
-
-
-def wrapped(*args, **kwargs):
-    if caller == "-" or called_from(caller):
-        calls[0] += 1
-        if calls[0] == at:
-            open(marker, "w").close()
-            while not os.path.exists(release):  # a file nobody makes: forever
-                time.sleep(0.05)
-    return real(*args, **kwargs)
-
-
-setattr(owner, path[-1], wrapped)
-from drgrpo.train.cli import main
-
-sys.exit(main(sys.argv[7:]))
-"""
-
-
-def launch(args: list[str], tmp_path: Path, hang: tuple[str, str, int, str] | None = None) -> subprocess.Popen:
-    """``drgrpo train ARGS`` in a subprocess; ``hang`` = (module, attribute, call, caller) makes that call wait for
-    the file tmp_path/release after creating tmp_path/marker."""
-    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), ENV.get("PYTHONPATH", "")]))}
-    command = [sys.executable, "-m", "drgrpo", "train", *args]
-    if hang is not None:
-        module, attribute, call, caller = hang
-        marker, release = str(tmp_path / "marker"), str(tmp_path / "release")
-        command = [sys.executable, "-c", HANG, module, attribute, str(call), caller, marker, release, "train", *args]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"{path.name} never appeared: {proc.communicate()[1][-3000:]}")
-        time.sleep(0.05)
 
 
 def signal_and_wait(proc: subprocess.Popen, *signals: int, pause: float = 1.0) -> tuple[int, str, float]:

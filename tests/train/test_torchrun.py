@@ -4,32 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import TINY  # the same tiny flags as the single-process smoke test
 
 from drgrpo.train.task import TaskConfig, make_splits
-
-
-def torchrun(cmd: list[str], env: dict[str, str], timeout: float = 240) -> tuple[int, str]:
-    """Run a torchrun command; (exit code, stderr). In its own session: on a timeout (a hang) the whole process
-    group, torchrun and its workers, is killed, no orphans, and the timeout propagates."""
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-    )
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return proc.returncode, err
+from helpers.cli_runs import TINY, torchrun  # TINY: the same tiny flags as the single-process smoke test
 
 
 def test_two_processes(tmp_path: Path) -> None:
