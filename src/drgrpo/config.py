@@ -80,24 +80,24 @@ class LossConfig:
     sapo_tau_neg: float = 1.05
     """Temperature of the sapo gate for a zero or negative advantage."""
     dro_beta: float | None = None
-    """Weight of the dro surrogate's quadratic penalty on the log-ratio (verl's policy_loss.dro_beta); the dro
-    surrogate needs it set, and the others ignore it."""
+    """Weight of the dro surrogate's quadratic penalty on the log-ratio (verl's policy_loss option of the same
+    name); the dro surrogate needs it set, and the others ignore it."""
     dppo_cap: float | None = 20.0
     """The dppo surrogates' cap c of the stop-gradient importance ratio, min(r, c) (verl's clip_ratio_c); none: no
     cap."""
     kl_cov_ratio: float = 0.0002
-    """kl_cov: the share of the batch's real tokens (at least one), those of largest covariance between advantage
-    and log-prob, that get the |logp - old_logp| penalty (verl's policy_loss.kl_cov_ratio)."""
+    """The kl_cov surrogate's share of the batch's real tokens (at least one), those of largest covariance between
+    advantage and log-prob, that get the |logp - old_logp| penalty (verl's policy_loss option of the same name)."""
     ppo_kl_coef: float = 0.1
-    """kl_cov: the weight of that penalty (verl's policy_loss.ppo_kl_coef)."""
+    """The kl_cov surrogate's weight of that penalty (verl's policy_loss option of the same name)."""
     clip_cov_ratio: float = 0.0002
-    """clip_cov: the share of the batch's real tokens (at least one) whose gradient is cut, drawn at random among
-    the unclipped tokens whose covariance lies strictly between clip_cov_lb and clip_cov_ub (verl's
-    policy_loss.clip_cov_ratio)."""
+    """The clip_cov surrogate's share of the batch's real tokens (at least one) whose gradient is cut, drawn at
+    random among the unclipped tokens whose covariance lies strictly between ``clip_cov_lb`` and ``clip_cov_ub``
+    (verl's policy_loss option of the same name)."""
     clip_cov_lb: float = 1.0
-    """clip_cov: lower bound of the covariance of a token that may be cut."""
+    """The clip_cov surrogate's lower bound of the covariance of a token that may be cut."""
     clip_cov_ub: float = 5.0
-    """clip_cov: upper bound of the covariance of a token that may be cut."""
+    """The clip_cov surrogate's upper bound of the covariance of a token that may be cut."""
     vespo_k_pos: float = 2.0
     """VESPO's power k for a non-negative advantage: the weight phi(w) = exp(lambda + k log w - lambda w) of the
     completion's importance weight w (TRL's option of the same name)."""
