@@ -35,12 +35,13 @@ B = 12  # three prompts
 T = 9  # padded completion width
 
 
-class _Accelerator:
-    """One process: gather and reduce are the identity."""
+class OneProcessAccelerator:
+    """One process: gather, reduce and padding across processes are the identity."""
 
     device = torch.device("cpu")
     num_processes = 1
     process_index = 0
+    sync_gradients = True
 
     def gather(self, x):
         return x
@@ -51,13 +52,16 @@ class _Accelerator:
     def reduce(self, x, reduction="sum"):
         return x
 
+    def pad_across_processes(self, x, dim=0, pad_index=0):
+        return x
+
 
 class TRLStandIn:
     """The attributes GRPOTrainer's loss and advantage code read, set as ``GRPOTrainer.__init__`` sets them."""
 
     def __init__(self, args, *, logp=None, ref_logp=None, rewards=None, lengths=None, grad_accum=1):
         self.args = args
-        self.accelerator = _Accelerator()
+        self.accelerator = OneProcessAccelerator()
         self.model = types.SimpleNamespace(training=True, is_gradient_checkpointing=False)
         # as in GRPOTrainer.__init__ (trl 1.16 grpo_trainer.py l.782, 819-834, 945-946)
         self.loss_type = args.loss_type

@@ -11,6 +11,7 @@ import torch
 from drgrpo.loss import policy_loss
 from helpers.trl_standin import (
     GRPOTrainer,
+    OneProcessAccelerator,
     StandIn,
     inputs_for,
     ours_for_vespo_luspo,
@@ -18,25 +19,6 @@ from helpers.trl_standin import (
     trl_args,
     trl_generation,
 )
-
-
-class _Accelerator:
-    device = torch.device("cpu")
-    num_processes = 1
-    process_index = 0
-    sync_gradients = True
-
-    def gather(self, x):
-        return x
-
-    def gather_for_metrics(self, x):
-        return x
-
-    def reduce(self, x, reduction="sum"):
-        return x
-
-    def pad_across_processes(self, x, dim=0, pad_index=0):
-        return x
 
 
 class EntropyStandIn(StandIn):
@@ -47,7 +29,7 @@ class EntropyStandIn(StandIn):
 
     def __init__(self, args, *, entropy, **kwargs):
         super().__init__(args, **kwargs)
-        self.accelerator = _Accelerator()
+        self.accelerator = OneProcessAccelerator()
         self.entropy_coef = args.entropy_coef
         self.use_adaptive_entropy = False
         self._entropy_bonus_enabled = args.entropy_coef != 0.0
