@@ -42,7 +42,7 @@ from drgrpo.config import LossConfig, preset_names
 from drgrpo.field_error import FieldError
 from drgrpo.train.checkpoint import check_checkpoint, find_checkpoint, read_state
 from drgrpo.train.compare import CompareConfig
-from drgrpo.train.config import EvalConfig, TrainConfig
+from drgrpo.train.config import EvalConfig, TrainConfig, resume_help
 from drgrpo.train.data import RewardError
 from drgrpo.train.disk import WriteFailed
 from drgrpo.train.flags import Flag, add_flags, flag_names, given, nested_replace, parse_with_config
@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     tr.add_argument("--config", metavar="FILE", help=config_help)
-    train_flags = add_flags(tr.add_argument_group("run"), TrainConfig, "train")
-    _add_loss_flags(tr, train_flags, "the --loss preset", "the preset's")
+    train_flags = add_flags(tr.add_argument_group("run"), TrainConfig, "train", note=resume_help)
+    _add_loss_flags(tr, train_flags, "the --loss preset", "the preset's", note=resume_help("loss_overrides"))
 
     ev = sub.add_parser(
         "eval",
@@ -216,17 +216,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_loss_flags(
-    parser: argparse.ArgumentParser, others: list[Flag], presets: str, default_text: str, skip: Sequence[str] = ()
+    parser: argparse.ArgumentParser,
+    others: list[Flag],
+    presets: str,
+    default_text: str,
+    skip: Sequence[str] = (),
+    note: str | None = None,
 ) -> None:
     """The loss flags of ``parser`` (one per LossConfig field, each overriding ``presets``' setting), and the
-    names its errors give fields: the loss flags and ``others``, the command's other flags.
+    names its errors give fields: the loss flags and ``others``, the command's other flags. ``note``: a sentence
+    the group's description ends with (train's: what a resume does with them).
 
     L is no loss flag (it is --max-new-tokens); --max-completion-length, TRL's name for the generation
     budget, is accepted as a hidden alias of --max-new-tokens (see :func:`with_length_alias`).
     """
-    group = parser.add_argument_group(
-        "loss", f"Each flag overrides one setting of {presets}. Presets: {', '.join(preset_names())}."
-    )
+    description = f"Each flag overrides one setting of {presets}. Presets: {', '.join(preset_names())}."
+    group = parser.add_argument_group("loss", f"{description} {note}" if note else description)
     loss_flags = add_flags(group, LossConfig, "loss", default_text=default_text, skip=(*LOSS_SKIP, LENGTH_ALIAS, *skip))
     parser.add_argument(
         "--max-completion-length",
