@@ -5,6 +5,8 @@ Every scenario runs the tiny built-in setting for 6 steps, breaks it at one mome
 uninterrupted run of the same configuration (the ``reference`` fixture, conftest.py). Exceptions (a reward
 that raises, a NaN loss, an out-of-memory error) must leave the last completed step on disk and exit non-zero
 with the cause; a SIGKILL (no chance to save) must leave the checkpoints consistent, whatever it interrupted.
+A kill inside the checkpoint write is reproduced in this process (:class:`Killed`, which no ``except Exception``
+catches, so nothing runs after it that a SIGKILL would have prevented); a kill elsewhere in a step is a real one.
 """
 
 from __future__ import annotations
@@ -24,16 +26,10 @@ from drgrpo.train.cli import main
 from helpers.cli_runs import ENV, STEPS, TINY, assert_same_end, poison_weights_at
 
 
-def resume(run: Path, path: Path | None = None) -> None:
-    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(path or ""), ENV.get("PYTHONPATH", "")]))}
-    p = subprocess.run(
-        [sys.executable, "-m", "drgrpo", "train", "--resume", str(run), "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
+def resume(run: Path) -> None:
+    """``drgrpo train --resume RUN`` in this process (a resume needs no process of its own: every step reseeds
+    from (seed, step, rank), so nothing of this process's past carries into it)."""
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
 
 
 # --------------------------------------------------------------------------- exceptions inside a step
@@ -55,6 +51,7 @@ def right(completion, example):
 """
 
 
+@pytest.mark.slow
 def test_a_reward_that_raises(tmp_path: Path, reference: Path, monkeypatch, capsys):
     module = tmp_path / "raising_reward.py"
     module.write_text(FLAKY.replace("MARKER", repr(str(tmp_path / "raised"))))
@@ -70,10 +67,11 @@ def test_a_reward_that_raises(tmp_path: Path, reference: Path, monkeypatch, caps
     # the last completed step (3) is on disk although checkpoints come every 2 steps
     assert "step 4 failed (RewardError); the last completed step is saved in" in err
     assert read_state(find_checkpoint(run))["step"] == 3
-    resume(run, tmp_path)
+    resume(run)  # the module is imported already, and its marker makes it raise no more
     assert_same_end(run, reference)
 
 
+@pytest.mark.slow
 def test_a_nan_loss(tmp_path: Path, reference: Path, monkeypatch, capsys):
     import drgrpo.train.update as update
 
@@ -98,6 +96,7 @@ def test_a_nan_loss(tmp_path: Path, reference: Path, monkeypatch, capsys):
     assert_same_end(run, reference)
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_never_saved(tmp_path: Path, reference: Path, monkeypatch, capsys):
     # the optimizer step of step 4 leaves a NaN in the weights (after AdamW's real step): the failure keeps the
     # last good checkpoint (step 2), never saves the poisoned weights, and a resume ends like the reference
@@ -117,6 +116,7 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path, reference: Path, mon
     assert_same_end(run, reference)
 
 
+@pytest.mark.slow
 def test_an_out_of_memory_error(tmp_path: Path, reference: Path, monkeypatch, capsys):
     import drgrpo.train.trainer as trainer
     from drgrpo.train.cli import train_config_from_args
@@ -188,16 +188,15 @@ MOMENTS = {
     "after the metrics line of step 4, before its checkpoint": (
         "drgrpo.train.metrics", "MetricsLog.__call__", 4, "after", ["latest", "step_000002"]
     ),
-    "checkpoint 2 half-written (weights, no optimizer)": (
-        "torch", "save", 2, "before", [".tmp_step_000004", "latest", "step_000002"]
-    ),
-    "checkpoint 2 written, not yet renamed into place": (
-        "drgrpo.train.checkpoint", "publish", 2, "before", [".tmp_step_000004", "latest", "step_000002"]
-    ),
-    "checkpoint 2 renamed, latest not yet updated": (
-        "drgrpo.train.checkpoint", "point_latest", 2, "before", ["latest", "step_000002", "step_000004"]
-    ),
 }  # fmt: skip
+"""The kills outside the checkpoint write, each in a real process (those inside it: ``WRITE_MOMENTS``)."""
+
+
+def survivors(run: Path) -> list[str]:
+    """What is in ``run/checkpoints`` (temporary directories lose their process-id suffix)."""
+    return sorted(
+        p.name.rsplit("_", 1)[0] if p.name.startswith(".") else p.name for p in (run / "checkpoints").iterdir()
+    )
 
 
 @pytest.mark.slow
@@ -215,12 +214,60 @@ def test_sigkill(tmp_path: Path, reference: Path, moment: str):
     )
     assert p.returncode == -9, (moment, p.returncode, p.stderr[-2000:])
     # the kill came where intended: what it left (temporary directories lose their process-id suffix here)
-    survivors = sorted(
-        p.name.rsplit("_", 1)[0] if p.name.startswith(".") else p.name for p in (run / "checkpoints").iterdir()
-    )
-    assert survivors == left, moment
+    assert survivors(run) == left, moment
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert latest == "step_000002" or (latest == "step_000004" and moment == "rollout of step 5")
     resume(run)
     assert_same_end(run, reference)
+    assert os.path.isfile(run / "config.yaml")
+
+
+# --------------------------------------------------------------------------- a kill inside the checkpoint write
+
+
+class Killed(BaseException):
+    """A SIGKILL in this process: no ``except Exception`` catches it (no clean-up, no save after a failure), the
+    run's files are left as the kill left them."""
+
+
+WRITE_MOMENTS = {
+    # (module, attribute, call, what the kill leaves in checkpoints/): the 2nd write is step 4's
+    "checkpoint 2 half-written (weights, no optimizer)": (
+        "torch", "save", 2, [".tmp_step_000004", "latest", "step_000002"]
+    ),
+    "checkpoint 2 written, not yet renamed into place": (
+        "drgrpo.train.checkpoint", "publish", 2, [".tmp_step_000004", "latest", "step_000002"]
+    ),
+    "checkpoint 2 renamed, latest not yet updated": (
+        "drgrpo.train.checkpoint", "point_latest", 2, ["latest", "step_000002", "step_000004"]
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", list(WRITE_MOMENTS))
+def test_a_kill_inside_the_checkpoint_write(tmp_path: Path, reference: Path, monkeypatch, moment: str):
+    import importlib
+
+    module, attribute, call, left = WRITE_MOMENTS[moment]
+    owner, calls = importlib.import_module(module), []
+    real = getattr(owner, attribute)
+
+    def killed_at_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise Killed(moment)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attribute, killed_at_call)
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        main(["train", "--output-dir", str(run), *STEPS, *TINY])
+    monkeypatch.undo()
+    assert survivors(run) == left, moment  # what a SIGKILL there leaves
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000002"  # never a half-written one
+    # the run's checkpoint is its newest complete one: step 4 once renamed into place, else step 2
+    assert find_checkpoint(run).name == ("step_000004" if "step_000004" in left else "step_000002")
+    resume(run)
+    assert_same_end(run, reference)  # (and no temporary directory left: the resume removed it)
     assert os.path.isfile(run / "config.yaml")
