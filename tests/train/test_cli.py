@@ -1,4 +1,4 @@
-"""The real ``drgrpo`` command line in subprocesses (tiny settings), and its error paths."""
+"""The ``drgrpo`` command line (tiny settings): train, eval and plot, a SIGTERM in a real process, error paths."""
 
 from __future__ import annotations
 
@@ -16,20 +16,23 @@ from drgrpo.train.cli import build_parser, main, train_config_from_args
 from helpers.cli_runs import ENV, TINY
 
 
-def drgrpo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "drgrpo", *args], capture_output=True, text=True, timeout=timeout, env=ENV
-    )
-
-
 def rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_cli_smoke_train_eval_plot(tmp_path: Path) -> None:
+def json_line(capsys: pytest.CaptureFixture, *argv: str) -> dict:
+    """Run ``drgrpo ARGV`` in this process expecting exit 0; the last line it printed, read as JSON."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_cli_smoke_train_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # in this process: main() is the console script's function (the script itself: test_help.py)
     run = tmp_path / "run"
-    p = drgrpo("train", "--output-dir", str(run), "--steps", "2", "--eval-every", "1", *TINY)
-    assert p.returncode == 0, p.stderr
+    assert main(["train", "--output-dir", str(run), "--steps", "2", "--eval-every", "1", *TINY]) == 0
     lines = rows(run)
     evals = [r for r in lines if "eval/accuracy" in r]
     steps = [r for r in lines if "reward" in r]
@@ -61,26 +64,22 @@ def test_cli_smoke_train_eval_plot(tmp_path: Path) -> None:
     assert (ckpt / "model.safetensors").is_file()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000002"
 
-    # drgrpo eval recomputes the last held-out evaluation in a fresh process: same model, same prompts, greedy
-    p = drgrpo("eval", "--model", str(ckpt), "--json")
-    assert p.returncode == 0, p.stderr
-    report = json.loads(p.stdout.strip().splitlines()[-1])
+    # drgrpo eval recomputes the last held-out evaluation from the checkpoint: same model, same prompts, greedy
+    report = json_line(capsys, "eval", "--model", str(ckpt), "--json")
     assert report["eval/accuracy"] == evals[-1]["eval/accuracy"]
     assert report["eval/length"] == evals[-1]["eval/length"]
     assert report["eval/num_prompts"] == 8
     # the run directory and its checkpoints/latest name the same checkpoint
     for name in (run, run / "checkpoints" / "latest"):
-        p = drgrpo("eval", "--model", str(name), "--json")
-        assert p.returncode == 0, p.stderr
-        assert json.loads(p.stdout.strip().splitlines()[-1]) == report
+        assert json_line(capsys, "eval", "--model", str(name), "--json") == report
 
-    p = drgrpo("plot", str(run))
-    assert p.returncode == 0, p.stderr
+    assert main(["plot", str(run)]) == 0, capsys.readouterr().err
     for name in ("reward", "accuracy", "lengths", "loss", "kl", "summary"):
         png = run / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = subprocess.Popen(
@@ -120,8 +119,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path: Path) -> None
     state = json.loads((run / "checkpoints" / latest / "trainer_state.json").read_text())
     assert state["step"] == last
 
-    p = drgrpo("train", "--resume", str(run), "--steps", str(last + 2), "--no-progress")
-    assert p.returncode == 0, p.stderr
+    assert main(["train", "--resume", str(run), "--steps", str(last + 2), "--no-progress"]) == 0
     assert [r["step"] for r in rows(run) if "reward" in r] == list(range(1, last + 3))
 
 
