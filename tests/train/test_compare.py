@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from drgrpo.train.cli import main
 from drgrpo.train.compare import (
     CompareConfig,
     load_metrics,
@@ -19,6 +20,11 @@ from drgrpo.train.compare import (
     summary_rows,
     tail_mean,
 )
+
+COMPARE_MODEL = [
+    "--tiny-hidden-size", "16", "--tiny-num-layers", "1", "--tiny-num-heads", "2", "--tiny-intermediate-size", "32",
+]  # fmt: skip
+"""The smallest built-in model the comparisons here train (what they test is not the model)."""
 
 
 def test_moving_average_skips_undefined_values():
@@ -93,7 +99,6 @@ def test_bad_settings_fail_before_any_work():
 @pytest.mark.slow
 def test_cli_end_to_end_tiny(tmp_path):
     out = tmp_path / "cmp"
-    code = "import sys; from drgrpo.train.cli import main; sys.exit(main(sys.argv[1:]))"
     args = [
         "compare",
         "--output-dir",
@@ -107,12 +112,12 @@ def test_cli_end_to_end_tiny(tmp_path):
         "--group-size",
         "4",
         "--jobs",
-        "2",
+        "1",  # (two at a time: test_compare_from_a_local_model)
         "--warm-start-steps",
         "10",
+        *COMPARE_MODEL,
     ]
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(args) == 0  # (the runs are in worker processes of their own all the same)
     for loss in ("grpo", "dr_grpo"):
         for seed in (0, 1):
             run = load_metrics(out / "runs" / loss / f"seed{seed}")
@@ -180,7 +185,7 @@ def test_compare_from_a_local_model(tmp_path):
     compare(
         CompareConfig(
             output_dir=str(out),
-            seeds=2,
+            seeds=1,  # (two seeds: test_cli_end_to_end_tiny)
             jobs=2,
             train=TrainConfig(model=str(model_dir), **settings, eval_size=8, lr=1e-2, progress=False, threads=1),
         )
@@ -193,7 +198,7 @@ def test_compare_from_a_local_model(tmp_path):
     finally:
         torch.set_num_threads(threads)
     for loss in ("grpo", "dr_grpo"):
-        for seed in (0, 1):
+        for seed in (0,):
             run = load_metrics(out / "runs" / loss / f"seed{seed}")
             assert run.steps == [1, 2] and run.eval_steps == [0, 2]
             assert run.eval_accuracy[0] == expected
@@ -258,7 +263,7 @@ def test_the_warm_start_runs_with_the_settings_of_drgrpo_train(tmp_path, monkeyp
 # --------------------------------------------------------------------------- reruns, interruptions, refusals
 
 COMPARE_TINY = [
-    "--tiny-hidden-size", "16", "--tiny-num-layers", "1", "--tiny-num-heads", "2", "--tiny-intermediate-size", "32",
+    *COMPARE_MODEL,
     "--task-max-operand", "9", "--task-num-eval", "20", "--task-max-work", "2", "--warm-start-steps", "10",
     "--warm-start-batch-size", "16", "--warm-start-target-accuracy", "0", "--prompts-per-step", "4",
     "--group-size", "4", "--max-new-tokens", "5", "--eval-every", "0", "--checkpoint-every", "1", "--seeds", "1",
@@ -293,17 +298,34 @@ def _compare(tmp_path, *args, **env):
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
 
 
+def _compare_here(tmp_path, monkeypatch, capsys, *args, **env):
+    """``drgrpo compare`` in this process (its runs go to worker processes, which inherit ``env``): (exit code,
+    stdout, stderr)."""
+    import os
+
+    (tmp_path / "counting_rewards.py").write_text(COUNTING_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for name in ("FAIL_AFTER", "SLOW_AFTER"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code = main(["compare", "--output-dir", str(tmp_path / "cmp"), *COMPARE_TINY, *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def _files(run):
     return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow
-def test_a_failed_run_writes_the_report_of_the_others_and_a_rerun_continues(tmp_path):
+def test_a_failed_run_writes_the_report_of_the_others_and_a_rerun_continues(tmp_path, monkeypatch, capsys):
     out = tmp_path / "cmp"
     # dr_grpo's reward fails in its step 2 (call 49): exit 1 naming it; its step 1 is saved; the report has grpo
-    p = _compare(tmp_path, FAIL_AFTER="48")
-    stdout, err = p.communicate(timeout=600)
-    assert p.returncode == 1, err
+    code, stdout, err = _compare_here(tmp_path, monkeypatch, capsys, FAIL_AFTER="48")
+    assert code == 1, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("drgrpo compare: error: RewardError: reward counting_rewards:judge raised"), err
     assert "RuntimeError: judge gave up at call 49" in last
@@ -319,9 +341,8 @@ def test_a_failed_run_writes_the_report_of_the_others_and_a_rerun_continues(tmp_
     grpo = _files(out / "runs" / "grpo" / "seed0")
 
     # the same command again (the reward no longer fails): grpo is kept as it was, dr_grpo continues from step 1
-    p = _compare(tmp_path)
-    stdout, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err
+    code, stdout, err = _compare_here(tmp_path, monkeypatch, capsys)
+    assert code == 0, err
     assert "compare: 2 runs (grpo, dr_grpo x 1 seeds), 1 at a time; 1 finished before, kept" in stdout
     assert "dr_grpo seed 0: done, step 2" in stdout
     assert _files(out / "runs" / "grpo" / "seed0") == grpo
@@ -335,9 +356,8 @@ def test_a_failed_run_writes_the_report_of_the_others_and_a_rerun_continues(tmp_
 
     # other settings on a rerun: refused before any work, one line naming the flag; nothing changes
     before = _files(out)
-    p = _compare(tmp_path, "--lr", "0.01")
-    stdout, err = p.communicate(timeout=600)
-    assert p.returncode == 2, err
+    code, stdout, err = _compare_here(tmp_path, monkeypatch, capsys, "--lr", "0.01")
+    assert code == 2, err
     assert err.strip().splitlines() == [
         f"drgrpo compare: error: --output-dir {out} holds a comparison made with other settings: "
         f"{out / 'runs' / 'grpo' / 'seed0'} has --lr 0.0005 -> 0.01 (its value -> the value given). A rerun "
