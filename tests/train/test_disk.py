@@ -81,6 +81,7 @@ def too_little_room_before_writing(monkeypatch, free: list[int]) -> None:
 @pytest.mark.parametrize(
     "inject", [torch_save_fills_the_disk, state_file_fills_the_disk, too_little_room_before_writing]
 )
+@pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint(tmp_path: Path, reference: Path, monkeypatch, capsys, inject):
     free = [10 << 30]  # what the disk reports: plenty, until the injection fills it
     monkeypatch.setattr(disk.shutil, "disk_usage", lambda path: Usage(20 << 30, 0, free[0]))
@@ -105,6 +106,7 @@ def test_a_full_disk_during_a_checkpoint(tmp_path: Path, reference: Path, monkey
 # --------------------------------------------------------------------------- a full disk while writing metrics
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_metrics_line_then_resume(tmp_path: Path, reference: Path, monkeypatch, capsys):
     real_init = MetricsLog.__init__
 

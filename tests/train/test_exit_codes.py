@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from drgrpo.train.checkpoint import find_checkpoint, read_state
 from drgrpo.train.cli import main
@@ -43,6 +44,7 @@ def test_output_directory_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert out.read_text() == "notes\n"  # left as it was
 
 
+@pytest.mark.slow
 def test_output_directory_is_a_file_in_a_real_process(tmp_path: Path) -> None:
     # the same row through `python -m drgrpo`: the process's exit code, one line, no traceback
     out = tmp_path / "out"
@@ -204,7 +206,10 @@ def test_a_bad_reward_value_at_step_3(
     assert "completion 5 of the batch" in err  # which completion, and on which example
     assert "on example #" in err
     assert "step 3 failed (RewardError); the last completed step is saved in" in err
-    assert read_state(find_checkpoint(run))["step"] == 2
+    ckpt = find_checkpoint(run)
+    assert ckpt.name == "step_000002" and read_state(ckpt)["step"] == 2
+    assert load_file(str(ckpt / "model.safetensors"))  # loadable
+    assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporary left
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
@@ -343,6 +348,7 @@ def test_the_largest_learning_rate_is_where_adamw_overflows_float32() -> None:
         TrainConfig(lr=1.01 * LR_LIMIT)
 
 
+@pytest.mark.slow
 def test_a_reader_that_stops_reading_loses_only_the_output(tmp_path: Path) -> None:
     # `drgrpo train ... | head`: the pipe's reader is gone before the first line (its end closed at once); the run
     # goes on to its end with its files intact and exits 0, without a BrokenPipeError traceback

@@ -188,7 +188,7 @@ def test_help_quotes_no_run_time():
         assert not re.search(r"\b(about|takes|in) \d+(\.\d+)? ?(s|seconds|minutes?|min)\b", flat), (page, flat)
 
 
-def test_version_prints_the_installed_package_version():
+def test_version_prints_the_installed_package_version(capsys):
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
@@ -196,9 +196,11 @@ def test_version_prints_the_installed_package_version():
     pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     expected = pyproject["project"]["version"]
     assert importlib.metadata.version("drgrpo") == expected  # the editable install of this tree
-    p = subprocess.run([sys.executable, "-m", "drgrpo", "--version"], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == f"drgrpo {expected}"
+    with pytest.raises(SystemExit) as exit_:  # (python -m drgrpo in a real process: test_exit_codes.py)
+        cli.main(["--version"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 0, err
+    assert out.strip() == f"drgrpo {expected}"
 
 
 # ----------------------------------------------------------------------------- error messages
@@ -331,6 +333,7 @@ DRGRPO = Path(sys.executable).with_name("drgrpo")
 """The console script the install made (the command a user types)."""
 
 
+@pytest.mark.slow
 def test_bare_drgrpo_prints_the_help_and_exits_2():
     # no command is a usage error (argparse's status 2), answered with the whole help rather than one line;
     # the oracle is what drgrpo --help prints (status 0, on stdout)
@@ -365,6 +368,7 @@ def test_train_help_shows_examples_that_parse_and_says_rewards_need_pythonpath()
     assert "must be importable" in flat and "PYTHONPATH" in flat, flat
 
 
+@pytest.mark.slow
 def test_the_drgrpo_command_does_not_import_rewards_from_the_current_directory(tmp_path: Path):
     # what train's help says: the console script finds a reward module on PYTHONPATH, not in the current
     # directory (python -m drgrpo would); a missing module is a configuration error before any work (exit 2)

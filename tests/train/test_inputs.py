@@ -180,6 +180,7 @@ def with_auto_map(path: Path, model_type: str, file: str = "config.json", **extr
 
 
 @pytest.mark.parametrize("command", ["train", "eval"])
+@pytest.mark.slow
 def test_a_model_that_needs_remote_code_is_refused_without_a_prompt(tmp_path: Path, command: str) -> None:
     model_dir = with_auto_map(save_tiny(tmp_path / "model"), "drgrpo_custom_model")
     args = ["--model", str(model_dir)]

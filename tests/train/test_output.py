@@ -61,6 +61,7 @@ def test_in_a_terminal_the_bar_redraws(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "step 10/30:" not in sys.stdout.getvalue()  # the bar, not the plain line
 
 
+@pytest.mark.slow
 def test_train_announces_the_warm_start_and_prints_plain_steps(tmp_path: Path) -> None:
     # the real command with its output to a pipe: the warm start says it begins and ends, each step line carries
     # the figures of metrics.jsonl (written independently, read back here) and no bar characters

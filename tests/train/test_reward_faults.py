@@ -232,6 +232,7 @@ def test_train_config_refuses_reward_callables_and_nan_weights() -> None:
     assert config.rewards == ("drgrpo.train.task:exact_match",) and config.reward_weights == (2.0,)
 
 
+@pytest.mark.slow
 def test_a_reward_that_forks_never_trains_twice_in_a_real_process(tmp_path: Path) -> None:
     """``python -m drgrpo train`` with a reward that forks at step 2: exit 1, one process trained, once."""
     (tmp_path / "forking_reward.py").write_text(

@@ -15,6 +15,7 @@ from drgrpo.train.task import TaskConfig, make_splits
 from helpers.cli_runs import TINY, torchrun  # TINY: the same tiny flags as the single-process smoke test
 
 
+@pytest.mark.slow
 def test_two_processes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     # a dense reward (shorter is better) so that every group has a signal even for an untrained tiny model
@@ -101,6 +102,7 @@ def right(completion, example):
 
 
 @pytest.mark.parametrize("every", ["0", "2"])
+@pytest.mark.slow
 def test_a_reward_failing_on_one_process_stops_both_after_saving(tmp_path: Path, every: str) -> None:
     # rank 1's reward raises at step 3; rank 0's would go on to the step's collectives and wait forever. Both
     # must stop at the same point with the last completed step (2) on disk: saved after the failure when
