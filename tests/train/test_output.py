@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -62,16 +60,20 @@ def test_in_a_terminal_the_bar_redraws(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.slow
-def test_train_announces_the_warm_start_and_prints_plain_steps(tmp_path: Path) -> None:
-    # the real command with its output to a pipe: the warm start says it begins and ends, each step line carries
-    # the figures of metrics.jsonl (written independently, read back here) and no bar characters
+def test_train_announces_the_warm_start_and_prints_plain_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the command (its function, in this process) with its output captured, not a terminal: the warm start says
+    # it begins and ends, each step line carries the figures of metrics.jsonl (written independently, read back
+    # here) and no bar characters
+    from drgrpo.train.cli import main
+
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    argv = [sys.executable, "-m", "drgrpo", "train", "--output-dir", str(run), "--steps", "2", "--eval-every", "1"]
-    p = subprocess.run([*argv, *SMALL], capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0, p.stderr
+    code = main(["train", "--output-dir", str(run), "--steps", "2", "--eval-every", "1", *SMALL])
+    out, err = capsys.readouterr()
+    assert code == 0, err
     # (DeepSpeed, where installed, logs its accelerator on import, as "[date] [WARNING] [real_accelerator.py...")
-    lines = [ln for ln in p.stdout.splitlines() if "real_accelerator.py" not in ln]
+    lines = [ln for ln in out.splitlines() if "real_accelerator.py" not in ln]
     assert lines[0] == "warm start: training the built-in model, supervised, up to 20 steps, until train-probe " \
         "accuracy 0.25 ..."  # fmt: skip
     marker = json.loads((run / "warm_start" / "warm_start.json").read_text())
@@ -88,4 +90,4 @@ def test_train_announces_the_warm_start_and_prints_plain_steps(tmp_path: Path) -
     ]
     assert f"reward {last['reward']:.2f} acc {evals[2]:.2f} " in expected
     assert lines[6].startswith("done: step 2 in ")
-    assert "━" not in p.stdout and "…" not in p.stdout
+    assert "━" not in out and "…" not in out
