@@ -17,3 +17,13 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("reference") / "run"
     assert main(["train", "--output-dir", str(run), *STEPS, *TINY]) == 0
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_warm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The warm start of the tiny settings (``TINY_WARM`` on ``TINY_TASK``, helpers/tiny_configs.py), made once:
+    a model directory to pass as ``model``. Read it, never write into it."""
+    from drgrpo.train.warmstart import warm_start
+    from helpers.tiny_configs import TINY_TASK, TINY_WARM
+
+    return warm_start(tmp_path_factory.mktemp("tiny_warm_model") / "model", TINY_WARM, TINY_TASK)

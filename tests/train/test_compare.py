@@ -167,7 +167,7 @@ def test_a_missing_model_directory_fails_before_any_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_from_a_local_model(tmp_path):
+def test_compare_from_a_local_model(tmp_path, tiny_warm_model):
     # every run starts from the given model (no warm start is made): its held-out accuracy at step 0 is
     # the model's own, as `drgrpo eval` computes it in this process, for every loss and seed
     import torch
@@ -175,11 +175,12 @@ def test_compare_from_a_local_model(tmp_path):
     from drgrpo.train import TaskConfig, TinyModelConfig, TrainConfig, WarmStartConfig
     from drgrpo.train.compare import compare
     from drgrpo.train.evaluation import evaluate_model
-    from drgrpo.train.warmstart import warm_start
+    from helpers.tiny_configs import TINY_TASK, TINY_WARM
 
     task = TaskConfig(max_operand=9, max_work=2, num_eval=20, seed=3)
     tiny = TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_positions=32)
-    model_dir = warm_start(tmp_path / "model", WarmStartConfig(steps=20, batch_size=16, lr=1e-2, model=tiny), task)
+    assert WarmStartConfig(steps=20, batch_size=16, lr=1e-2, model=tiny) == TINY_WARM and task == TINY_TASK
+    model_dir = tiny_warm_model  # that warm start, made once (conftest.py)
     settings = dict(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=5, eval_every=2, task=task)
     out = tmp_path / "cmp"
     compare(

@@ -16,8 +16,7 @@ from drgrpo.train import TrainConfig, train
 from drgrpo.train.config import EvalConfig
 from drgrpo.train.data import RewardError, Rewards
 from drgrpo.train.evaluation import evaluate_model
-from drgrpo.train.warmstart import warm_start
-from helpers.tiny_configs import TINY_TASK, TINY_WARM, tiny
+from helpers.tiny_configs import TINY_TASK, tiny
 
 SIGNAL = """
 def parity(completion, example):
@@ -112,9 +111,9 @@ def test_reward_and_weighted_total_beyond_the_limit_name_the_reward() -> None:
         overflow(["2"], ex, [7])  # beyond float64 itself: never a silent inf
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return warm_start(tmp_path_factory.mktemp("model") / "tiny", TINY_WARM, TINY_TASK)
+@pytest.fixture
+def tiny_model(tiny_warm_model: Path) -> Path:
+    return tiny_warm_model  # (conftest.py: made once for the session)
 
 
 def test_float16_is_refused_for_training_before_any_work(tmp_path: Path, tiny_model: Path) -> None:

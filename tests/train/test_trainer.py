@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 from drgrpo.train import TrainConfig, train
 from drgrpo.train.checkpoint import find_checkpoint, read_state
 from drgrpo.train.task import make_splits, write_jsonl
-from drgrpo.train.warmstart import warm_start
-from helpers.tiny_configs import TINY_TASK, TINY_WARM, tiny
+from helpers.tiny_configs import TINY_TASK, tiny
 
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -70,13 +69,15 @@ def test_checkpoint_contents(tmp_path: Path) -> None:
     assert set(optimizer_state) == {"state", "param_groups"} and optimizer_state["state"]
 
 
-def test_real_model_path_with_reference_kl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_real_model_path_with_reference_kl(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_warm_model: Path
+) -> None:
     # a local HF model directory + a JSONL dataset + rewards by name, GRPO with a KL penalty. The second reward
     # (shorter is better, weight 0.1) gives every group a signal, so the policy moves from step 1 on whatever
     # the sampled answers; the first (exact match) stays the accuracy.
     (tmp_path / "dense.py").write_text("def shorter(completion, example):\n    return -len(completion.split())\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    model_dir = warm_start(tmp_path / "model", TINY_WARM, TINY_TASK)
+    model_dir = tiny_warm_model
     train_ex, held = make_splits(TINY_TASK)
     write_jsonl([{"prompt": e["prompt"], "answer": e["answer"]} for e in train_ex], tmp_path / "train.jsonl")
     write_jsonl(held, tmp_path / "held.jsonl")
@@ -109,9 +110,11 @@ def test_real_model_path_with_reference_kl(tmp_path: Path, monkeypatch: pytest.M
     assert read_state(result.checkpoint)["loss_config"]["beta"] == 0.04
 
 
-def test_fused_loss_path_matches_logits_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_loss_path_matches_logits_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_warm_model: Path
+) -> None:
     # the same run through drgrpo.fused (hidden states + output layer) and through full logits
-    model_dir = warm_start(tmp_path / "model", TINY_WARM, TINY_TASK)
+    model_dir = tiny_warm_model
     cfg = dict(steps=2, model=str(model_dir), ppo_epochs=2, micro_batch_size=8, rewards=("dense:shorter",))
     (tmp_path / "dense.py").write_text("def shorter(completion, example):\n    return -len(completion.split())\n")
     monkeypatch.syspath_prepend(str(tmp_path))
