@@ -7,11 +7,12 @@ functions and ``TYPE_CHECKING`` blocks too), so a cycle hidden behind a lazy imp
 from __future__ import annotations
 
 import ast
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers.fresh_interpreter import EXTRAS, import_report
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = SRC / "drgrpo"
@@ -144,29 +145,10 @@ def test_core_modules_import_only_numpy_and_torch():
     assert not offenders, "the core must need only numpy and torch:\n" + "\n".join(offenders)
 
 
-EXTRAS = ["transformers", "tokenizers", "safetensors", "matplotlib", "rich", "trl"]
-
-
-@pytest.fixture(scope="module")
-def loaded_after_import_drgrpo() -> dict[str, bool]:
-    """Whether each extra's module is in ``sys.modules`` of a fresh interpreter after ``import drgrpo`` and a preset.
-
-    One interpreter answers for every extra (an interpreter start costs seconds); it prints one
-    ``name True|False`` line per extra.
-    """
-    code = (
-        "import sys, drgrpo; drgrpo.LossConfig.preset('dapo')\n"
-        f"for name in {EXTRAS!r}: print(name, name in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    lines = dict(line.split() for line in out.splitlines())
-    assert sorted(lines) == sorted(EXTRAS), out  # one answer per extra, nothing else printed
-    return {name: value == "True" for name, value in lines.items()}
-
-
 @pytest.mark.parametrize("extra_module", EXTRAS)
-def test_import_drgrpo_loads_no_extra(loaded_after_import_drgrpo: dict[str, bool], extra_module: str) -> None:
-    assert loaded_after_import_drgrpo[extra_module] is False
+def test_import_drgrpo_loads_no_extra(extra_module: str) -> None:
+    # one fresh interpreter answers for every extra (tests/helpers/fresh_interpreter.py)
+    assert import_report()["loaded"][extra_module] is False
 
 
 def test_every_public_name_imports():

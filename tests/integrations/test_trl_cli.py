@@ -173,6 +173,7 @@ def test_configuration_errors_are_one_line_with_exit_code_2(
     assert not (workdir / "bad").exists()  # nothing trained, nothing written
 
 
+@pytest.mark.slow
 def test_the_command_exits_with_2_and_one_line(workdir: Path):
     recipe = write_recipe(workdir, "bad2", **{"loss_config: dr_grpo": "loss_config: dr-grpo"})
     cmd = [sys.executable, "-m", "drgrpo", "trl", "--config", str(recipe)]
