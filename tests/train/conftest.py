@@ -11,7 +11,7 @@ import pytest
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted tiny run every fault scenario must end as: 6 steps, a checkpoint every 2 (``STEPS`` of
     helpers/cli_runs.py), the built-in task and model. Read it, never write into it (copy it first)."""
-    from drgrpo.train.cli import main
+    from drgrpo.train.cli.main import main
     from helpers.cli_runs import STEPS, TINY
 
     run = tmp_path_factory.mktemp("reference") / "run"
@@ -23,7 +23,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_warm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The warm start of the tiny settings (``TINY_WARM`` on ``TINY_TASK``, helpers/tiny_configs.py), made once:
     a model directory to pass as ``model``. Read it, never write into it."""
-    from drgrpo.train.warmstart import warm_start
+    from drgrpo.train.loop.warmstart import warm_start
     from helpers.tiny_configs import TINY_TASK, TINY_WARM
 
     return warm_start(tmp_path_factory.mktemp("tiny_warm_model") / "model", TINY_WARM, TINY_TASK)

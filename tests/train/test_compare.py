@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from drgrpo.train.cli import main
-from drgrpo.train.compare import (
+from drgrpo.train.cli.main import main
+from drgrpo.train.cli.compare import (
     CompareConfig,
     load_metrics,
     mean_spread,
@@ -135,7 +135,7 @@ def test_cli_end_to_end_tiny(tmp_path):
 
 def test_model_dataset_and_reward_flags_reach_every_run():
     from drgrpo.train import TrainConfig
-    from drgrpo.train.cli import build_parser, compare_config_from_args
+    from drgrpo.train.cli.main import build_parser, compare_config_from_args
 
     data = ["--dataset", "d.jsonl", "--eval-dataset", "e.jsonl"]
     rewards = ["--reward", "pkg.mod:right", "--reward", "pkg.mod:short"]
@@ -158,7 +158,7 @@ def test_model_dataset_and_reward_flags_reach_every_run():
 
 def test_a_missing_model_directory_fails_before_any_run(tmp_path):
     from drgrpo.train import TrainConfig
-    from drgrpo.train.compare import compare
+    from drgrpo.train.cli.compare import compare
 
     config = CompareConfig(output_dir=str(tmp_path / "cmp"), train=TrainConfig(model=str(tmp_path / "none")))
     with pytest.raises(FileNotFoundError, match="is not a directory"):
@@ -173,8 +173,8 @@ def test_compare_from_a_local_model(tmp_path, tiny_warm_model):
     import torch
 
     from drgrpo.train import TaskConfig, TinyModelConfig, TrainConfig, WarmStartConfig
-    from drgrpo.train.compare import compare
-    from drgrpo.train.evaluation import evaluate_model
+    from drgrpo.train.cli.compare import compare
+    from drgrpo.train.loop.evaluation import evaluate_model
     from helpers.tiny_configs import TINY_TASK, TINY_WARM
 
     task = TaskConfig(max_operand=9, max_work=2, num_eval=20, seed=3)
@@ -236,8 +236,8 @@ def test_the_warm_start_runs_with_the_settings_of_drgrpo_train(tmp_path, monkeyp
     # compare used torch's default thread count in its own process, 10 to 15 times slower on a busy machine
     import torch
 
-    import drgrpo.train.warmstart as warmstart
-    from drgrpo.train.compare import compare
+    import drgrpo.train.loop.warmstart as warmstart
+    from drgrpo.train.cli.compare import compare
 
     seen = {}
 
@@ -274,7 +274,7 @@ COMPARE_TINY = [
 
 COUNTING_REWARDS = """
 import os, time
-from drgrpo.train.task import exact_match
+from drgrpo.train.loop.task import exact_match
 
 calls = 0  # one worker trains both runs, one after the other: calls 1-32 are grpo's, 33-64 dr_grpo's
 
@@ -368,7 +368,7 @@ def test_a_failed_run_writes_the_report_of_the_others_and_a_rerun_continues(tmp_
 
 
 def read_state_step(run):
-    from drgrpo.train.checkpoint import find_checkpoint, read_state
+    from drgrpo.train.run.checkpoint import find_checkpoint, read_state
 
     return read_state(find_checkpoint(run))["step"]
 
@@ -396,7 +396,7 @@ def test_a_signal_stops_every_run_and_writes_the_report_of_those_that_finished(t
 
 
 def test_each_loss_is_named_once(tmp_path, capsys):
-    from drgrpo.train.cli import main
+    from drgrpo.train.cli.main import main
 
     with pytest.raises(ValueError, match="losses names dr_grpo more than once"):
         CompareConfig(losses=("dr_grpo", "grpo,dr_grpo"))

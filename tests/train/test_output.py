@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from drgrpo.train import progress
-from drgrpo.train.progress import ProgressBar
+from drgrpo.train.loop import progress
+from drgrpo.train.loop.progress import ProgressBar
 
 SMALL = shlex.split(
     "--tiny-hidden-size 16 --tiny-num-layers 1 --tiny-num-heads 2 --tiny-intermediate-size 32 --task-max-operand 9 "
@@ -66,7 +66,7 @@ def test_train_announces_the_warm_start_and_prints_plain_steps(
     # the command (its function, in this process) with its output captured, not a terminal: the warm start says
     # it begins and ends, each step line carries the figures of metrics.jsonl (written independently, read back
     # here) and no bar characters
-    from drgrpo.train.cli import main
+    from drgrpo.train.cli.main import main
 
     run = tmp_path / "run"
     code = main(["train", "--output-dir", str(run), "--steps", "2", "--eval-every", "1", *SMALL])

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from drgrpo.train import TrainConfig, train
-from drgrpo.train.checkpoint import find_checkpoint, read_state
-from drgrpo.train.task import make_splits, write_jsonl
+from drgrpo.train.run.checkpoint import find_checkpoint, read_state
+from drgrpo.train.loop.task import make_splits, write_jsonl
 from helpers.tiny_configs import TINY_TASK, tiny
 
 
@@ -88,7 +88,7 @@ def test_real_model_path_with_reference_kl(
         dataset=str(tmp_path / "train.jsonl"),
         eval_dataset=str(tmp_path / "held.jsonl"),
         eval_every=3,
-        rewards=("drgrpo.train.task:exact_match", "dense:shorter"),
+        rewards=("drgrpo.train.loop.task:exact_match", "dense:shorter"),
         reward_weights=(1.0, 0.1),
         loss="grpo",
         loss_overrides=(("beta", 0.04),),
