@@ -159,7 +159,7 @@ def test_under_accelerate_launch_and_the_drgrpo_alias(workdir: Path):
 def test_configuration_errors_are_one_line_with_exit_code_2(
     workdir: Path, replace: dict, message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ):
-    from drgrpo.train.cli import main
+    from drgrpo.train.cli.main import main
 
     recipe = write_recipe(workdir, "bad", **replace)
     monkeypatch.chdir(workdir)

@@ -72,7 +72,7 @@ def test_advantage_estimators_on_two_processes_see_the_whole_generation_batch(tm
     """advantage="gpg" (its alpha counts the whole batch's nonzero rewards) and "opo" (length weights, a group split
     over the processes): both ranks' advantages are the float64 oracle's of every rank's rewards and lengths."""
     from drgrpo import reference
-    from drgrpo.train.tiny import build_tokenizer
+    from drgrpo.train.loop.tiny import build_tokenizer
 
     model_dir = h.save_tiny_model(tmp_path / "tiny")
     jobs = [

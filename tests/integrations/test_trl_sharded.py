@@ -131,7 +131,7 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WO
 dist.init_process_group("gloo", rank=0, world_size=1)
 from torch.distributed.fsdp import fully_shard
 from drgrpo.integrations.trl import _is_dtensor, _unshard_fsdp2_head
-from drgrpo.train.tiny import TinyModelConfig, build_model, build_tokenizer
+from drgrpo.train.loop.tiny import TinyModelConfig, build_model, build_tokenizer
 
 def untied():
     model = build_model(TinyModelConfig(), build_tokenizer(), seed=0)

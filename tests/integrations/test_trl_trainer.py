@@ -24,7 +24,7 @@ from trl import GRPOConfig, GRPOTrainer
 import trl_harness as h
 from drgrpo import LossConfig
 from drgrpo.integrations.trl import DrGRPOTrainer
-from drgrpo.train.tiny import build_tokenizer
+from drgrpo.train.loop.tiny import build_tokenizer
 
 TOL = 1e-5  # relative, float32: measured 1e-7 to 3e-7
 SPLITS = [(1, 1), (1, 2), (2, 1), (2, 2), (2, 4), (4, 2), (4, 4)]  # (K, spg): spg equal to, below and above K
@@ -473,7 +473,7 @@ def test_training_on_the_addition_task_raises_held_out_accuracy(tmp_path: Path):
     from datasets import Dataset
 
     from drgrpo.train import TaskConfig, WarmStartConfig, exact_match, make_splits, warm_start
-    from drgrpo.train.warmstart import probe_accuracy
+    from drgrpo.train.loop.warmstart import probe_accuracy
 
     task = TaskConfig()
     start = warm_start(tmp_path / "warm", WarmStartConfig(), task)  # ~25% greedy accuracy

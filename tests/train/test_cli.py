@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from drgrpo.train import TrainConfig
-from drgrpo.train.cli import build_parser, main, train_config_from_args
+from drgrpo.train.cli.main import build_parser, main, train_config_from_args
 from helpers.cli_runs import ENV, TINY
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from drgrpo.train.compare import (
+from drgrpo.train.cli.compare import (
     CompareConfig,
     load_metrics,
     mean_spread,
@@ -93,7 +93,7 @@ def test_bad_settings_fail_before_any_work():
 @pytest.mark.slow
 def test_cli_end_to_end_tiny(tmp_path):
     out = tmp_path / "cmp"
-    code = "import sys; from drgrpo.train.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from drgrpo.train.cli.main import main; sys.exit(main(sys.argv[1:]))"
     args = [
         "compare",
         "--output-dir",
@@ -130,7 +130,7 @@ def test_cli_end_to_end_tiny(tmp_path):
 
 def test_model_dataset_and_reward_flags_reach_every_run():
     from drgrpo.train import TrainConfig
-    from drgrpo.train.cli import build_parser, compare_config_from_args
+    from drgrpo.train.cli.main import build_parser, compare_config_from_args
 
     data = ["--dataset", "d.jsonl", "--eval-dataset", "e.jsonl"]
     rewards = ["--reward", "pkg.mod:right", "--reward", "pkg.mod:short"]
@@ -153,7 +153,7 @@ def test_model_dataset_and_reward_flags_reach_every_run():
 
 def test_a_missing_model_directory_fails_before_any_run(tmp_path):
     from drgrpo.train import TrainConfig
-    from drgrpo.train.compare import compare
+    from drgrpo.train.cli.compare import compare
 
     config = CompareConfig(output_dir=str(tmp_path / "cmp"), train=TrainConfig(model=str(tmp_path / "none")))
     with pytest.raises(FileNotFoundError, match="is not a directory"):
@@ -168,9 +168,9 @@ def test_compare_from_a_local_model(tmp_path):
     import torch
 
     from drgrpo.train import TaskConfig, TinyModelConfig, TrainConfig, WarmStartConfig
-    from drgrpo.train.compare import compare
-    from drgrpo.train.evaluation import evaluate_model
-    from drgrpo.train.warmstart import warm_start
+    from drgrpo.train.cli.compare import compare
+    from drgrpo.train.loop.evaluation import evaluate_model
+    from drgrpo.train.loop.warmstart import warm_start
 
     task = TaskConfig(max_operand=9, max_work=2, num_eval=20, seed=3)
     tiny = TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_positions=32)
@@ -230,8 +230,8 @@ def test_the_warm_start_runs_with_the_settings_of_drgrpo_train(tmp_path, monkeyp
     # compare used torch's default thread count in its own process, 10 to 15 times slower on a busy machine
     import torch
 
-    import drgrpo.train.warmstart as warmstart
-    from drgrpo.train.compare import compare
+    import drgrpo.train.loop.warmstart as warmstart
+    from drgrpo.train.cli.compare import compare
 
     seen = {}
 
@@ -268,7 +268,7 @@ COMPARE_TINY = [
 
 COUNTING_REWARDS = """
 import os, time
-from drgrpo.train.task import exact_match
+from drgrpo.train.loop.task import exact_match
 
 calls = 0  # one worker trains both runs, one after the other: calls 1-32 are grpo's, 33-64 dr_grpo's
 
@@ -347,7 +347,7 @@ def test_a_failed_run_writes_the_report_of_the_others_and_a_rerun_continues(tmp_
 
 
 def read_state_step(run):
-    from drgrpo.train.checkpoint import find_checkpoint, read_state
+    from drgrpo.train.run.checkpoint import find_checkpoint, read_state
 
     return read_state(find_checkpoint(run))["step"]
 
@@ -375,7 +375,7 @@ def test_a_signal_stops_every_run_and_writes_the_report_of_those_that_finished(t
 
 
 def test_each_loss_is_named_once(tmp_path, capsys):
-    from drgrpo.train.cli import main
+    from drgrpo.train.cli.main import main
 
     with pytest.raises(ValueError, match="losses names dr_grpo more than once"):
         CompareConfig(losses=("dr_grpo", "grpo,dr_grpo"))

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import drgrpo.train.disk as disk
-from drgrpo.train.checkpoint import checkpoints_of, find_checkpoint, read_state
-from drgrpo.train.cli import main
-from drgrpo.train.metrics import MetricsLog
+import drgrpo.train.run.disk as disk
+from drgrpo.train.cli.main import main
+from drgrpo.train.loop.metrics import MetricsLog
+from drgrpo.train.run.checkpoint import checkpoints_of, find_checkpoint, read_state
 from helpers.cli_runs import STEPS, TINY, assert_same_end, metrics
 
 Usage = namedtuple("Usage", "total used free")
@@ -75,7 +75,7 @@ def too_little_room_before_writing(monkeypatch, free: list[int]) -> None:
                 free[0] = 4 * 1024
         return real(directory)
 
-    monkeypatch.setattr("drgrpo.train.checkpoint.free_bytes", free_bytes)
+    monkeypatch.setattr("drgrpo.train.run.checkpoint.free_bytes", free_bytes)
 
 
 @pytest.mark.parametrize(

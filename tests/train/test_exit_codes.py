@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from drgrpo.train.checkpoint import find_checkpoint, read_state
-from drgrpo.train.cli import main
+from drgrpo.train.cli.main import main
+from drgrpo.train.run.checkpoint import find_checkpoint, read_state
 from helpers.cli_runs import ENV, TINY, error_line, poison_weights_at
 
 QUICK = ["--steps", "4", "--eval-every", "0", "--checkpoint-every", "1"]
@@ -167,7 +167,7 @@ def test_dtype_float16(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
 BAD_AT_STEP_3 = """
 import math
-from drgrpo.train.task import exact_match
+from drgrpo.train.loop.task import exact_match
 
 CALLS = [0]
 
@@ -231,7 +231,7 @@ def test_any_other_error_in_a_step_is_a_failure(
 ) -> None:
     # a ValueError raised inside a step (here injected into the rollout of step 3) is not a configuration error:
     # exit 1 with its traceback, after saving the last completed step
-    import drgrpo.train.trainer as trainer
+    import drgrpo.train.loop.trainer as trainer
 
     real, calls = trainer.generate, []
 
@@ -326,7 +326,7 @@ def test_the_largest_learning_rate_is_where_adamw_overflows_float32() -> None:
     # the oracle is torch's AdamW itself: its first step from a gradient g scales the step size lr / (1 - beta1)
     # = 10 lr (a float32 number) by m / (sqrt(v) + eps) = 0.1 g / |g|, so a weight moves by lr; above LR_LIMIT torch
     # refuses the step, at 0.99 of it the step is taken and TrainConfig accepts that lr
-    from drgrpo.train.config import LR_LIMIT, TrainConfig
+    from drgrpo.train.train_config import LR_LIMIT, TrainConfig
 
     def first_step(lr: float) -> torch.Tensor:
         weight = torch.zeros(3, requires_grad=True)

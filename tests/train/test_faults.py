@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from drgrpo.train import train
-from drgrpo.train.checkpoint import find_checkpoint, read_state
-from drgrpo.train.cli import main
+from drgrpo.train.cli.main import main
+from drgrpo.train.run.checkpoint import find_checkpoint, read_state
 from helpers.cli_runs import ENV, STEPS, TINY, assert_same_end, poison_weights_at
 
 
@@ -40,7 +40,7 @@ def resume(run: Path, path: Path | None = None) -> None:
 
 FLAKY = """
 import os
-from drgrpo.train.task import exact_match
+from drgrpo.train.loop.task import exact_match
 
 CALLS = 0
 
@@ -75,7 +75,7 @@ def test_a_reward_that_raises(tmp_path: Path, reference: Path, monkeypatch, caps
 
 
 def test_a_nan_loss(tmp_path: Path, reference: Path, monkeypatch, capsys):
-    import drgrpo.train.update as update
+    import drgrpo.train.loop.update as update
 
     real, calls = update.policy_loss, []
 
@@ -118,8 +118,8 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path, reference: Path, mon
 
 
 def test_an_out_of_memory_error(tmp_path: Path, reference: Path, monkeypatch, capsys):
-    import drgrpo.train.trainer as trainer
-    from drgrpo.train.cli import train_config_from_args
+    import drgrpo.train.loop.trainer as trainer
+    from drgrpo.train.cli.main import train_config_from_args
     from drgrpo.train.flags import parse_with_config
 
     real, calls = trainer.generate, []
@@ -145,7 +145,7 @@ def test_an_out_of_memory_error(tmp_path: Path, reference: Path, monkeypatch, ca
 
 
 def trainer_parser():
-    from drgrpo.train.cli import build_parser
+    from drgrpo.train.cli.main import build_parser
 
     return build_parser()
 
@@ -176,26 +176,28 @@ def wrapped(*args, **kwargs):
 
 
 setattr(owner, path[-1], wrapped)
-from drgrpo.train.cli import main
+from drgrpo.train.cli.main import main
 
 sys.exit(main(sys.argv[5:]))
 """
 
 MOMENTS = {
     # (module, attribute, call, before/after, what the kill leaves in checkpoints/): checkpoints after steps 2, 4, 6
-    "rollout of step 5": ("drgrpo.train.trainer", "generate", 5, "before", ["latest", "step_000002", "step_000004"]),
+    "rollout of step 5": (
+        "drgrpo.train.loop.trainer", "generate", 5, "before", ["latest", "step_000002", "step_000004"]
+    ),
     "policy update of step 3": ("torch.nn.utils", "clip_grad_norm_", 3, "before", ["latest", "step_000002"]),
     "after the metrics line of step 4, before its checkpoint": (
-        "drgrpo.train.metrics", "MetricsLog.__call__", 4, "after", ["latest", "step_000002"]
+        "drgrpo.train.loop.metrics", "MetricsLog.__call__", 4, "after", ["latest", "step_000002"]
     ),
     "checkpoint 2 half-written (weights, no optimizer)": (
         "torch", "save", 2, "before", [".tmp_step_000004", "latest", "step_000002"]
     ),
     "checkpoint 2 written, not yet renamed into place": (
-        "drgrpo.train.checkpoint", "publish", 2, "before", [".tmp_step_000004", "latest", "step_000002"]
+        "drgrpo.train.run.checkpoint", "publish", 2, "before", [".tmp_step_000004", "latest", "step_000002"]
     ),
     "checkpoint 2 renamed, latest not yet updated": (
-        "drgrpo.train.checkpoint", "point_latest", 2, "before", ["latest", "step_000002", "step_000004"]
+        "drgrpo.train.run.checkpoint", "point_latest", 2, "before", ["latest", "step_000002", "step_000004"]
     ),
 }  # fmt: skip
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from drgrpo.train.config import TrainConfig
-from drgrpo.train.data import load_jsonl
-from drgrpo.train.model import check_local_code, load_model, load_tokenizer
-from drgrpo.train.preflight import CHARS_PER_TOKEN, PromptCheck, prompt_check
-from drgrpo.train.tiny import build_model, build_tokenizer
+from drgrpo.train.loop.data import load_jsonl
+from drgrpo.train.loop.model import check_local_code, load_model, load_tokenizer
+from drgrpo.train.loop.tiny import build_model, build_tokenizer
+from drgrpo.train.run.preflight import CHARS_PER_TOKEN, PromptCheck, prompt_check
+from drgrpo.train.train_config import TrainConfig
 from helpers.cli_runs import ENV, TINY, error_line
 from helpers.tiny_configs import TINY_MODEL
 

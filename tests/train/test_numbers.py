@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from drgrpo.train import TrainConfig, train
-from drgrpo.train.config import EvalConfig
-from drgrpo.train.data import RewardError, Rewards
-from drgrpo.train.evaluation import evaluate_model
-from drgrpo.train.warmstart import warm_start
+from drgrpo.train.loop.data import RewardError, Rewards
+from drgrpo.train.loop.evaluation import evaluate_model
+from drgrpo.train.loop.warmstart import warm_start
+from drgrpo.train.train_config import EvalConfig
 from helpers.tiny_configs import TINY_TASK, TINY_WARM, tiny
 
 SIGNAL = """
@@ -41,8 +41,8 @@ def numpy_advantages(rewards: list[float], group_size: int) -> np.ndarray:
 
 def recorded_run(run: Path, monkeypatch: pytest.MonkeyPatch, reward: str) -> tuple[list, list, list[dict]]:
     """train() on the tiny task for 3 steps; (rewards, advantages) of every step and the metrics lines."""
-    import drgrpo.train.trainer as trainer
-    from drgrpo.train.data import Rewards
+    import drgrpo.train.loop.trainer as trainer
+    from drgrpo.train.loop.data import Rewards
 
     rewards, advantages = [], []
     real_score, real_update = Rewards.__call__, trainer.policy_update
@@ -135,7 +135,7 @@ def test_float16_evaluation_matches_float32(tiny_model: Path) -> None:
 
 
 def test_float16_is_refused_by_compare_before_the_warm_start(tmp_path: Path) -> None:
-    from drgrpo.train.compare import CompareConfig, compare
+    from drgrpo.train.cli.compare import CompareConfig, compare
 
     with pytest.raises(ValueError, match="dtype float16 cannot train"):
         compare(CompareConfig(output_dir=str(tmp_path / "cmp"), train=TrainConfig(dtype="float16", progress=False)))
@@ -143,7 +143,7 @@ def test_float16_is_refused_by_compare_before_the_warm_start(tmp_path: Path) -> 
 
 
 def test_compare_refuses_a_non_finite_beta() -> None:
-    from drgrpo.train.compare import CompareConfig
+    from drgrpo.train.cli.compare import CompareConfig
 
     with pytest.raises(ValueError, match=r"^beta must be a finite number, got nan"):
         CompareConfig(beta=math.nan)

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 from drgrpo.train import TrainConfig
-from drgrpo.train.checkpoint import find_checkpoint, read_state
-from drgrpo.train.cli import main
-from drgrpo.train.rewards import FORKED_CHILD_EXIT, RewardError, Rewards, call_reward
-from drgrpo.train.stopping import StopOnSignal
-from drgrpo.train.task import exact_match
+from drgrpo.train.cli.main import main
+from drgrpo.train.loop.rewards import FORKED_CHILD_EXIT, RewardError, Rewards, call_reward
+from drgrpo.train.loop.task import exact_match
+from drgrpo.train.run.checkpoint import find_checkpoint, read_state
+from drgrpo.train.run.stopping import StopOnSignal
 from helpers.cli_runs import ENV, TINY
 
 RUN = ["--steps", "3", "--eval-every", "0", "--checkpoint-every", "0"]
@@ -33,7 +33,7 @@ RUN = ["--steps", "3", "--eval-every", "0", "--checkpoint-every", "0"]
 
 AT_STEP_2 = """
 import os, signal, sys
-from drgrpo.train.task import exact_match
+from drgrpo.train.loop.task import exact_match
 
 CALLS = [0]
 
@@ -176,7 +176,7 @@ def test_each_reward_call_gets_its_own_copy_of_the_example():
 
 
 SHIFTED = """
-from drgrpo.train.task import exact_match
+from drgrpo.train.loop.task import exact_match
 
 
 def shifted(completion, example):
@@ -225,11 +225,11 @@ def test_train_config_refuses_reward_callables_and_nan_weights() -> None:
     with pytest.raises(TypeError, match=r"^rewards\[0\] must be a 'module:function' name, got function .*my_reward"):
         TrainConfig(rewards=[my_reward])  # type: ignore[list-item]
     with pytest.raises(TypeError, match=r"^rewards must be a list of 'module:function' names, got str"):
-        TrainConfig(rewards="drgrpo.train.task:exact_match")  # type: ignore[arg-type]
+        TrainConfig(rewards="drgrpo.train.loop.task:exact_match")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"^reward_weights must be a finite number, got nan$"):
         TrainConfig(reward_weights=[math.nan])  # type: ignore[arg-type]
-    config = TrainConfig(rewards=["drgrpo.train.task:exact_match"], reward_weights=[2])  # type: ignore[arg-type]
-    assert config.rewards == ("drgrpo.train.task:exact_match",) and config.reward_weights == (2.0,)
+    config = TrainConfig(rewards=["drgrpo.train.loop.task:exact_match"], reward_weights=[2])  # type: ignore[arg-type]
+    assert config.rewards == ("drgrpo.train.loop.task:exact_match",) and config.reward_weights == (2.0,)
 
 
 def test_a_reward_that_forks_never_trains_twice_in_a_real_process(tmp_path: Path) -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from drgrpo.train.checkpoint import checkpoints_of, find_checkpoint, read_state
-from drgrpo.train.cli import main
-from drgrpo.train.data import RewardError, call_reward
-from drgrpo.train.stopping import Interrupted, StopOnSignal
+from drgrpo.train.cli.main import main
+from drgrpo.train.loop.data import RewardError, call_reward
+from drgrpo.train.run.checkpoint import checkpoints_of, find_checkpoint, read_state
+from drgrpo.train.run.stopping import Interrupted, StopOnSignal
 from helpers.cli_runs import STEPS, TINY, assert_same_end, launch, wait_for
 
 SIGNAL_TO_EXIT = 30.0
@@ -90,7 +90,7 @@ def test_a_reward_past_its_time_limit_is_abandoned(fn):
 
 HANG_REWARD = """
 import os, time
-from drgrpo.train.task import exact_match
+from drgrpo.train.loop.task import exact_match
 
 CALLS = 0
 
@@ -149,7 +149,7 @@ def test_a_signal_ends_a_run_whose_reward_hangs(tmp_path: Path, reference: Path,
 
 HUNG_STEP = {
     # the rollout of step 4 never ends: SIGTERM abandons it at once
-    "rollout": (("drgrpo.train.trainer", "generate", 4, "-"), (signal.SIGTERM,)),
+    "rollout": (("drgrpo.train.loop.trainer", "generate", 4, "-"), (signal.SIGTERM,)),
     # the update of step 4 hangs before its optimizer step: the first Ctrl-C waits for the step to end (it never
     # does), the second ends the run at once
     "policy update": (("torch.nn.utils", "clip_grad_norm_", 4, "-"), (signal.SIGINT, signal.SIGINT)),
@@ -176,7 +176,7 @@ def test_signals_end_a_hung_step_and_save_the_last_completed_one(tmp_path: Path,
 @pytest.mark.slow
 def test_a_signal_ends_the_warm_start(tmp_path: Path):
     run = tmp_path / "run"  # the warm start measures its probe every 10 supervised steps: the first one hangs
-    proc = launch(run_args(run), tmp_path, hang=("drgrpo.train.warmstart", "probe_accuracy", 1, "-"))
+    proc = launch(run_args(run), tmp_path, hang=("drgrpo.train.loop.warmstart", "probe_accuracy", 1, "-"))
     wait_for(tmp_path / "marker", proc)
     code, err, seconds = signal_and_wait(proc, signal.SIGTERM)
     assert code == 130 and seconds < SIGNAL_TO_EXIT, (code, seconds, err[-3000:])
@@ -230,7 +230,7 @@ def test_a_reward_past_the_time_limit_fails_the_step(tmp_path: Path, reference: 
 
 TORCHRUN_HANG = """
 import os, time
-from drgrpo.train.task import exact_match
+from drgrpo.train.loop.task import exact_match
 
 CALLS = 0
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from drgrpo.train.task import TaskConfig, make_splits
+from drgrpo.train.loop.task import TaskConfig, make_splits
 from helpers.cli_runs import TINY, torchrun  # TINY: the same tiny flags as the single-process smoke test
 
 
@@ -86,7 +86,7 @@ def test_two_processes(tmp_path: Path) -> None:
 
 ONE_RANK_FAILS = """
 import os
-from drgrpo.train.task import exact_match
+from drgrpo.train.loop.task import exact_match
 
 CALLS = 0
 

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from drgrpo.train import TrainConfig, train
-from drgrpo.train.checkpoint import find_checkpoint, read_state
-from drgrpo.train.data import RewardError
-from drgrpo.train.task import make_splits, write_jsonl
-from drgrpo.train.warmstart import warm_start
+from drgrpo.train.loop.data import RewardError
+from drgrpo.train.loop.task import make_splits, write_jsonl
+from drgrpo.train.loop.warmstart import warm_start
+from drgrpo.train.run.checkpoint import find_checkpoint, read_state
 from helpers.tiny_configs import TINY_TASK, TINY_WARM, tiny
 
 
@@ -109,7 +109,7 @@ def test_real_model_path_with_reference_kl(tmp_path: Path, monkeypatch: pytest.M
         dataset=str(tmp_path / "train.jsonl"),
         eval_dataset=str(tmp_path / "held.jsonl"),
         eval_every=3,
-        rewards=("drgrpo.train.task:exact_match", "dense:shorter"),
+        rewards=("drgrpo.train.loop.task:exact_match", "dense:shorter"),
         reward_weights=(1.0, 0.1),
         loss="grpo",
         loss_overrides=(("beta", 0.04),),

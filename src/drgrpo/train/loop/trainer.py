@@ -2,14 +2,14 @@ r"""The Dr. GRPO trainer: one loop, top to bottom.
 
 Set-up, then one iteration per RL step, each section a call into the module that holds it:
 
-1. **rollout**         G sampled completions per prompt (:mod:`drgrpo.train.rollout`)
-2. **reward**          every completion scored by the reward callables (:mod:`drgrpo.train.data`)
+1. **rollout**         G sampled completions per prompt (:mod:`drgrpo.train.loop.rollout`)
+2. **reward**          every completion scored by the reward callables (:mod:`drgrpo.train.loop.data`)
 3. **advantages**      ``A_i = r_i - mean_group(r)``, one per completion (:func:`drgrpo.global_group_advantages`)
 4. **policy update**   the loss per micro-batch with one step normaliser, then the optimizer step
-                       (:mod:`drgrpo.train.update`)
-5. **log**             one JSON line per step in ``metrics.jsonl`` (:mod:`drgrpo.train.metrics`)
-6. **evaluate**        held-out accuracy every ``eval_every`` steps (:mod:`drgrpo.train.evaluation`)
-7. **checkpoint**      weights, optimizer and step, atomically (:mod:`drgrpo.train.checkpoint`)
+                       (:mod:`drgrpo.train.loop.update`)
+5. **log**             one JSON line per step in ``metrics.jsonl`` (:mod:`drgrpo.train.loop.metrics`)
+6. **evaluate**        held-out accuracy every ``eval_every`` steps (:mod:`drgrpo.train.loop.evaluation`)
+7. **checkpoint**      weights, optimizer and step, atomically (:mod:`drgrpo.train.run.checkpoint`)
 
 The objective (Liu et al. 2025, arXiv 2503.20783), for the G completions ``o_i`` of a prompt::
 
@@ -19,11 +19,11 @@ The objective (Liu et al. 2025, arXiv 2503.20783), for the G completions ``o_i``
 with the constant ``L = max_new_tokens`` (the generation budget): no ``1/|o_i|`` (Modification 1) and no
 std division of the advantage (Modification 2). Every GRPO-family loss is a ``--loss`` preset.
 
-Every random draw of a step comes from ``(seed, step, rank)`` (:mod:`drgrpo.train.seeds`), so a run
+Every random draw of a step comes from ``(seed, step, rank)`` (:mod:`drgrpo.train.loop.seeds`), so a run
 resumed from a checkpoint ends bit for bit where an uninterrupted run ends. Nothing is lost on a crash:
 an exception inside a step first saves the last completed step, then propagates; SIGINT/SIGTERM abandon a
-step's rollout and rewards at once and save the last completed step (:mod:`drgrpo.train.stopping`). One run
-owns its output directory (:mod:`drgrpo.train.runlock`); resume and branch rules: :mod:`drgrpo.train.resume`.
+step's rollout and rewards at once and save the last completed step (:mod:`drgrpo.train.run.stopping`). One run
+owns its output directory (:mod:`drgrpo.train.run.runlock`); resume and branch rules: :mod:`drgrpo.train.run.resume`.
 """
 
 from __future__ import annotations
@@ -40,27 +40,27 @@ import torch
 
 from drgrpo.distributed import any_process, global_outcome_advantages, init_processes, shutdown
 from drgrpo.loss import compute_dtype
-from drgrpo.train.checkpoint import CheckpointWriteFailed, clean_stale, config_state, save_run_checkpoint
-from drgrpo.train.config import TrainConfig
-from drgrpo.train.data import prompts_for_step
-from drgrpo.train.disk import WriteFailed
-from drgrpo.train.evaluation import held_out_metrics
-from drgrpo.train.identity import write_config
-from drgrpo.train.metrics import MetricsLog, step_metrics, warn_line
-from drgrpo.train.model import initial_policy_dir, load_train_state
-from drgrpo.train.preflight import check_run
-from drgrpo.train.progress import ProgressBar, announcer
-from drgrpo.train.resume import check_processes, check_run_dir, start_lines
-from drgrpo.train.rollout import generate, prompt_texts
-from drgrpo.train.runlock import hold_run_dir
-from drgrpo.train.seeds import seed_step
-from drgrpo.train.stopping import Interrupted, StopOnSignal, agreed, is_agreed
-from drgrpo.train.update import TrainState, policy_update
-from drgrpo.train.warmstart import warm_start
+from drgrpo.train.cli.progress import ProgressBar, announcer
+from drgrpo.train.loop.data import prompts_for_step
+from drgrpo.train.loop.evaluation import held_out_metrics
+from drgrpo.train.loop.metrics import MetricsLog, step_metrics, warn_line
+from drgrpo.train.loop.model import initial_policy_dir, load_train_state
+from drgrpo.train.loop.rollout import generate, prompt_texts
+from drgrpo.train.loop.seeds import seed_step
+from drgrpo.train.loop.update import TrainState, policy_update
+from drgrpo.train.loop.warmstart import warm_start
+from drgrpo.train.run.checkpoint import CheckpointWriteFailed, clean_stale, config_state, save_run_checkpoint
+from drgrpo.train.run.disk import WriteFailed
+from drgrpo.train.run.identity import write_config
+from drgrpo.train.run.preflight import check_run
+from drgrpo.train.run.resume import check_processes, check_run_dir, start_lines
+from drgrpo.train.run.runlock import hold_run_dir
+from drgrpo.train.run.stopping import Interrupted, StopOnSignal, agreed, is_agreed
+from drgrpo.train.train_config import TrainConfig
 
 COLLECTIVE_FAILURES = (FloatingPointError,)
 """Errors every process raises at the same point (gradient norms and weights are shared); failures of the rollout,
-the rewards and the evaluation are agreed on (:func:`~drgrpo.train.stopping.agreed`)."""
+the rewards and the evaluation are agreed on (:func:`~drgrpo.train.run.stopping.agreed`)."""
 
 FAILED_STEP = "drgrpo_failed_step"
 """Attribute :func:`train` sets on an exception raised after the set-up: the step that failed (the CLI exits with
@@ -239,7 +239,7 @@ def save_after_failure(
     exc: BaseException, state: TrainState | None, result: TrainResult, save: Any, doing: str = "the step"
 ) -> None:
     """Nothing lost: save the last completed step (unless it is on disk already) before an error propagates, or
-    after a signal abandoned the step in progress (:class:`~drgrpo.train.stopping.Interrupted`).
+    after a signal abandoned the step in progress (:class:`~drgrpo.train.run.stopping.Interrupted`).
 
     The parameters hold a completed step unless the error came while the optimizer was changing them
     (``state.step`` is None; signals wait for the end of that). Under several processes every process saves

@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 
 from drgrpo.distributed import Processes
-from drgrpo.train.disk import write_error
-from drgrpo.train.rollout import Rollout
-from drgrpo.train.stopping import NO_STOP, Stop
-from drgrpo.train.update import AVERAGED, UpdateStats
+from drgrpo.train.loop.rollout import Rollout
+from drgrpo.train.loop.update import AVERAGED, UpdateStats
+from drgrpo.train.run.disk import write_error
+from drgrpo.train.run.stopping import NO_STOP, Stop
 
 
 def sum_across_processes(sums: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -177,8 +177,8 @@ class MetricsLog:
     The file starts with ``start`` (the lines of the run so far: none for a new run; on resume from step ``k``
     the run's lines up to ``k``, so that the file reads as one uninterrupted run), written to a temporary file
     and renamed into place, so no line is lost to a kill meanwhile. A failed write raises
-    :class:`~drgrpo.train.disk.WriteFailed` naming the file and the reason ("No space left on device"); signals
-    wait for the end of a line (``stop.deferred()``, :class:`~drgrpo.train.stopping.Stop`).
+    :class:`~drgrpo.train.run.disk.WriteFailed` naming the file and the reason ("No space left on device"); signals
+    wait for the end of a line (``stop.deferred()``, :class:`~drgrpo.train.run.stopping.Stop`).
     """
 
     def __init__(

@@ -25,7 +25,7 @@ short of a separate process: a call stuck inside native code that never returns 
 interrupted; SIGKILL then leaves the checkpoints intact (every write is atomic).
 
 A reward being a plain call, it could also undo this design: raise ``KeyboardInterrupt`` or ``SystemExit`` itself,
-or replace the SIGINT/SIGTERM handlers installed here. :func:`drgrpo.train.rewards.call_reward` catches the one
+or replace the SIGINT/SIGTERM handlers installed here. :func:`drgrpo.train.loop.rewards.call_reward` catches the one
 and puts the other back after each call, failing the step; :class:`Interrupted` and :class:`TimeLimitExceeded`
 pass through it, so the signals keep the meaning given here.
 

@@ -1,8 +1,8 @@
 """The ``drgrpo`` command line: ``train``, ``eval``, ``compare``, ``plot`` and ``trl``.
 
 The flags of ``train``, ``eval`` and ``compare`` are generated from their configuration dataclasses
-(:class:`~drgrpo.train.config.TrainConfig` with :class:`~drgrpo.LossConfig`,
-:class:`~drgrpo.train.config.EvalConfig`, :class:`~drgrpo.train.compare.CompareConfig`) by one builder
+(:class:`~drgrpo.train.train_config.TrainConfig` with :class:`~drgrpo.LossConfig`,
+:class:`~drgrpo.train.train_config.EvalConfig`, :class:`~drgrpo.train.cli.compare.CompareConfig`) by one builder
 (:mod:`drgrpo.train.flags`): kebab-case names, the field docstrings as help. Each also reads
 ``--config FILE`` (YAML or TOML, keys = flag names), overridden by the flags given::
 
@@ -40,14 +40,14 @@ from typing import Any
 
 from drgrpo.config import LossConfig, preset_names
 from drgrpo.field_error import FieldError
-from drgrpo.train.checkpoint import check_checkpoint, find_checkpoint, read_state
-from drgrpo.train.compare import CompareConfig
-from drgrpo.train.config import EvalConfig, TrainConfig
-from drgrpo.train.data import RewardError
-from drgrpo.train.disk import WriteFailed
+from drgrpo.train.cli.compare import CompareConfig
 from drgrpo.train.flags import Flag, add_flags, flag_names, given, nested_replace, parse_with_config
-from drgrpo.train.rewards import reward_traceback
-from drgrpo.train.stopping import FailedElsewhere, Interrupted
+from drgrpo.train.loop.data import RewardError
+from drgrpo.train.loop.rewards import reward_traceback
+from drgrpo.train.run.checkpoint import check_checkpoint, find_checkpoint, read_state
+from drgrpo.train.run.disk import WriteFailed
+from drgrpo.train.run.stopping import FailedElsewhere, Interrupted
+from drgrpo.train.train_config import EvalConfig, TrainConfig
 
 LOSS_SKIP = ("name", "per_call_normalization")
 """LossConfig fields that are not flags: the preset's name, and a property of peer presets."""
@@ -294,8 +294,8 @@ def eval_config_from_args(ns: argparse.Namespace) -> EvalConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``drgrpo ARGV``: the command's exit code. A reader that stops reading its output (``| head``) loses only the
-    output: the command goes on to its end and exits with its own code (:mod:`drgrpo.train.pipes`)."""
-    from drgrpo.train.pipes import reader_may_leave
+    output: the command goes on to its end and exits with its own code (:mod:`drgrpo.train.cli.pipes`)."""
+    from drgrpo.train.cli.pipes import reader_may_leave
 
     with reader_may_leave():
         return _main(argv)
@@ -320,14 +320,14 @@ def _main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "eval":
             return _eval(eval_config_from_args(ns))
         if ns.command == "compare":
-            from drgrpo.train.compare import compare
+            from drgrpo.train.cli.compare import compare
 
             report = compare(compare_config_from_args(ns))  # a signal or a failed run: raised after the report
             if report is not None:
                 print(report)
             return 0
         if ns.command == "plot":
-            from drgrpo.train.plots import plot_run
+            from drgrpo.train.cli.plots import plot_run
 
             for path in plot_run(Path(ns.run_dir), smooth=ns.smooth):
                 print(path)
@@ -335,7 +335,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     except (RewardError, FloatingPointError, WriteFailed, FailedElsewhere) as exc:  # a failed step (anything
         return _failure(exc, ns.command)  # else: Python's own traceback)
     except (ValueError, FileNotFoundError, TypeError) as exc:
-        from drgrpo.train.trainer import FAILED_STEP
+        from drgrpo.train.loop.trainer import FAILED_STEP
 
         if hasattr(exc, FAILED_STEP):  # raised by a step, not by the set-up: a failure (exit 1), with its traceback
             raise
@@ -349,7 +349,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(config: TrainConfig) -> int:
-    from drgrpo.train.trainer import train
+    from drgrpo.train.loop.trainer import train
 
     result = train(config)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -365,8 +365,8 @@ def _train(config: TrainConfig) -> int:
 
 
 def _eval(config: EvalConfig) -> int:
-    from drgrpo.train.checkpoint import resolve_model_dir
-    from drgrpo.train.evaluation import evaluate_model, saved_train_config
+    from drgrpo.train.loop.evaluation import evaluate_model, saved_train_config
+    from drgrpo.train.run.checkpoint import resolve_model_dir
 
     if config.model is None:
         raise ValueError("drgrpo eval needs --model (a checkpoint, a run directory or a model directory)")

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from drgrpo.field_error import FieldError
-from drgrpo.train.task import WORK_TOKEN
+from drgrpo.train.loop.task import WORK_TOKEN
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 VOCAB: tuple[str, ...] = (PAD, BOS, EOS, UNK, *"0123456789", "+", "-", "=", WORK_TOKEN)

@@ -8,7 +8,7 @@ Layout of ``RUN/checkpoints/step_000120/``::
     trainer_state.json  step, the TrainConfig, the resolved LossConfig, the initial model
 
 and ``RUN/checkpoints/latest``, a one-line file naming the newest checkpoint. No random-number
-state is saved: every step reseeds from ``(seed, step, rank)`` (:mod:`drgrpo.train.seeds`), so the
+state is saved: every step reseeds from ``(seed, step, rank)`` (:mod:`drgrpo.train.loop.seeds`), so the
 weights, the optimizer and the step are the whole state of a run.
 
 Atomicity: a checkpoint is written into a temporary directory and renamed into place, then
@@ -20,7 +20,7 @@ A run's history is one line of checkpoints: the run's checkpoint is its newest `
 names too (a write cut between the rename and the update of ``latest`` leaves a newer complete checkpoint, which
 is the run's). ``latest`` naming anything but a checkpoint directory of its own run is refused, and so is a
 checkpoint reached inside a run that is another run's: a link out of it, or a copy with another run id
-(:func:`check_owner`, :mod:`drgrpo.train.identity`). With ``keep_checkpoints = N`` only the newest N are kept,
+(:func:`check_owner`, :mod:`drgrpo.train.run.identity`). With ``keep_checkpoints = N`` only the newest N are kept,
 removed after a new one is complete, never the newest.
 
 Nothing is unpickled: the weights are safetensors, the optimizer state is read with
@@ -31,7 +31,7 @@ Reading: :func:`checkpoint_problem` checks a checkpoint's files without reading 
 the safetensors headers and the zip directory of ``optimizer.pt`` promise, the JSON files), so a checkpoint cut
 short by a full disk or a copy is refused with one line naming the file, what is wrong, and the newest intact
 checkpoint (:func:`check_checkpoint`). A failed write says "No space left on device" when that is the reason
-(:mod:`drgrpo.train.disk`), removes its temporary directory and names the last intact checkpoint.
+(:mod:`drgrpo.train.run.disk`), removes its temporary directory and names the last intact checkpoint.
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ from typing import Any
 import torch
 
 from drgrpo.config import LossConfig
-from drgrpo.train.config import TrainConfig
-from drgrpo.train.disk import WriteFailed, free_bytes, write_error
-from drgrpo.train.identity import config_run_id
-from drgrpo.train.stopping import NO_STOP, Stop
-from drgrpo.train.update import TrainState
+from drgrpo.train.loop.update import TrainState
+from drgrpo.train.run.disk import WriteFailed, free_bytes, write_error
+from drgrpo.train.run.identity import config_run_id
+from drgrpo.train.run.stopping import NO_STOP, Stop
+from drgrpo.train.train_config import TrainConfig
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -114,7 +114,7 @@ def save_checkpoint(
 
     ``state`` (JSON-serialisable: the configs, the initial model, the world size) goes into
     ``trainer_state.json`` beside ``step``. ``keep`` > 0 then removes all but the newest ``keep`` checkpoints.
-    Raises :class:`~drgrpo.train.disk.WriteFailed` when the disk has less free space than the checkpoint's
+    Raises :class:`~drgrpo.train.run.disk.WriteFailed` when the disk has less free space than the checkpoint's
     tensors take (before writing anything) or a write fails, naming the reason and the last intact checkpoint;
     what the failed write left is removed, and nothing else.
     """
@@ -175,7 +175,7 @@ def save_run_checkpoint(
 ) -> Path | None:
     """The trainer's save: rank 0 writes ``out_dir/checkpoints/step_N`` from ``state``, then every
     process waits for it (``barrier``). Returns the checkpoint on rank 0, None elsewhere. Signals wait for the
-    end of the write (``stop.deferred()``, :class:`~drgrpo.train.stopping.Stop`)."""
+    end of the write (``stop.deferred()``, :class:`~drgrpo.train.run.stopping.Stop`)."""
     path = None
     with stop.deferred():
         if rank == 0:

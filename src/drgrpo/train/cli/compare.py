@@ -30,8 +30,8 @@ from typing import Any
 
 from drgrpo.config import preset_names
 from drgrpo.field_error import FieldError, check_finite_fields
-from drgrpo.train.config import TrainConfig
-from drgrpo.train.metrics import METRICS_FILE, read_metrics_file
+from drgrpo.train.loop.metrics import METRICS_FILE, read_metrics_file
+from drgrpo.train.train_config import TrainConfig
 
 PER_RUN = ("output_dir", "loss", "seed", "resume", "progress")
 """TrainConfig fields that compare sets for each run itself (they are not flags of drgrpo compare)."""
@@ -114,8 +114,8 @@ def compare(config: CompareConfig) -> Path | None:
     runs that finished is written, and the signal (KeyboardInterrupt) or the failure propagates. Returns None
     when no run has finished.
     """
-    from drgrpo.train.checkpoint import resolve_model_dir
-    from drgrpo.train.warmstart import warm_start
+    from drgrpo.train.loop.warmstart import warm_start
+    from drgrpo.train.run.checkpoint import resolve_model_dir
 
     out = Path(config.output_dir)
     base = config.train.replace(output_dir=str(out))
@@ -165,10 +165,10 @@ def compare(config: CompareConfig) -> Path | None:
 def plan_runs(out: Path, runs: list[TrainConfig]) -> tuple[list[TrainConfig], list[TrainConfig]]:
     """(runs to train, runs finished before): a run whose directory holds checkpoints is resumed, or kept when
     its newest checkpoint is its last step. Only reads. Raises ValueError before any work when a kept run was made
-    with settings that change what it computes (:data:`~drgrpo.train.config.ON_RESUME`), or for a damaged
+    with settings that change what it computes (:data:`~drgrpo.train.train_config.ON_RESUME`), or for a damaged
     checkpoint."""
-    from drgrpo.train.checkpoint import check_checkpoint, checkpoints_of, find_checkpoint, read_state
-    from drgrpo.train.resume import config_changes, plan_run
+    from drgrpo.train.run.checkpoint import check_checkpoint, checkpoints_of, find_checkpoint, read_state
+    from drgrpo.train.run.resume import config_changes, plan_run
 
     todo, finished = [], []
     for run in runs:
@@ -230,9 +230,9 @@ def _train_one(run: TrainConfig) -> tuple[float, int, bool]:
     """Train one run (in a process of the pool): (seconds, its last step, whether a signal stopped it)."""
     from transformers.utils import logging as hf_logging
 
-    from drgrpo.train.data import RewardError
-    from drgrpo.train.rewards import REWARD_TRACEBACK, reward_traceback
-    from drgrpo.train.trainer import train
+    from drgrpo.train.loop.data import RewardError
+    from drgrpo.train.loop.rewards import REWARD_TRACEBACK, reward_traceback
+    from drgrpo.train.loop.trainer import train
 
     hf_logging.disable_progress_bar()  # as drgrpo's own command does: no loading bars from every run
     hf_logging.set_verbosity_error()

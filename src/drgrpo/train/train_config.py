@@ -1,6 +1,6 @@
 """Configuration of a training run (and of ``drgrpo eval``): small frozen dataclasses, one docstring per field.
 
-The CLI (:mod:`drgrpo.train.cli`) exposes every field as a kebab-case flag whose help text is the
+The CLI (:mod:`drgrpo.train.cli.main`) exposes every field as a kebab-case flag whose help text is the
 field's docstring (:mod:`drgrpo.train.flags`), so ``drgrpo train --help`` and this file never
 disagree: the docstrings are written as that help, for people. A run writes its resolved
 configuration to ``OUTPUT_DIR/config.yaml``, keyed by those flags: ``drgrpo train --config
@@ -21,9 +21,9 @@ from drgrpo.advantages import OUTCOME_ESTIMATORS
 from drgrpo.config import LossConfig, preset_names
 from drgrpo.field_error import FieldError, check_finite_fields
 from drgrpo.train.flags import add_flags, config_flags
-from drgrpo.train.rewards import check_reward_fields
-from drgrpo.train.task import TaskConfig
-from drgrpo.train.tiny import TinyModelConfig
+from drgrpo.train.loop.rewards import check_reward_fields
+from drgrpo.train.loop.task import TaskConfig
+from drgrpo.train.loop.tiny import TinyModelConfig
 
 ADAM_BETAS = (0.9, 0.99)
 """AdamW's (beta1, beta2), in the RL steps and in the warm start."""

@@ -2,7 +2,7 @@
 
 Each check raises a ValueError that names the flag or the file, what it found and what was expected;
 ``drgrpo train`` prints it on one line and exits with code 2, before the warm start. The numeric flags are
-checked earlier still, by the configuration dataclasses themselves (:mod:`drgrpo.train.config`).
+checked earlier still, by the configuration dataclasses themselves (:mod:`drgrpo.train.train_config`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import torch
 
 from drgrpo.config import LossConfig
 from drgrpo.field_error import FieldError
-from drgrpo.train.checkpoint import resolve_model_dir
-from drgrpo.train.config import TrainConfig
-from drgrpo.train.data import Example, Rewards, load_examples
-from drgrpo.train.model import check_finite_files, check_local_code, context_length, load_tokenizer
-from drgrpo.train.resume import RunStart, plan_run
-from drgrpo.train.rollout import prompt_texts
+from drgrpo.train.loop.data import Example, Rewards, load_examples
+from drgrpo.train.loop.model import check_finite_files, check_local_code, context_length, load_tokenizer
+from drgrpo.train.loop.rollout import prompt_texts
+from drgrpo.train.run.checkpoint import resolve_model_dir
+from drgrpo.train.run.resume import RunStart, plan_run
+from drgrpo.train.train_config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -179,9 +179,9 @@ huge prompt is refused after tokenizing a bounded prefix, never the whole of it.
 class PromptCheck:
     """Whether a dataset prompt fits the model: ``check(prompt)`` returns what is wrong with it, or None.
 
-    A prompt is templated and tokenized as the rollout does it (:func:`drgrpo.train.rollout.generate`); it must have
-    at least one token, and its tokens plus ``max_new_tokens`` must fit the model's ``context`` (prompt and completion
-    share the position embeddings). :func:`drgrpo.train.data.load_jsonl` adds the file and the line.
+    A prompt is templated and tokenized as the rollout does it (:func:`drgrpo.train.loop.rollout.generate`); it must
+    have at least one token, and its tokens plus ``max_new_tokens`` must fit the model's ``context`` (prompt and
+    completion share the position embeddings). :func:`drgrpo.train.loop.data.load_jsonl` adds the file and the line.
     """
 
     tokenizer: Any
@@ -240,7 +240,7 @@ def prompt_check(weights_dir: Path | None, config: TrainConfig, tokenizer: Any =
     """The :class:`PromptCheck` of a run's policy: the tokenizer (``tokenizer`` when already loaded) and context of
     ``weights_dir`` (a model or checkpoint directory), or of the built-in tiny model when None (its tokenizer,
     ``--tiny-max-positions``)."""
-    from drgrpo.train.tiny import VOCAB, build_tokenizer
+    from drgrpo.train.loop.tiny import VOCAB, build_tokenizer
 
     built_in = frozenset(VOCAB)
     if weights_dir is None:
@@ -253,7 +253,7 @@ def prompt_check(weights_dir: Path | None, config: TrainConfig, tokenizer: Any =
 
 
 BUILT_IN_WORDS = ("0-9", "+", "-", "=", ".")
-"""The built-in tokenizer's words as a message lists them (:data:`drgrpo.train.tiny.VOCAB` less its specials)."""
+"""The built-in tokenizer's words as a message lists them (:data:`drgrpo.train.loop.tiny.VOCAB` less its specials)."""
 
 
 def check_answers(config: TrainConfig, train: list[Example], held_out: list[Example]) -> None:
@@ -269,5 +269,5 @@ def check_answers(config: TrainConfig, train: list[Example], held_out: list[Exam
         if missing is not None:
             raise ValueError(
                 f"{flag} {str(path)!r}: example #{missing} has no 'answer' field, which the default reward "
-                "(drgrpo.train.task:exact_match) reads; add it to every line or give --reward MODULE:FUNCTION"
+                "(drgrpo.train.loop.task:exact_match) reads; add it to every line or give --reward MODULE:FUNCTION"
             )
