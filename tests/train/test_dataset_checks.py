@@ -15,8 +15,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from drgrpo.train.cli.main import main
+from drgrpo.train.loop.setup import prompt_check
 from drgrpo.train.loop.tiny import TinyModelConfig, build_model, build_tokenizer
-from drgrpo.train.run.preflight import prompt_check
 from drgrpo.train.train_config import TrainConfig
 
 ANSWER_LINE = (

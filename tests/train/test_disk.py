@@ -19,8 +19,8 @@ import torch
 
 import drgrpo.train.run.disk as disk
 from drgrpo.train.cli.main import main
-from drgrpo.train.loop.metrics import MetricsLog
 from drgrpo.train.run.checkpoint import checkpoints_of, find_checkpoint, read_state
+from drgrpo.train.run.metrics_log import MetricsLog
 from helpers.cli_runs import STEPS, TINY, assert_same_end, metrics
 
 Usage = namedtuple("Usage", "total used free")

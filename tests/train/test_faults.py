@@ -188,7 +188,7 @@ MOMENTS = {
     ),
     "policy update of step 3": ("torch.nn.utils", "clip_grad_norm_", 3, "before", ["latest", "step_000002"]),
     "after the metrics line of step 4, before its checkpoint": (
-        "drgrpo.train.loop.metrics", "MetricsLog.__call__", 4, "after", ["latest", "step_000002"]
+        "drgrpo.train.run.metrics_log", "MetricsLog.__call__", 4, "after", ["latest", "step_000002"]
     ),
     "checkpoint 2 half-written (weights, no optimizer)": (
         "torch", "save", 2, "before", [".tmp_step_000004", "latest", "step_000002"]

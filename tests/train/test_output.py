@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from drgrpo.train.cli import progress
-from drgrpo.train.cli.progress import ProgressBar
+from drgrpo.train.loop import progress
+from drgrpo.train.loop.progress import ProgressBar
 
 SMALL = shlex.split(
     "--tiny-hidden-size 16 --tiny-num-layers 1 --tiny-num-heads 2 --tiny-intermediate-size 32 --task-max-operand 9 "

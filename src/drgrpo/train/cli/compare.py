@@ -30,7 +30,7 @@ from typing import Any
 
 from drgrpo.config import preset_names
 from drgrpo.field_error import FieldError, check_finite_fields
-from drgrpo.train.loop.metrics import METRICS_FILE, read_metrics_file
+from drgrpo.train.run.metrics_log import METRICS_FILE, read_metrics_file
 from drgrpo.train.train_config import TrainConfig
 
 PER_RUN = ("output_dir", "loss", "seed", "resume", "progress")

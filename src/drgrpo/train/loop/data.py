@@ -38,7 +38,7 @@ def load_jsonl(
     """Read a JSONL dataset; every line must be a JSON object with a non-empty ``prompt_field``.
 
     ``check_prompt(prompt)`` returns what is wrong with a prompt (too long for the model, say), or None
-    (:class:`drgrpo.train.run.preflight.PromptCheck`). Every error is a ValueError naming the file and the line
+    (:class:`drgrpo.train.loop.setup.PromptCheck`). Every error is a ValueError naming the file and the line
     (``flag`` names the flag that gave the file when it is missing or a directory).
     """
     path = Path(path)

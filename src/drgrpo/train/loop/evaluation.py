@@ -25,10 +25,11 @@ from drgrpo.train.loop.metrics import (
 from drgrpo.train.loop.model import load_model, load_tokenizer
 from drgrpo.train.loop.rollout import generate, prompt_texts
 from drgrpo.train.loop.seeds import EVAL_STREAM, derive_seed
+from drgrpo.train.loop.setup import prompt_check
 from drgrpo.train.loop.task import TaskConfig
 from drgrpo.train.loop.warmstart import MARKER
 from drgrpo.train.run.checkpoint import STATE_FILE, read_state, resolve_model_dir
-from drgrpo.train.run.preflight import check_device, prompt_check
+from drgrpo.train.run.preflight import check_device
 from drgrpo.train.run.stopping import StopOnSignal, agreed
 from drgrpo.train.train_config import TrainConfig
 

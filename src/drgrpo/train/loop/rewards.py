@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from drgrpo.train.run.stopping import Interrupted, TimeLimitExceeded, Watchdog
+from drgrpo.train.train_config import check_reward_fields
 
 Example = dict[str, Any]
 RewardFn = Callable[[str, Example], float]
@@ -72,29 +73,6 @@ os.register_at_fork(after_in_parent=_count_fork)
 
 class RewardError(RuntimeError):
     """A reward function raised, returned something that is not a finite number, or changed the process."""
-
-
-def check_reward_fields(rewards: Any, weights: Any) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    """``(rewards, weights)`` of a configuration as tuples, or a TypeError naming the field and what it got.
-
-    Rewards are imported by name, ``'module:function'`` (so that ``config.yaml`` reruns the run), and weights
-    are numbers; lists are accepted and made tuples.
-    """
-    if isinstance(rewards, str) or not isinstance(rewards, (tuple, list)):
-        raise TypeError(f"rewards must be a list of 'module:function' names, got {type(rewards).__name__}")
-    for k, spec in enumerate(rewards):
-        if not isinstance(spec, str):
-            what = getattr(spec, "__qualname__", None) or type(spec).__name__
-            raise TypeError(
-                f"rewards[{k}] must be a 'module:function' name, got {type(spec).__name__} {what!r}: a run imports "
-                "its rewards by name, so that its config.yaml reruns it; give e.g. 'mymodule:my_reward'"
-            )
-    if isinstance(weights, str) or not isinstance(weights, (tuple, list)):
-        raise TypeError(f"reward_weights must be a list of numbers, got {type(weights).__name__}")
-    for k, w in enumerate(weights):
-        if isinstance(w, bool) or not isinstance(w, numbers.Real):
-            raise TypeError(f"reward_weights[{k}] must be a number, got {type(w).__name__} {reprlib.repr(w)}")
-    return tuple(rewards), tuple(float(w) for w in weights)
 
 
 def load_reward(spec: str) -> RewardFn:

@@ -38,21 +38,23 @@ from typing import Any
 
 import torch
 
-from drgrpo.distributed import any_process, global_outcome_advantages, init_processes, shutdown
+from drgrpo.distributed import any_process, global_outcome_advantages
 from drgrpo.loss import compute_dtype
-from drgrpo.train.cli.progress import ProgressBar, announcer
 from drgrpo.train.loop.data import prompts_for_step
 from drgrpo.train.loop.evaluation import held_out_metrics
-from drgrpo.train.loop.metrics import MetricsLog, step_metrics, warn_line
+from drgrpo.train.loop.metrics import step_metrics
 from drgrpo.train.loop.model import initial_policy_dir, load_train_state
+from drgrpo.train.loop.progress import ProgressBar, announcer
 from drgrpo.train.loop.rollout import generate, prompt_texts
 from drgrpo.train.loop.seeds import seed_step
+from drgrpo.train.loop.setup import check_run
 from drgrpo.train.loop.update import TrainState, policy_update
 from drgrpo.train.loop.warmstart import warm_start
 from drgrpo.train.run.checkpoint import CheckpointWriteFailed, clean_stale, config_state, save_run_checkpoint
 from drgrpo.train.run.disk import WriteFailed
 from drgrpo.train.run.identity import write_config
-from drgrpo.train.run.preflight import check_run
+from drgrpo.train.run.metrics_log import MetricsLog, warn_line
+from drgrpo.train.run.processes import init_processes, shutdown
 from drgrpo.train.run.resume import check_processes, check_run_dir, start_lines
 from drgrpo.train.run.runlock import hold_run_dir
 from drgrpo.train.run.stopping import Interrupted, StopOnSignal, agreed, is_agreed

@@ -45,16 +45,28 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from drgrpo.config import LossConfig
-from drgrpo.train.loop.update import TrainState
 from drgrpo.train.run.disk import WriteFailed, free_bytes, write_error
 from drgrpo.train.run.identity import config_run_id
 from drgrpo.train.run.stopping import NO_STOP, Stop
 from drgrpo.train.train_config import TrainConfig
+
+
+class Saved(Protocol):
+    """What a checkpoint holds of a run's state at the end of a step (the loop's
+    :class:`~drgrpo.train.loop.update.TrainState` is one)."""
+
+    model: Any
+    """The policy: a Hugging Face causal LM (``save_pretrained``)."""
+    tokenizer: Any
+    """Its tokenizer (``save_pretrained``)."""
+    optimizer: torch.optim.Optimizer
+    """The optimizer, whose ``state_dict()`` is saved."""
+
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -166,7 +178,7 @@ def prune(root: Path, keep: int, newest: Path) -> list[Path]:
 def save_run_checkpoint(
     out_dir: Path,
     step: int,
-    state: TrainState,
+    state: Saved,
     extra_state: dict[str, Any],
     rank: int,
     barrier: bool = True,

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 from drgrpo.train.flags import flags_of
-from drgrpo.train.loop.metrics import METRICS_FILE, read_metrics_file, warn_line
 from drgrpo.train.run.checkpoint import (
     LATEST,
     STATE_FILE,
@@ -51,6 +50,7 @@ from drgrpo.train.run.checkpoint import (
     step_of,
 )
 from drgrpo.train.run.identity import config_problem, config_run_id, new_run_id
+from drgrpo.train.run.metrics_log import METRICS_FILE, read_metrics_file, warn_line
 from drgrpo.train.train_config import ON_RESUME, TrainConfig
 
 EVAL_KEY = "eval/accuracy"
