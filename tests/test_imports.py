@@ -239,7 +239,7 @@ LAYERS = {
     "drgrpo.train.loop": ("drgrpo.train.loop", "drgrpo.train.run"),
     "drgrpo.train.run": ("drgrpo.train.run",),
 }
-"""What each package of ``drgrpo.train`` may import from it besides its leaves (docs/design.md, "Layout"): arrows
+"""What each package of ``drgrpo.train`` may import from it besides its leaves (docs/design.md, section 10): arrows
 point down only, cli -> loop -> run."""
 LEAVES = ("drgrpo.train.train_config", "drgrpo.train.flags")
 """Modules every layer may import: TrainConfig and the generic flag builder, which import only the core (and
@@ -313,4 +313,4 @@ def test_the_layer_check_finds_an_upward_import(tmp_path: Path):
 def test_train_imports_point_down_only():
     # cli -> loop -> run -> train_config -> the core; the core and integrations never import drgrpo.train
     found = upward_imports(modules())
-    assert found == [], "imports against the layers of drgrpo.train (docs/design.md, Layout):\n" + "\n".join(found)
+    assert found == [], "imports against the layers of drgrpo.train (docs/design.md, section 10):\n" + "\n".join(found)

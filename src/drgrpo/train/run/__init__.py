@@ -2,5 +2,5 @@
 process start-up.
 
 It may import :mod:`drgrpo.train.train_config` and the core, never :mod:`drgrpo.train.loop` or
-:mod:`drgrpo.train.cli` (docs/design.md, "Layout").
+:mod:`drgrpo.train.cli` (docs/design.md, section 10).
 """
