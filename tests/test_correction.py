@@ -45,7 +45,7 @@ def sampler_logp(logp: torch.Tensor, mask: torch.Tensor, seed: int, scale: float
 
 
 def oracle(batch, config, adv, sampling, beta_ref=True):
-    return ref.policy_loss(
+    return ref.oracle_policy_loss(
         batch.logp.double().numpy(),
         batch.old_logp.double().numpy(),
         adv.double().numpy(),
@@ -133,7 +133,7 @@ def test_off_policy_mask_matches_the_oracle(name, threshold):
         assert out.loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-14)
     if threshold == 0.0:  # not vacuous: it drops some negative-advantage rows and keeps others
         keep = [
-            ref.off_policy_keep(float(a), batch.logp[i, :n].tolist(), sampling[i, :n].tolist(), threshold)
+            ref.oracle_off_policy_keep(float(a), batch.logp[i, :n].tolist(), sampling[i, :n].tolist(), threshold)
             for i, (a, n) in enumerate(zip(adv, batch.mask.sum(1).int().tolist()))
             if a < 0
         ]

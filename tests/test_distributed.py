@@ -202,7 +202,7 @@ def test_outcome_estimators_over_processes_are_the_whole_batchs(world_size: int,
     step = step_of("preset-grpo", configs()["preset-grpo"], sum(GROUPS_PER_PROCESS[world_size]))
     for name in ("gpg", "reinforce_plus_plus_baseline", "rloo"):
         got = torch.cat([r["outcome"][name] for r in results])
-        want = reference.outcome_advantages(step.rewards.numpy(), GROUP_SIZE, name, lengths=step.lengths.numpy())
+        want = reference.oracle_outcome_advantages(step.rewards.numpy(), GROUP_SIZE, name, lengths=step.lengths.numpy())
         torch.testing.assert_close(got.double(), torch.from_numpy(want), rtol=1e-12, atol=1e-12)
 
 

@@ -409,7 +409,7 @@ def check_verl_launch(ns: dict[str, Any]) -> None:
         dual_clip=ns["clip_ratio_c"],
     )
     inputs = {k: np.array(v) for k, v in ns["inputs"].items()}
-    want = reference.policy_loss(inputs["logp"], inputs["old"], inputs["adv"], inputs["mask"], config)
+    want = reference.oracle_policy_loss(inputs["logp"], inputs["old"], inputs["adv"], inputs["mask"], config)
     assert ns["loss"] == pytest.approx(want, rel=1e-10, abs=1e-15)
     assert str(ns["norm_adv_by_std_in_grpo"]) == settings.get("algorithm.norm_adv_by_std_in_grpo", "True")
 
@@ -424,7 +424,7 @@ def check_loss_example(ns: dict[str, Any]) -> None:
     out, logp, mask, adv, config = (ns[k] for k in ("out", "logp", "mask", "adv", "config"))
     assert logp.grad is not None and torch.isfinite(logp.grad).all()
     lp = logp.detach().double().numpy()
-    expected = reference.policy_loss(lp, lp - 0.1, adv.double().numpy(), mask.double().numpy(), config)
+    expected = reference.oracle_policy_loss(lp, lp - 0.1, adv.double().numpy(), mask.double().numpy(), config)
     assert out.loss.item() == pytest.approx(expected, rel=1e-5)
     # rewards (1, 0, 0, 1) and (1, 1, 0, 1): group means 0.5 and 0.75, no std division
     np.testing.assert_allclose(adv.numpy(), [0.5, -0.5, -0.5, 0.5, 0.25, 0.25, -0.75, 0.25])
@@ -498,7 +498,7 @@ def check_split_step(ns: dict[str, Any]) -> None:
 
     mask = ns["mask"].double().numpy()
     logp = ns["logp"].detach().double().numpy()  # the same weights: the step came after the check
-    want = reference.policy_loss(logp, logp, ns["adv"].double().numpy(), mask, ns["config"])
+    want = reference.oracle_policy_loss(logp, logp, ns["adv"].double().numpy(), mask, ns["config"])
     assert ns["step_loss"] == pytest.approx(want, rel=1e-5)
     assert (ns["whole_grad"] - ns["accumulated"]).abs().max() <= 1e-6 * ns["whole_grad"].abs().max()
 

@@ -37,7 +37,7 @@ def test_mask_and_bonus_match_the_oracle(name, quantile, coef):
     config = preset(name, top_entropy_quantile=quantile, entropy_coef=coef, beta=0.05)
     adv = group_advantages(batch.rewards, batch.group_size, config)
     out = policy_loss(batch.logp, batch.old_logp, adv, batch.mask, config, ref_logp=batch.ref_logp, entropy=h)
-    expected = ref.policy_loss(
+    expected = ref.oracle_policy_loss(
         batch.logp.numpy(), batch.old_logp.numpy(), adv.numpy(), batch.mask.numpy(), config, batch.ref_logp.numpy(),
         entropy=h.numpy(),
     )  # fmt: skip

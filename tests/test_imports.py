@@ -314,3 +314,77 @@ def test_train_imports_point_down_only():
     # cli -> loop -> run -> train_config -> the core; the core and integrations never import drgrpo.train
     found = upward_imports(modules())
     assert found == [], "imports against the layers of drgrpo.train (docs/design.md, section 10):\n" + "\n".join(found)
+
+
+# --------------------------------------------------------------------------- the oracle's names
+
+REFERENCE = "drgrpo.reference"
+
+
+def public_definitions(path: Path) -> list[str]:
+    """The functions and classes a module defines at its top level whose names do not start with ``_``."""
+    return [
+        node.name
+        for node in ast.parse(path.read_text()).body
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_")
+    ]
+
+
+def oracle_name_clashes(mods: dict[str, Path], package: str = "drgrpo") -> list[str]:
+    """Each public function or class of ``<package>.reference`` that shares its name with a public name of
+    ``package``: a function or class another of its modules defines, or one of its direct submodules."""
+    owners: dict[str, list[str]] = {}
+    for name, path in mods.items():
+        if name == f"{package}.reference":
+            continue
+        if name.count(".") == 1:  # "from drgrpo import kl" gives the submodule
+            owners.setdefault(name.rsplit(".", 1)[1], []).append(f"the module {name}")
+        for defined in public_definitions(path):
+            owners.setdefault(defined, []).append(f"{name}.{defined}")
+    return [
+        f"{package}.reference.{defined} shares its name with {', '.join(owners[defined])}: call it oracle_{defined}"
+        for defined in public_definitions(mods[f"{package}.reference"])
+        if defined in owners
+    ]
+
+
+def test_the_oracle_name_check_finds_each_kind(tmp_path: Path):
+    package = tmp_path / "pkg"
+    (package / "train").mkdir(parents=True)
+    (package / "__init__.py").write_text("from pkg.loss import policy_loss\n")
+    (package / "loss.py").write_text("def policy_loss(x):\n    pass\n\n\ndef _private():\n    pass\n")
+    (package / "kl.py").write_text("")
+    (package / "train" / "__init__.py").write_text("")
+    (package / "train" / "rollout.py").write_text("class Rollout:\n    pass\n")
+    (package / "reference.py").write_text(
+        "def policy_loss(x):\n    def kl():\n        pass\n\n\ndef kl():\n    pass\n\n\nclass Rollout:\n    pass\n\n\n"
+        "def _private():\n    pass\n\n\ndef oracle_policy_loss():\n    pass\n\n\ndef rollout():\n    pass\n"
+    )
+    mods = {
+        name: tmp_path / path
+        for name, path in [
+            ("pkg", "pkg/__init__.py"),
+            ("pkg.loss", "pkg/loss.py"),
+            ("pkg.kl", "pkg/kl.py"),
+            ("pkg.train", "pkg/train/__init__.py"),
+            ("pkg.train.rollout", "pkg/train/rollout.py"),
+            ("pkg.reference", "pkg/reference.py"),
+        ]
+    }
+    # a nested function, a private one, a prefixed one and a deeper module's name ("rollout") are no clash
+    assert oracle_name_clashes(mods, "pkg") == [
+        "pkg.reference.policy_loss shares its name with pkg.loss.policy_loss: call it oracle_policy_loss",
+        "pkg.reference.kl shares its name with the module pkg.kl: call it oracle_kl",
+        "pkg.reference.Rollout shares its name with pkg.train.rollout.Rollout: call it oracle_Rollout",
+    ]
+
+
+def test_no_oracle_function_shares_a_public_name():
+    # drgrpo.reference.policy_loss beside drgrpo.policy_loss, with another signature, hides which one an import holds
+    clashes = oracle_name_clashes(modules())
+    assert clashes == [], "\n".join(clashes)
+    # and the package's own namespace, as imported, agrees
+    import drgrpo
+
+    public = {n for n in dir(drgrpo) if not n.startswith("_")}
+    assert sorted(public & set(public_definitions(PACKAGE / "reference.py"))) == []

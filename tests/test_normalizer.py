@@ -3,7 +3,7 @@ batch's gradient.
 
 The oracles are independent of the machinery under test: the gradient of the whole batch's loss
 (one ``policy_loss`` call with its own counts, no normalizer) and the float64 numpy reference
-``drgrpo.reference.policy_loss`` given the step's global counts.
+``drgrpo.reference.oracle_policy_loss`` given the step's global counts.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def reference_loss(step: Step, config: LossConfig, micro: Micro, num_tokens: flo
     with torch.no_grad():
         logp = token_logp(make_model(step.model_seed), step.x[r, :t], step.y[r, :t])
     adv = reference.config_advantages(step.rewards.numpy(), step.group_size, config)[r]
-    return reference.policy_loss(
+    return reference.oracle_policy_loss(
         logp.numpy(),
         step.old_logp[r, :t].numpy(),
         adv,

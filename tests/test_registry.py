@@ -78,7 +78,9 @@ def test_a_new_member_is_one_function_and_its_oracle(restore_registry):
     logp = batch.logp.clone().requires_grad_()
     out = policy_loss(logp, batch.old_logp, adv, batch.mask, config)
     m = batch.mask.double().numpy()
-    expected = ref.policy_loss(batch.logp.double().numpy(), batch.old_logp.double().numpy(), adv.numpy(), m, config)
+    expected = ref.oracle_policy_loss(
+        batch.logp.double().numpy(), batch.old_logp.double().numpy(), adv.numpy(), m, config
+    )
     assert out.loss.item() == pytest.approx(expected, rel=1e-12)
     # by hand: d loss / d logp = -A m / N_tok
     out.loss.backward()
@@ -106,7 +108,9 @@ def test_a_batch_oracle_sees_whole_completions(restore_registry):
     adv = group_advantages(batch.rewards, batch.group_size, config)
     out = policy_loss(batch.logp, batch.old_logp, adv, batch.mask, config)
     m = batch.mask.double().numpy()
-    expected = ref.policy_loss(batch.logp.double().numpy(), batch.old_logp.double().numpy(), adv.numpy(), m, config)
+    expected = ref.oracle_policy_loss(
+        batch.logp.double().numpy(), batch.old_logp.double().numpy(), adv.numpy(), m, config
+    )
     assert out.loss.item() == pytest.approx(expected, rel=1e-12)
 
 

@@ -47,9 +47,9 @@ def reference_loss(lp, lp_old, lp_ref, rewards, eps, beta) -> float:
     """The specification through drgrpo.reference: its loop-written advantages, per-token losses and aggregation."""
     g = len(rewards)
     config = LossConfig.preset("seed", clip_low=max(eps, 1e-300), clip_high=max(eps, 1e-300), beta=beta)
-    adv = ref.group_advantages(rewards, g, std="group", unbiased=False, zero_threshold=1e-8)
+    adv = ref.oracle_group_advantages(rewards, g, std="group", unbiased=False, zero_threshold=1e-8)
     col = lambda x: np.reshape(np.asarray(x, dtype=np.float64), (g, 1))  # (G, 1): one token per completion
-    return float(ref.policy_loss(col(lp), col(lp_old), adv, np.ones((g, 1)), config, col(lp_ref)))
+    return float(ref.oracle_policy_loss(col(lp), col(lp_old), adv, np.ones((g, 1)), config, col(lp_ref)))
 
 
 @settings(max_examples=400, deadline=None)

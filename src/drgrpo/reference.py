@@ -1,7 +1,9 @@
 """A float64 numpy oracle for every formula in the library, written for clarity, not speed.
 
 Plain loops over completions and tokens, scalar ``math`` where possible: no code is shared
-with the PyTorch implementation, which the tests check against these functions.
+with the PyTorch implementation, which the tests check against these functions. No public name here is
+also a public name of ``drgrpo``: where it would be, it is ``oracle_<name>`` (``oracle_policy_loss`` is the
+oracle of ``drgrpo.policy_loss``), so an import says which one it holds (docs/design.md, section 9.8).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
 
 
 # --------------------------------------------------------------------------- advantages
-def group_advantages(
+def oracle_group_advantages(
     rewards: ArrayLike,
     group_size: int,
     *,
@@ -70,8 +72,8 @@ def group_advantages(
 
 
 def config_advantages(rewards: ArrayLike, group_size: int, config: LossConfig) -> np.ndarray:
-    """:func:`group_advantages` with the fields of a LossConfig."""
-    return group_advantages(
+    """:func:`oracle_group_advantages` with the fields of a LossConfig."""
+    return oracle_group_advantages(
         rewards,
         group_size,
         std=config.advantage_std,
@@ -83,7 +85,7 @@ def config_advantages(rewards: ArrayLike, group_size: int, config: LossConfig) -
     )
 
 
-def outcome_advantages(
+def oracle_outcome_advantages(
     rewards: ArrayLike,
     group_size: int,
     estimator: str,
@@ -93,7 +95,7 @@ def outcome_advantages(
     unbiased: bool = True,
     eps: float = 1e-6,
 ) -> np.ndarray:
-    """verl's outcome estimators, one group at a time (``grpo`` is :func:`group_advantages`, not here).
+    """verl's outcome estimators, one group at a time (``grpo`` is :func:`oracle_group_advantages`, not here).
 
     A group of one has mean 0. ``std``/``unbiased``/``eps`` are read by ``grpo_passk`` only.
     """
@@ -154,7 +156,7 @@ def outcome_advantages(
 
 
 # --------------------------------------------------------------------------- per-token terms
-def kl(logp: float, ref: float, kind: str) -> float:
+def oracle_kl(logp: float, ref: float, kind: str) -> float:
     """One token's KL estimate; ``d = logp - ref``."""
     d = logp - ref
     if kind == "k1":
@@ -400,7 +402,7 @@ def sampling_weights(
     return out
 
 
-def off_policy_keep(adv: float, logp: list[float], sampling_logp: list[float], threshold: float) -> bool:
+def oracle_off_policy_keep(adv: float, logp: list[float], sampling_logp: list[float], threshold: float) -> bool:
     """DeepSeek-V3.2's off-policy sequence mask: keep iff A >= 0 or mean_t (sampling_t - logp_t) <= threshold
     (NaN differences count as 0; an empty completion has mean 0)."""
     gaps = [_finite_or_zero(s - lp) for lp, s in zip(logp, sampling_logp)]
@@ -528,7 +530,7 @@ def per_token_losses(
         keep = True
         if config.off_policy_mask_threshold is not None:
             source = old if sampling is None else sampling  # the sampler's log-probs when there are any
-            keep = off_policy_keep(
+            keep = oracle_off_policy_keep(
                 float(adv[i]),
                 [float(lp[i, j]) for j in positions[i]],
                 [float(source[i, j]) for j in positions[i]],
@@ -542,12 +544,12 @@ def per_token_losses(
             if config.beta != 0:
                 assert ref is not None
                 weight = token.ratio if config.kl_importance_weight else 1.0  # TRL's use_bias_correction_kl
-                loss += config.beta * weight * kl(lp[i, j], ref[i, j], config.kl)
+                loss += config.beta * weight * oracle_kl(lp[i, j], ref[i, j], config.kl)
             out[i, j] = loss
     return out
 
 
-def policy_loss(
+def oracle_policy_loss(
     logp: ArrayLike,
     old_logp: ArrayLike | None,
     advantages: ArrayLike,

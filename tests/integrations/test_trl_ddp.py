@@ -87,8 +87,8 @@ def test_advantage_estimators_on_two_processes_see_the_whole_generation_batch(tm
         mask = torch.cat([o["completion_mask"] for o in outs])
         texts = [tokenizer.decode(i[m.bool()].tolist(), skip_special_tokens=True) for i, m in zip(ids, mask)]
         rewards = h.digit_reward(texts)
-        want = reference.outcome_advantages(rewards, h.G, job["advantage"], lengths=mask.sum(1).tolist())
+        want = reference.oracle_outcome_advantages(rewards, h.G, job["advantage"], lengths=mask.sum(1).tolist())
         got = torch.cat([o["advantages"] for o in outs]).double()
         assert len(rewards) == 2 * 2 and torch.allclose(got, torch.as_tensor(want), rtol=1e-6, atol=1e-6), job
-        local = reference.outcome_advantages(rewards[:2], 2, job["advantage"], lengths=mask.sum(1)[:2].tolist())
+        local = reference.oracle_outcome_advantages(rewards[:2], 2, job["advantage"], lengths=mask.sum(1)[:2].tolist())
         assert float(torch.as_tensor(want[:2] - local).abs().max()) > 1e-3  # one process's rows alone would differ

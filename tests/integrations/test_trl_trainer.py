@@ -159,7 +159,7 @@ def test_advantage_estimators_feed_the_loss_the_float64_oracles_advantages(
     model_dir: Path, tmp_path: Path, estimator: str
 ):
     """advantage="rloo" / "opo": the advantages of TRL's generation batch, and of the micro-batch the loss gets,
-    are reference.outcome_advantages (float64, plain loops) of the same rewards and completion lengths."""
+    are reference.oracle_outcome_advantages (float64, plain loops) of the same rewards and completion lengths."""
     from drgrpo import reference
 
     trainer = h.run(DrGRPOTrainer, model_dir, h.grpo_args(tmp_path, 1, 1), loss_config="dr_grpo", advantage=estimator)
@@ -170,7 +170,7 @@ def test_advantage_estimators_feed_the_loss_the_float64_oracles_advantages(
     texts = [tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True) for ids, m in rows]
     lengths = out["completion_mask"].sum(1)
     assert int(lengths.min()) < int(lengths.max())  # ragged: opo's length weights matter
-    want = reference.outcome_advantages(h.digit_reward(texts), h.G, estimator, lengths=lengths.tolist())
+    want = reference.oracle_outcome_advantages(h.digit_reward(texts), h.G, estimator, lengths=lengths.tolist())
     assert torch.allclose(out["advantages"].double(), torch.as_tensor(want), rtol=1e-6, atol=1e-6)
     grpo = reference.config_advantages(h.digit_reward(texts), h.G, trainer.loss_config)
     assert float(torch.as_tensor(want - grpo).abs().max()) > 1e-2  # not the default estimator's

@@ -98,7 +98,7 @@ def test_peer_presets_match_the_float64_reference(name):
         torch.testing.assert_close(adv, torch.from_numpy(expected), rtol=1e-12, atol=1e-12)
     logp = torch.where(batch.mask.bool(), batch.logp, torch.zeros_like(batch.logp))
     out = policy_loss(logp, batch.old_logp, adv, batch.mask, config, ref_logp=batch.ref_logp)
-    expected_loss = reference.policy_loss(logp, batch.old_logp, adv, batch.mask, config, batch.ref_logp)
+    expected_loss = reference.oracle_policy_loss(logp, batch.old_logp, adv, batch.mask, config, batch.ref_logp)
     assert float(out.loss) == pytest.approx(expected_loss, rel=1e-12, abs=1e-14)
 
 

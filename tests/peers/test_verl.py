@@ -254,7 +254,7 @@ def test_verl_estimators_refuse_prompts_with_different_group_sizes():
 
 
 def test_outcome_estimators_match_the_float64_oracle():
-    # drgrpo.outcome_advantages against reference.outcome_advantages (plain loops), contiguous groups of 1, 2, 5
+    # drgrpo.outcome_advantages against reference.oracle_outcome_advantages (plain loops), contiguous groups of 1, 2, 5
     from drgrpo import reference
     from drgrpo.advantages import OUTCOME_ESTIMATORS, outcome_advantages
 
@@ -271,7 +271,7 @@ def test_outcome_estimators_match_the_float64_oracle():
                         outcome_advantages(rewards, 1, config, name)
                     continue
                 got = outcome_advantages(rewards, group_size, config, name, lengths=lengths)
-                want = reference.outcome_advantages(
+                want = reference.oracle_outcome_advantages(
                     rewards.numpy(), group_size, name, lengths=lengths.numpy(), std=std, eps=1e-6
                 )
                 torch.testing.assert_close(got, torch.from_numpy(want), rtol=1e-14, atol=1e-15)
@@ -297,7 +297,7 @@ def _ragged(seed: int) -> dict:
 @pytest.mark.parametrize("preset", ["verl.gpg", "verl.dro", "verl.dppo_tv", "verl.dppo_kl"])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_new_members_match_the_float64_oracle(preset, agg):
-    # loss against reference.policy_loss (plain loops); d loss / d logp against the hand-derived gradient:
+    # loss against reference.oracle_policy_loss (plain loops); d loss / d logp against the hand-derived gradient:
     # gpg -A, dro -(A - beta (logp - old)), dppo -A min(r, c) on the tokens inside the trust region (the loss
     # is linear in logp there, so the oracle's per-token loss / logp is its gradient)
     from drgrpo import reference
@@ -308,7 +308,7 @@ def test_new_members_match_the_float64_oracle(preset, agg):
     out = policy_loss(logp, batch["old"], batch["adv"], batch["mask"], config)
     out.loss.backward()
     args = (batch["logp"].numpy(), batch["old"].numpy(), batch["adv"].numpy(), batch["mask"].numpy(), config)
-    assert float(out.loss.detach()) == pytest.approx(reference.policy_loss(*args), rel=1e-13, abs=1e-15)
+    assert float(out.loss.detach()) == pytest.approx(reference.oracle_policy_loss(*args), rel=1e-13, abs=1e-15)
     per_token = reference.per_token_losses(*args)
     m = batch["mask"].numpy()
     counts = m.sum(1, keepdims=True)
@@ -350,7 +350,7 @@ def test_geo_mean_matches_the_oracle_and_finite_differences(preset):
     args = (batch["old"], batch["adv"], batch["mask"], config)
     loss = policy_loss(batch["logp"], *args).loss
     numpy_args = (batch["old"].numpy(), batch["adv"].numpy(), batch["mask"].numpy(), config)
-    assert float(loss) == pytest.approx(reference.policy_loss(batch["logp"].numpy(), *numpy_args), rel=1e-13)
+    assert float(loss) == pytest.approx(reference.oracle_policy_loss(batch["logp"].numpy(), *numpy_args), rel=1e-13)
     d = (batch["logp"] - batch["old"]).abs() * batch["mask"]
     low, high = config.epsilon_low, config.clip_high
     assert bool(((d > high) | (d > low)).any()) and bool((d < min(low, high)).any())  # clipped and kept tokens
@@ -373,7 +373,7 @@ def test_covariance_members_match_the_oracle(preset):
     torch.manual_seed(3)
     per_token = reference.per_token_losses(*numpy_args)
     torch.manual_seed(3)
-    assert float(loss) == pytest.approx(reference.policy_loss(*numpy_args), rel=1e-13)
+    assert float(loss) == pytest.approx(reference.oracle_policy_loss(*numpy_args), rel=1e-13)
     m = batch["mask"].numpy()
     lp, old, adv = batch["logp"].numpy(), batch["old"].numpy(), batch["adv"].numpy()[:, None]
     plain = -adv * np.exp(lp - old)

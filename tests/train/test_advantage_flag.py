@@ -47,7 +47,7 @@ def test_a_run_uses_the_estimator_it_names(name, tmp_path: Path, monkeypatch):
     for step in seen:
         assert (step["name"], step["G"]) == (name, 4)
         torch.testing.assert_close(step["lengths"], step["batch_lengths"].to(step["lengths"]), rtol=0, atol=0)
-        want = reference.outcome_advantages(step["rewards"].numpy(), 4, name, lengths=step["lengths"].numpy())
+        want = reference.oracle_outcome_advantages(step["rewards"].numpy(), 4, name, lengths=step["lengths"].numpy())
         torch.testing.assert_close(step["advantages"], torch.from_numpy(want), rtol=1e-6, atol=1e-7)  # float32 loss
     assert any(float(s["advantages"].abs().max()) > 0 for s in seen)
     assert "advantage: " + name in (tmp_path / "run" / "config.yaml").read_text()
@@ -63,7 +63,7 @@ def test_grpo_is_the_presets_group_advantage():
         got = global_outcome_advantages(rewards, 3, config, "grpo")
         torch.testing.assert_close(got, group_advantages(rewards, 3, config), rtol=0, atol=0)
         std = "group" if preset == "grpo" else "none"
-        want = reference.group_advantages(rewards.numpy(), 3, std=std, eps=config.std_eps)
+        want = reference.oracle_group_advantages(rewards.numpy(), 3, std=std, eps=config.std_eps)
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-14, atol=1e-15)
 
 

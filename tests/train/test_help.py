@@ -42,6 +42,9 @@ MARKUP = re.compile(r"``|`|:(?:func|class|mod|attr|meth|data|obj|ref|doc|py):")
 PYTHON_VALUES = re.compile(r"\bNone\b|\bTrue\b|\bFalse\b|\[\]|\(\)")
 FIELD = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, FIELD_NAMES)) + r")(?![\w/-])")
 FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
+LOSS_FLAGS = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(LossConfig)} | {"--max-completion-length"}
+LOSS_FLAGS |= {"--no-" + flag[2:] for flag in LOSS_FLAGS}
+"""The loss flags (and their --no- forms): the loss group's description says their resume class."""
 
 
 def subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
@@ -114,13 +117,49 @@ def test_every_flag_has_help_one_default_and_names_only_real_flags(page: str):
             assert flag in have, f"drgrpo {page} {name} names --{flag}, which drgrpo {page} does not have"
 
 
+def flag_helps(page: str) -> dict[str, str]:
+    parser, _ = help_pages()[page]
+    return {opt: " ".join((a.help or "").split()) for a in parser._actions for opt in a.option_strings}
+
+
 def test_booleans_show_on_or_off():
-    parser, _ = help_pages()["train"]
-    helps = {opt: " ".join((a.help or "").split()) for a in parser._actions for opt in a.option_strings}
-    assert helps["--fused"].endswith("(default: off)")
-    assert helps["--ref-kl"].endswith("(default: on)")
+    helps = flag_helps("train")
+    assert "memory for a large vocabulary. (default: off) On --resume" in helps["--fused"]
+    assert "even without a KL penalty. (default: on) On --resume" in helps["--ref-kl"]
     # --reward-weights used to show "(default 1 each) ... (default: [])"; an unset default is said in words
-    assert helps["--reward-weights"].endswith("Not set: 1 for each.")
+    assert (
+        "Not set: 1 for each. On --resume" in helps["--reward-weights"] and "(default" not in helps["--reward-weights"]
+    )
+
+
+RESUME_SAYS = {
+    "meaning": "On --resume: changed only by a branch.",
+    "checkpoint": "On --resume: set by the checkpoint, even for a branch.",
+    "free": "On --resume: may be changed.",
+}
+"""What train's help says of each resume class (docs/faults.md, "Resume", points the user to it)."""
+
+
+def test_train_help_ends_each_flag_with_what_a_resume_does_with_it():
+    helps = flag_helps("train")
+    # hand-picked flags of each class, nested ones included (the oracle: docs/faults.md's classes)
+    for flag, kind in {"--lr": "meaning", "--reward": "meaning", "--task-max-operand": "meaning",
+                       "--clip-high": "meaning", "--model": "checkpoint", "--warm-start-steps": "checkpoint",
+                       "--tiny-hidden-size": "checkpoint", "--steps": "free", "--fused": "free",
+                       "--no-progress": "free", "--keep-checkpoints": "free"}.items():  # fmt: skip
+        if flag == "--clip-high":  # a loss flag: its group says it
+            _, text = help_pages()["train"]
+            assert f"Presets: {PRESETS}. {RESUME_SAYS[kind]}" in " ".join(text.split())
+        else:
+            assert helps[flag].endswith(RESUME_SAYS[kind]), (flag, helps[flag])
+    # every flag of train but where the run is says one of them once; eval and compare have no --resume
+    for flag, text in helps.items():
+        said = [kind for kind, words in RESUME_SAYS.items() if words in text]
+        expected = 0 if flag in ("-h", "--help", "--config", "--output-dir", "--resume") else 1
+        expected = 0 if flag in LOSS_FLAGS else expected
+        assert len(said) == expected and (not said or text.endswith(RESUME_SAYS[said[0]])), (flag, text)
+    for page in ("eval", "compare"):
+        assert "On --resume" not in help_pages()[page][1], page
 
 
 def test_eval_usage_shows_model_as_required():

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 import signal
 import socket
 import sys
+import types
+import typing
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 
@@ -21,7 +23,7 @@ from drgrpo.train.loop.tiny import TinyModelConfig
 from drgrpo.train.run.checkpoint import checkpoints_of, find_checkpoint, read_state
 from drgrpo.train.run.resume import config_changes
 from drgrpo.train.run.runlock import LOCK_FILE, RunInUse, RunLock
-from drgrpo.train.train_config import ON_RESUME, TrainConfig
+from drgrpo.train.train_config import TrainConfig, WarmStartConfig, on_resume
 from helpers.cli_runs import STEPS, TINY, assert_same_end, launch, metrics, torchrun, tree, wait_for
 
 GATE_REWARD = """
@@ -237,35 +239,54 @@ def test_a_branch_may_change_what_the_run_computes_and_records_it(tmp_path: Path
     assert "): --lr 0.01 -> 0.002\n" in (branch / "config.yaml").read_text()
 
 
-def test_every_train_flag_is_classified_for_resume():
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert set(ON_RESUME) == fields and set(ON_RESUME.values()) == {"meaning", "checkpoint", "free"}
+def another_value(name: str, value: Any) -> Any:
+    """A valid value of TrainConfig field ``name`` other than ``value`` (its default), from its annotation."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is Literal:
+        return next(choice for choice in args if choice != value)
+    if typing.get_origin(hint) is tuple:
+        return {str: ("m:f",), float: (0.5,)}[args[0]]
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 if value else 0.5
+    if value is None or isinstance(value, str):
+        return (value or "") + "x"
+    raise AssertionError(f"TrainConfig.{name}: give the test a new value of {hint} (NESTED_CHANGES)")
+
+
+NESTED_CHANGES = {
+    "task": ("task-max-operand", TaskConfig(max_operand=20), (49, 20)),
+    "warm_start": ("tiny-hidden-size", WarmStartConfig(model=TinyModelConfig(hidden_size=32)), (64, 32)),
+}
+"""A new value of each nested configuration of TrainConfig: (the flag that differs, the value, its leaf's old and
+new value)."""
+
+
+def test_every_train_flag_is_classified_for_resume(monkeypatch):
+    # every field says what a resume does with it, where it is defined; one without a class is named
+    fields = dataclasses.fields(TrainConfig)
+    assert {on_resume(f.name) for f in fields} == {"meaning", "checkpoint", "free"}
+    lr = next(f for f in fields if f.name == "lr")
+    monkeypatch.setattr(lr, "metadata", types.MappingProxyType({}))
+    with pytest.raises(TypeError, match=r"^TrainConfig field 'lr' has no resume class: define it as lr: \.\.\. = "):
+        on_resume("lr")
+    monkeypatch.undo()
     # one new value per field (and per nested field): each must come back as its own flag, with its class
     base = TrainConfig()
-    one_change = {
-        "model": ("model", "some/model"), "dataset": ("dataset", "d.jsonl"),
-        "eval_dataset": ("eval-dataset", "e.jsonl"), "prompt_field": ("prompt-field", "question"),
-        "rewards": ("reward", ("m:f",)), "reward_weights": ("reward-weights", (0.5,)), "steps": ("steps", 9),
-        "advantage": ("advantage", "rloo"),
-        "prompts_per_step": ("prompts-per-step", 8), "group_size": ("group-size", 4),
-        "max_new_tokens": ("max-new-tokens", 9), "temperature": ("temperature", 0.7), "top_p": ("top-p", 0.9),
-        "ppo_epochs": ("ppo-epochs", 2), "micro_batch_size": ("micro-batch-size", 4), "lr": ("lr", 1e-4),
-        "warmup_steps": ("warmup-steps", 3), "weight_decay": ("weight-decay", 0.1), "grad_clip": ("grad-clip", 0.5),
-        "fused": ("fused", True), "seed": ("seed", 3), "device": ("device", "cuda"), "threads": ("threads", 2),
-        "dtype": ("dtype", "bfloat16"), "eval_every": ("eval-every", 5), "eval_size": ("eval-size", 9),
-        "eval_temperature": ("eval-temperature", 0.5), "eval_sampled": ("eval-sampled", False),
-        "checkpoint_every": ("checkpoint-every", 7), "keep_checkpoints": ("keep-checkpoints", 3),
-        "reward_timeout": ("reward-timeout", 5.0), "ref_kl": ("ref-kl", False), "progress": ("progress", False),
-        "tensorboard": ("tensorboard", True), "deterministic": ("deterministic", False),
-        "task": ("task-max-operand", TaskConfig(max_operand=20)),
-        "warm_start": ("tiny-hidden-size", dataclasses.replace(base.warm_start, model=TinyModelConfig(hidden_size=32))),
-    }  # fmt: skip
-    assert set(one_change) | {"output_dir", "resume", "loss", "loss_overrides"} == fields
-    for name, (flag, value) in one_change.items():
-        (change,) = config_changes(base, base.replace(**{name: value}))
-        assert (change.flag, change.kind) == (flag, ON_RESUME[name]), name
-        nested = {"task": (49, 20), "warm_start": (64, 32)}  # max_operand, hidden_size: the leaf that changed
-        assert (change.old, change.new) == nested.get(name, (getattr(base, name), value)), name
+    for f in fields:
+        if f.name in ("output_dir", "resume", "loss", "loss_overrides"):  # where the run is; the loss: below
+            continue
+        if f.name in NESTED_CHANGES:
+            flag, value, (old, new) = NESTED_CHANGES[f.name]
+        else:
+            value = another_value(f.name, getattr(base, f.name))
+            flag, old, new = {"rewards": "reward"}.get(f.name, f.name.replace("_", "-")), getattr(base, f.name), value
+        (change,) = config_changes(base, base.replace(**{f.name: value}))
+        assert (change.flag, change.kind, change.old, change.new) == (flag, on_resume(f.name), old, new), f.name
     # the loss: its preset, and every LossConfig field as its own flag
     assert [str(c) for c in config_changes(base, base.replace(loss="grpo"))] == ["--loss dr_grpo -> grpo"]
     for f in dataclasses.fields(LossConfig):
@@ -303,25 +324,3 @@ def test_eval_and_plot_read_a_run_in_progress(tmp_path: Path, monkeypatch, capsy
         (tmp_path / "go").touch()
         proc.communicate(timeout=300)
     assert proc.returncode == 0
-
-
-def test_the_docs_list_every_flag_in_its_resume_class():
-    text = (Path(__file__).resolve().parents[2] / "docs" / "faults.md").read_text()
-    bullets = {
-        "meaning": "- changes what the run computes:",
-        "checkpoint": "- settled by the checkpoint (refused on a branch too):",
-        "free": "- how it runs:",
-    }
-    listed = {}
-    for kind, start in bullets.items():
-        paragraph = text[text.index(start) :].split("\n- ", 1)[0].split("\n\n", 1)[0]
-        listed[kind] = set(re.findall(r"`(--[a-z-]+\*?)`", paragraph))
-    loss_flags = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(LossConfig)}
-    listed["meaning"] -= loss_flags  # examples of "every loss flag"
-    expected: dict[str, set[str]] = {kind: set() for kind in bullets}
-    names = {"rewards": "reward", "task": "task-*", "warm_start": "warm-start-*"}
-    for name, kind in ON_RESUME.items():
-        if name not in ("output_dir", "resume", "loss_overrides"):
-            expected[kind].add("--" + names.get(name, name.replace("_", "-")))
-    expected["checkpoint"].add("--tiny-*")  # the warm start's model
-    assert listed == expected

@@ -5,7 +5,7 @@ dataclass becomes a kebab-case flag whose help is the field's docstring (:func:`
 read from the annotation, adjusted by ``dataclasses.field(metadata=...)`` (``flag``, ``repeat``, ``prefix``,
 ``required``). :func:`parse_with_config` reads ``--config FILE`` (YAML or TOML) with the same parser, the command
 line overriding it. It imports nothing of drgrpo, so the run's modules and the command line share it. The metadata
-keys and how field docstrings are written: docs/design.md, section 9.12.
+keys and how field docstrings are written: docs/design.md, section 9.14.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ class Flag:
     """The field's docstring as help: cross-references to fields written as their flags."""
     kwargs: dict[str, Any]
     """argparse keyword arguments (type, choices, nargs, action)."""
+    top: str
+    """The field of the outermost dataclass the flag comes from: ``task`` for --task-max-operand, ``warm_start``
+    for --tiny-hidden-size, the field itself for a flag of its own."""
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -152,14 +155,15 @@ def help_text(doc: str, flags: Mapping[str, str]) -> str:
 
 
 def flags_of(
-    cls: type, group: str, prefix: str = "", skip: Sequence[str] = (), defaults: Any = None
+    cls: type, group: str, prefix: str = "", skip: Sequence[str] = (), defaults: Any = None, top: str | None = None
 ) -> Iterator[tuple[Flag | None, Any, Any]]:
     """(flag, field, default value) for every field of ``cls``; nested dataclasses are walked too.
 
     A nested dataclass field ``task`` puts its fields in the group ``task`` with the flag prefix
     ``task-`` (or its ``prefix`` metadata), leaving out the fields named in its ``skip`` metadata.
     A field with ``metadata={"flag": None}`` yields
-    ``(None, field, default)``: it has no flag of its own.
+    ``(None, field, default)``: it has no flag of its own. ``top`` is the outer field ``cls`` is nested in (None:
+    ``cls`` is the outermost).
     """
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -172,14 +176,16 @@ def flags_of(
         value = getattr(defaults, f.name)
         if _nested(value):
             nested_prefix = f.metadata.get("prefix", f.name.replace("_", "-") + "-")
-            yield from flags_of(type(value), f.name, nested_prefix, f.metadata.get("skip", ()), value)
+            skipped = f.metadata.get("skip", ())
+            yield from flags_of(type(value), f.name, nested_prefix, skipped, value, top or f.name)
             continue
         if f.name not in names:
             yield None, f, value
             continue
         name = names[f.name]
         doc = help_text(docs.get(f.name, ""), names)
-        yield Flag(name, f"{group}.{f.name}", f.name, cls, doc, _kwargs(hints[f.name], f.metadata, name)), f, value
+        kwargs = _kwargs(hints[f.name], f.metadata, name)
+        yield Flag(name, f"{group}.{f.name}", f.name, cls, doc, kwargs, top or f.name), f, value
 
 
 def _nested(value: Any) -> bool:
@@ -195,6 +201,7 @@ def add_flags(
     unset_text: str | None = None,
     skip: Sequence[str] = (),
     defaults: Any = None,
+    note: Callable[[str], str | None] | None = None,
 ) -> list[Flag]:
     """Add one flag per field of ``cls`` (and of its nested dataclasses) to ``parser``; returns them.
 
@@ -202,6 +209,8 @@ def add_flags(
     field to the base configuration. Each help ends with ``(default: ...)``: ``default_text`` for every
     flag when given (e.g. "the preset's"), else the field's default in words (:func:`default_words`), or
     ``unset_text`` for a default of ``None`` or empty (else nothing: the docstring says what happens).
+    ``note(top)``, when given, is a sentence the help ends with, from the field of ``cls`` the flag comes from
+    (:attr:`Flag.top`; ``drgrpo train`` says there what a resume does with a new value), or None for none.
     """
     added = []
     for flag, f, default in flags_of(cls, group, skip=skip, defaults=defaults):
@@ -210,6 +219,8 @@ def add_flags(
         required = f.metadata.get("required", False)
         shown = None if required else default_text or default_words(default) or unset_text
         text = flag.help + (f" (default: {shown})" if shown else "")
+        extra = note(flag.top) if note else None
+        text += f" {extra}" if extra else ""
         parser.add_argument(
             f"--{flag.name}", dest=flag.dest, default=argparse.SUPPRESS, help=text.replace("%", "%%"), **flag.kwargs
         )

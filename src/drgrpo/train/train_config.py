@@ -13,7 +13,7 @@ import dataclasses
 import json
 import numbers
 import reprlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -231,6 +231,45 @@ class WarmStartConfig:
         check_lr(WarmStartConfig, "lr", self.lr)
 
 
+OnResume = Literal["meaning", "checkpoint", "free"]
+"""What ``drgrpo train --resume`` does with a TrainConfig field given a value other than the run's:
+
+- ``"meaning"``: the field changes what the run computes (its data, rewards, loss, sampling, optimisation,
+  seed, what its evaluations measure): refused when the run continues in its own directory, with the list of
+  what differs; a branch (``--resume CHECKPOINT --output-dir NEW``) may change it, and records it.
+- ``"checkpoint"``: the checkpoint settles it (the model, and how the built-in one was made): always refused.
+- ``"free"``: how the run runs, not what it computes (length, cadence, devices, memory, logging, limits):
+  accepted, recorded in the run's history and config.yaml.
+"""
+
+RESUME_HELP: dict[str, str] = {
+    "meaning": "On --resume: changed only by a branch.",
+    "checkpoint": "On --resume: set by the checkpoint, even for a branch.",
+    "free": "On --resume: may be changed.",
+}
+"""Each resume class as ``drgrpo train --help`` says it, after the help of every flag of that class."""
+
+
+def flag(
+    default: Any = dataclasses.MISSING,
+    *,
+    on_resume: OnResume,
+    factory: Callable[[], Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Any:
+    """A :class:`TrainConfig` field: its ``default`` (or a ``factory`` making it), its resume class
+    (:data:`OnResume`) and the flag ``metadata`` of :mod:`drgrpo.train.flags` (``flag``, ``repeat``, ...).
+
+    The field's docstring, right under it, is its help; with this call it is all a new flag needs.
+    """
+    if on_resume not in RESUME_HELP:
+        raise ValueError(f"on_resume must be one of {', '.join(RESUME_HELP)}, got {on_resume!r}")
+    meta = {**(metadata or {}), "on_resume": on_resume}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One Dr. GRPO (or GRPO-family) training run: a rollout, reward, advantage, loss, step loop.
@@ -239,112 +278,114 @@ class TrainConfig:
     messages with its flags (``--eval-size must be >= 0``), see :class:`drgrpo.field_error.FieldError`.
     """
 
-    output_dir: str = "runs/default"
+    output_dir: str = flag("runs/default", on_resume="free")
     """Directory of the run: config.yaml, metrics.jsonl, checkpoints/, plots/ and the cached warm start."""
-    model: str | None = None
+    model: str | None = flag(None, on_resume="checkpoint")
     """Initial policy: a local Hugging Face model directory (config, weights and tokenizer), a drgrpo run
     directory, its checkpoints/latest or one checkpoint. Not set: a tiny model built here and warm-started on
     the built-in task."""
-    dataset: str | None = None
+    dataset: str | None = flag(None, on_resume="meaning")
     """Training prompts: a JSONL file, one JSON object per line with the prompt under ``prompt_field``. Not set:
     the built-in addition task."""
-    eval_dataset: str | None = None
+    eval_dataset: str | None = flag(None, on_resume="meaning")
     """Held-out prompts for evaluation, a JSONL file like ``dataset``. Not set: the built-in task's held-out split
     (no evaluation when ``dataset`` is set)."""
-    prompt_field: str = "prompt"
+    prompt_field: str = flag("prompt", on_resume="meaning")
     """Key of a dataset line that holds the prompt: a string, or a list of chat messages."""
-    rewards: tuple[str, ...] = field(default=(), metadata={"flag": "reward", "repeat": True})
+    rewards: tuple[str, ...] = flag((), on_resume="meaning", metadata={"flag": "reward", "repeat": True})
     """A reward function, module:function, called as function(completion, example) and returning a float; give
     the flag once per reward. The first reward decides correctness (the accuracy metrics). Not set: exact match
     on the built-in task."""
-    reward_weights: tuple[float, ...] = ()
+    reward_weights: tuple[float, ...] = flag((), on_resume="meaning")
     """Weight of each reward in the total, one per reward in the order given. Not set: 1 for each."""
-    loss: str = "dr_grpo"
+    loss: str = flag("dr_grpo", on_resume="meaning")
     """The loss: a preset such as dr_grpo, grpo, dapo, gspo, cispo or sapo, or a peer framework's (trl.grpo,
     verl.grpo, oat.drgrpo, ...); single settings of it can be changed one by one."""
-    loss_overrides: tuple[tuple[str, Any], ...] = field(default=(), metadata={"flag": None, "via": "loss"})
+    loss_overrides: tuple[tuple[str, Any], ...] = flag((), on_resume="meaning", metadata={"flag": None, "via": "loss"})
     """(field, value) overrides of the preset's LossConfig, one per loss flag given. Its L, max_completion_length,
     is max_new_tokens: an override of it must agree."""
-    advantage: Literal["grpo", "rloo", "reinforce_plus_plus_baseline", "opo", "grpo_passk", "gpg"] = "grpo"
+    advantage: Literal["grpo", "rloo", "reinforce_plus_plus_baseline", "opo", "grpo_passk", "gpg"] = flag(
+        "grpo", on_resume="meaning"
+    )
     """Advantage estimator, from each prompt's rewards (verl's estimators of the same names): grpo, the loss
     preset's (r minus its prompt's mean, divided by the std where the preset divides); rloo, r minus the mean of
     the prompt's other completions; opo, r minus the length-weighted mean; reinforce_plus_plus_baseline, r minus
     the mean, whitened over the batch's tokens; grpo_passk, only each prompt's best completion, best minus second
     best (divided by the std where the preset divides; needs --group-size 2 or more); gpg, r minus the mean,
     scaled by the batch size over its nonzero rewards."""
-    steps: int = 300
+    steps: int = flag(300, on_resume="free")
     """RL steps: one rollout batch each, followed by ``ppo_epochs`` optimizer steps."""
-    prompts_per_step: int = 64
+    prompts_per_step: int = flag(64, on_resume="meaning")
     """Prompts per rollout batch, all processes together; must be divisible by the number of processes."""
-    group_size: int = 8
+    group_size: int = flag(8, on_resume="meaning")
     """Completions sampled per prompt (G)."""
-    max_new_tokens: int = 8
+    max_new_tokens: int = flag(8, on_resume="meaning")
     """Generation budget: at most this many tokens per completion. Also Dr. GRPO's constant L: the loss divides
     each completion's summed token losses by it."""
-    temperature: float = 1.0
+    temperature: float = flag(1.0, on_resume="meaning")
     """Sampling temperature of rollouts; log-probs are computed at the same temperature."""
-    top_p: float = 1.0
+    top_p: float = flag(1.0, on_resume="meaning")
     """Nucleus sampling threshold of rollouts (1: off)."""
-    ppo_epochs: int = 1
+    ppo_epochs: int = flag(1, on_resume="meaning")
     """Optimizer steps per rollout batch, each over the whole batch (above 1 the clipped ratio matters)."""
-    micro_batch_size: int = 128
+    micro_batch_size: int = flag(128, on_resume="free")
     """Completions per forward and backward pass; gradients add up over the micro-batches of a step, normalised
     once for the whole step."""
-    lr: float = 5e-4
+    lr: float = flag(5e-4, on_resume="meaning")
     """AdamW learning rate, constant after the warmup."""
-    warmup_steps: int = 0
+    warmup_steps: int = flag(0, on_resume="meaning")
     """Optimizer steps of linear learning-rate warmup."""
-    weight_decay: float = 0.0
+    weight_decay: float = flag(0.0, on_resume="meaning")
     """AdamW weight decay."""
-    grad_clip: float = 1.0
+    grad_clip: float = flag(1.0, on_resume="meaning")
     """Clip the global gradient norm to this (0 turns clipping off; the norm is logged either way)."""
-    fused: bool = False
+    fused: bool = flag(False, on_resume="free")
     """Compute log-probs from the hidden states in chunks (drgrpo.fused) instead of from the full logits: less
     memory for a large vocabulary."""
-    seed: int = 0
+    seed: int = flag(0, on_resume="meaning")
     """Seed of the prompt order and of sampling. Each step reseeds from (seed, step, process), so a resumed run
     ends exactly where an uninterrupted one does."""
-    device: str = "cpu"
+    device: str = flag("cpu", on_resume="free")
     """Torch device: cpu, cuda or cuda:N (several processes on CUDA take one GPU each, by LOCAL_RANK)."""
-    threads: int = 0
+    threads: int = flag(0, on_resume="free")
     """CPU threads torch uses; 0: one for the built-in model (its operations are too small to split, and spare
     cores keep it fast on a busy machine), torch's own choice with ``model``."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = flag("float32", on_resume="meaning")
     """Data type of the parameters: float32 or bfloat16 (float16 cannot train: it needs float32 master weights
     and loss scaling, which drgrpo does not do; drgrpo eval takes it)."""
-    eval_every: int = 25
+    eval_every: int = flag(25, on_resume="free")
     """Evaluate on the held-out prompts every this many steps, and at step 0 and at the end (0: never)."""
-    eval_size: int = 200
+    eval_size: int = flag(200, on_resume="meaning")
     """Held-out prompts per evaluation (the first ones of the held-out set); at least 1 while evaluation is on
     (``eval_every`` 0 turns it off)."""
-    eval_temperature: float = 0.0
+    eval_temperature: float = flag(0.0, on_resume="meaning")
     """Sampling temperature of evaluation (0: greedy)."""
-    eval_sampled: bool = True
+    eval_sampled: bool = flag(True, on_resume="meaning")
     """Also evaluate by sampling at the rollout temperature (logged next to the greedy evaluation)."""
-    checkpoint_every: int = 50
+    checkpoint_every: int = flag(50, on_resume="free")
     """Save a checkpoint every this many steps; also at the end and when stopped by SIGINT or SIGTERM (0: only
     then)."""
-    keep_checkpoints: int = 0
+    keep_checkpoints: int = flag(0, on_resume="free")
     """Keep only the newest this many checkpoints, removing older ones once a new one is written (0: keep all, the
     default: a run's checkpoints are its history, and a full disk stops the run with a clear message instead)."""
-    resume: str | None = None
+    resume: str | None = flag(None, on_resume="free")
     """Continue an earlier run exactly: its output directory, its checkpoints/latest or one checkpoint. A checkpoint
     older than the run's newest continues only as a branch into a new --output-dir (the old run stays as it was).
     Not set: a new run."""
-    ref_kl: bool = True
+    ref_kl: bool = flag(True, on_resume="free")
     """Keep a frozen copy of the initial model to log the policy's KL to it, even without a KL penalty."""
-    reward_timeout: float = 0.0
+    reward_timeout: float = flag(0.0, on_resume="free")
     """Seconds a single reward call may take: a call that takes longer is abandoned and fails the step, after the
     last completed step is saved (exit code 1). 0: no limit."""
-    progress: bool = True
+    progress: bool = flag(True, on_resume="free")
     """Show a progress bar (on the first process only)."""
-    tensorboard: bool = False
+    tensorboard: bool = flag(False, on_resume="free")
     """Also write TensorBoard events to OUTPUT_DIR/tensorboard (needs the tensorboard package)."""
-    deterministic: bool = True
+    deterministic: bool = flag(True, on_resume="free")
     """Use deterministic torch algorithms: CPU runs repeat bit for bit and resume exactly."""
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: TaskConfig = flag(factory=TaskConfig, on_resume="meaning")  # noqa: RUF009 (a field, as field() is)
     """The built-in addition task (used when no dataset is given)."""
-    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    warm_start: WarmStartConfig = flag(factory=WarmStartConfig, on_resume="checkpoint")  # noqa: RUF009
     """The supervised warm start of the built-in model (used when no model is given)."""
 
     def __post_init__(self) -> None:
@@ -520,25 +561,30 @@ class TrainConfig:
 CONFIG_FILE = "config.yaml"
 """The resolved configuration a run writes into its output directory."""
 
-ON_RESUME: dict[str, str] = {
-    **dict.fromkeys(("model", "warm_start"), "checkpoint"),
-    **dict.fromkeys(("dataset", "eval_dataset", "prompt_field", "rewards", "reward_weights", "loss", "loss_overrides",
-                     "advantage", "prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p",
-                     "ppo_epochs", "lr", "warmup_steps", "weight_decay", "grad_clip", "seed", "dtype", "eval_size",
-                     "eval_temperature", "eval_sampled", "task"), "meaning"),
-    **dict.fromkeys(("output_dir", "resume", "steps", "micro_batch_size", "fused", "device", "threads", "eval_every",
-                     "checkpoint_every", "keep_checkpoints", "reward_timeout", "ref_kl", "progress", "tensorboard",
-                     "deterministic"), "free"),
-}  # fmt: skip
-"""What ``drgrpo train --resume`` does with each TrainConfig field given a value other than the run's:
+RUN_PLACE = ("output_dir", "resume")
+"""The fields that say where the run is and where it continues from, which a resume does not compare (a new
+``output_dir`` on resume makes a branch); their help says so, without a resume class."""
 
-- ``"meaning"``: the field changes what the run computes (its data, rewards, loss, sampling, optimisation,
-  seed, what its evaluations measure): refused when the run continues in its own directory, with the list of
-  what differs; a branch (``--resume CHECKPOINT --output-dir NEW``) may change it, and records it.
-- ``"checkpoint"``: the checkpoint settles it (the model, and how the built-in one was made): always refused.
-- ``"free"``: how the run runs, not what it computes (length, cadence, devices, memory, logging, limits):
-  accepted, recorded in the run's history and config.yaml.
-"""
+
+def on_resume(name: str) -> OnResume:
+    """The resume class of TrainConfig field ``name``, given by :func:`flag` (TypeError naming a field without
+    one: every field is defined with :func:`flag`)."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if name not in fields:
+        raise ValueError(f"TrainConfig has no field {name!r}")
+    kind = fields[name].metadata.get("on_resume")
+    if kind not in RESUME_HELP:
+        raise TypeError(
+            f"TrainConfig field {name!r} has no resume class: define it as {name}: ... = flag(DEFAULT, "
+            f"on_resume=...) with one of {', '.join(RESUME_HELP)}, got {kind!r}"
+        )
+    return kind  # type: ignore[no-any-return]
+
+
+def resume_help(name: str) -> str | None:
+    """What ``drgrpo train --help`` says of a new value of field ``name`` (and of its nested flags) on resume:
+    :data:`RESUME_HELP` of its class; None for :data:`RUN_PLACE`, whose help says what a resume is."""
+    return None if name in RUN_PLACE else RESUME_HELP[on_resume(name)]
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ def compare(config: CompareConfig) -> Path | None:
 def plan_runs(out: Path, runs: list[TrainConfig]) -> tuple[list[TrainConfig], list[TrainConfig]]:
     """(runs to train, runs finished before): a run whose directory holds checkpoints is resumed, or kept when
     its newest checkpoint is its last step. Only reads. Raises ValueError before any work when a kept run was made
-    with settings that change what it computes (:data:`~drgrpo.train.train_config.ON_RESUME`), or for a damaged
+    with settings that change what it computes (:data:`~drgrpo.train.train_config.OnResume`), or for a damaged
     checkpoint."""
     todo, finished = [], []
     for run in runs:

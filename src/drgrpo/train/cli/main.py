@@ -5,7 +5,7 @@ The flags of ``train``, ``eval`` and ``compare`` come from their configuration d
 Exit codes: 0 done, 2 a configuration error (before any work), 1 a failed step (after the last completed step was
 saved; the phase that raised decides, :mod:`drgrpo.train.cli.failures`), 130 stopped by SIGINT/SIGTERM;
 ``drgrpo`` alone prints the help on stderr and exits with 2. Examples and the ``--max-completion-length`` alias:
-docs/design.md, section 9.11; every fault: docs/faults.md.
+docs/design.md, section 9.13; every fault: docs/faults.md.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from drgrpo.train.loop.rewards import reward_traceback
 from drgrpo.train.run.checkpoint import check_checkpoint, find_checkpoint, read_state, resolve_model_dir
 from drgrpo.train.run.disk import WriteFailed
 from drgrpo.train.run.stopping import FailedElsewhere, Interrupted
-from drgrpo.train.train_config import EvalConfig, TrainConfig
+from drgrpo.train.train_config import EvalConfig, TrainConfig, resume_help
 
 LOSS_SKIP = ("name", "per_call_normalization")
 """LossConfig fields that are not flags: the preset's name, and a property of peer presets."""
@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     tr.add_argument("--config", metavar="FILE", help=config_help)
-    train_flags = add_flags(tr.add_argument_group("run"), TrainConfig, "train")
-    _add_loss_flags(tr, train_flags, "the --loss preset", "the preset's")
+    train_flags = add_flags(tr.add_argument_group("run"), TrainConfig, "train", note=resume_help)
+    _add_loss_flags(tr, train_flags, "the --loss preset", "the preset's", note=resume_help("loss_overrides"))
 
     ev = sub.add_parser(
         "eval",
@@ -206,17 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_loss_flags(
-    parser: argparse.ArgumentParser, others: list[Flag], presets: str, default_text: str, skip: Sequence[str] = ()
+    parser: argparse.ArgumentParser,
+    others: list[Flag],
+    presets: str,
+    default_text: str,
+    skip: Sequence[str] = (),
+    note: str | None = None,
 ) -> None:
     """The loss flags of ``parser`` (one per LossConfig field, each overriding ``presets``' setting), and the
-    names its errors give fields: the loss flags and ``others``, the command's other flags.
+    names its errors give fields: the loss flags and ``others``, the command's other flags. ``note``: a sentence
+    the group's description ends with (train's: what a resume does with them).
 
     L is no loss flag (it is --max-new-tokens); --max-completion-length, TRL's name for the generation
     budget, is accepted as a hidden alias of --max-new-tokens (see :func:`with_length_alias`).
     """
-    group = parser.add_argument_group(
-        "loss", f"Each flag overrides one setting of {presets}. Presets: {', '.join(preset_names())}."
-    )
+    description = f"Each flag overrides one setting of {presets}. Presets: {', '.join(preset_names())}."
+    group = parser.add_argument_group("loss", f"{description} {note}" if note else description)
     loss_flags = add_flags(group, LossConfig, "loss", default_text=default_text, skip=(*LOSS_SKIP, LENGTH_ALIAS, *skip))
     parser.add_argument(
         "--max-completion-length",

@@ -4,7 +4,7 @@ Per step: rollout -> reward -> advantages ``A_i = r_i - mean_group(r)`` -> polic
 ``G * L``, ``L = max_new_tokens``) -> log -> evaluate -> checkpoint, each a call into the module that holds it.
 An error of :func:`set_up` is a configuration error (before any work); an error of a step first saves the last
 completed step, then propagates; a signal saves the last completed step and returns. The objective, the module of
-each section and what a crash or a signal keeps: docs/design.md, section 9.10.
+each section and what a crash or a signal keeps: docs/design.md, section 9.12.
 """
 
 from __future__ import annotations

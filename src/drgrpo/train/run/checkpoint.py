@@ -5,7 +5,7 @@ read with ``weights_only=True``) and ``trainer_state.json`` (step, TrainConfig, 
 ``RUN/checkpoints/latest`` names the newest. A checkpoint is written into a temporary directory and renamed into
 place (:func:`clean_stale` removes what a killed write left); :func:`check_checkpoint` refuses a damaged one,
 naming the file and the newest intact checkpoint; :func:`check_owner` refuses another run's. The layout, the
-atomicity and a run's line of checkpoints: docs/design.md, section 9.9.
+atomicity and a run's line of checkpoints: docs/design.md, section 9.11.
 """
 
 from __future__ import annotations

@@ -18,11 +18,12 @@ from it), and another number of processes than the checkpoint's (the sampling of
 rank); a new run or a branch never replaces a metrics.jsonl with lines or a config.yaml it did not write, and a
 resume never overwrites an edit of config.yaml.
 
-Flags that change what the run computes (:data:`~drgrpo.train.train_config.ON_RESUME`) are refused on resume, with
-the list of what differs (flag, the run's value, the value given); a branch may change them. Flags that change
-only how it runs (``--steps``, the cadences, devices, logging) are accepted. Every resume and branch is recorded
-in the run's history (``history`` in each later checkpoint's trainer_state.json, and comment lines in
-config.yaml): the step, the checkpoint, the time and every flag that changed.
+Flags that change what the run computes (the resume class of their field, given where the field is defined:
+:func:`~drgrpo.train.train_config.flag`) are refused on resume, with the list of what differs (flag, the run's value,
+the value given); a branch may change them. Flags that change only how it runs (``--steps``, the cadences,
+devices, logging) are accepted. Every resume and branch is recorded in the run's history (``history`` in each
+later checkpoint's trainer_state.json, and comment lines in config.yaml): the step, the checkpoint, the time and
+every flag that changed.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from drgrpo.train.run.checkpoint import (
 )
 from drgrpo.train.run.identity import config_problem, config_run_id, new_run_id
 from drgrpo.train.run.metrics_log import METRICS_FILE, read_metrics_file, warn_line
-from drgrpo.train.train_config import ON_RESUME, TrainConfig
+from drgrpo.train.train_config import RUN_PLACE, OnResume, TrainConfig, on_resume
 
 EVAL_KEY = "eval/accuracy"
 """The key of the evaluation lines of metrics.jsonl."""
@@ -63,8 +64,8 @@ class Change:
 
     flag: str
     """The flag's name without dashes, e.g. 'group-size'."""
-    kind: str
-    """Its class in :data:`~drgrpo.train.train_config.ON_RESUME`: 'meaning', 'checkpoint' or 'free'."""
+    kind: OnResume
+    """Its resume class (:data:`~drgrpo.train.train_config.OnResume`): 'meaning', 'checkpoint' or 'free'."""
     old: Any
     """The run's value."""
     new: Any
@@ -272,7 +273,7 @@ def start_lines(out_dir: Path, start: RunStart, warn: Callable[[str], None] | No
 
 
 def config_changes(saved: TrainConfig, new: TrainConfig) -> list[Change]:
-    """Every flag whose value in ``new`` differs from ``saved`` (the run's), with its class in ON_RESUME.
+    """Every flag whose value in ``new`` differs from ``saved`` (the run's), with its resume class.
 
     Nested configurations give their own flags (``--task-max-operand``, ``--tiny-hidden-size``); the loss gives
     ``--loss`` and every LossConfig field that differs once resolved (``--clip-high``, ``--beta``, ...). A
@@ -281,20 +282,20 @@ def config_changes(saved: TrainConfig, new: TrainConfig) -> list[Change]:
     names = {flag.dest: flag.name for flag, _, _ in flags_of(TrainConfig, "train") if flag is not None}
     changes = []
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("output_dir", "resume", "loss", "loss_overrides"):
+        if f.name in (*RUN_PLACE, "loss", "loss_overrides"):
             continue
         for dest, old, new_value in _leaves(getattr(saved, f.name), getattr(new, f.name), "train", f.name):
             if old != new_value and not (f.name == "model" and same_directory(old, new_value)):
-                changes.append(Change(names.get(dest, dest), ON_RESUME[f.name], old, new_value))
+                changes.append(Change(names.get(dest, dest), on_resume(f.name), old, new_value))
     if saved.loss != new.loss:
-        changes.append(Change("loss", ON_RESUME["loss"], saved.loss, new.loss))
+        changes.append(Change("loss", on_resume("loss"), saved.loss, new.loss))
     old_loss, new_loss, given = saved.loss_config(), new.loss_config(), dict(new.loss_overrides)
     for f in dataclasses.fields(old_loss):
         if f.name in ("name", "max_completion_length"):  # the preset (above); L, which is --max-new-tokens
             continue
         old, new_value = getattr(old_loss, f.name), getattr(new_loss, f.name)
         if old != new_value and (saved.loss == new.loss or f.name in given):
-            changes.append(Change(f.name.replace("_", "-"), ON_RESUME["loss_overrides"], old, new_value))
+            changes.append(Change(f.name.replace("_", "-"), on_resume("loss_overrides"), old, new_value))
     return changes
 
 

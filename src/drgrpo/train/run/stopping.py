@@ -4,7 +4,7 @@
 section (the warm start, a step's rollout and rewards, an evaluation) and otherwise lets the step end and be saved;
 ``deferred()`` sections (the optimizer step, a checkpoint or metrics write) are never cut. :class:`Watchdog` bounds
 each reward call (``--reward-timeout``, :class:`TimeLimitExceeded`); :func:`agreed` makes every process stop at
-the same point. The design, and why rewards stay plain calls in the main thread: docs/design.md, section 9.8.
+the same point. The design, and why rewards stay plain calls in the main thread: docs/design.md, section 9.10.
 """
 
 from __future__ import annotations
