@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from drgrpo.train.model import check_finite_files, check_finite_weights, load_model
+from drgrpo.train.loop.model import check_finite_files, check_finite_weights, load_model
 
 
 def median_seconds(f: Callable[[], object], reps: int) -> float:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 def sleep_10ms(completion: str, example: dict) -> float:
     """Exact match after a 10 ms sleep."""
-    from drgrpo.train.task import exact_match
+    from drgrpo.train.loop.task import exact_match
 
     time.sleep(0.01)
     return exact_match(completion, example)
@@ -39,8 +39,8 @@ def constant(completion: str, example: dict) -> float:
 
 def measure(fn_name: str, calls: int) -> float:
     """Calls per second of ``Rewards.__call__`` on ``calls`` completions (one batch, as a step scores them)."""
-    from drgrpo.train.data import Rewards
-    from drgrpo.train.task import TaskConfig, exact_match, make_splits
+    from drgrpo.train.loop.data import Rewards
+    from drgrpo.train.loop.task import TaskConfig, exact_match, make_splits
 
     examples = make_splits(TaskConfig())[0][:calls]
     examples = (examples * (calls // len(examples) + 1))[:calls]

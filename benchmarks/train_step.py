@@ -1,6 +1,6 @@
 """One training step of ``drgrpo train``, fused vs not: peak memory and time at a large vocabulary.
 
-The step is the trainer's policy update (:func:`drgrpo.train.update.policy_update`) on a fixed rollout:
+The step is the trainer's policy update (:func:`drgrpo.train.loop.update.policy_update`) on a fixed rollout:
 old log-probs (two PPO epochs), reference log-probs (a frozen reference model), the Dr. GRPO loss over
 K micro-batches with one step normaliser, backward, AdamW. Generation and rewards are left out: they are
 the same in both modes. ``--fused`` computes every log-prob from the last hidden states (the loss through
@@ -39,8 +39,8 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
 
     from drgrpo import LossConfig
     from drgrpo.train import TrainConfig
-    from drgrpo.train.rollout import Rollout
-    from drgrpo.train.update import TrainState, policy_update
+    from drgrpo.train.loop.rollout import Rollout
+    from drgrpo.train.loop.update import TrainState, policy_update
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

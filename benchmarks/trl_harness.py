@@ -43,8 +43,8 @@ from trl import GRPOConfig
 from drgrpo import LossConfig, group_advantages, policy_loss
 from drgrpo.entropy import entropy_threshold
 from drgrpo.normalizer import StepNormalizer
-from drgrpo.train.task import TaskConfig, make_splits
-from drgrpo.train.tiny import TinyModelConfig, build_model, build_tokenizer
+from drgrpo.train.loop.task import TaskConfig, make_splits
+from drgrpo.train.loop.tiny import TinyModelConfig, build_model, build_tokenizer
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", category=UserWarning)

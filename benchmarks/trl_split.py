@@ -32,7 +32,7 @@ from trl import GRPOTrainer
 import trl_harness as h  # beside this file: the TRL runs and the oracle, shared with the tests
 from drgrpo import LossConfig
 from drgrpo.integrations.trl import DrGRPOTrainer
-from drgrpo.train.tiny import build_tokenizer
+from drgrpo.train.loop.tiny import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -66,7 +66,7 @@ def build_model(path: Path, vocab: int, hidden: int, length: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from drgrpo.train.tiny import BOS, EOS, PAD, UNK, VOCAB, TinyModelConfig, build_model
+    from drgrpo.train.loop.tiny import BOS, EOS, PAD, UNK, VOCAB, TinyModelConfig, build_model
 
     words = list(VOCAB) + [f"w{i}" for i in range(vocab - len(VOCAB))]
     core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token=UNK))
@@ -126,7 +126,7 @@ def child(
     from trl import GRPOConfig, GRPOTrainer
 
     from drgrpo.integrations.trl import DrGRPOTrainer
-    from drgrpo.train.task import TaskConfig, make_splits
+    from drgrpo.train.loop.task import TaskConfig, make_splits
 
     torch.set_num_threads(threads)
     train, _ = make_splits(TaskConfig())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from drgrpo.train.tiny import TinyModelConfig, build_model, build_tokenizer
+from drgrpo.train.loop.tiny import TinyModelConfig, build_model, build_tokenizer
 
 
 def make_model(out_dir: str | Path, seed: int = 0) -> Path:

@@ -57,7 +57,7 @@ def test_the_rewards_by_hand(rewards):
 
 
 def test_the_config_file_is_the_documented_command():
-    from drgrpo.train.cli import build_parser, train_config_from_args
+    from drgrpo.train.cli.main import build_parser, train_config_from_args
     from drgrpo.train.flags import parse_with_config
 
     page = (ROOT / "docs" / "training.md").read_text()

@@ -232,6 +232,90 @@ def test_no_test_edits_sys_path():
     assert edits == [], edits
 
 
+# --------------------------------------------------------------------------- the layers of drgrpo.train
+
+LAYERS = {
+    "drgrpo.train.cli": ("drgrpo.train.cli", "drgrpo.train.loop", "drgrpo.train.run"),
+    "drgrpo.train.loop": ("drgrpo.train.loop", "drgrpo.train.run"),
+    "drgrpo.train.run": ("drgrpo.train.run",),
+}
+"""What each package of ``drgrpo.train`` may import from it besides its leaves (docs/design.md, section 10): arrows
+point down only, cli -> loop -> run."""
+LEAVES = ("drgrpo.train.train_config", "drgrpo.train.flags")
+"""Modules every layer may import: TrainConfig and the generic flag builder, which import only the core (and
+train_config the flag builder)."""
+
+
+ENTRY_POINTS = ("drgrpo.train", "drgrpo.__main__")
+"""Modules that may import every layer: the package's API (re-exports) and ``python -m drgrpo`` (the command)."""
+
+
+def layer_of(module: str) -> str:
+    """The layer a module of ``drgrpo`` belongs to: a package of LAYERS, a leaf, an entry point, or the core."""
+    if module in ENTRY_POINTS:
+        return "entry"
+    for layer in (*LAYERS, *LEAVES):
+        if module == layer or module.startswith(layer + "."):
+            return layer
+    return "core"
+
+
+def allowed(importer: str, target: str) -> bool:
+    """Whether module ``importer`` may import module ``target`` (both in ``drgrpo``)."""
+    source, dest = layer_of(importer), layer_of(target)
+    if source == "entry":
+        return True
+    if source == "core":  # the core and integrations never import the trainer
+        return not (target == "drgrpo.train" or target.startswith("drgrpo.train."))
+    if dest == "core":
+        return True
+    if source in LEAVES:
+        return dest in LEAVES
+    return dest in LEAVES or dest in LAYERS[source]
+
+
+def upward_imports(mods: dict[str, Path], root: Path = SRC) -> list[str]:
+    """Every import in ``mods`` (at any depth) that :func:`allowed` refuses, as "FILE:LINE: MODULE imports TARGET"."""
+    known = set(mods)
+    return [
+        f"{path.relative_to(root)}:{line}: {name} imports {target}"
+        for name, path in mods.items()
+        for target, _, line in imports_of(path, name, known)
+        if target.startswith("drgrpo") and not allowed(name, target)
+    ]
+
+
+def test_the_layer_check_finds_an_upward_import(tmp_path: Path):
+    # the oracle itself can fail: run importing loop, loop importing cli (lazily), the leaf importing run and the
+    # core importing the trainer are found; loop importing run, cli importing loop and the leaves are not
+    root = tmp_path / "drgrpo" / "train"
+    sources = {
+        "run/a.py": "from drgrpo.train.loop.b import x\n",
+        "loop/b.py": "from drgrpo.train.run import a\n\n\ndef f():\n    import drgrpo.train.cli.c\n",
+        "cli/c.py": "from drgrpo.train.loop import b\nfrom drgrpo.train.train_config import T\n",
+        "train_config.py": "from drgrpo.train.run.a import y\nfrom drgrpo.train.flags import add_flags\n",
+    }
+    mods = {}
+    for rel, text in sources.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+        mods["drgrpo.train." + rel.removesuffix(".py").replace("/", ".")] = root / rel
+    (tmp_path / "drgrpo" / "core.py").write_text("import drgrpo.train.train_config\nimport torch\n")
+    mods["drgrpo.core"] = tmp_path / "drgrpo" / "core.py"
+    assert upward_imports(mods, tmp_path) == [
+        "drgrpo/train/run/a.py:1: drgrpo.train.run.a imports drgrpo.train.loop.b",
+        "drgrpo/train/loop/b.py:5: drgrpo.train.loop.b imports drgrpo.train.cli.c",
+        "drgrpo/train/train_config.py:1: drgrpo.train.train_config imports drgrpo.train.run.a",
+        "drgrpo/core.py:1: drgrpo.core imports drgrpo.train.train_config",
+    ]
+
+
+def test_train_imports_point_down_only():
+    # cli -> loop -> run -> train_config -> the core; the core and integrations never import drgrpo.train
+    found = upward_imports(modules())
+    assert found == [], "imports against the layers of drgrpo.train (docs/design.md, section 10):\n" + "\n".join(found)
+
+
 # --------------------------------------------------------------------------- the oracle's names
 
 REFERENCE = "drgrpo.reference"

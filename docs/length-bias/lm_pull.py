@@ -35,8 +35,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from drgrpo.advantages import group_advantages
 from drgrpo.config import LossConfig
 from drgrpo.loss import policy_loss
-from drgrpo.train.rollout import generate, token_logp
-from drgrpo.train.task import TaskConfig, corrupt_last_digit, exact_match, make_splits
+from drgrpo.train.loop.rollout import generate, token_logp
+from drgrpo.train.loop.task import TaskConfig, corrupt_last_digit, exact_match, make_splits
 
 LR = 5e-4  # the trainer's default learning rate, used by every compare run
 

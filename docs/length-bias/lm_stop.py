@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from drgrpo.train.rollout import generate
-from drgrpo.train.task import NOISE_SYMBOL, TaskConfig, corrupt_last_digit, make_splits
+from drgrpo.train.loop.rollout import generate
+from drgrpo.train.loop.task import NOISE_SYMBOL, TaskConfig, corrupt_last_digit, make_splits
 
 KINDS = ("right", "wrong digit", "symbol")
 

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 import drgrpo.loss
-from drgrpo.train.cli import main as drgrpo_main
+from drgrpo.train.cli.main import main as drgrpo_main
 
 
 def tokens_k3(run: Path, first: int, last: int) -> list[dict[str, Any]]:

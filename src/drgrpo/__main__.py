@@ -1,5 +1,5 @@
 """``python -m drgrpo`` (and ``torchrun -m drgrpo``): the ``drgrpo`` command line."""
 
-from drgrpo.train.cli import main
+from drgrpo.train.cli.main import main
 
 raise SystemExit(main())

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from drgrpo.train.checkpoint import find_checkpoint
-from drgrpo.train.cli import main
-from drgrpo.train.runlock import LOCK_FILE
+from drgrpo.train.cli.main import main
+from drgrpo.train.run.checkpoint import find_checkpoint
+from drgrpo.train.run.runlock import LOCK_FILE
 
 TINY = [
     "--tiny-hidden-size",
@@ -86,7 +86,7 @@ def assert_same_end(run: Path, reference: Path) -> None:
 
 def poison_weights_at(monkeypatch, optimizer_step: int) -> None:
     """Fault injection: the RL optimizer's ``optimizer_step``-th step (1-based) leaves a NaN in a weight."""
-    from drgrpo.train.config import TrainConfig
+    from drgrpo.train.train_config import TrainConfig
 
     make = TrainConfig.optimizer
 
@@ -137,7 +137,7 @@ def wrapped(*args, **kwargs):
 
 
 setattr(owner, path[-1], wrapped)
-from drgrpo.train.cli import main
+from drgrpo.train.cli.main import main
 
 sys.exit(main(sys.argv[7:]))
 """

@@ -22,7 +22,7 @@ from trl import GRPOTrainer
 
 import trl_harness as h
 from drgrpo.integrations.trl import DrGRPOTrainer
-from drgrpo.train.tiny import build_tokenizer
+from drgrpo.train.loop.tiny import build_tokenizer
 
 MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 BOUNDS = {"vllm_importance_sampling_clip_min": 0.8, "vllm_importance_sampling_clip_max": 1.25}  # some ratios leave

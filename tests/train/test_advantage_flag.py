@@ -11,9 +11,9 @@ import torch
 from drgrpo import reference
 from drgrpo.config import LossConfig
 from drgrpo.field_error import FieldError
-from drgrpo.train import trainer
-from drgrpo.train.cli import main
-from drgrpo.train.config import TrainConfig
+from drgrpo.train.cli.main import main
+from drgrpo.train.loop import trainer
+from drgrpo.train.train_config import TrainConfig
 from helpers.cli_runs import TINY
 
 LENGTH_REWARD = """

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from drgrpo.train.checkpoint import (
+from drgrpo.train.cli.main import main
+from drgrpo.train.run.checkpoint import (
     STATE_FILE,
     CheckpointError,
     clean_stale,
@@ -19,7 +20,6 @@ from drgrpo.train.checkpoint import (
     point_latest,
     resolve_model_dir,
 )
-from drgrpo.train.cli import main
 
 
 def fake_checkpoint(root: Path, step: int) -> Path:

@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from drgrpo.train.cli.main import main
 from drgrpo.train.cli.compare import (
     CompareConfig,
     load_metrics,
@@ -20,6 +19,7 @@ from drgrpo.train.cli.compare import (
     summary_rows,
     tail_mean,
 )
+from drgrpo.train.cli.main import main
 
 COMPARE_MODEL = [
     "--tiny-hidden-size", "16", "--tiny-num-layers", "1", "--tiny-num-heads", "2", "--tiny-intermediate-size", "32",

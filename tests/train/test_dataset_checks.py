@@ -14,14 +14,14 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from drgrpo.train.cli import main
-from drgrpo.train.config import TrainConfig
-from drgrpo.train.preflight import prompt_check
-from drgrpo.train.tiny import TinyModelConfig, build_model, build_tokenizer
+from drgrpo.train.cli.main import main
+from drgrpo.train.loop.setup import prompt_check
+from drgrpo.train.loop.tiny import TinyModelConfig, build_model, build_tokenizer
+from drgrpo.train.train_config import TrainConfig
 
 ANSWER_LINE = (
-    "example #{i} has no 'answer' field, which the default reward (drgrpo.train.task:exact_match) reads; add it to "
-    "every line or give --reward MODULE:FUNCTION"
+    "example #{i} has no 'answer' field, which the default reward (drgrpo.train.loop.task:exact_match) reads; add it "
+    "to every line or give --reward MODULE:FUNCTION"
 )
 
 
@@ -50,7 +50,7 @@ def test_no_answer_field_without_a_reward_is_refused_before_any_work(
 def test_a_reward_of_ones_own_needs_no_answer_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # with --reward the fields are the reward's business: the set-up goes on to the next check (here --device)
     data = lines(tmp_path / "d.jsonl", {"prompt": "1 + 1 =", "solution": "2"})
-    line = refused(capsys, tmp_path / "out", "--dataset", str(data), "--reward", "drgrpo.train.task:exact_match",
+    line = refused(capsys, tmp_path / "out", "--dataset", str(data), "--reward", "drgrpo.train.loop.task:exact_match",
                    "--device", "nope")  # fmt: skip
     assert line == "drgrpo train: error: --device 'nope' is not a torch device; expected cpu, cuda, cuda:1, mps, ..."
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import drgrpo.train.run.disk as disk
-from drgrpo.train.run.checkpoint import checkpoints_of, find_checkpoint, read_state
 from drgrpo.train.cli.main import main
+from drgrpo.train.run.checkpoint import checkpoints_of, find_checkpoint, read_state
 from drgrpo.train.run.metrics_log import MetricsLog
 from helpers.cli_runs import STEPS, TINY, assert_same_end, metrics
 

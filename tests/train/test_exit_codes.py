@@ -19,9 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from drgrpo.train.run.checkpoint import find_checkpoint, read_state
 from drgrpo.train.cli.main import main
+from drgrpo.train.run.checkpoint import find_checkpoint, read_state
 from helpers.cli_runs import ENV, TINY, error_line, poison_weights_at
+from helpers.tiny_configs import tiny
 
 QUICK = ["--steps", "4", "--eval-every", "0", "--checkpoint-every", "1"]
 
@@ -250,9 +251,44 @@ def test_any_other_error_in_a_step_is_a_failure(
     run = tmp_path / "run"
     with pytest.raises(ValueError, match="injected") as info:  # python -m drgrpo: the traceback, exit code 1
         main(["train", "--output-dir", str(run), *TINY, *QUICK, "--checkpoint-every", "0"])
-    assert getattr(info.value, trainer.FAILED_STEP) == 3
+    assert len(calls) == 3 and type(info.value) is ValueError  # raised by the rollout of step 3, unwrapped
     assert "step 3 failed (ValueError); the last completed step is saved in" in capsys.readouterr().err
     assert read_state(find_checkpoint(run))["step"] == 2  # saved by the failure path (no scheduled checkpoint)
+
+
+def test_the_phase_that_raised_decides_between_a_failure_and_a_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the command's train (train_or_fail): an error of a step comes as StepFailed naming the step, its cause the
+    # error itself, and pickles whole (a compare run sends it from its own process); an error of the set-up (a
+    # model directory that does not exist) comes unwrapped, before any work
+    import pickle
+
+    import drgrpo.train.loop.trainer as trainer
+    from drgrpo.train.cli.failures import StepFailed, train_or_fail
+
+    real, calls = trainer.generate, []
+
+    def fail_at_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("injected: a rollout that fails")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "generate", fail_at_step_2)
+    with pytest.raises(StepFailed) as info:
+        train_or_fail(tiny(tmp_path / "run", steps=3))
+    assert info.value.step == 2 and info.value.__cause__ is info.value.cause
+    assert type(info.value.cause) is ValueError and str(info.value.cause) == "injected: a rollout that fails"
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert (copy.step, type(copy.cause), str(copy.cause)) == (2, ValueError, "injected: a rollout that fails")
+    assert str(copy) == "step 2 failed: ValueError: injected: a rollout that fails"
+    assert read_state(find_checkpoint(tmp_path / "run"))["step"] == 1  # the last completed step, saved
+
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        train_or_fail(tiny(tmp_path / "run2", model=str(missing)))
+    assert not (tmp_path / "run2" / "metrics.jsonl").exists()
 
 
 # --------------------------------------------------------------------------- 2: values nothing could train with

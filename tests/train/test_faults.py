@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from drgrpo.train import train
-from drgrpo.train.run.checkpoint import find_checkpoint, read_state
 from drgrpo.train.cli.main import main
+from drgrpo.train.run.checkpoint import find_checkpoint, read_state
 from helpers.cli_runs import ENV, STEPS, TINY, assert_same_end, poison_weights_at
 
 
@@ -183,7 +183,9 @@ sys.exit(main(sys.argv[5:]))
 
 MOMENTS = {
     # (module, attribute, call, before/after, what the kill leaves in checkpoints/): checkpoints after steps 2, 4, 6
-    "rollout of step 5": ("drgrpo.train.loop.trainer", "generate", 5, "before", ["latest", "step_000002", "step_000004"]),
+    "rollout of step 5": (
+        "drgrpo.train.loop.trainer", "generate", 5, "before", ["latest", "step_000002", "step_000004"]
+    ),
     "policy update of step 3": ("torch.nn.utils", "clip_grad_norm_", 3, "before", ["latest", "step_000002"]),
     "after the metrics line of step 4, before its checkpoint": (
         "drgrpo.train.run.metrics_log", "MetricsLog.__call__", 4, "after", ["latest", "step_000002"]

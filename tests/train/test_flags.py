@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from drgrpo.config import LossConfig
 from drgrpo.train import EvalConfig, TrainConfig
-from drgrpo.train.cli import (
+from drgrpo.train.cli.compare import CompareConfig
+from drgrpo.train.cli.main import (
     LOSS_SKIP,
     build_parser,
     compare_config_from_args,
@@ -19,7 +20,6 @@ from drgrpo.train.cli import (
     main,
     train_config_from_args,
 )
-from drgrpo.train.compare import CompareConfig
 from drgrpo.train.flags import flags_of, parse_with_config
 from helpers.cli_runs import TINY
 

@@ -27,11 +27,11 @@ import pytest
 from drgrpo.config import LossConfig, preset_names
 from drgrpo.field_error import FieldError
 from drgrpo.train.cli import main as cli
-from drgrpo.train.cli.main import build_parser, main
 from drgrpo.train.cli.compare import CompareConfig
-from drgrpo.train.train_config import EvalConfig, TrainConfig, WarmStartConfig
+from drgrpo.train.cli.main import build_parser, main
 from drgrpo.train.loop.task import TaskConfig
 from drgrpo.train.loop.tiny import TinyModelConfig
+from drgrpo.train.train_config import EvalConfig, TrainConfig, WarmStartConfig
 
 COMMANDS = ("train", "eval", "compare", "plot")
 CONFIGS = (TrainConfig, WarmStartConfig, TinyModelConfig, TaskConfig, LossConfig, EvalConfig, CompareConfig)
@@ -271,8 +271,8 @@ def test_compare_names_loss_settings_by_its_flags():
 
 def test_eval_errors_name_its_flags(tmp_path: Path, capsys, monkeypatch):
     # eval's flags set the evaluated run's fields: a bad one is named by its eval flag
-    import drgrpo.train.run.checkpoint as checkpoint
     import drgrpo.train.loop.evaluation as evaluation
+    import drgrpo.train.run.checkpoint as checkpoint
 
     monkeypatch.setattr(checkpoint, "resolve_model_dir", lambda path: Path(path))
     monkeypatch.setattr(evaluation, "saved_train_config", lambda path: TrainConfig())

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from drgrpo.train.train_config import TrainConfig
 from drgrpo.train.loop.data import load_jsonl
 from drgrpo.train.loop.model import check_local_code, load_model, load_tokenizer
 from drgrpo.train.loop.setup import CHARS_PER_TOKEN, PromptCheck, prompt_check
 from drgrpo.train.loop.tiny import build_model, build_tokenizer
+from drgrpo.train.train_config import TrainConfig
 from helpers.cli_runs import ENV, TINY, error_line
 from helpers.tiny_configs import TINY_MODEL
 

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from drgrpo.train import TrainConfig, train
-from drgrpo.train.train_config import EvalConfig
 from drgrpo.train.loop.data import RewardError, Rewards
 from drgrpo.train.loop.evaluation import evaluate_model
+from drgrpo.train.train_config import EvalConfig
 from helpers.tiny_configs import TINY_TASK, tiny
 
 SIGNAL = """

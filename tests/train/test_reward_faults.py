@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 from drgrpo.train import TrainConfig
-from drgrpo.train.run.checkpoint import find_checkpoint, read_state
 from drgrpo.train.cli.main import main
 from drgrpo.train.loop.rewards import FORKED_CHILD_EXIT, RewardError, Rewards, call_reward
-from drgrpo.train.run.stopping import StopOnSignal
 from drgrpo.train.loop.task import exact_match
+from drgrpo.train.run.checkpoint import find_checkpoint, read_state
+from drgrpo.train.run.stopping import StopOnSignal
 from helpers.cli_runs import ENV, TINY
 
 RUN = ["--steps", "3", "--eval-every", "0", "--checkpoint-every", "0"]

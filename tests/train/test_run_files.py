@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from drgrpo.train.checkpoint import read_state
-from drgrpo.train.cli import main
-from drgrpo.train.config import TrainConfig
-from drgrpo.train.identity import config_run_id
-from drgrpo.train.resume import config_changes
+from drgrpo.train.cli.main import main
+from drgrpo.train.run.checkpoint import read_state
+from drgrpo.train.run.identity import config_run_id
+from drgrpo.train.run.resume import config_changes
+from drgrpo.train.train_config import TrainConfig
 from helpers.cli_runs import TINY, tree
 
 SHORT = ["--steps", "2", "--eval-every", "0", "--checkpoint-every", "2"]
@@ -200,13 +200,13 @@ def test_a_config_yaml_a_person_wrote_is_never_overwritten(tmp_path: Path, capsy
 
 
 def test_a_config_yaml_of_a_run_that_left_nothing_else_is_replaced(tmp_path: Path):
-    from drgrpo.train.resume import check_run_dir, plan_run
+    from drgrpo.train.run.resume import check_run_dir, plan_run
 
     # a run stopped in its warm start leaves its config.yaml (drgrpo's own, unedited) and an empty metrics.jsonl:
     # nothing of a run is lost when a new one replaces them
     run = tmp_path / "run"
     run.mkdir()
-    from drgrpo.train.identity import write_config
+    from drgrpo.train.run.identity import write_config
 
     earlier = TrainConfig(output_dir=str(run), lr=0.002)
     write_config(run, earlier, "0123456789abcdef", [])

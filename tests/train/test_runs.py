@@ -17,18 +17,18 @@ from typing import Any, Literal
 import pytest
 
 from drgrpo.config import LossConfig
-from drgrpo.train.checkpoint import checkpoints_of, find_checkpoint, read_state
-from drgrpo.train.cli import main
-from drgrpo.train.config import TrainConfig, WarmStartConfig, on_resume
-from drgrpo.train.resume import config_changes
-from drgrpo.train.runlock import LOCK_FILE, RunInUse, RunLock
-from drgrpo.train.task import TaskConfig
-from drgrpo.train.tiny import TinyModelConfig
+from drgrpo.train.cli.main import main
+from drgrpo.train.loop.task import TaskConfig
+from drgrpo.train.loop.tiny import TinyModelConfig
+from drgrpo.train.run.checkpoint import checkpoints_of, find_checkpoint, read_state
+from drgrpo.train.run.resume import config_changes
+from drgrpo.train.run.runlock import LOCK_FILE, RunInUse, RunLock
+from drgrpo.train.train_config import TrainConfig, WarmStartConfig, on_resume
 from helpers.cli_runs import STEPS, TINY, assert_same_end, launch, metrics, torchrun, tree, wait_for
 
 GATE_REWARD = """
 import os, time
-from drgrpo.train.task import exact_match
+from drgrpo.train.loop.task import exact_match
 
 CALLS = 0
 

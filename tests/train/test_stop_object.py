@@ -1,4 +1,4 @@
-"""The run's signal handling reaches the loop as an explicit object (:class:`~drgrpo.train.stopping.Stop`).
+"""The run's signal handling reaches the loop as an explicit object (:class:`~drgrpo.train.run.stopping.Stop`).
 
 The policy update must hold signals from its first optimizer step to its end, through the ``stop`` it is given
 (no global): a recording ``Stop`` checks where the deferred section starts and ends around the optimizer steps.
@@ -14,9 +14,9 @@ import torch
 
 from drgrpo import LossConfig
 from drgrpo.train import TinyModelConfig, TrainConfig, build_model, build_tokenizer
-from drgrpo.train.rollout import Rollout
-from drgrpo.train.stopping import NO_STOP, Watchdog
-from drgrpo.train.update import TrainState, policy_update
+from drgrpo.train.loop.rollout import Rollout
+from drgrpo.train.loop.update import TrainState, policy_update
+from drgrpo.train.run.stopping import NO_STOP, Watchdog
 
 B, P, T = 4, 3, 5
 TINY = TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_positions=32)

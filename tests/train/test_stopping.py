@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from drgrpo.train.run.checkpoint import checkpoints_of, find_checkpoint, read_state
 from drgrpo.train.cli.main import main
 from drgrpo.train.loop.data import RewardError, call_reward
+from drgrpo.train.run.checkpoint import checkpoints_of, find_checkpoint, read_state
 from drgrpo.train.run.stopping import Interrupted, StopOnSignal
 from helpers.cli_runs import STEPS, TINY, assert_same_end, launch, wait_for
 

@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from drgrpo.train.data import RewardError, Rewards, call_reward, load_jsonl, load_reward
-from drgrpo.train.rollout import completion_mask, prompt_texts, truncated_rows
-from drgrpo.train.task import TaskConfig, count_work, exact_match, format_completion, make_splits, parse_answer
-from drgrpo.train.tiny import VOCAB, build_tokenizer
+from drgrpo.train.loop.data import RewardError, Rewards, call_reward, load_jsonl, load_reward
+from drgrpo.train.loop.rollout import completion_mask, prompt_texts, truncated_rows
+from drgrpo.train.loop.task import TaskConfig, count_work, exact_match, format_completion, make_splits, parse_answer
+from drgrpo.train.loop.tiny import VOCAB, build_tokenizer
 
 # --------------------------------------------------------------------------- reward: hand cases
 
@@ -159,17 +159,19 @@ def test_default_reward_is_exact_match() -> None:
     rewards = Rewards.from_specs([])
     assert rewards.fns == (exact_match,) and rewards.weights == (1.0,)
     with pytest.raises(ValueError, match="one weight per reward"):
-        Rewards.from_specs(["drgrpo.train.task:exact_match"], [1.0, 2.0])
+        Rewards.from_specs(["drgrpo.train.loop.task:exact_match"], [1.0, 2.0])
 
 
 def test_load_reward_errors() -> None:
+    assert load_reward("drgrpo.train.loop.task:exact_match") is exact_match
+    # the name before train/ was split into packages, which a saved config.yaml may hold, loads the same function
     assert load_reward("drgrpo.train.task:exact_match") is exact_match
     with pytest.raises(ValueError, match="module:function"):
         load_reward("exact_match")
     with pytest.raises(ValueError, match="cannot import"):
         load_reward("no_such_module_xyz:f")
     with pytest.raises(ValueError, match="no attribute"):
-        load_reward("drgrpo.train.task:nope")
+        load_reward("drgrpo.train.loop.task:nope")
 
 
 def test_load_jsonl_errors(tmp_path) -> None:

@@ -9,7 +9,14 @@ from collections import Counter
 
 import pytest
 
-from drgrpo.train.task import TaskConfig, corrupt_last_digit, exact_match, format_completion, make_splits, sft_pairs
+from drgrpo.train.loop.task import (
+    TaskConfig,
+    corrupt_last_digit,
+    exact_match,
+    format_completion,
+    make_splits,
+    sft_pairs,
+)
 
 
 def test_no_noise_reproduces_the_original_warm_start_data():
@@ -82,8 +89,8 @@ def test_bad_noise_settings_name_the_field():
 
 
 def test_compare_flags_reach_the_task_and_the_warm_start():
-    from drgrpo.train.cli import build_parser, compare_config_from_args
-    from drgrpo.train.config import WarmStartConfig
+    from drgrpo.train.cli.main import build_parser, compare_config_from_args
+    from drgrpo.train.train_config import WarmStartConfig
 
     flags = ["--task-answer-noise", "0.3", "--task-noise-kind", "symbol", "--warm-start-target-accuracy", "0.9"]
     args = build_parser().parse_args(["compare", *flags, "--task-max-work", "8", "--warm-start-steps", "3000"])
@@ -96,7 +103,7 @@ def test_compare_flags_reach_the_task_and_the_warm_start():
 
 
 def test_compare_help_points_to_the_variant(capsys):
-    from drgrpo.train.cli import build_parser
+    from drgrpo.train.cli.main import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compare", "--help"])

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from drgrpo.train import TrainConfig, train
-from drgrpo.train.run.checkpoint import find_checkpoint, read_state
 from drgrpo.train.loop.task import make_splits, write_jsonl
+from drgrpo.train.run.checkpoint import find_checkpoint, read_state
 from helpers.tiny_configs import TINY_TASK, tiny
 
 

@@ -15,8 +15,8 @@ from torch.utils._pytree import tree_flatten
 
 from drgrpo import LossConfig, policy_loss
 from drgrpo.train import TinyModelConfig, TrainConfig, build_model, build_tokenizer
-from drgrpo.train.rollout import Rollout, token_logp
-from drgrpo.train.update import TrainState, policy_update
+from drgrpo.train.loop.rollout import Rollout, token_logp
+from drgrpo.train.loop.update import TrainState, policy_update
 
 B, P, T = 16, 4, 6
 TINY = TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_positions=32)

@@ -3,14 +3,14 @@
 Import cost: this package needs the ``train`` extra (transformers, tokenizers, safetensors).
 """
 
-from drgrpo.train.config import EvalConfig, TrainConfig, WarmStartConfig
-from drgrpo.train.data import RewardError, Rewards, load_jsonl, load_reward
-from drgrpo.train.evaluation import evaluate, evaluate_model
-from drgrpo.train.plots import plot_run
-from drgrpo.train.task import TaskConfig, exact_match, make_splits
-from drgrpo.train.tiny import TinyModelConfig, build_model, build_tokenizer
-from drgrpo.train.trainer import TrainResult, train
-from drgrpo.train.warmstart import warm_start
+from drgrpo.train.cli.plots import plot_run
+from drgrpo.train.loop.data import RewardError, Rewards, load_jsonl, load_reward
+from drgrpo.train.loop.evaluation import evaluate, evaluate_model
+from drgrpo.train.loop.task import TaskConfig, exact_match, make_splits
+from drgrpo.train.loop.tiny import TinyModelConfig, build_model, build_tokenizer
+from drgrpo.train.loop.trainer import TrainResult, train
+from drgrpo.train.loop.warmstart import warm_start
+from drgrpo.train.train_config import EvalConfig, TrainConfig, WarmStartConfig
 
 __all__ = [
     "EvalConfig",

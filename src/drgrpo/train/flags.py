@@ -1,26 +1,11 @@
 """Command-line flags from dataclass fields, and config files whose keys are those flags.
 
-One builder serves ``drgrpo train``, ``eval`` and ``compare``: every field of a configuration
-dataclass becomes a kebab-case flag whose help is the field's docstring, its type and choices
-read from the annotation. A field can adjust its flag through ``dataclasses.field(metadata=...)``:
-
-- ``flag``: the flag's name when it is not the field's (``rewards`` -> ``--reward``), or ``None``
-  for a field that has no flag of its own (say where its values come from in ``via``);
-- ``repeat``: the flag is given once per value (``--reward a --reward b``) instead of
-  ``--reward-weights 1 0.5``;
-- ``prefix``: for a nested dataclass, the prefix of its fields' flags (``task-``, ``tiny-``);
-- ``required``: the command needs the flag (on its command line or in its config file).
-
-Field docstrings are written for people, as the help of their flags: plain words, values as a user
-types them (none, not None), units. The one piece of markup they may hold is a cross-reference to
-another field of the same dataclass, its name in double backquotes (``clip_high``): the help shows it
-as the flag, --clip-high (:func:`help_text`). The help of a flag ends with its default: on/off for a
-switch, the values of a list; a field whose default is None or empty says in its docstring what
-happens when it is not set, or the command gives one text for all of those (``unset_text``).
-
-A config file (YAML or TOML) is a mapping from flag names, without the dashes, to values;
-:func:`file_args` turns it into the argument list the same parser reads, so a file and the
-command line are checked and converted alike, and flags on the command line override the file.
+One builder serves ``drgrpo train``, ``eval`` and ``compare`` (:func:`add_flags`): every field of a configuration
+dataclass becomes a kebab-case flag whose help is the field's docstring (:func:`help_text`), its type and choices
+read from the annotation, adjusted by ``dataclasses.field(metadata=...)`` (``flag``, ``repeat``, ``prefix``,
+``required``). :func:`parse_with_config` reads ``--config FILE`` (YAML or TOML) with the same parser, the command
+line overriding it. It imports nothing of drgrpo, so the run's modules and the command line share it. The metadata
+keys and how field docstrings are written: docs/design.md, section 9.14.
 """
 
 from __future__ import annotations

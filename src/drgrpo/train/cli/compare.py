@@ -30,8 +30,12 @@ from typing import Any
 
 from drgrpo.config import preset_names
 from drgrpo.field_error import FieldError, check_finite_fields
-from drgrpo.train.config import TrainConfig
-from drgrpo.train.metrics import METRICS_FILE, read_metrics_file
+from drgrpo.train.cli.failures import StepFailed, train_or_fail
+from drgrpo.train.loop.rewards import REWARD_TRACEBACK, RewardError, reward_traceback
+from drgrpo.train.run.checkpoint import check_checkpoint, checkpoints_of, find_checkpoint, read_state, resolve_model_dir
+from drgrpo.train.run.metrics_log import METRICS_FILE, read_metrics_file
+from drgrpo.train.run.resume import config_changes, plan_run
+from drgrpo.train.train_config import TrainConfig
 
 PER_RUN = ("output_dir", "loss", "seed", "resume", "progress")
 """TrainConfig fields that compare sets for each run itself (they are not flags of drgrpo compare)."""
@@ -114,8 +118,7 @@ def compare(config: CompareConfig) -> Path | None:
     runs that finished is written, and the signal (KeyboardInterrupt) or the failure propagates. Returns None
     when no run has finished.
     """
-    from drgrpo.train.checkpoint import resolve_model_dir
-    from drgrpo.train.warmstart import warm_start
+    from drgrpo.train.loop.warmstart import warm_start  # transformers: loaded when a comparison starts
 
     out = Path(config.output_dir)
     base = config.train.replace(output_dir=str(out))
@@ -165,11 +168,8 @@ def compare(config: CompareConfig) -> Path | None:
 def plan_runs(out: Path, runs: list[TrainConfig]) -> tuple[list[TrainConfig], list[TrainConfig]]:
     """(runs to train, runs finished before): a run whose directory holds checkpoints is resumed, or kept when
     its newest checkpoint is its last step. Only reads. Raises ValueError before any work when a kept run was made
-    with settings that change what it computes (:data:`~drgrpo.train.config.OnResume`), or for a damaged
+    with settings that change what it computes (:data:`~drgrpo.train.train_config.OnResume`), or for a damaged
     checkpoint."""
-    from drgrpo.train.checkpoint import check_checkpoint, checkpoints_of, find_checkpoint, read_state
-    from drgrpo.train.resume import config_changes, plan_run
-
     todo, finished = [], []
     for run in runs:
         path = Path(run.output_dir)
@@ -230,17 +230,15 @@ def _train_one(run: TrainConfig) -> tuple[float, int, bool]:
     """Train one run (in a process of the pool): (seconds, its last step, whether a signal stopped it)."""
     from transformers.utils import logging as hf_logging
 
-    from drgrpo.train.data import RewardError
-    from drgrpo.train.rewards import REWARD_TRACEBACK, reward_traceback
-    from drgrpo.train.trainer import train
-
     hf_logging.disable_progress_bar()  # as drgrpo's own command does: no loading bars from every run
     hf_logging.set_verbosity_error()
     started = time.time()
     try:
-        result = train(run)
-    except RewardError as exc:  # its traceback stays in this process: the reward's frames go with it as text
-        setattr(exc, REWARD_TRACEBACK, reward_traceback(exc))
+        result = train_or_fail(run)  # a failed step: StepFailed, which drgrpo compare exits with code 1 for
+    except (RewardError, StepFailed) as exc:
+        error = exc.cause if isinstance(exc, StepFailed) else exc
+        if isinstance(error, RewardError):  # its traceback stays in this process: the reward's frames go as text
+            setattr(error, REWARD_TRACEBACK, reward_traceback(error))
         raise
     return time.time() - started, result.step, result.interrupted
 

@@ -12,14 +12,14 @@ One run per directory, and a run's history is one line of steps:
   another run, which is only read, never changed. NEW must hold no checkpoint; its metrics.jsonl starts with
   the old run's lines up to the checkpoint's step.
 
-A run's files are its own (:mod:`drgrpo.train.identity`): a resume refuses a checkpoint of another run reached
+A run's files are its own (:mod:`drgrpo.train.run.identity`): a resume refuses a checkpoint of another run reached
 through ``latest``, a link or a ``step_*`` copied into the run (naming it as a branch's source is the way to start
 from it), and another number of processes than the checkpoint's (the sampling of a step depends on the process
 rank); a new run or a branch never replaces a metrics.jsonl with lines or a config.yaml it did not write, and a
 resume never overwrites an edit of config.yaml.
 
 Flags that change what the run computes (the resume class of their field, given where the field is defined:
-:func:`~drgrpo.train.config.flag`) are refused on resume, with the list of what differs (flag, the run's value,
+:func:`~drgrpo.train.train_config.flag`) are refused on resume, with the list of what differs (flag, the run's value,
 the value given); a branch may change them. Flags that change only how it runs (``--steps``, the cadences,
 devices, logging) are accepted. Every resume and branch is recorded in the run's history (``history`` in each
 later checkpoint's trainer_state.json, and comment lines in config.yaml): the step, the checkpoint, the time and
@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drgrpo.train.checkpoint import (
+from drgrpo.train.flags import flags_of
+from drgrpo.train.run.checkpoint import (
     LATEST,
     STATE_FILE,
     check_checkpoint,
@@ -49,10 +50,9 @@ from drgrpo.train.checkpoint import (
     read_state,
     step_of,
 )
-from drgrpo.train.config import RUN_PLACE, OnResume, TrainConfig, on_resume
-from drgrpo.train.flags import flags_of
-from drgrpo.train.identity import config_problem, config_run_id, new_run_id
-from drgrpo.train.metrics import METRICS_FILE, read_metrics_file, warn_line
+from drgrpo.train.run.identity import config_problem, config_run_id, new_run_id
+from drgrpo.train.run.metrics_log import METRICS_FILE, read_metrics_file, warn_line
+from drgrpo.train.train_config import RUN_PLACE, OnResume, TrainConfig, on_resume
 
 EVAL_KEY = "eval/accuracy"
 """The key of the evaluation lines of metrics.jsonl."""
@@ -65,7 +65,7 @@ class Change:
     flag: str
     """The flag's name without dashes, e.g. 'group-size'."""
     kind: OnResume
-    """Its resume class (:data:`~drgrpo.train.config.OnResume`): 'meaning', 'checkpoint' or 'free'."""
+    """Its resume class (:data:`~drgrpo.train.train_config.OnResume`): 'meaning', 'checkpoint' or 'free'."""
     old: Any
     """The run's value."""
     new: Any
@@ -95,7 +95,7 @@ class RunStart:
     """The evaluation due at the checkpoint's step is not in its lines (a signal abandoned it): the run does it
     first, so that its metrics are those of an uninterrupted run."""
     run_id: str = ""
-    """The run's id: new for a new run or a branch, the checkpoint's on a resume (:mod:`drgrpo.train.identity`)."""
+    """The run's id: new for a new run or a branch, the checkpoint's on a resume (:mod:`drgrpo.train.run.identity`)."""
     parent: dict[str, Any] | None = None
     """A branch's origin, kept by its resumes: the parent run's id, the step and the checkpoint it started from."""
     world_size: int | None = None
@@ -112,7 +112,7 @@ class RunStart:
 
 def plan_run(config: TrainConfig) -> RunStart:
     """How ``config`` starts: a new run, or the checkpoint of ``config.resume`` checked whole, with the flags that
-    changed. Only reads. Raises ValueError (a :class:`~drgrpo.train.checkpoint.CheckpointError` for a damaged
+    changed. Only reads. Raises ValueError (a :class:`~drgrpo.train.run.checkpoint.CheckpointError` for a damaged
     checkpoint) listing the refused flags; :func:`check_run_dir` checks the output directory, under its lock.
     """
     if not config.resume:
@@ -190,7 +190,7 @@ def check_run_dir(
     lock): a new run or a branch needs a directory without checkpoints and without metrics lines; a resume in place
     needs the checkpoint to be the run's newest intact one (newer damaged ones are replaced as the run goes on:
     ``warn`` says so). With the run's ``config``, its config.yaml must be one the run may replace
-    (:func:`~drgrpo.train.identity.config_problem`: not written by a person, not edited)."""
+    (:func:`~drgrpo.train.run.identity.config_problem`: not written by a person, not edited)."""
     ckpts = checkpoints_of(out_dir / "checkpoints")
     if start.checkpoint is None or start.branch:
         if ckpts:

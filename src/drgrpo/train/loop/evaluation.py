@@ -14,17 +14,24 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from drgrpo.train.checkpoint import STATE_FILE, read_state, resolve_model_dir
-from drgrpo.train.config import TrainConfig
-from drgrpo.train.data import Example, Rewards, load_examples
-from drgrpo.train.metrics import accuracy_metrics, correctness_sums, length_sums, mean_or_none, sum_across_processes
-from drgrpo.train.model import load_model, load_tokenizer
-from drgrpo.train.preflight import check_device, prompt_check
-from drgrpo.train.rollout import generate, prompt_texts
-from drgrpo.train.seeds import EVAL_STREAM, derive_seed
-from drgrpo.train.stopping import StopOnSignal, agreed
-from drgrpo.train.task import TaskConfig
-from drgrpo.train.warmstart import MARKER
+from drgrpo.train.loop.data import Example, Rewards, load_examples
+from drgrpo.train.loop.metrics import (
+    accuracy_metrics,
+    correctness_sums,
+    length_sums,
+    mean_or_none,
+    sum_across_processes,
+)
+from drgrpo.train.loop.model import load_model, load_tokenizer
+from drgrpo.train.loop.rollout import generate, prompt_texts
+from drgrpo.train.loop.seeds import EVAL_STREAM, derive_seed
+from drgrpo.train.loop.setup import prompt_check
+from drgrpo.train.loop.task import TaskConfig
+from drgrpo.train.loop.warmstart import MARKER
+from drgrpo.train.run.checkpoint import STATE_FILE, read_state, resolve_model_dir
+from drgrpo.train.run.preflight import check_device
+from drgrpo.train.run.stopping import StopOnSignal, agreed
+from drgrpo.train.train_config import TrainConfig
 
 
 def held_out_metrics(
@@ -60,11 +67,11 @@ def evaluate(
 
     With several processes each evaluates its share and the sums are all-reduced.
     ``accuracy`` is the share of completions the first reward scored 1, when it scored each 0 or 1; otherwise it is
-    None and ``reward/NAME`` is that reward's mean (:func:`~drgrpo.train.metrics.accuracy_metrics`). A completion
+    None and ``reward/NAME`` is that reward's mean (:func:`~drgrpo.train.loop.metrics.accuracy_metrics`). A completion
     counts as correct (for the lengths) when the first reward is >= 0.5. Lengths count completion
     tokens, the end-of-sequence token included; ``frac_truncated`` is the share of completions
     with no end-of-sequence token within ``max_new_tokens``. The generation and the rewards are this process's
-    own work (:func:`~drgrpo.train.stopping.agreed`): a failure or a signal (``stop``) there stops every process
+    own work (:func:`~drgrpo.train.run.stopping.agreed`): a failure or a signal (``stop``) there stops every process
     before the sums are added; ``stop``'s watchdog bounds each reward call (``--reward-timeout``).
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -118,7 +125,7 @@ def evaluate_model(model: str | Path, config: TrainConfig | None = None) -> dict
     """``drgrpo eval``: evaluate a model on held-out prompts, one greedy (or sampled) completion each.
 
     ``model`` is a local Hugging Face model directory, a checkpoint, a run directory or its
-    ``checkpoints/latest`` (:func:`~drgrpo.train.checkpoint.resolve_model_dir`). ``config`` supplies the
+    ``checkpoints/latest`` (:func:`~drgrpo.train.run.checkpoint.resolve_model_dir`). ``config`` supplies the
     dataset, rewards and generation settings; by default the ones the checkpoint was trained with (the
     built-in held-out split for the default run).
     """

@@ -1,6 +1,6 @@
 """Configuration of a training run (and of ``drgrpo eval``): small frozen dataclasses, one docstring per field.
 
-The CLI (:mod:`drgrpo.train.cli`) exposes every field as a kebab-case flag whose help text is the
+The CLI (:mod:`drgrpo.train.cli.main`) exposes every field as a kebab-case flag whose help text is the
 field's docstring (:mod:`drgrpo.train.flags`), so ``drgrpo train --help`` and this file never
 disagree: the docstrings are written as that help, for people. A run writes its resolved
 configuration to ``OUTPUT_DIR/config.yaml``, keyed by those flags: ``drgrpo train --config
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
+import reprlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,9 +23,6 @@ from drgrpo.advantages import OUTCOME_ESTIMATORS
 from drgrpo.config import LossConfig, preset_names
 from drgrpo.field_error import FieldError, check_finite_fields
 from drgrpo.train.flags import add_flags, config_flags
-from drgrpo.train.rewards import check_reward_fields
-from drgrpo.train.task import TaskConfig
-from drgrpo.train.tiny import TinyModelConfig
 
 ADAM_BETAS = (0.9, 0.99)
 """AdamW's (beta1, beta2), in the RL steps and in the warm start."""
@@ -32,6 +31,148 @@ LARGEST_WEIGHT = float(torch.finfo(torch.float32).max)
 LR_LIMIT = LARGEST_WEIGHT * (1 - ADAM_BETAS[0])
 """The largest learning rate: torch's AdamW applies its first step size, lr / (1 - beta1) = 10 lr, as a number of
 the weights' dtype (and stops with a traceback, mid-step, when it is larger)."""
+
+
+# --------------------------------------------------------------------------- the parts of a run's configuration
+
+
+def check_reward_fields(rewards: Any, weights: Any) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """``(rewards, weights)`` of a configuration as tuples, or a TypeError naming the field and what it got.
+
+    Rewards are imported by name, ``'module:function'`` (so that ``config.yaml`` reruns the run), and weights
+    are numbers; lists are accepted and made tuples.
+    """
+    if isinstance(rewards, str) or not isinstance(rewards, (tuple, list)):
+        raise TypeError(f"rewards must be a list of 'module:function' names, got {type(rewards).__name__}")
+    for k, spec in enumerate(rewards):
+        if not isinstance(spec, str):
+            what = getattr(spec, "__qualname__", None) or type(spec).__name__
+            raise TypeError(
+                f"rewards[{k}] must be a 'module:function' name, got {type(spec).__name__} {what!r}: a run imports "
+                "its rewards by name, so that its config.yaml reruns it; give e.g. 'mymodule:my_reward'"
+            )
+    if isinstance(weights, str) or not isinstance(weights, (tuple, list)):
+        raise TypeError(f"reward_weights must be a list of numbers, got {type(weights).__name__}")
+    for k, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real):
+            raise TypeError(f"reward_weights[{k}] must be a number, got {type(w).__name__} {reprlib.repr(w)}")
+    return tuple(rewards), tuple(float(w) for w in weights)
+
+
+MAX_OPERAND = 999
+"""The largest ``max_operand``: :func:`make_splits` lists every operand pair, 10^6 of them at 999 and a hundred
+times as many at 9999 (tens of gigabytes)."""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The built-in addition task."""
+
+    max_operand: int = 49
+    """Operands are drawn from 0 to this number, inclusive (at most 999)."""
+    max_work: int = 4
+    """The warm-start data put 0 to this many working tokens in each completion (uniformly)."""
+    work_position: Literal["after", "before"] = "after"
+    """Where the working tokens go: after the answer (pure length) or before it (also room to compute)."""
+    answer_noise: float = 0.0
+    """Share of warm-start completions whose last answer digit is wrong (0: none; see ``noise_kind``). The
+    length-bias variant: warm-started to high greedy accuracy (e.g. --warm-start-target-accuracy 0.9), the
+    model answers right at greedy decoding but samples a wrong last digit about this often."""
+    noise_kind: Literal["digit", "symbol"] = "digit"
+    """What replaces the last digit under ``answer_noise``: digit, a random other digit (a mistake the model can
+    only see by redoing the sum), or symbol, the token "-" (a mistake visible in the prefix as a token)."""
+    num_eval: int = 200
+    """Size of the held-out split (operand pairs never seen in training)."""
+    seed: int = 1234
+    """Seed of the train/held-out split (independent of the training seed)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_operand <= MAX_OPERAND:
+            raise FieldError(
+                TaskConfig,
+                "max_operand",
+                f"max_operand must be in 1..{MAX_OPERAND}, got {self.max_operand}: the task holds every operand "
+                f"pair in memory, (max_operand + 1)^2 of them ({(MAX_OPERAND + 1) ** 2:,} at {MAX_OPERAND})",
+            )
+        if self.work_position not in ("before", "after"):
+            raise FieldError(
+                TaskConfig, "work_position", f"work_position must be 'before' or 'after', got {self.work_position!r}"
+            )
+        if self.max_work < 0:
+            raise FieldError(TaskConfig, "max_work", f"max_work must be >= 0, got {self.max_work}")
+        if self.noise_kind not in ("digit", "symbol"):
+            raise FieldError(
+                TaskConfig, "noise_kind", f"noise_kind must be 'digit' or 'symbol', got {self.noise_kind!r}"
+            )
+        # the right answer must stay the most likely one: against 9 wrong digits sharing the noise, or one symbol
+        limit = 0.9 if self.noise_kind == "digit" else 0.5
+        if not 0.0 <= self.answer_noise < limit:
+            raise FieldError(
+                TaskConfig,
+                ("answer_noise", "noise_kind"),
+                f"answer_noise must be in [0, {limit}) for noise_kind {self.noise_kind!r} (the right answer "
+                f"must stay the most likely one), got {self.answer_noise}",
+            )
+        pairs = (self.max_operand + 1) ** 2
+        if not 0 < self.num_eval < pairs:
+            raise FieldError(
+                TaskConfig,
+                ("num_eval", "max_operand"),
+                f"num_eval must be in 1..{pairs - 1} (max_operand {self.max_operand} gives {pairs} operand pairs), "
+                f"got {self.num_eval}",
+            )
+
+    @property
+    def width(self) -> int:
+        """Digits per operand in a prompt (operands are zero-padded to this width)."""
+        return len(str(self.max_operand))
+
+    @property
+    def max_answer_tokens(self) -> int:
+        """Digits of the largest answer."""
+        return len(str(2 * self.max_operand))
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Shape of the built-in Llama-style model."""
+
+    hidden_size: int = 64
+    """Width H of the residual stream."""
+    num_layers: int = 2
+    """Number of transformer blocks."""
+    num_heads: int = 4
+    """Attention heads per block (each of width H / heads)."""
+    intermediate_size: int = 256
+    """Width of the SwiGLU MLP."""
+    max_positions: int = 64
+    """Longest sequence the model accepts, prompt and completion together, in tokens."""
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FieldError(TinyModelConfig, name, f"{name} must be a positive integer, got {value!r}")
+        # each head takes H / heads dimensions, and rotary position embeddings turn them in pairs
+        if self.hidden_size % 2:
+            raise FieldError(
+                TinyModelConfig,
+                "hidden_size",
+                f"hidden_size must be even (a head's width must be, for its rotary position embeddings), got "
+                f"{self.hidden_size}",
+            )
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            counts = [str(n) for n in range(1, self.hidden_size) if self.hidden_size % (2 * n) == 0]
+            raise FieldError(
+                TinyModelConfig,
+                ("num_heads", "hidden_size"),
+                f"num_heads {self.num_heads} does not split hidden_size {self.hidden_size} into heads of an even "
+                f"width (rotary position embeddings turn a head's dimensions in pairs); num_heads can be "
+                f"{', '.join(counts[:-1]) + ' or ' if len(counts) > 1 else ''}{counts[-1]}",
+            )
+
+
+# --------------------------------------------------------------------------- TrainConfig
 
 
 def check_lr(owner: type, name: str, lr: float, weight_decay: float = 0.0) -> None:

@@ -32,9 +32,9 @@ from drgrpo.config import LossConfig
 from drgrpo.fused import fused_policy_loss
 from drgrpo.loss import LossOutput, policy_loss
 from drgrpo.normalizer import StepNormalizer
-from drgrpo.train.config import TrainConfig
-from drgrpo.train.rollout import Rollout, completion_hidden, completion_logp, output_layer, token_logp
-from drgrpo.train.stopping import NO_STOP, Stop
+from drgrpo.train.loop.rollout import Rollout, completion_hidden, completion_logp, output_layer, token_logp
+from drgrpo.train.run.stopping import NO_STOP, Stop
+from drgrpo.train.train_config import TrainConfig
 
 AVERAGED = ("clip_frac_low", "clip_frac_high", "ratio_mean", "kl_mean")
 """Loss metrics averaged over the step's real tokens."""

@@ -1,28 +1,11 @@
 """The ``drgrpo`` command line: ``train``, ``eval``, ``compare``, ``plot`` and ``trl``.
 
-The flags of ``train``, ``eval`` and ``compare`` are generated from their configuration dataclasses
-(:class:`~drgrpo.train.config.TrainConfig` with :class:`~drgrpo.LossConfig`,
-:class:`~drgrpo.train.config.EvalConfig`, :class:`~drgrpo.train.compare.CompareConfig`) by one builder
-(:mod:`drgrpo.train.flags`): kebab-case names, the field docstrings as help. Each also reads
-``--config FILE`` (YAML or TOML, keys = flag names), overridden by the flags given::
-
-    drgrpo train --output-dir runs/default                  # built-in task and model, minutes on a CPU
-    drgrpo train --model PATH --dataset train.jsonl --reward mymod:correct --loss grpo --beta 0.0
-    drgrpo train --config runs/default/config.yaml --output-dir runs/again   # rerun a run
-    drgrpo train --resume runs/default --steps 400          # continue exactly where it stopped
-    drgrpo eval --model runs/default                        # its latest checkpoint
-    drgrpo plot runs/default                                # runs/default/plots/*.png
-    torchrun --nproc-per-node 2 -m drgrpo train ...         # DDP (gloo on CPU)
-    drgrpo trl --config recipe.yaml                         # TRL's trainer: trl grpo's flags + --loss_config
-
-Dr. GRPO's constant L is the generation budget, ``--max-new-tokens``; ``--max-completion-length`` (TRL's
-name for the same budget) is a hidden alias of it, and giving both with different values is an error.
-
-A configuration error is one line naming the flag (:class:`~drgrpo.field_error.FieldError` messages are
-reworded with the command's flags). Exit codes: 0 done, 2 a configuration error (before any work), 1 a
-failure during training (after the last completed step was saved; an error raised inside a step is a failure,
-whatever its type), 130 stopped by SIGINT/SIGTERM (after a checkpoint). docs/faults.md lists every case.
-``drgrpo`` alone prints the help on stderr and exits with 2, as argparse does for any usage error.
+The flags of ``train``, ``eval`` and ``compare`` come from their configuration dataclasses
+(:mod:`drgrpo.train.flags`); each reads ``--config FILE`` too. A configuration error is one line naming the flag.
+Exit codes: 0 done, 2 a configuration error (before any work), 1 a failed step (after the last completed step was
+saved; the phase that raised decides, :mod:`drgrpo.train.cli.failures`), 130 stopped by SIGINT/SIGTERM;
+``drgrpo`` alone prints the help on stderr and exits with 2. Examples and the ``--max-completion-length`` alias:
+docs/design.md, section 9.13; every fault: docs/faults.md.
 """
 
 from __future__ import annotations
@@ -40,14 +23,17 @@ from typing import Any
 
 from drgrpo.config import LossConfig, preset_names
 from drgrpo.field_error import FieldError
-from drgrpo.train.checkpoint import check_checkpoint, find_checkpoint, read_state
-from drgrpo.train.compare import CompareConfig
-from drgrpo.train.config import EvalConfig, TrainConfig, resume_help
-from drgrpo.train.data import RewardError
-from drgrpo.train.disk import WriteFailed
+from drgrpo.train.cli.compare import CompareConfig, compare
+from drgrpo.train.cli.failures import StepFailed, train_or_fail
+from drgrpo.train.cli.pipes import reader_may_leave
+from drgrpo.train.cli.plots import plot_run
 from drgrpo.train.flags import Flag, add_flags, flag_names, given, nested_replace, parse_with_config
-from drgrpo.train.rewards import reward_traceback
-from drgrpo.train.stopping import FailedElsewhere, Interrupted
+from drgrpo.train.loop.data import RewardError
+from drgrpo.train.loop.rewards import reward_traceback
+from drgrpo.train.run.checkpoint import check_checkpoint, find_checkpoint, read_state, resolve_model_dir
+from drgrpo.train.run.disk import WriteFailed
+from drgrpo.train.run.stopping import FailedElsewhere, Interrupted
+from drgrpo.train.train_config import EvalConfig, TrainConfig, resume_help
 
 LOSS_SKIP = ("name", "per_call_normalization")
 """LossConfig fields that are not flags: the preset's name, and a property of peer presets."""
@@ -73,6 +59,10 @@ TRAIN_EXAMPLES = (
     "example's answer field."
 )
 """The epilog of drgrpo train --help: command lines to start from, and where reward modules are found."""
+
+FAILURES = (RewardError, FloatingPointError, WriteFailed, FailedElsewhere)
+"""The errors a failed run reports in one paragraph (exit code 1), raised by a step or not; any other error of a
+step is raised with its traceback."""
 
 NO_COMMAND = 2
 """The exit status of a bare ``drgrpo``: the help on stderr and 2, argparse's status for a usage error (``drgrpo
@@ -299,9 +289,7 @@ def eval_config_from_args(ns: argparse.Namespace) -> EvalConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``drgrpo ARGV``: the command's exit code. A reader that stops reading its output (``| head``) loses only the
-    output: the command goes on to its end and exits with its own code (:mod:`drgrpo.train.pipes`)."""
-    from drgrpo.train.pipes import reader_may_leave
-
+    output: the command goes on to its end and exits with its own code (:mod:`drgrpo.train.cli.pipes`)."""
     with reader_may_leave():
         return _main(argv)
 
@@ -317,6 +305,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return NO_COMMAND
     ns = parser.parse_args(argv)  # usage errors exit here (code 2)
+    failed: BaseException | None = None
     _quiet_transformers()
     try:
         ns = parse_with_config(parser, argv)
@@ -325,38 +314,34 @@ def _main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "eval":
             return _eval(eval_config_from_args(ns))
         if ns.command == "compare":
-            from drgrpo.train.compare import compare
-
             report = compare(compare_config_from_args(ns))  # a signal or a failed run: raised after the report
             if report is not None:
                 print(report)
             return 0
         if ns.command == "plot":
-            from drgrpo.train.plots import plot_run
-
             for path in plot_run(Path(ns.run_dir), smooth=ns.smooth):
                 print(path)
             return 0
-    except (RewardError, FloatingPointError, WriteFailed, FailedElsewhere) as exc:  # a failed step (anything
-        return _failure(exc, ns.command)  # else: Python's own traceback)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
-        from drgrpo.train.trainer import FAILED_STEP
-
-        if hasattr(exc, FAILED_STEP):  # raised by a step, not by the set-up: a failure (exit 1), with its traceback
-            raise
+    except StepFailed as exc:  # raised by a step, after the set-up: a failure (exit 1), whatever its type
+        failed = exc.cause
+    except FAILURES as exc:
+        return _failure(exc, ns.command)
+    except (ValueError, FileNotFoundError, TypeError) as exc:  # raised before any work: a configuration error
         message = exc.renamed(getattr(ns, "flag_names", {})) if isinstance(exc, FieldError) else str(exc)
         print(f"drgrpo {ns.command}: error: {message}", file=sys.stderr)  # configuration errors: one line, with flags
         return 2
     except (KeyboardInterrupt, Interrupted):  # a signal outside a run's steps (which stop with 130 themselves)
         print(f"drgrpo {ns.command}: stopped by a signal", file=sys.stderr)
         return 130
+    if isinstance(failed, FAILURES):
+        return _failure(failed, ns.command)
+    if failed is not None:
+        raise failed  # any other error of a step: Python's own traceback (exit code 1), as it was raised
     return 1
 
 
 def _train(config: TrainConfig) -> int:
-    from drgrpo.train.trainer import train
-
-    result = train(config)
+    result = train_or_fail(config)
     if int(os.environ.get("RANK", "0")) == 0:
         first = result.evals[0]["eval/accuracy"] if result.evals else None
         last = result.evals[-1]["eval/accuracy"] if result.evals else None
@@ -370,8 +355,7 @@ def _train(config: TrainConfig) -> int:
 
 
 def _eval(config: EvalConfig) -> int:
-    from drgrpo.train.checkpoint import resolve_model_dir
-    from drgrpo.train.evaluation import evaluate_model, saved_train_config
+    from drgrpo.train.loop.evaluation import evaluate_model, saved_train_config  # transformers: loaded when needed
 
     if config.model is None:
         raise ValueError("drgrpo eval needs --model (a checkpoint, a run directory or a model directory)")

@@ -13,88 +13,14 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from drgrpo.field_error import FieldError
+from drgrpo.train.train_config import TaskConfig
 
 WORK_TOKEN = "."
 """The working token: filler a completion may emit before its answer."""
-
-
-MAX_OPERAND = 999
-"""The largest ``max_operand``: :func:`make_splits` lists every operand pair, 10^6 of them at 999 and a hundred
-times as many at 9999 (tens of gigabytes)."""
-
-
-@dataclass(frozen=True)
-class TaskConfig:
-    """The built-in addition task."""
-
-    max_operand: int = 49
-    """Operands are drawn from 0 to this number, inclusive (at most 999)."""
-    max_work: int = 4
-    """The warm-start data put 0 to this many working tokens in each completion (uniformly)."""
-    work_position: Literal["after", "before"] = "after"
-    """Where the working tokens go: after the answer (pure length) or before it (also room to compute)."""
-    answer_noise: float = 0.0
-    """Share of warm-start completions whose last answer digit is wrong (0: none; see ``noise_kind``). The
-    length-bias variant: warm-started to high greedy accuracy (e.g. --warm-start-target-accuracy 0.9), the
-    model answers right at greedy decoding but samples a wrong last digit about this often."""
-    noise_kind: Literal["digit", "symbol"] = "digit"
-    """What replaces the last digit under ``answer_noise``: digit, a random other digit (a mistake the model can
-    only see by redoing the sum), or symbol, the token "-" (a mistake visible in the prefix as a token)."""
-    num_eval: int = 200
-    """Size of the held-out split (operand pairs never seen in training)."""
-    seed: int = 1234
-    """Seed of the train/held-out split (independent of the training seed)."""
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_operand <= MAX_OPERAND:
-            raise FieldError(
-                TaskConfig,
-                "max_operand",
-                f"max_operand must be in 1..{MAX_OPERAND}, got {self.max_operand}: the task holds every operand "
-                f"pair in memory, (max_operand + 1)^2 of them ({(MAX_OPERAND + 1) ** 2:,} at {MAX_OPERAND})",
-            )
-        if self.work_position not in ("before", "after"):
-            raise FieldError(
-                TaskConfig, "work_position", f"work_position must be 'before' or 'after', got {self.work_position!r}"
-            )
-        if self.max_work < 0:
-            raise FieldError(TaskConfig, "max_work", f"max_work must be >= 0, got {self.max_work}")
-        if self.noise_kind not in ("digit", "symbol"):
-            raise FieldError(
-                TaskConfig, "noise_kind", f"noise_kind must be 'digit' or 'symbol', got {self.noise_kind!r}"
-            )
-        # the right answer must stay the most likely one: against 9 wrong digits sharing the noise, or one symbol
-        limit = 0.9 if self.noise_kind == "digit" else 0.5
-        if not 0.0 <= self.answer_noise < limit:
-            raise FieldError(
-                TaskConfig,
-                ("answer_noise", "noise_kind"),
-                f"answer_noise must be in [0, {limit}) for noise_kind {self.noise_kind!r} (the right answer "
-                f"must stay the most likely one), got {self.answer_noise}",
-            )
-        pairs = (self.max_operand + 1) ** 2
-        if not 0 < self.num_eval < pairs:
-            raise FieldError(
-                TaskConfig,
-                ("num_eval", "max_operand"),
-                f"num_eval must be in 1..{pairs - 1} (max_operand {self.max_operand} gives {pairs} operand pairs), "
-                f"got {self.num_eval}",
-            )
-
-    @property
-    def width(self) -> int:
-        """Digits per operand in a prompt (operands are zero-padded to this width)."""
-        return len(str(self.max_operand))
-
-    @property
-    def max_answer_tokens(self) -> int:
-        """Digits of the largest answer."""
-        return len(str(2 * self.max_operand))
 
 
 def _digits(n: int, width: int | None = None) -> str:

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from drgrpo.train.checkpoint import load_optimizer_state, read_state
-from drgrpo.train.config import TrainConfig
-from drgrpo.train.update import TrainState
+from drgrpo.train.loop.update import TrainState
+from drgrpo.train.run.checkpoint import load_optimizer_state, read_state
+from drgrpo.train.train_config import TrainConfig
 
 
 def load_model(path: str | Path, dtype: str, device: torch.device) -> Any:
@@ -169,10 +169,10 @@ def initial_policy_dir(
 ) -> Path:
     """The initial policy of a run (the reference of its KL): the resumed run's, ``model``, or a warm start.
 
-    ``model`` is already resolved to a model directory (:func:`drgrpo.train.checkpoint.resolve_model_dir`).
+    ``model`` is already resolved to a model directory (:func:`drgrpo.train.run.checkpoint.resolve_model_dir`).
     A resumed run whose initial model moved with its run directory (``RUN/warm_start``) is found there.
     ``warm_start(path)`` builds the warm-started tiny model at ``path`` on rank 0 only: under several processes
-    the caller makes the others wait for it (the trainer's :func:`~drgrpo.train.stopping.agreed`, which also
+    the caller makes the others wait for it (the trainer's :func:`~drgrpo.train.run.stopping.agreed`, which also
     stops them all when a signal abandons the warm start).
     """
     if resume_from is not None:

@@ -8,57 +8,16 @@ with ``save_pretrained`` and loaded back with the ``Auto*`` classes like any loc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from drgrpo.field_error import FieldError
-from drgrpo.train.task import WORK_TOKEN
+from drgrpo.train.loop.task import WORK_TOKEN
+from drgrpo.train.train_config import TinyModelConfig
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 VOCAB: tuple[str, ...] = (PAD, BOS, EOS, UNK, *"0123456789", "+", "-", "=", WORK_TOKEN)
 """The whole vocabulary of the built-in task (V = 18)."""
-
-
-@dataclass(frozen=True)
-class TinyModelConfig:
-    """Shape of the built-in Llama-style model."""
-
-    hidden_size: int = 64
-    """Width H of the residual stream."""
-    num_layers: int = 2
-    """Number of transformer blocks."""
-    num_heads: int = 4
-    """Attention heads per block (each of width H / heads)."""
-    intermediate_size: int = 256
-    """Width of the SwiGLU MLP."""
-    max_positions: int = 64
-    """Longest sequence the model accepts, prompt and completion together, in tokens."""
-
-    def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FieldError(TinyModelConfig, name, f"{name} must be a positive integer, got {value!r}")
-        # each head takes H / heads dimensions, and rotary position embeddings turn them in pairs
-        if self.hidden_size % 2:
-            raise FieldError(
-                TinyModelConfig,
-                "hidden_size",
-                f"hidden_size must be even (a head's width must be, for its rotary position embeddings), got "
-                f"{self.hidden_size}",
-            )
-        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
-            counts = [str(n) for n in range(1, self.hidden_size) if self.hidden_size % (2 * n) == 0]
-            raise FieldError(
-                TinyModelConfig,
-                ("num_heads", "hidden_size"),
-                f"num_heads {self.num_heads} does not split hidden_size {self.hidden_size} into heads of an even "
-                f"width (rotary position embeddings turn a head's dimensions in pairs); num_heads can be "
-                f"{', '.join(counts[:-1]) + ' or ' if len(counts) > 1 else ''}{counts[-1]}",
-            )
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from drgrpo.train.config import WarmStartConfig
-from drgrpo.train.rollout import generate
-from drgrpo.train.task import TaskConfig, exact_match, make_splits, sft_pairs
-from drgrpo.train.tiny import build_model, build_tokenizer
+from drgrpo.train.loop.rollout import generate
+from drgrpo.train.loop.task import TaskConfig, exact_match, make_splits, sft_pairs
+from drgrpo.train.loop.tiny import build_model, build_tokenizer
+from drgrpo.train.train_config import WarmStartConfig
 
 MARKER = "warm_start.json"
 

@@ -1,6 +1,6 @@
 """Rewards: callables ``(completion, example) -> float``, imported by name and called so they cannot harm the run.
 
-A reward is the user's code, run inside the trainer's process as a plain call (:mod:`drgrpo.train.stopping` says
+A reward is the user's code, run inside the trainer's process as a plain call (:mod:`drgrpo.train.run.stopping` says
 why: bitwise reproducible results, no cost per call, ``SIGALRM``-based time limits keep working). Being in the
 process, a reward can do what only the process should: exit, stop on a KeyboardInterrupt of its own, replace the
 handlers that save the run on a signal, change the working directory, or fork a copy of the trainer. Every call
@@ -10,8 +10,8 @@ handlers that save the run on a signal, change the working directory, or fork a 
   nor later steps (nor a resumed run's result);
 - catches every ``BaseException`` the reward raises (``SystemExit``, ``KeyboardInterrupt``, ...) as a
   :class:`RewardError`, the failed step that saves the last completed one (exit code 1). Signals from outside
-  keep their meaning: the trainer's handler raises :class:`~drgrpo.train.stopping.Interrupted` or
-  :class:`~drgrpo.train.stopping.TimeLimitExceeded`, which pass through;
+  keep their meaning: the trainer's handler raises :class:`~drgrpo.train.run.stopping.Interrupted` or
+  :class:`~drgrpo.train.run.stopping.TimeLimitExceeded`, which pass through;
 - afterwards checks the process: a call that returns in a forked child ends that child at once (``os._exit``:
   no cleanup, no buffered output, no second trainer); in the parent, a fork, a changed working directory or a
   replaced SIGINT/SIGTERM handler is put back and fails the step, naming the reward and what it did.
@@ -37,13 +37,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from drgrpo.train.stopping import Interrupted, TimeLimitExceeded, Watchdog
+from drgrpo.train.run.stopping import Interrupted, TimeLimitExceeded, Watchdog
+from drgrpo.train.train_config import check_reward_fields
 
 Example = dict[str, Any]
 RewardFn = Callable[[str, Example], float]
 
-DEFAULT_REWARD = "drgrpo.train.task:exact_match"
+DEFAULT_REWARD = "drgrpo.train.loop.task:exact_match"
 """The reward of a run given none: the built-in task's exact match."""
+
+MOVED_REWARDS = {"drgrpo.train.task:exact_match": DEFAULT_REWARD}
+"""Reward names from before ``drgrpo.train`` was split into packages, which a saved ``config.yaml`` or checkpoint
+may hold (``--reward drgrpo.train.task:exact_match``): each still loads, as the function it names now."""
 
 LIMIT_TEXT = "the largest reward whose advantages the loss's dtype holds"
 """Why a reward has a limit (:meth:`Rewards.__call__`), in error messages."""
@@ -52,7 +57,7 @@ FORKED_CHILD_EXIT = 70
 """Exit status of a process forked inside a reward that returned into the trainer (it ends there, at once)."""
 
 GUARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-"""The signals whose handlers save the run (:class:`~drgrpo.train.stopping.StopOnSignal`): a reward may not
+"""The signals whose handlers save the run (:class:`~drgrpo.train.run.stopping.StopOnSignal`): a reward may not
 replace them."""
 
 _forks = [0]
@@ -70,36 +75,13 @@ class RewardError(RuntimeError):
     """A reward function raised, returned something that is not a finite number, or changed the process."""
 
 
-def check_reward_fields(rewards: Any, weights: Any) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    """``(rewards, weights)`` of a configuration as tuples, or a TypeError naming the field and what it got.
-
-    Rewards are imported by name, ``'module:function'`` (so that ``config.yaml`` reruns the run), and weights
-    are numbers; lists are accepted and made tuples.
-    """
-    if isinstance(rewards, str) or not isinstance(rewards, (tuple, list)):
-        raise TypeError(f"rewards must be a list of 'module:function' names, got {type(rewards).__name__}")
-    for k, spec in enumerate(rewards):
-        if not isinstance(spec, str):
-            what = getattr(spec, "__qualname__", None) or type(spec).__name__
-            raise TypeError(
-                f"rewards[{k}] must be a 'module:function' name, got {type(spec).__name__} {what!r}: a run imports "
-                "its rewards by name, so that its config.yaml reruns it; give e.g. 'mymodule:my_reward'"
-            )
-    if isinstance(weights, str) or not isinstance(weights, (tuple, list)):
-        raise TypeError(f"reward_weights must be a list of numbers, got {type(weights).__name__}")
-    for k, w in enumerate(weights):
-        if isinstance(w, bool) or not isinstance(w, numbers.Real):
-            raise TypeError(f"reward_weights[{k}] must be a number, got {type(w).__name__} {reprlib.repr(w)}")
-    return tuple(rewards), tuple(float(w) for w in weights)
-
-
 def load_reward(spec: str) -> RewardFn:
     """Import ``'package.module:function'`` and check it is callable.
 
     Whatever importing the module does wrong (a syntax error, an exception, ``sys.exit()``) is a ValueError
     naming the reward, before any work; a fork during the import ends the child at once.
     """
-    module_name, sep, attr = spec.partition(":")
+    module_name, sep, attr = MOVED_REWARDS.get(spec, spec).partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"reward {spec!r} must be 'module:function', e.g. '{DEFAULT_REWARD}'")
     pid, cwd = os.getpid(), _getcwd()
@@ -205,8 +187,9 @@ def call_reward(
     The call cannot harm the run (the module docstring): any exception, ``SystemExit`` and ``KeyboardInterrupt``
     included, is a RewardError; a forked child returning here ends at once; a changed working directory or
     SIGINT/SIGTERM handler is put back and is a RewardError. Given a ``watchdog`` (a run's ``--reward-timeout``, the
-    trainer passes its :class:`~drgrpo.train.stopping.StopOnSignal`'s), the call is bounded: a call past the limit
-    is abandoned with a RewardError. Signals from outside pass through (:class:`~drgrpo.train.stopping.Interrupted`).
+    trainer passes its :class:`~drgrpo.train.run.stopping.StopOnSignal`'s), the call is bounded: a call past the
+    limit is abandoned with a RewardError. Signals from outside pass through
+    (:class:`~drgrpo.train.run.stopping.Interrupted`).
     """
     before = _Process()
 

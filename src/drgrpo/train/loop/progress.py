@@ -2,7 +2,7 @@
 
 In a terminal the bar redraws one line; written to a file or a pipe (a log, CI), a redrawn bar would come out
 as its last frame, cut to an unknown width, so each step's figures are printed as a line of text instead
-(every :data:`PLAIN_EVERY` steps and the last). How signals stop a run: :mod:`drgrpo.train.stopping`.
+(every :data:`PLAIN_EVERY` steps and the last). How signals stop a run: :mod:`drgrpo.train.run.stopping`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class ProgressBar:
             self.bar.start()
 
     def update(self, m: dict[str, Any], accuracy: float | None) -> None:
-        """One step done: ``m`` its metrics (:func:`drgrpo.train.metrics.step_metrics`), ``accuracy`` the latest
+        """One step done: ``m`` its metrics (:func:`drgrpo.train.loop.metrics.step_metrics`), ``accuracy`` the latest
         held-out accuracy (None: none yet)."""
         step = m["step"]
         if self.bar is not None:

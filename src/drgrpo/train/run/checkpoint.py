@@ -1,37 +1,11 @@
 """Checkpoints: a Hugging Face model directory plus what is needed to continue exactly, written atomically.
 
-Layout of ``RUN/checkpoints/step_000120/``::
-
-    config.json, model.safetensors, generation_config.json, tokenizer files   (save_pretrained:
-                                                      loadable by ``--model`` and ``drgrpo eval``)
-    optimizer.pt        the optimizer's state dict (tensors and numbers only: read with weights_only=True)
-    trainer_state.json  step, the TrainConfig, the resolved LossConfig, the initial model
-
-and ``RUN/checkpoints/latest``, a one-line file naming the newest checkpoint. No random-number
-state is saved: every step reseeds from ``(seed, step, rank)`` (:mod:`drgrpo.train.seeds`), so the
-weights, the optimizer and the step are the whole state of a run.
-
-Atomicity: a checkpoint is written into a temporary directory and renamed into place, then
-``latest`` is replaced with ``os.replace``. A process killed at any moment leaves either the old
-checkpoint or the new one, never a half-written one; :func:`clean_stale` removes what a killed
-write left behind, and restores a checkpoint whose replacement was cut short.
-
-A run's history is one line of checkpoints: the run's checkpoint is its newest ``step_*``, which ``latest``
-names too (a write cut between the rename and the update of ``latest`` leaves a newer complete checkpoint, which
-is the run's). ``latest`` naming anything but a checkpoint directory of its own run is refused, and so is a
-checkpoint reached inside a run that is another run's: a link out of it, or a copy with another run id
-(:func:`check_owner`, :mod:`drgrpo.train.identity`). With ``keep_checkpoints = N`` only the newest N are kept,
-removed after a new one is complete, never the newest.
-
-Nothing is unpickled: the weights are safetensors, the optimizer state is read with
-``torch.load(..., weights_only=True)`` (a file carrying anything but tensors, numbers, strings,
-lists and dicts is refused with an error), and the rest is JSON.
-
-Reading: :func:`checkpoint_problem` checks a checkpoint's files without reading its tensors (the sizes that
-the safetensors headers and the zip directory of ``optimizer.pt`` promise, the JSON files), so a checkpoint cut
-short by a full disk or a copy is refused with one line naming the file, what is wrong, and the newest intact
-checkpoint (:func:`check_checkpoint`). A failed write says "No space left on device" when that is the reason
-(:mod:`drgrpo.train.disk`), removes its temporary directory and names the last intact checkpoint.
+``RUN/checkpoints/step_000120/`` holds the ``save_pretrained`` files, ``optimizer.pt`` (tensors and numbers only,
+read with ``weights_only=True``) and ``trainer_state.json`` (step, TrainConfig, LossConfig, initial model);
+``RUN/checkpoints/latest`` names the newest. A checkpoint is written into a temporary directory and renamed into
+place (:func:`clean_stale` removes what a killed write left); :func:`check_checkpoint` refuses a damaged one,
+naming the file and the newest intact checkpoint; :func:`check_owner` refuses another run's. The layout, the
+atomicity and a run's line of checkpoints: docs/design.md, section 9.11.
 """
 
 from __future__ import annotations
@@ -45,16 +19,28 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from drgrpo.config import LossConfig
-from drgrpo.train.config import TrainConfig
-from drgrpo.train.disk import WriteFailed, free_bytes, write_error
-from drgrpo.train.identity import config_run_id
-from drgrpo.train.stopping import NO_STOP, Stop
-from drgrpo.train.update import TrainState
+from drgrpo.train.run.disk import WriteFailed, free_bytes, write_error
+from drgrpo.train.run.identity import config_run_id
+from drgrpo.train.run.stopping import NO_STOP, Stop
+from drgrpo.train.train_config import TrainConfig
+
+
+class Saved(Protocol):
+    """What a checkpoint holds of a run's state at the end of a step (the loop's
+    :class:`~drgrpo.train.loop.update.TrainState` is one)."""
+
+    model: Any
+    """The policy: a Hugging Face causal LM (``save_pretrained``)."""
+    tokenizer: Any
+    """Its tokenizer (``save_pretrained``)."""
+    optimizer: torch.optim.Optimizer
+    """The optimizer, whose ``state_dict()`` is saved."""
+
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -114,7 +100,7 @@ def save_checkpoint(
 
     ``state`` (JSON-serialisable: the configs, the initial model, the world size) goes into
     ``trainer_state.json`` beside ``step``. ``keep`` > 0 then removes all but the newest ``keep`` checkpoints.
-    Raises :class:`~drgrpo.train.disk.WriteFailed` when the disk has less free space than the checkpoint's
+    Raises :class:`~drgrpo.train.run.disk.WriteFailed` when the disk has less free space than the checkpoint's
     tensors take (before writing anything) or a write fails, naming the reason and the last intact checkpoint;
     what the failed write left is removed, and nothing else.
     """
@@ -166,7 +152,7 @@ def prune(root: Path, keep: int, newest: Path) -> list[Path]:
 def save_run_checkpoint(
     out_dir: Path,
     step: int,
-    state: TrainState,
+    state: Saved,
     extra_state: dict[str, Any],
     rank: int,
     barrier: bool = True,
@@ -175,7 +161,7 @@ def save_run_checkpoint(
 ) -> Path | None:
     """The trainer's save: rank 0 writes ``out_dir/checkpoints/step_N`` from ``state``, then every
     process waits for it (``barrier``). Returns the checkpoint on rank 0, None elsewhere. Signals wait for the
-    end of the write (``stop.deferred()``, :class:`~drgrpo.train.stopping.Stop`)."""
+    end of the write (``stop.deferred()``, :class:`~drgrpo.train.run.stopping.Stop`)."""
     path = None
     with stop.deferred():
         if rank == 0:

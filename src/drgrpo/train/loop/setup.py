@@ -1,27 +1,28 @@
-"""Checks before any work: what a run can find wrong before it builds, loads or trains anything.
+"""The run's set-up checks: :func:`check_run` makes every check a run can make before any work and returns the
+:class:`RunPlan` the trainer starts from; here too the checks of the loop's inputs (dataset prompts against the
+model's tokenizer and context, the answers the default reward reads).
 
 Each check raises a ValueError that names the flag or the file, what it found and what was expected;
-``drgrpo train`` prints it on one line and exits with code 2, before the warm start. The numeric flags are
-checked earlier still, by the configuration dataclasses themselves (:mod:`drgrpo.train.config`).
+``drgrpo train`` prints it on one line and exits with code 2, before the warm start. The checks that need
+nothing of the loop (device, output directory, tensorboard, loss inputs) are :mod:`drgrpo.train.run.preflight`;
+the numeric flags are checked earlier still, by the configuration dataclasses (:mod:`drgrpo.train.train_config`).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from drgrpo.config import LossConfig
-from drgrpo.field_error import FieldError
-from drgrpo.train.checkpoint import resolve_model_dir
-from drgrpo.train.config import TrainConfig
-from drgrpo.train.data import Example, Rewards, load_examples
-from drgrpo.train.model import check_finite_files, check_local_code, context_length, load_tokenizer
-from drgrpo.train.resume import RunStart, plan_run
-from drgrpo.train.rollout import prompt_texts
+from drgrpo.train.loop.data import Example, Rewards, load_examples
+from drgrpo.train.loop.model import check_finite_files, check_local_code, context_length, load_tokenizer
+from drgrpo.train.loop.rollout import prompt_texts
+from drgrpo.train.loop.tiny import VOCAB, build_tokenizer
+from drgrpo.train.run.checkpoint import resolve_model_dir
+from drgrpo.train.run.preflight import check_device, check_loss_inputs, check_output_dir, check_tensorboard
+from drgrpo.train.run.resume import RunStart, plan_run
+from drgrpo.train.train_config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -75,98 +76,11 @@ def check_run(config: TrainConfig) -> RunPlan:
     return RunPlan(loss_config, rewards, start, model_dir, train_examples, eval_examples)
 
 
-def check_loss_inputs(loss_config: LossConfig) -> None:
-    """Refuse the loss options that need inputs this trainer does not make, naming the field (the CLI: the flag).
-
-    ``sampling_correction`` weighs each token by pi_old / pi_sampler, for runs whose completions come from another
-    engine (vLLM): here the policy samples its own completions, so there is no sampler's log-prob to read.
-    ``top_entropy_quantile < 1`` and ``entropy_coef`` need per-token entropies with one threshold per step, which this
-    trainer does not compute. All three are in :func:`drgrpo.policy_loss` and ``DrGRPOTrainer``.
-    """
-    where = "drgrpo.policy_loss and DrGRPOTrainer have it"
-    if loss_config.sampling_correction is not None:
-        raise FieldError(
-            LossConfig,
-            "sampling_correction",
-            f"sampling_correction {loss_config.sampling_correction!r} needs a separate sampler's log-probs (vLLM's), "
-            f"but drgrpo train samples with the policy itself: leave it unset ({where})",
-        )
-    if loss_config.top_entropy_quantile < 1:
-        raise FieldError(
-            LossConfig,
-            "top_entropy_quantile",
-            f"top_entropy_quantile {loss_config.top_entropy_quantile} needs per-token entropies, which drgrpo train "
-            f"does not compute: leave it at 1 ({where})",
-        )
-    if loss_config.entropy_coef != 0:
-        raise FieldError(
-            LossConfig,
-            "entropy_coef",
-            f"entropy_coef {loss_config.entropy_coef} needs per-token entropies, which drgrpo train does not "
-            f"compute: leave it at 0 ({where})",
-        )
-
-
 def check_task_prompt(check: PromptCheck, prompt: str) -> None:
     """The built-in task's prompts (all of ``prompt``'s length) and ``--max-new-tokens`` fit the model's context."""
     problem = check(prompt)
     if problem is not None:
         raise ValueError(f"the built-in task's prompts ({prompt!r}, --task-max-operand): {problem}")
-
-
-def check_output_dir(path: str | Path) -> None:
-    """Create the output directory if needed and make sure this process can write into it.
-
-    Raises ValueError when ``path`` (or a parent) is a file, or when the directory cannot be created or
-    written (permissions, a read-only file system).
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--output-dir {str(path)!r} is a file; expected a directory (created if missing)")
-    probe = path / f".drgrpo_write_test_{os.getpid()}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ValueError(
-            f"--output-dir {str(path)!r} cannot be written ({reason}); expected a directory this user can write"
-        ) from None
-
-
-def check_device(device: str) -> None:
-    """``device`` names a torch device that exists here (``cuda`` needs a CUDA build and a visible GPU)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {device!r} is not a torch device; expected cpu, cuda, cuda:1, mps, ...") from None
-    if dev.type == "cpu":
-        return
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
-            raise ValueError(f"--device {device}: CUDA is not available ({why}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            count = torch.cuda.device_count()
-            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-        return
-    backend = getattr(torch, dev.type, None)
-    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
-        raise ValueError(f"--device {device}: the {dev.type} backend is not available here; use --device cpu")
-
-
-def check_tensorboard(enabled: bool) -> None:
-    """With ``--tensorboard``, the tensorboard package must be importable."""
-    if not enabled:
-        return
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-    except ImportError:
-        raise ValueError(
-            "--tensorboard needs the tensorboard package (pip install tensorboard); without it, leave out "
-            "--tensorboard: metrics.jsonl holds every value"
-        ) from None
 
 
 CHARS_PER_TOKEN = 64
@@ -179,9 +93,9 @@ huge prompt is refused after tokenizing a bounded prefix, never the whole of it.
 class PromptCheck:
     """Whether a dataset prompt fits the model: ``check(prompt)`` returns what is wrong with it, or None.
 
-    A prompt is templated and tokenized as the rollout does it (:func:`drgrpo.train.rollout.generate`); it must have
-    at least one token, and its tokens plus ``max_new_tokens`` must fit the model's ``context`` (prompt and completion
-    share the position embeddings). :func:`drgrpo.train.data.load_jsonl` adds the file and the line.
+    A prompt is templated and tokenized as the rollout does it (:func:`drgrpo.train.loop.rollout.generate`); it must
+    have at least one token, and its tokens plus ``max_new_tokens`` must fit the model's ``context`` (prompt and
+    completion share the position embeddings). :func:`drgrpo.train.loop.data.load_jsonl` adds the file and the line.
     """
 
     tokenizer: Any
@@ -240,8 +154,6 @@ def prompt_check(weights_dir: Path | None, config: TrainConfig, tokenizer: Any =
     """The :class:`PromptCheck` of a run's policy: the tokenizer (``tokenizer`` when already loaded) and context of
     ``weights_dir`` (a model or checkpoint directory), or of the built-in tiny model when None (its tokenizer,
     ``--tiny-max-positions``)."""
-    from drgrpo.train.tiny import VOCAB, build_tokenizer
-
     built_in = frozenset(VOCAB)
     if weights_dir is None:
         positions = config.warm_start.model.max_positions
@@ -253,7 +165,7 @@ def prompt_check(weights_dir: Path | None, config: TrainConfig, tokenizer: Any =
 
 
 BUILT_IN_WORDS = ("0-9", "+", "-", "=", ".")
-"""The built-in tokenizer's words as a message lists them (:data:`drgrpo.train.tiny.VOCAB` less its specials)."""
+"""The built-in tokenizer's words as a message lists them (:data:`drgrpo.train.loop.tiny.VOCAB` less its specials)."""
 
 
 def check_answers(config: TrainConfig, train: list[Example], held_out: list[Example]) -> None:
@@ -269,5 +181,5 @@ def check_answers(config: TrainConfig, train: list[Example], held_out: list[Exam
         if missing is not None:
             raise ValueError(
                 f"{flag} {str(path)!r}: example #{missing} has no 'answer' field, which the default reward "
-                "(drgrpo.train.task:exact_match) reads; add it to every line or give --reward MODULE:FUNCTION"
+                "(drgrpo.train.loop.task:exact_match) reads; add it to every line or give --reward MODULE:FUNCTION"
             )

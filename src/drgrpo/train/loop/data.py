@@ -1,7 +1,7 @@
 """Prompts: JSONL datasets, the built-in task's splits, and each step's share of them.
 
 Everything here fails early with an error that names the file, line or field. The reward callables live in
-:mod:`drgrpo.train.rewards` (their names are imported here too, for older imports).
+:mod:`drgrpo.train.loop.rewards` (their names are imported here too, for older imports).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from drgrpo.train.rewards import LIMIT_TEXT, Example, RewardError, RewardFn, Rewards, call_reward, load_reward
-from drgrpo.train.seeds import prompt_rng
-from drgrpo.train.task import TaskConfig, make_splits
+from drgrpo.train.loop.rewards import LIMIT_TEXT, Example, RewardError, RewardFn, Rewards, call_reward, load_reward
+from drgrpo.train.loop.seeds import prompt_rng
+from drgrpo.train.loop.task import TaskConfig, make_splits
 
 __all__ = [
     "LIMIT_TEXT",
@@ -38,7 +38,7 @@ def load_jsonl(
     """Read a JSONL dataset; every line must be a JSON object with a non-empty ``prompt_field``.
 
     ``check_prompt(prompt)`` returns what is wrong with a prompt (too long for the model, say), or None
-    (:class:`drgrpo.train.preflight.PromptCheck`). Every error is a ValueError naming the file and the line
+    (:class:`drgrpo.train.loop.setup.PromptCheck`). Every error is a ValueError naming the file and the line
     (``flag`` names the flag that gave the file when it is missing or a directory).
     """
     path = Path(path)

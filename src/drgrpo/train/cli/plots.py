@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from drgrpo.train.metrics import METRICS_FILE, read_metrics_file
+from drgrpo.train.run.metrics_log import METRICS_FILE, read_metrics_file
 
 PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
     ("reward", "reward (train batch)", (("reward", "mean reward"),)),

@@ -28,7 +28,8 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from drgrpo.distributed import Processes, any_process
+from drgrpo.distributed import any_process
+from drgrpo.train.run.processes import Processes
 
 LOCK_FILE = ".lock"
 

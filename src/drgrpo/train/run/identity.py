@@ -7,7 +7,7 @@ holds the id (``run_id``), and config.yaml's last comment line names it with a c
     # run 3f9c2a7d41b08e65; sha256 of the keys below: 0b6f1c0e9d2a4b57
 
 With both, a run tells its own files from any other's: a checkpoint copied in from another run, or reached
-through a link (:func:`drgrpo.train.checkpoint.check_owner`); a config.yaml that a person wrote or edited, which a
+through a link (:func:`drgrpo.train.run.checkpoint.check_owner`); a config.yaml that a person wrote or edited, which a
 run would otherwise overwrite (:func:`config_problem`).
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from drgrpo.train.config import CONFIG_FILE, TrainConfig
+from drgrpo.train.train_config import CONFIG_FILE, TrainConfig
 
 RUN_LINE = re.compile(r"# run ([0-9a-f]+); sha256 of the keys below: ([0-9a-f]{16})")
 HEADER = "# drgrpo train --config this-file reruns this run; keys are the flags of drgrpo train\n"

@@ -1,41 +1,10 @@
 """How a run stops: SIGINT and SIGTERM, rewards that hang, and every process stopping at the same point.
 
-The first SIGINT (Ctrl-C) or SIGTERM (a scheduler's) acts by what the run is doing:
-
-- in an *abandonable* section (the warm start, a step's rollout and rewards, an evaluation: work that changes
-  nothing a checkpoint holds), it raises :class:`Interrupted` at once, inside whatever runs there (a sampling
-  loop, a reward that sleeps or loops forever). The step in progress is abandoned and redone on resume;
-- elsewhere (the policy update, writing the metrics), it sets ``stopped``: the step ends, is saved, and the run
-  stops.
-
-A second signal raises :class:`Interrupted` wherever the run is, except in a *deferred* section: from the first
-optimizer step of an update to its end (the weights hold no whole step in between), and while a checkpoint or a
-metrics line is written. There it only asks the run to stop, which it does at the next point where it can: the
-step's evaluation (abandoned, and done first on resume) or its end. Either way the trainer saves the last
-completed step (exit code 130), so no signal ever loses a completed step. Under several processes a second
-signal changes nothing: torchrun passes every signal it gets on to the processes (one Ctrl-C in a terminal reaches
-each twice), and a process that left its step alone would leave the others waiting in a collective operation;
-torchrun itself ends processes that have not stopped 30 s after its signal.
-
-Why raise from the handler instead of running rewards in a thread that can be left behind: the user's reward
-stays an ordinary call in the main thread. Its results, its random draws and its cost are those of a plain call
-(runs stay bitwise reproducible; nothing is paid per call), and reward libraries that time themselves out with
-``SIGALRM`` (math-verify does) keep working, which they do in the main thread only. The limit, for any design
-short of a separate process: a call stuck inside native code that never returns to Python cannot be
-interrupted; SIGKILL then leaves the checkpoints intact (every write is atomic).
-
-A reward being a plain call, it could also undo this design: raise ``KeyboardInterrupt`` or ``SystemExit`` itself,
-or replace the SIGINT/SIGTERM handlers installed here. :func:`drgrpo.train.rewards.call_reward` catches the one
-and puts the other back after each call, failing the step; :class:`Interrupted` and :class:`TimeLimitExceeded`
-pass through it, so the signals keep the meaning given here.
-
-``--reward-timeout SECONDS`` bounds every reward call: a watchdog thread (only started with a limit) sends SIGINT
-to the main thread when a call passes its deadline, and the handler raises :class:`TimeLimitExceeded` inside
-that call; the caller turns it into a failed step naming the reward and the limit.
-
-Under several processes, every section that can fail or be abandoned on one process alone is followed by an
-agreement (:func:`agreed`: one all_reduce), so all processes stop at the same point and none waits forever in a
-collective operation.
+:class:`StopOnSignal` installs the handlers: a signal raises :class:`Interrupted` at once inside an abandonable
+section (the warm start, a step's rollout and rewards, an evaluation) and otherwise lets the step end and be saved;
+``deferred()`` sections (the optimizer step, a checkpoint or metrics write) are never cut. :class:`Watchdog` bounds
+each reward call (``--reward-timeout``, :class:`TimeLimitExceeded`); :func:`agreed` makes every process stop at
+the same point. The design, and why rewards stay plain calls in the main thread: docs/design.md, section 9.10.
 """
 
 from __future__ import annotations
