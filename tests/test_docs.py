@@ -11,6 +11,10 @@ The convention (docs/testing.md, "Docs are tested", says the same for writers):
   ``tests/``, ``.venv``, ...) and an empty ``runs/``, so the docs' relative paths work and what a block writes
   lands in the directory, which is thrown away. A block may not write over a shipped file (a report, a result, the
   data): :func:`run_block` checks the copies. ``.venv/bin`` comes first on PATH; Hugging Face libraries are offline.
+- Its ``drgrpo`` commands run the console script's ``main`` in a child forked from a server that imported drgrpo
+  once (``helpers.forked_drgrpo``: the command's own process, arguments, directory, environment, streams and exit
+  status, without importing torch again; :func:`test_the_stand_in_drgrpo_is_the_console_script` compares the two).
+  ``DRGRPO_DOCS_FORK=0`` runs the installed console script instead.
 - Directives, in HTML comments on the lines right above a block (the rendered page does not show them, so the
   page says in words, next to the block, when a block is shortened):
 
@@ -61,6 +65,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
+from helpers import forked_drgrpo
 
 try:
     import tomllib
@@ -308,9 +314,15 @@ def prepare(block: Block) -> tuple[str, dict[str, Any]]:
 # --------------------------------------------------------------------------- running a block
 
 
+SERVED: dict[str, Path] = {}
+"""``bin``: the directory of the stand-in ``drgrpo`` while the fork server runs (:func:`drgrpo_server`)."""
+
+
 def environment(venv: str = ".venv") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     bins = [str(ROOT / venv / "bin"), str(Path(sys.executable).parent)]
+    if venv == ".venv" and "bin" in SERVED:
+        bins.insert(0, str(SERVED["bin"]))
     env.update(
         PATH=os.pathsep.join([*bins, env.get("PATH", "")]),
         HF_HUB_OFFLINE="1",
@@ -402,7 +414,34 @@ def run_python(code: str, where: Path, name: str, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.fixture(scope="session")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+def drgrpo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The blocks' ``drgrpo`` commands through a fork server that imported drgrpo once (``helpers.forked_drgrpo``).
+
+    ``DRGRPO_DOCS_FORK=0`` runs the real console script instead; so does the stand-in if the server is gone."""
+    if os.environ.get("DRGRPO_DOCS_FORK") == "0":
+        yield
+        return
+    base = tmp_path_factory.mktemp("drgrpo-server")
+    address = Path("/tmp") / f"drgrpo-docs-{os.getpid()}.sock"  # a Unix socket's path has at most 107 bytes
+    SERVED["bin"] = forked_drgrpo.write_stand_in(base / "bin", ROOT / ".venv" / "bin" / "drgrpo", address).parent
+    server = subprocess.Popen(
+        [sys.executable, forked_drgrpo.__file__, str(address)], cwd=base, env=environment(),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=(base / "server.log").open("w"), text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready", (
+            f"the fork server did not start: {(base / 'server.log').read_text()[-3000:]}"
+        )
+        yield
+    finally:
+        SERVED.clear()
+        server.terminate()
+        server.wait(timeout=60)
+        address.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory, drgrpo_server: None) -> Callable[[str], Path]:
     """``prepared(path)``: a directory holding the fixture ``path`` (made on first use, once per session)."""
     made: dict[str, Path] = {}
 
@@ -456,6 +495,31 @@ def test_block_runs(block: Block, tmp_path: Path, prepared: Any, monkeypatch: py
     namespace = run_block(block, tmp_path, prepared, monkeypatch)
     if block.name in CHECKS:
         CHECKS[block.name](namespace)
+
+
+@pytest.mark.slow
+def test_the_stand_in_drgrpo_is_the_console_script(tmp_path: Path, drgrpo_server: None) -> None:
+    # the blocks' drgrpo (the fork server's child) against the installed console script on the same commands:
+    # the same exit code and message for a bad flag, and a short run ending on the same weights, bit for bit
+    if "bin" not in SERVED:
+        pytest.skip("DRGRPO_DOCS_FORK=0: the blocks run the console script itself")
+    where = workdir(tmp_path / "repo")
+    real = str(ROOT / ".venv" / "bin" / "drgrpo")
+    assert shutil.which("drgrpo", path=environment()["PATH"]) == str(SERVED["bin"] / "drgrpo")
+    run = SHORT["train"].replace("--steps 2", "--steps 1")
+    for args in ("train --lr nan --output-dir runs/x", f"train {run} --output-dir runs/{{}}"):
+        forked = run_shell(f"drgrpo {args.format('forked')}", where)
+        installed = run_shell(f"{real} {args.format('installed')}", where)
+        assert forked.returncode == installed.returncode, args
+        if "{}" not in args:
+            assert (forked.stdout, forked.stderr) == (installed.stdout, installed.stderr), args
+    message = "drgrpo train: error: --lr must be a finite number, got nan\n"  # exit 2, one line
+    assert run_shell("drgrpo train --lr nan || echo $?", where).stderr == message
+    from safetensors.torch import load_file
+
+    weights = [load_file(next((where / "runs" / r / "checkpoints").glob("step_*")) / "model.safetensors")
+               for r in ("forked", "installed")]  # fmt: skip
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 # --------------------------------------------------------------------------- the verl launch line
