@@ -315,11 +315,12 @@ def prepare(block: Block) -> tuple[str, dict[str, Any]]:
 
 
 SERVED: dict[str, Path] = {}
-"""``bin``: the directory of the stand-in ``drgrpo`` while the fork server runs (:func:`drgrpo_server`)."""
+"""While the fork server runs (:func:`drgrpo_server`): ``bin``, the stand-in ``drgrpo``'s directory, and ``log``, the
+server's log (a line per command it forked, and one per command it left to the installed script)."""
 
 
 def environment(venv: str = ".venv") -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTEST_CURRENT_TEST")}
     bins = [str(ROOT / venv / "bin"), str(Path(sys.executable).parent)]
     if venv == ".venv" and "bin" in SERVED:
         bins.insert(0, str(SERVED["bin"]))
@@ -424,6 +425,7 @@ def drgrpo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     base = tmp_path_factory.mktemp("drgrpo-server")
     address = Path("/tmp") / f"drgrpo-docs-{os.getpid()}.sock"  # a Unix socket's path has at most 107 bytes
     SERVED["bin"] = forked_drgrpo.write_stand_in(base / "bin", ROOT / ".venv" / "bin" / "drgrpo", address).parent
+    SERVED["log"] = base / "server.log"
     server = subprocess.Popen(
         [sys.executable, forked_drgrpo.__file__, str(address)], cwd=base, env=environment(),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=(base / "server.log").open("w"), text=True,
@@ -507,6 +509,7 @@ def test_the_stand_in_drgrpo_is_the_console_script(tmp_path: Path, drgrpo_server
     real = str(ROOT / ".venv" / "bin" / "drgrpo")
     assert shutil.which("drgrpo", path=environment()["PATH"]) == str(SERVED["bin"] / "drgrpo")
     run = SHORT["train"].replace("--steps 2", "--steps 1")
+    forked_before = SERVED["log"].read_text().count("forked ")
     for args in ("train --lr nan --output-dir runs/x", f"train {run} --output-dir runs/{{}}"):
         forked = run_shell(f"drgrpo {args.format('forked')}", where)
         installed = run_shell(f"{real} {args.format('installed')}", where)
@@ -515,6 +518,7 @@ def test_the_stand_in_drgrpo_is_the_console_script(tmp_path: Path, drgrpo_server
             assert (forked.stdout, forked.stderr) == (installed.stdout, installed.stderr), args
     message = "drgrpo train: error: --lr must be a finite number, got nan\n"  # exit 2, one line
     assert run_shell("drgrpo train --lr nan || echo $?", where).stderr == message
+    assert SERVED["log"].read_text().count("forked ") == forked_before + 3, SERVED["log"].read_text()[-2000:]
     from safetensors.torch import load_file
 
     weights = [load_file(next((where / "runs" / r / "checkpoints").glob("step_*")) / "model.safetensors")
