@@ -57,8 +57,8 @@ if [ "$device" = cuda ]; then
   step_args+=(--variants drgrpo-fused,drgrpo,trl)
   limits=(120 230 120)  # 470 s at most
 else
-  loss_args=(--device cpu --dtype bfloat16 --sizes 512x64x4096 --reps 2)
-  step_args=(--device cpu --dtype bfloat16 --vocab 4096 --hidden 64 --completions 8 --length 16 --steps 2)
+  loss_args=(--device cpu --dtype bfloat16 --sizes 64x32x4096 --reps 1)
+  step_args=(--device cpu --dtype bfloat16 --vocab 1024 --hidden 32 --completions 4 --length 8 --steps 2)
   step_args+=(--variants drgrpo-fused,trl)
   limits=(300 300 300)
 fi

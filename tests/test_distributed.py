@@ -1,9 +1,11 @@
-"""P = 2 and 3 gloo processes on CPU, uneven micro-batches, DistributedDataParallel: the whole batch's gradient.
+"""P = 3 gloo processes on CPU, uneven micro-batches, DistributedDataParallel: the whole batch's gradient.
 
-Each process holds whole groups (a different number per process), splits them into uneven
+Each process holds whole groups (a different number per process: 1, 3 and 2), splits them into uneven
 micro-batches of different widths, computes its advantages with ``global_group_advantages``,
 builds one ``StepNormalizer`` for the step and accumulates gradients under ``no_sync``. The
-oracle is the single-process gradient of the whole batch's loss, computed in the parent.
+oracle is the single-process gradient of the whole batch's loss, computed in the parent. Three
+processes, not two: the process that splits a group (rank 1) has a process on either side. The
+processes run once per module (``ranks``); each test reads what they saved.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from helpers.normalizer_steps import (
 )
 
 GROUP_SIZE = 3
-GROUPS_PER_PROCESS = {2: [3, 1], 3: [1, 3, 2]}  # uneven on purpose
+GROUPS_PER_PROCESS = {3: [1, 3, 2]}  # uneven on purpose
 MICRO_SIZES = {1: [3], 2: [1, 5], 3: [4, 3, 2]}  # rows of each micro-batch, by a process's number of groups
 TIMEOUT_S = 300  # a hang, not slowness, is what this catches: each run takes seconds
 RANK_TIMEOUT_S = 240  # a stuck rank dumps its stacks after this long, before the parent gives up
@@ -158,12 +160,20 @@ def run_processes(world_size: int, tmp_path: Path) -> list[dict]:
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
 
 
-# --------------------------------------------------------------------------- the test
+# --------------------------------------------------------------------------- the tests
+
+WORLD_SIZE = 3
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_ddp_with_uneven_micro_batches_gives_the_whole_batch_gradient(world_size: int, tmp_path: Path) -> None:
-    results = run_processes(world_size, tmp_path)
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """What each of the ``WORLD_SIZE`` processes saved (read-only): one launch serves every test below."""
+    return run_processes(WORLD_SIZE, tmp_path_factory.mktemp("ranks"))
+
+
+@pytest.mark.slow
+def test_ddp_with_uneven_micro_batches_gives_the_whole_batch_gradient(ranks: list[dict]) -> None:
+    world_size, results = WORLD_SIZE, ranks
     num_groups = sum(GROUPS_PER_PROCESS[world_size])
     worst_grad, worst_adv = 0.0, 0.0
     for name, config in configs().items():
@@ -195,11 +205,11 @@ def test_ddp_with_uneven_micro_batches_gives_the_whole_batch_gradient(world_size
             assert errors["preset-grpo"] is None  # group std: local, nothing to wait for
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_outcome_estimators_over_processes_are_the_whole_batchs(world_size: int, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_outcome_estimators_over_processes_are_the_whole_batchs(ranks: list[dict]) -> None:
     # every process's slice of the whole batch's advantages, against the float64 loop oracle on the whole batch
-    results = run_processes(world_size, tmp_path)
-    step = step_of("preset-grpo", configs()["preset-grpo"], sum(GROUPS_PER_PROCESS[world_size]))
+    results = ranks
+    step = step_of("preset-grpo", configs()["preset-grpo"], sum(GROUPS_PER_PROCESS[WORLD_SIZE]))
     for name in ("gpg", "reinforce_plus_plus_baseline", "rloo"):
         got = torch.cat([r["outcome"][name] for r in results])
         want = reference.oracle_outcome_advantages(step.rewards.numpy(), GROUP_SIZE, name, lengths=step.lengths.numpy())

@@ -107,6 +107,7 @@ def test_bfloat16_documented_tolerance(seed):
         assert rel <= 3e-2, f"bf16 gradient relative error {rel:.2e}"
 
 
+@pytest.mark.slow
 def test_gradcheck_float64():
     d = make(b=3, t=3, h=2, v=5, seed=10)
     for config in (preset("dapo"), preset("gspo", clip_low=0.5, clip_high=0.5), preset("seed")):

@@ -197,6 +197,7 @@ def test_no_drift_in_expectation_when_the_stop_is_blind(arm):
 # --------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_sampled_training_follows_the_expected_flow():
     steps = 60
     grpo = train_policy(MechanismConfig(arm="grpo", steps=steps, seed=1))

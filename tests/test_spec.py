@@ -52,6 +52,7 @@ def reference_loss(lp, lp_old, lp_ref, rewards, eps, beta) -> float:
     return float(ref.oracle_policy_loss(col(lp), col(lp_old), adv, np.ones((g, 1)), config, col(lp_ref)))
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None)
 @given(groups())
 def test_matches_the_independent_reference(case):

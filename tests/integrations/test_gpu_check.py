@@ -68,6 +68,7 @@ def test_the_gpu_check_runs_on_a_cpu(tmp_path: Path) -> None:
         assert float(row[5]) <= 1e-5 and row[7].startswith("ok"), row
 
 
+@pytest.mark.slow
 def test_a_failing_section_does_not_hide_the_others(tmp_path: Path) -> None:
     """A stand-in Python: section 2 fails, section 3 outlives its time limit, section 1 writes its table."""
     fake = tmp_path / "python"

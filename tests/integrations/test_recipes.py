@@ -330,6 +330,7 @@ def test_trl_recipe_trains_one_step_with_local_model_and_data(tmp_path: Path, pr
 # --------------------------------------------------------------------------- verl
 
 
+@pytest.mark.slow
 def test_verl_script_composes_against_verls_config(tmp_path: Path, prepared: tuple[Path, list[dict]]):
     if not VERL_PYTHON.exists():
         pytest.fail(f"the verl environment is missing; create it with: {VERL_SETUP}", pytrace=False)

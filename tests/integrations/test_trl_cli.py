@@ -90,8 +90,10 @@ def write_recipe(workdir: Path, name: str, **replace: str) -> Path:
     return path
 
 
-def check_two_steps(workdir: Path, name: str, out: subprocess.CompletedProcess) -> dict:
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+def check_two_steps(workdir: Path, name: str, code: int, output: str) -> dict:
+    """The run ``name`` ended with ``code`` 0 (``output``: what it printed, for the failure message) after two
+    optimizer steps, a checkpoint and the model; returns its last logged row."""
+    assert code == 0, output[-4000:]
     run = workdir / name
     state = json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
@@ -101,17 +103,25 @@ def check_two_steps(workdir: Path, name: str, out: subprocess.CompletedProcess) 
     return logged[-1]
 
 
-@pytest.mark.slow
-def test_two_steps_from_a_yaml_file(workdir: Path):
+def test_two_steps_from_a_yaml_file(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In this process (``main`` of ``python -m drgrpo.integrations.trl``): the process-level paths, exit codes
+    and stderr, are checked by the accelerate launch and the exit-2 tests below."""
+    from drgrpo.integrations.trl import main
+
     recipe = write_recipe(workdir, "run")
-    cmd = [sys.executable, "-m", "drgrpo.integrations.trl", "--config", str(recipe)]
-    out = run(cmd, workdir)
-    row = check_two_steps(workdir, "run", out)
+    monkeypatch.chdir(workdir)
+    monkeypatch.syspath_prepend(str(workdir))  # my_rewards, as trl grpo imports a reward module
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and restored after the recipe's env: block sets it
+    with caplog.at_level("WARNING", logger="drgrpo"):
+        code = main(["--config", str(recipe)])
+    row = check_two_steps(workdir, "run", code, caplog.text)
     # fused=True logs TRL's metrics from the fused pass; the reward functions are the two given
     assert {"clip_ratio/low_min", "clip_ratio/high_max", "drgrpo/ratio_mean"} <= set(row)
     assert {"rewards/digits/mean", "rewards/soft_overlong_punishment_reward/mean"} <= set(row)
-    # the loss config set GRPOConfig's defaults: a WARNING on stderr with the old and new values
-    assert "loss_type 'dapo' -> 'dr_grpo'" in out.stderr and "scale_rewards 'group' -> 'none'" in out.stderr
+    # the loss config set GRPOConfig's defaults: a WARNING with the old and new values
+    assert "loss_type 'dapo' -> 'dr_grpo'" in caplog.text and "scale_rewards 'group' -> 'none'" in caplog.text
 
 
 @pytest.mark.slow
@@ -127,7 +137,7 @@ def test_under_accelerate_launch_and_the_drgrpo_alias(workdir: Path):
            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "drgrpo", "trl", "--config", str(recipe), "--loss_config", "dapo", "--fused", "false"]  # fmt: skip
     out = run(cmd, workdir)
-    check_two_steps(workdir, "launched", out)
+    check_two_steps(workdir, "launched", out.returncode, out.stdout + out.stderr)
     # each process built its trainer: dapo's clip-higher, from the command line's --loss_config, on both
     assert out.stderr.count("epsilon_high unset -> 0.28") == 2
 
@@ -173,13 +183,17 @@ def test_configuration_errors_are_one_line_with_exit_code_2(
     assert not (workdir / "bad").exists()  # nothing trained, nothing written
 
 
+@pytest.mark.slow
 def test_the_command_exits_with_2_and_one_line(workdir: Path):
+    # python -m drgrpo.integrations.trl, as a process (drgrpo trl's exit 2 in this process: the test above)
     recipe = write_recipe(workdir, "bad2", **{"loss_config: dr_grpo": "loss_config: dr-grpo"})
-    cmd = [sys.executable, "-m", "drgrpo", "trl", "--config", str(recipe)]
+    cmd = [sys.executable, "-m", "drgrpo.integrations.trl", "--config", str(recipe)]
     out = run(cmd, workdir, timeout=300)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1].startswith("drgrpo trl: error: unknown preset 'dr-grpo'")
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m drgrpo.integrations.trl: error: unknown preset 'dr-grpo'")
     assert "Traceback" not in out.stderr
+    assert not (workdir / "bad2").exists()  # nothing trained, nothing written
 
 
 def test_loss_config_forms():

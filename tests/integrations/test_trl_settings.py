@@ -132,6 +132,7 @@ def test_an_explicit_beta_of_zero_is_overridden_only_with_a_warning(model_dir: P
     assert kept.args.beta == 0.0 and kept.ref_model is None
 
 
+@pytest.mark.slow
 def test_the_warning_shows_in_a_plain_script(model_dir: Path, tmp_path: Path):
     """No logging set-up at all (TRL's and transformers' defaults): the WARNING reaches stderr."""
     script = textwrap.dedent(

@@ -156,6 +156,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_a_head_in_the_root_group_is_gathered_before_the_roots_forward() -> None:
     """fully_shard on the layers and the root only: the logits path gathers lm_head through the root's group."""
     with socket.socket() as s:
