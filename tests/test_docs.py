@@ -319,8 +319,14 @@ SERVED: dict[str, Path] = {}
 server's log (a line per command it forked, and one per command it left to the installed script)."""
 
 
+NOT_INHERITED = {"PYTHONPATH", "VIRTUAL_ENV", "PYTEST_CURRENT_TEST"}
+BASE_ENVIRONMENT = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
+"""The environment the blocks start from, read when the tests are collected: what tests run in this process set
+later (torch's imports set TORCHINDUCTOR_CACHE_DIR, pytest sets PYTEST_CURRENT_TEST) stays out of the blocks."""
+
+
 def environment(venv: str = ".venv") -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTEST_CURRENT_TEST")}
+    env = dict(BASE_ENVIRONMENT)
     bins = [str(ROOT / venv / "bin"), str(Path(sys.executable).parent)]
     if venv == ".venv" and "bin" in SERVED:
         bins.insert(0, str(SERVED["bin"]))
