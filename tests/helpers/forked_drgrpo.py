@@ -3,7 +3,7 @@
 A ``drgrpo`` process spends 3-5 s of a quiet 2-core CPU (15-20 s under load) importing torch and transformers
 before it does anything. The docs' blocks run about twenty ``drgrpo`` commands, so ``tests/test_docs.py`` puts
 a stand-in first on their PATH: it hands its arguments, working directory, environment and standard streams to a
-server that imported :mod:`drgrpo.train.cli` once; the server forks a child that runs the console script's
+server that imported :mod:`drgrpo.train.cli.main` once; the server forks a child that runs the console script's
 ``main`` with them, as its own process, and the stand-in exits with the child's status (a signal it receives is
 passed on). The child is the process a fresh ``drgrpo`` would be, minus the imports: ``sys.argv``,
 ``sys.path`` (the console script's directory, then ``PYTHONPATH``), the environment and the streams are the
@@ -69,7 +69,7 @@ def write_stand_in(bin_dir: Path, real: Path, server: Path) -> Path:
 def serve(address: str) -> None:
     """Import drgrpo's command line, then fork one child per request on the Unix socket ``address``; forever."""
     own_env = {k: v for k, v in os.environ.items() if k not in PER_COMMAND}
-    import drgrpo.train.cli  # noqa: F401  (what every child would import first)
+    import drgrpo.train.cli.main  # noqa: F401  (what every child would import first)
 
     # what the imports set (torch: TORCHINDUCTOR_CACHE_DIR), as they would in a fresh process
     imported_env = {k: v for k, v in os.environ.items() if own_env.get(k) != v and k not in PER_COMMAND}
@@ -131,7 +131,7 @@ def run_child(request: dict, fds: list[int], imported_env: dict[str, str]) -> No
     sys.argv = list(argv)
     extra = [os.path.abspath(p) for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:] = [os.path.dirname(argv[0]), *extra, *sys.path[1:]]
-    from drgrpo.train.cli import main
+    from drgrpo.train.cli.main import main
 
     try:
         code = exit_code(main())
