@@ -3,13 +3,18 @@
 The convention (docs/testing.md, "Docs are tested", says the same for writers):
 
 - Every fenced block names its language. ``bash`` and ``sh`` blocks run with ``bash -euo pipefail``, ``python``
-  blocks with this suite's Python; ``text`` blocks (output, formulas, layouts) are shown, not run. Any other
-  language, or none, fails :func:`test_every_block_is_runnable_or_text`.
+  blocks in this process (as ``__main__``, in the block's directory; the global state they change is put back,
+  :func:`run_python`); ``text`` blocks (output, formulas, layouts) are shown, not run. Any other language, or
+  none, fails :func:`test_every_block_is_runnable_or_text`.
 - A block runs in a fresh directory that stands for the repository root: copies of ``README.md``, ``LICENSE``,
   ``benchmarks/``, ``docs/`` and ``examples/``, links to the code and the environments (``src/``, ``scripts/``,
   ``tests/``, ``.venv``, ...) and an empty ``runs/``, so the docs' relative paths work and what a block writes
   lands in the directory, which is thrown away. A block may not write over a shipped file (a report, a result, the
   data): :func:`run_block` checks the copies. ``.venv/bin`` comes first on PATH; Hugging Face libraries are offline.
+- Its ``drgrpo`` commands run the console script's ``main`` in a child forked from a server that imported drgrpo
+  once (``helpers.forked_drgrpo``: the command's own process, arguments, directory, environment, streams and exit
+  status, without importing torch again; :func:`test_the_stand_in_drgrpo_is_the_console_script` compares the two).
+  ``DRGRPO_DOCS_FORK=0`` runs the installed console script instead.
 - Directives, in HTML comments on the lines right above a block (the rendered page does not show them, so the
   page says in words, next to the block, when a block is shortened):
 
@@ -20,7 +25,7 @@ The convention (docs/testing.md, "Docs are tested", says the same for writers):
       run the block with OLD replaced by NEW (OLD must occur in it);
   ``<!-- doc-test: needs runs/default -->``
       start from a directory that already holds a prepared run at that path (:data:`FIXTURES`: made once per
-      session, copied for each block);
+      session, copied for each block; the fixture checks what a block would: exit 0, no shipped file changed);
   ``<!-- doc-test: in .venv-verl -->``
       run with ``.venv-verl/bin`` first on PATH (verl's own environment);
   ``<!-- doc-test: verl-launch -->``
@@ -30,23 +35,29 @@ The convention (docs/testing.md, "Docs are tested", says the same for writers):
 
 - Lines that are checked instead of run: ``bash scripts/setup.sh EXTRAS`` and ``pip install '.[EXTRAS]'`` (the
   suite runs inside the environment they make: every extra must exist in pyproject.toml; what follows ``&&`` on
-  the line runs), the CI command (it must be exactly the last line of ``.ci/run``), and a ``pytest`` line (its
-  paths must exist inside this suite, which runs them).
-- :data:`CHECKS` holds an oracle check for a block whose output is a number to verify (it then runs in this
-  process and gets the block's variables); :data:`NOT_RUN` lists, with the reason, the blocks that cannot run at
-  all. Both are keyed by :attr:`Block.name` ("page: first line"); a key that matches no block fails.
+  the line runs), the CI command (it must be exactly the last line of ``.ci/run``), a ``pytest`` line (its
+  paths must exist inside this suite, which runs them), and a block's first command when it is a fixture's (the
+  same words once the directives apply, ``.venv/bin/drgrpo`` being ``drgrpo``): the block starts from that
+  fixture, as if it had run the command (the quick start's ``drgrpo train --output-dir runs/default`` runs once
+  per session, not once per page). Blocks that then run the same code are one test (:func:`runnable`).
+- :data:`CHECKS` holds an oracle check for a block whose output is a number to verify (it gets the block's
+  variables: a python block's, or a bash block's ``stdout``, ``stderr`` and directory); :data:`NOT_RUN` lists,
+  with the reason, the blocks that cannot run at all. Both are keyed by :attr:`Block.name` ("page: first
+  line"); a key that matches no block fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import random
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +65,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
+from helpers import forked_drgrpo
 
 try:
     import tomllib
@@ -78,12 +91,13 @@ SHORT = {
 }
 """What ``<!-- doc-test: short -->`` appends to ``drgrpo train`` and ``drgrpo compare`` commands."""
 
-FIXTURES = {
-    "runs/default": f"drgrpo train --output-dir runs/default {SHORT['train']}",
-    "tiny-llama": "python -c 'from drgrpo.train import TaskConfig, WarmStartConfig, warm_start; "
-    'warm_start("tiny-llama", WarmStartConfig(), TaskConfig())\'',  # the TRL examples' model, made once
+FIXTURES: dict[str, str | Callable[[Path], None]] = {
+    "runs/default": f"drgrpo train --output-dir runs/default {SHORT['train']}",  # the quick start's run
+    "tiny-llama": lambda where: warm_start_default(where / "tiny-llama"),  # the TRL examples' model, made once
 }
-"""What ``<!-- doc-test: needs PATH -->`` prepares: the command that makes PATH (run once per session)."""
+"""What ``<!-- doc-test: needs PATH -->`` prepares, once per session: the command that makes PATH, or a function
+of the fixture's directory run in this process. A block whose first command is one of these commands (the same
+words) starts from the fixture instead of running it again (:func:`fixture_lines`)."""
 
 NOT_RUN: dict[str, str] = {}
 """Blocks that cannot run at all, by :attr:`Block.name`, with the reason."""
@@ -142,12 +156,21 @@ ALL = [block for page in PAGES for block in read_blocks(page)]
 
 
 def runnable() -> list[Block]:
-    """The blocks to run: each distinct one once (a page may repeat another's block: the README's verl line)."""
+    """The blocks to run: each distinct one once (a page may repeat another's block: the README's verl line).
+
+    Two blocks are the same when what runs is the same (:func:`prepare`): the quick start of the README and of
+    training.md both plot the prepared default run."""
     seen, out = set(), []
     for b in ALL:
-        if b.lang in RUN and b.name not in NOT_RUN and (b.lang, b.code, b.directives) not in seen:
-            seen.add((b.lang, b.code, b.directives))
-            out.append(b)
+        if b.lang in RUN and b.name not in NOT_RUN:
+            try:
+                code, settings = prepare(b)
+                key = (b.lang, code, tuple(settings["needs"]), settings["venv"], settings["verl_launch"])
+            except AssertionError:  # a bad line or directive: its test fails, saying why
+                key = (b.lang, b.code, b.directives, "", False)
+            if key not in seen:
+                seen.add(key)
+                out.append(b)
     return out
 
 
@@ -245,12 +268,68 @@ def _joined(code: str) -> str:
     return code.replace("\\\n", " ")
 
 
+def command_words(line: str) -> list[str] | None:
+    """A shell line's words, comments dropped, ``.venv/bin/NAME`` as ``NAME`` (.venv/bin is first on PATH)."""
+    try:
+        words = shlex.split(line, comments=True)
+    except ValueError:
+        return None
+    if words and words[0].startswith(".venv/bin/"):
+        words[0] = words[0].removeprefix(".venv/bin/")
+    return words
+
+
+ACTIVATE = [".", ".venv/bin/activate"]
+"""Activating the environment: the blocks run with it active already (:func:`environment`)."""
+
+
+def fixture_lines(shell: str) -> tuple[str, list[str]]:
+    """The code without its first command when that command is a fixture's, and the fixtures to start from.
+
+    The fixture ran that command, with the same environment, in a directory like the block's, and checked what
+    the block would (exit 0, no shipped file changed): the block starts from its result instead of running it
+    again. Only the block's first command counts (after activating the environment, a no-op here)."""
+    lines = shell.splitlines()
+    for i, line in enumerate(lines):
+        words = command_words(line)
+        if not words or words == ACTIVATE:
+            continue
+        made = [path for path, by in FIXTURES.items() if isinstance(by, str) and words == shlex.split(by)]
+        if made:
+            rest = [ln for ln in lines[:i] if command_words(ln) != ACTIVATE] + lines[i + 1 :]
+            return "\n".join(rest) + "\n", made
+        break
+    return shell, []
+
+
+def prepare(block: Block) -> tuple[str, dict[str, Any]]:
+    """What runs for a block: the code after its directives, checked lines (bash) and fixtures, and its settings."""
+    code, settings = apply_directives(block)
+    if block.lang != "python" and not settings["verl_launch"]:
+        code, made = fixture_lines(checked_lines(code, block.name))
+        settings["needs"] += [path for path in made if path not in settings["needs"]]
+    return code, settings
+
+
 # --------------------------------------------------------------------------- running a block
 
 
+SERVED: dict[str, Path] = {}
+"""While the fork server runs (:func:`drgrpo_server`): ``bin``, the stand-in ``drgrpo``'s directory, and ``log``, the
+server's log (a line per command it forked, and one per command it left to the installed script)."""
+
+
+NOT_INHERITED = {"PYTHONPATH", "VIRTUAL_ENV", "PYTEST_CURRENT_TEST"}
+BASE_ENVIRONMENT = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
+"""The environment the blocks start from, read when the tests are collected: what tests run in this process set
+later (torch's imports set TORCHINDUCTOR_CACHE_DIR, pytest sets PYTEST_CURRENT_TEST) stays out of the blocks."""
+
+
 def environment(venv: str = ".venv") -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = dict(BASE_ENVIRONMENT)
     bins = [str(ROOT / venv / "bin"), str(Path(sys.executable).parent)]
+    if venv == ".venv" and "bin" in SERVED:
+        bins.insert(0, str(SERVED["bin"]))
     env.update(
         PATH=os.pathsep.join([*bins, env.get("PATH", "")]),
         HF_HUB_OFFLINE="1",
@@ -299,24 +378,92 @@ def run_shell(code: str, cwd: Path, venv: str = ".venv") -> subprocess.Completed
     return proc
 
 
-def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
-    (cwd / "doc_block.py").write_text(code)
-    return subprocess.run(
-        [sys.executable, "doc_block.py"], cwd=cwd, env=environment(), capture_output=True, text=True,
-        timeout=TIMEOUT_S,
-    )  # fmt: skip
+def warm_start_default(where: Path) -> None:
+    """The built-in model's default warm start, saved to ``where`` (made in this process, as in the TRL examples)."""
+    from drgrpo.train import TaskConfig, WarmStartConfig, warm_start
+
+    with kept_global_state():
+        torch.set_num_threads(1)  # as drgrpo train makes it
+        warm_start(where, WarmStartConfig(), TaskConfig())
+
+
+@contextlib.contextmanager
+def kept_global_state() -> Iterator[None]:
+    """Run code in this process and leave torch's, numpy's and Python's global state as it was."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    python_rng, numpy_rng, path = random.getstate(), np.random.get_state(), list(sys.path)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        random.setstate(python_rng)
+        np.random.set_state(numpy_rng)
+        sys.path[:] = path
+
+
+def run_python(code: str, where: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Run a python block in this process, in ``where`` with the blocks' environment; returns its variables.
+
+    In this process rather than a new one (which would import torch and transformers again): the block runs as
+    ``__main__`` with its directory as the working directory and first on ``sys.path``, as ``python FILE`` would;
+    the global state it changes (threads, seeds, deterministic algorithms) is put back afterwards."""
+    monkeypatch.chdir(where)
+    for key, value in environment().items():
+        monkeypatch.setenv(key, value)
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    with kept_global_state():
+        torch.set_num_threads(1)  # the tiny models run fastest on one thread, as the trainer runs them
+        sys.path.insert(0, str(where))
+        exec(compile(code, name, "exec"), namespace)
+    return namespace
 
 
 @pytest.fixture(scope="session")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+def drgrpo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The blocks' ``drgrpo`` commands through a fork server that imported drgrpo once (``helpers.forked_drgrpo``).
+
+    ``DRGRPO_DOCS_FORK=0`` runs the real console script instead; so does the stand-in if the server is gone."""
+    if os.environ.get("DRGRPO_DOCS_FORK") == "0":
+        yield
+        return
+    base = tmp_path_factory.mktemp("drgrpo-server")
+    address = Path("/tmp") / f"drgrpo-docs-{os.getpid()}.sock"  # a Unix socket's path has at most 107 bytes
+    SERVED["bin"] = forked_drgrpo.write_stand_in(base / "bin", ROOT / ".venv" / "bin" / "drgrpo", address).parent
+    SERVED["log"] = base / "server.log"
+    server = subprocess.Popen(
+        [sys.executable, forked_drgrpo.__file__, str(address)], cwd=base, env=environment(),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=(base / "server.log").open("w"), text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready", (
+            f"the fork server did not start: {(base / 'server.log').read_text()[-3000:]}"
+        )
+        yield
+    finally:
+        SERVED.clear()
+        server.terminate()
+        server.wait(timeout=60)
+        address.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory, drgrpo_server: None) -> Callable[[str], Path]:
     """``prepared(path)``: a directory holding the fixture ``path`` (made on first use, once per session)."""
     made: dict[str, Path] = {}
 
     def get(path: str) -> Path:
         if path not in made:
             where = workdir(tmp_path_factory.mktemp("fixture"))
-            proc = run_shell(FIXTURES[path], where)
-            assert proc.returncode == 0, f"fixture {path}: {FIXTURES[path]}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+            before, command = snapshot(where), FIXTURES[path]
+            if isinstance(command, str):
+                proc = run_shell(command, where)
+                assert proc.returncode == 0, f"fixture {path}: {command}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+            else:
+                command(where)
+            changed = sorted(k for k, v in snapshot(where).items() if before.get(k) != v)
+            assert not changed, f"fixture {path} changed the repository: {changed[:10]}"
             made[path] = where / path
         return made[path]
 
@@ -325,7 +472,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
 
 def run_block(block: Block, tmp_path: Path, prepared: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch) -> Any:
     """Run one block as the module docstring says; returns its variables for a python block with a CHECK."""
-    code, settings = apply_directives(block)
+    code, settings = prepare(block)
     where = workdir(tmp_path / "repo")
     for path in settings["needs"]:
         shutil.copytree(prepared(path), where / path, symlinks=True)
@@ -334,21 +481,10 @@ def run_block(block: Block, tmp_path: Path, prepared: Callable[[str], Path], mon
     try:
         if settings["verl_launch"]:
             namespace = verl_launch(code, where)
-        elif block.lang == "python" and block.name in CHECKS:
-            monkeypatch.chdir(where)
-            for key, value in environment().items():
-                monkeypatch.setenv(key, value)
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # the tiny models run fastest on one thread, as the trainer runs them
-            try:
-                exec(compile(code, block.page, "exec"), namespace)
-            finally:
-                torch.set_num_threads(threads)
         elif block.lang == "python":
-            proc = run_python(code, where)
-            assert proc.returncode == 0, f"{block.name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+            namespace = run_python(code, where, block.page, monkeypatch)
         else:
-            shell = checked_lines(code, block.name)
+            shell = code
             proc = run_shell(shell, where, settings["venv"])
             namespace = {"stdout": proc.stdout, "stderr": proc.stderr, "where": where}
             assert proc.returncode == 0, (
@@ -367,6 +503,33 @@ def test_block_runs(block: Block, tmp_path: Path, prepared: Any, monkeypatch: py
     namespace = run_block(block, tmp_path, prepared, monkeypatch)
     if block.name in CHECKS:
         CHECKS[block.name](namespace)
+
+
+@pytest.mark.slow
+def test_the_stand_in_drgrpo_is_the_console_script(tmp_path: Path, drgrpo_server: None) -> None:
+    # the blocks' drgrpo (the fork server's child) against the installed console script on the same commands:
+    # the same exit code and message for a bad flag, and a short run ending on the same weights, bit for bit
+    if "bin" not in SERVED:
+        pytest.skip("DRGRPO_DOCS_FORK=0: the blocks run the console script itself")
+    where = workdir(tmp_path / "repo")
+    real = str(ROOT / ".venv" / "bin" / "drgrpo")
+    assert shutil.which("drgrpo", path=environment()["PATH"]) == str(SERVED["bin"] / "drgrpo")
+    run = SHORT["train"].replace("--steps 2", "--steps 1")
+    forked_before = SERVED["log"].read_text().count("forked ")
+    for args in ("train --lr nan --output-dir runs/x", f"train {run} --output-dir runs/{{}}"):
+        forked = run_shell(f"drgrpo {args.format('forked')}", where)
+        installed = run_shell(f"{real} {args.format('installed')}", where)
+        assert forked.returncode == installed.returncode, args
+        if "{}" not in args:
+            assert (forked.stdout, forked.stderr) == (installed.stdout, installed.stderr), args
+    message = "drgrpo train: error: --lr must be a finite number, got nan\n"  # exit 2, one line
+    assert run_shell("drgrpo train --lr nan || echo $?", where).stderr == message
+    assert SERVED["log"].read_text().count("forked ") == forked_before + 3, SERVED["log"].read_text()[-2000:]
+    from safetensors.torch import load_file
+
+    weights = [load_file(next((where / "runs" / r / "checkpoints").glob("step_*")) / "model.safetensors")
+               for r in ("forked", "installed")]  # fmt: skip
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 # --------------------------------------------------------------------------- the verl launch line
@@ -578,6 +741,41 @@ def test_short_appends_before_a_comment() -> None:
     block = Block("p", 1, "bash", "drgrpo train --output-dir runs/a   # note\ndrgrpo plot runs/a\n", ("short",))
     code, _ = apply_directives(block)
     assert code == f"drgrpo train --output-dir runs/a {SHORT['train']}   # note\ndrgrpo plot runs/a\n"
+
+
+def test_a_fixture_command_starts_the_block_from_the_fixture(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the rule of fixture_lines on lines written here: the block's first command, the same words as the fixture's
+    command = "drgrpo train --output-dir runs/default --steps 2"
+    with monkeypatch.context() as patched:
+        patched.setitem(FIXTURES, "runs/default", command)
+        code = f". .venv/bin/activate\n.venv/bin/{command}   # note\ndrgrpo plot runs/default\n"
+        assert fixture_lines(code) == ("drgrpo plot runs/default\n", ["runs/default"])
+        for runs in (
+            f"drgrpo eval --model runs/x\n{command}\n",  # not the first command
+            f"{command} --lr 1e-3\n",  # other words
+            command.replace("runs/default", "runs/other") + "\n",
+        ):
+            assert fixture_lines(runs) == (runs, [])
+    # the quick start, shortened as the README's block is: its run is the fixture's, only the plot runs
+    block = Block("p", 1, "bash", "drgrpo train --output-dir runs/default\ndrgrpo plot runs/default\n", ("short",))
+    code, settings = prepare(block)
+    assert (code, settings["needs"]) == ("drgrpo plot runs/default\n", ["runs/default"])
+
+
+def test_python_blocks_run_here_and_leave_the_global_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), random.getstate())
+    rng = torch.random.get_rng_state()
+    code = (
+        "import os, random, sys, torch\n"
+        "torch.manual_seed(5); random.seed(5); torch.use_deterministic_algorithms(True); torch.set_num_threads(1)\n"
+        "x, where, first = torch.rand(1).item(), os.getcwd(), sys.path[0]\n"
+    )
+    namespace = run_python(code, tmp_path, "t", monkeypatch)
+    assert namespace["x"] == torch.rand(1, generator=torch.Generator().manual_seed(5)).item()
+    assert namespace["where"] == namespace["first"] == str(tmp_path) and namespace["__name__"] == "__main__"
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # the blocks' environment, until monkeypatch puts it back
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), random.getstate()) == state
+    assert torch.equal(torch.random.get_rng_state(), rng) and str(tmp_path) not in sys.path
 
 
 def anchors(path: Path) -> set[str]:

@@ -8,5 +8,6 @@ test in any folder imports these as ``helpers.<module>``:
 - ``tiny_configs``: the same tiny settings as a ``TrainConfig`` for the trainer called in-process;
 - ``normalizer_steps``: one optimizer step's batch on a float64 output layer, split into micro-batches;
 - ``fused_batches``: hidden states and an output layer for the fused loss, and its comparison with the logits path;
-- ``trl_standin``: TRL's ``GRPOTrainer`` loss and advantage code run on a stand-in trainer.
+- ``trl_standin``: TRL's ``GRPOTrainer`` loss and advantage code run on a stand-in trainer;
+- ``forked_drgrpo``: the docs' ``drgrpo`` commands forked from a process that imported drgrpo once.
 """
