@@ -193,7 +193,7 @@ def check_extras(names: str, where: str) -> None:
 
 
 PYTEST = (["pytest"], ["python", "-m", "pytest"], [".venv/bin/pytest"], [".venv/bin/python", "-m", "pytest"])
-PYTEST_VALUE_OPTIONS = {"-k", "-m", "-p", "--maxfail", "--durations"}
+PYTEST_VALUE_OPTIONS = {"-k", "-m", "-p", "-n", "--dist", "--maxfail", "--durations"}
 
 
 def pytest_targets(text: str) -> list[str] | None:
@@ -415,7 +415,7 @@ def run_python(code: str, where: Path, name: str, monkeypatch: pytest.MonkeyPatc
     namespace: dict[str, Any] = {"__name__": "__main__"}
     with kept_global_state():
         torch.set_num_threads(1)  # the tiny models run fastest on one thread, as the trainer runs them
-        sys.path.insert(0, str(where))
+        monkeypatch.syspath_prepend(str(where))  # put back by monkeypatch (and by kept_global_state)
         exec(compile(code, name, "exec"), namespace)
     return namespace
 
