@@ -154,6 +154,7 @@ def _monte_carlo(arm: str, sees: bool, batches: int = 60, groups: int = 128, see
     return grads.mean(0), grads.std(0, ddof=1) / math.sqrt(batches), policy.theta.item(), phi, g, length
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arm", ARMS)
 def test_expected_gradient_matches_monte_carlo_when_the_stop_sees_correctness(arm):
     mean, se, theta, phi, g, length = _monte_carlo(arm, sees=True)
@@ -182,6 +183,7 @@ def test_expected_gradient_matches_monte_carlo_when_the_stop_sees_correctness(ar
         assert want.phi[0] < 0 < want.phi[1]  # SGD raises stop-after-right, lowers stop-after-wrong
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arm", ARMS)
 def test_no_drift_in_expectation_when_the_stop_is_blind(arm):
     mean, se, theta, phi, g, length = _monte_carlo(arm, sees=False)

@@ -166,6 +166,7 @@ ADVANTAGE_SCHEMES = [
 ]
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(
     scheme=st.sampled_from(ADVANTAGE_SCHEMES),

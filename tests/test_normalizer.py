@@ -109,6 +109,7 @@ def test_uneven_micro_batches_give_the_whole_batch_gradient(config: LossConfig, 
     assert abs(sum(shares) - reference_loss(step, config, whole(step), None, None)) <= 1e-12
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(
     seed=st.integers(0, 10_000),

@@ -130,6 +130,7 @@ def test_hand_computed_group_of_two():
     assert dr_grpo_objective(lp, lp_old, lp_ref, [1, 0]) == pytest.approx(-(surrogate - 0.04 * kl), rel=1e-14)
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(groups())
 def test_seed_preset_with_one_token_per_completion_equals_the_spec(case):
@@ -143,6 +144,7 @@ def test_seed_preset_with_one_token_per_completion_equals_the_spec(case):
     assert out.loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(groups())
 def test_paper_objective_has_no_std_division(case):

@@ -55,6 +55,7 @@ def assert_same_run(ours, stock, k: int) -> None:
 # --------------------------------------------------------------------------- no loss_config: TRL's own loss
 
 
+@pytest.mark.slow
 def test_without_loss_config_the_loss_is_the_one_grpo_config_describes(model_dir: Path, tmp_path: Path, caplog):
     """GRPOConfig(loss_type=...) with no loss_config trains that loss, with every TRL field as TRL reads it."""
     fields = dict(loss_type="grpo", scale_rewards="batch", epsilon=0.1, epsilon_high=0.3, beta=0.04)
@@ -437,6 +438,7 @@ def test_every_preset_leaves_unscored_completions_out_as_trl_does(tmp_path: Path
 # --------------------------------------------------------------------------- several rewards: normalize_then_sum
 
 
+@pytest.mark.slow
 def test_normalize_then_sum_without_loss_config_is_stock_trl(model_dir: Path, tmp_path: Path):
     """Two reward functions (one scoring a quarter of the completions), each normalised in its group before the
     weighted sum, then over the whole batch: stock GRPOTrainer's advantages, losses and gradient."""

@@ -53,6 +53,7 @@ def check_step(trainer, model_dir: Path, k: int, step: int = 0, *, off_policy: b
 # --------------------------------------------------------------------------- whole-step gradient
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("k", "spg"), SPLITS)
 @pytest.mark.parametrize("preset", ["dr_grpo", "dapo", "bnpo", "grpo"])
 def test_first_step_gradient_is_the_whole_batch_gradient(
@@ -76,6 +77,7 @@ def test_the_oracle_sees_per_micro_batch_normalisation(model_dir: Path, tmp_path
     assert h.relative_difference(trainer.first_step_grads, grads) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["dapo", "grpo"])
 def test_second_iteration_is_off_policy_and_exact(model_dir: Path, tmp_path: Path, preset: str):
     """num_iterations = 2: the second step reuses the rollout with old log-probs (ratio != 1) and, for grpo, the KL."""
@@ -97,6 +99,7 @@ def test_second_iteration_is_off_policy_and_exact(model_dir: Path, tmp_path: Pat
 # --------------------------------------------------------------------------- trl.* presets = stock TRL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("loss_type", "k", "spg"),
     [(t, 2, 2) for t in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo")]
@@ -114,6 +117,7 @@ def test_trl_presets_give_stock_grpo_trainer_numbers(model_dir: Path, tmp_path: 
     assert h.relative_difference(ours.first_step_grads, stock.first_step_grads) <= TOL
 
 
+@pytest.mark.slow
 def test_trl_grpo_with_kl_and_two_iterations_gives_stock_numbers(model_dir: Path, tmp_path: Path):
     """beta > 0 (k3 KL weighted by the ratio, TRL's use_bias_correction_kl) on an off-policy second step."""
     common = dict(num_iterations=2, max_steps=2, learning_rate=3e-3)
@@ -131,6 +135,7 @@ def test_trl_grpo_with_kl_and_two_iterations_gives_stock_numbers(model_dir: Path
     assert kl[1] == pytest.approx(stock_kl[1], rel=1e-4) and kl[1] > 1e-3  # k3 * ratio, as TRL logs it
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fields", [{"loss_type": "vespo"}, {"loss_type": "luspo", "importance_sampling_level": "sequence", "epsilon": 0.01}]
 )
@@ -190,6 +195,7 @@ def test_an_unknown_advantage_estimator_is_one_clear_error(model_dir: Path, tmp_
 # --------------------------------------------------------------------------- fused
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["dr_grpo", "grpo", "gspo"])
 def test_fused_equals_the_logits_path(model_dir: Path, tmp_path: Path, preset: str):
     common = dict(num_iterations=2, max_steps=2, learning_rate=3e-3)
@@ -221,6 +227,7 @@ TRL_METRICS = (
 )
 
 
+@pytest.mark.slow
 def test_metrics_have_trls_names_and_values(model_dir: Path, tmp_path: Path):
     """Stock TRL, DrGRPOTrainer and DrGRPOTrainer(fused=True) on the same rollout log the same TRL metrics.
 
@@ -246,6 +253,7 @@ def test_metrics_have_trls_names_and_values(model_dir: Path, tmp_path: Path):
 LOSS_METRICS = (*TRL_METRICS, "cispo_clip_ratio", "kl", "vespo/phi_seq_mean")  # what TRL's loss logs (and policy_loss)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fields",
     [
@@ -295,6 +303,7 @@ def test_every_loss_type_logs_trls_metrics_with_trls_values(model_dir: Path, tmp
 # --------------------------------------------------------------------------- the entropy bonus
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("loss_type", "k", "spg"), [("grpo", 1, 1), ("dapo", 2, 2), ("dr_grpo", 4, 2)])
 def test_the_entropy_bonus_without_loss_config_is_stock_trls(model_dir: Path, tmp_path: Path, loss_type, k, spg):
     """entropy_coef > 0: TRL's bonus (each micro-batch's mean entropy over K), stock's gradient and metrics."""
@@ -325,6 +334,7 @@ def test_the_entropy_bonus_of_a_core_preset_is_the_whole_steps(model_dir: Path, 
     assert h.relative_difference(plain, grads) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bonus", [0.0, 0.05])
 def test_the_high_entropy_mask_without_loss_config_is_stock_trls(model_dir: Path, tmp_path: Path, bonus: float):
     """top_entropy_quantile = 0.5 (TRL's threshold per micro-batch), with and without the bonus on the kept tokens:
@@ -340,6 +350,7 @@ def test_the_high_entropy_mask_without_loss_config_is_stock_trls(model_dir: Path
     assert h.relative_difference(plain.first_step_grads, stock.first_step_grads) > 1e-3  # the mask acts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True])
 def test_the_high_entropy_mask_of_a_core_preset_is_the_whole_steps(model_dir: Path, tmp_path: Path, fused: bool):
     """loss_config="dr_grpo" with top_entropy_quantile = 0.5: one threshold over the whole step's tokens (all
@@ -368,6 +379,7 @@ def test_the_fused_entropy_bonus_is_stock_trls(model_dir: Path, tmp_path: Path):
     assert rows[1][0]["policy_loss"] == pytest.approx(rows[0][0]["policy_loss"], rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_the_adaptive_entropy_controller_is_trls(model_dir: Path, tmp_path: Path):
     """use_adaptive_entropy: no bonus on the first step (no measurement yet), then the bonus while the previous
     step's entropy (about 2.85 nats here) is at most entropy_target; the coefficient moves by entropy_coef_delta
@@ -440,6 +452,7 @@ def test_evaluation_runs_the_loss_on_its_own_batch(model_dir: Path, tmp_path: Pa
 # --------------------------------------------------------------------------- the extra missing
 
 
+@pytest.mark.slow
 def test_import_without_trl_names_the_extra():
     # a fresh interpreter where every trl import fails (tests/helpers/fresh_interpreter.py)
     report = import_report()

@@ -138,6 +138,7 @@ SAMPLING_METRICS = [f"sampling/importance_sampling_ratio/{s}" for s in ("min", "
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_drgrpo_without_loss_config_is_stock_trl_with_the_correction(model_dir: Path, tmp_path: Path, mode: str):
     """TRL's default loss (dapo) with vLLM's correction in each mode: K = 1 against stock GRPOTrainer (rollout,
@@ -155,6 +156,7 @@ def test_drgrpo_without_loss_config_is_stock_trl_with_the_correction(model_dir: 
     _whole_step(split, model_dir, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_the_correction_applies_to_a_core_preset_whole_step_exact(model_dir: Path, tmp_path: Path, mode: str):
     """loss_config="dr_grpo" on a vLLM run: the run's correction (mode and bounds from GRPOConfig) weights drgrpo's
@@ -165,6 +167,7 @@ def test_the_correction_applies_to_a_core_preset_whole_step_exact(model_dir: Pat
     _whole_step(trainer, model_dir, 4)
 
 
+@pytest.mark.slow
 def test_the_off_policy_mask_on_vllm_generations(model_dir: Path, tmp_path: Path):
     """off_policy_mask_threshold: drop a negative-advantage completion whose mean (sampling - policy) log-prob is
     above it (the sampler's log-probs: vLLM's): stock's gradient at K = 1, the whole batch's with dr_grpo."""
@@ -188,6 +191,7 @@ def test_the_off_policy_mask_on_vllm_generations(model_dir: Path, tmp_path: Path
     assert h.relative_difference(unmasked, core.step_grads[0]) > 1e-3  # the mask dropped completions
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("loss_type", "mode"), [("vespo", "token_truncate"), ("vespo", "token_mask"), ("luspo", "sequence_mask")]
 )

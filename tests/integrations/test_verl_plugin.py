@@ -59,6 +59,7 @@ def whole_batch(batch: dict, config: LossConfig):
 # --------------------------------------------------------------------------- the entry point
 
 
+@pytest.mark.slow
 def test_import_verl_alone_registers_every_step_wide_preset():
     ep = live()["entry_point"]
     assert ep["verl_version"] == "0.9.1"

@@ -22,6 +22,7 @@ def length(completion, example):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["rloo", "opo"])
 def test_a_run_uses_the_estimator_it_names(name, tmp_path: Path, monkeypatch):
     seen: list[dict] = []
@@ -67,6 +68,7 @@ def test_grpo_is_the_presets_group_advantage():
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-14, atol=1e-15)
 
 
+@pytest.mark.slow
 def test_bad_values_are_refused(tmp_path: Path, capsys):
     with pytest.raises(FieldError, match="advantage must be one of grpo, rloo"):
         TrainConfig(advantage="remax")  # type: ignore[arg-type]

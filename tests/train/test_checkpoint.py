@@ -108,6 +108,7 @@ def test_a_checkpoint_with_a_pickled_payload_is_refused(tmp_path: Path):
         load_optimizer_state(ckpt, torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_pickled_payload(tmp_path: Path, capsys):
     from helpers.cli_runs import TINY
 

@@ -133,6 +133,7 @@ def test_cli_end_to_end_tiny(tmp_path):
         assert (out / name).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_model_dataset_and_reward_flags_reach_every_run():
     from drgrpo.train import TrainConfig
     from drgrpo.train.cli.main import build_parser, compare_config_from_args
@@ -395,6 +396,7 @@ def test_a_signal_stops_every_run_and_writes_the_report_of_those_that_finished(t
     assert not list((out / "runs" / "dr_grpo" / "seed0" / "checkpoints").glob("step_*"))  # its step 1: abandoned
 
 
+@pytest.mark.slow
 def test_each_loss_is_named_once(tmp_path, capsys):
     from drgrpo.train.cli.main import main
 

@@ -195,6 +195,7 @@ def cut_state(ckpt: Path) -> str:
     return f"{path} is cut off or damaged (not valid JSON: "
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [cut_weights, empty_optimizer, cut_state])
 def test_a_damaged_checkpoint_names_the_file_and_the_newest_intact_one(tmp_path: Path, reference: Path, capsys, damage):
     run = tmp_path / "run"

@@ -183,6 +183,7 @@ def reward(completion, example):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("value", "message"),
     [
@@ -214,6 +215,7 @@ def test_a_bad_reward_value_at_step_3(
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+@pytest.mark.slow
 def test_non_finite_weights_after_the_optimizer_step(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -232,6 +234,7 @@ def test_non_finite_weights_after_the_optimizer_step(
     assert (run / "metrics.jsonl").read_text() == ""  # no step was completed
 
 
+@pytest.mark.slow
 def test_any_other_error_in_a_step_is_a_failure(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -256,6 +259,7 @@ def test_any_other_error_in_a_step_is_a_failure(
     assert read_state(find_checkpoint(run))["step"] == 2  # saved by the failure path (no scheduled checkpoint)
 
 
+@pytest.mark.slow
 def test_the_phase_that_raised_decides_between_a_failure_and_a_configuration_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -339,6 +343,7 @@ def test_values_nothing_could_train_with(tmp_path: Path, capsys: pytest.CaptureF
     assert not (tmp_path / "out").exists()  # nothing written: the output directory is made after every check
 
 
+@pytest.mark.slow
 def test_the_prompt_and_the_budget_must_fit_the_positions(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # the built-in prompt 'a + b =' is 4 tokens (--task-max-operand 9: one digit per operand): 4 + 8 new tokens
     # fit 12 positions, 4 + 9 do not

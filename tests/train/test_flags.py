@@ -133,6 +133,7 @@ def test_flags_build_the_expected_config():
     assert cfg == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("suffix", "text"), [(".yaml", YAML), (".toml", TOML)])
 def test_a_config_file_equals_the_same_flags(tmp_path: Path, suffix: str, text: str):
     path = tmp_path / f"run{suffix}"
@@ -199,6 +200,7 @@ def test_the_resolved_config_round_trips():
     assert set(flags) >= {"output-dir", "task-max-operand", "warm-start-steps", "tiny-hidden-size", "fused"}
 
 
+@pytest.mark.slow
 def test_a_run_writes_its_config_and_reruns_from_it_bit_for_bit(tmp_path: Path):
     first, second = tmp_path / "first", tmp_path / "second"
     assert main(["train", "--output-dir", str(first), "--steps", "2", "--eval-every", "0", "--seed", "3", *TINY]) == 0
@@ -215,6 +217,7 @@ def test_a_run_writes_its_config_and_reruns_from_it_bit_for_bit(tmp_path: Path):
 # ----------------------------------------------------------------------------- Dr. GRPO's L: one value
 
 
+@pytest.mark.slow
 def test_L_is_the_generation_budget_given_once():
     # one flag sets both the budget and L
     cfg = parse_train(["--max-new-tokens", "12"])
@@ -229,6 +232,7 @@ def test_L_is_the_generation_budget_given_once():
     assert cfg.to_flags()["max-new-tokens"] == 12 and "max-completion-length" not in cfg.to_flags()
 
 
+@pytest.mark.slow
 def test_L_given_twice_with_different_values_is_an_error(tmp_path: Path, capsys):
     out = tmp_path / "out"
     argv = ["train", "--max-new-tokens", "8", "--max-completion-length", "16", "--output-dir", str(out)]

@@ -140,6 +140,7 @@ RESUME_SAYS = {
 """What train's help says of each resume class (docs/faults.md, "Resume", points the user to it)."""
 
 
+@pytest.mark.slow
 def test_train_help_ends_each_flag_with_what_a_resume_does_with_it():
     helps = flag_helps("train")
     # hand-picked flags of each class, nested ones included (the oracle: docs/faults.md's classes)

@@ -102,6 +102,7 @@ def test_prompt_longer_than_the_context(tmp_path: Path, capsys: pytest.CaptureFi
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_50_mb_prompt_is_refused_without_tokenizing_it(tmp_path: Path) -> None:
     big = tmp_path / "big.jsonl"
     big.write_text(json.dumps({"prompt": "1 " * 25_000_000}) + "\n")  # 50 MB on one line
@@ -205,6 +206,7 @@ def test_a_model_that_needs_remote_code_is_refused_without_a_prompt(tmp_path: Pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_needs_remote_code_is_refused_on_resume(tmp_path: Path, capsys) -> None:
     ckpt = with_auto_map(save_tiny(tmp_path / "run" / "checkpoints" / "step_000001"), "drgrpo_custom_model")
     state = {"step": 1, "train_config": TrainConfig(output_dir=str(tmp_path / "run")).to_dict(), "init_model": ""}

@@ -63,6 +63,7 @@ def recorded_run(run: Path, monkeypatch: pytest.MonkeyPatch, reward: str) -> tup
     return rewards, advantages, lines
 
 
+@pytest.mark.slow
 def test_rewards_stay_float64_up_to_the_advantages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "signal_rewards.py").write_text(SIGNAL)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -85,6 +86,7 @@ def test_rewards_stay_float64_up_to_the_advantages(tmp_path: Path, monkeypatch: 
     assert [x["frac_groups_no_signal"] for x in m1] == [x["frac_groups_no_signal"] for x in m2]
 
 
+@pytest.mark.slow
 def test_a_step_without_signal_shows_in_the_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "signal_rewards.py").write_text(SIGNAL)
     monkeypatch.syspath_prepend(str(tmp_path))

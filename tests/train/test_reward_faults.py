@@ -73,6 +73,7 @@ def steps_logged(run: Path) -> list[int]:
     return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_reward_that_harms_the_process_fails_the_step_and_loses_nothing(
     case: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
@@ -188,6 +189,7 @@ def right(completion, example):
 """
 
 
+@pytest.mark.slow
 def test_accuracy_is_only_the_mean_of_a_0_or_1_reward(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -56,6 +56,7 @@ def state_of(ckpt: Path) -> dict:
 # --------------------------------------------------------------------------- identity
 
 
+@pytest.mark.slow
 def test_a_run_id_is_kept_by_resumes_and_a_branch_records_its_parent(tmp_path: Path, short: Path):
     run = copy(short, tmp_path)
     first = state_of(run / "checkpoints" / "step_000002")
@@ -80,6 +81,7 @@ def test_two_new_runs_get_two_ids_each_on_all_its_checkpoints(short: Path, refer
     assert read_state(short / "checkpoints" / "step_000002")["run_id"] not in ids
 
 
+@pytest.mark.slow
 def test_a_latest_linked_to_another_runs_checkpoint_is_refused(tmp_path: Path, short: Path, reference: Path, capsys):
     run, other = copy(short, tmp_path), copy(reference, tmp_path, "other")
     latest = run / "checkpoints" / "latest"
@@ -115,6 +117,7 @@ def test_a_latest_linked_to_another_runs_checkpoint_is_refused(tmp_path: Path, s
     assert tree(other) == before_other
 
 
+@pytest.mark.slow
 def test_a_checkpoint_copied_in_from_another_run_is_refused(tmp_path: Path, short: Path, reference: Path, capsys):
     run, other = copy(short, tmp_path), copy(reference, tmp_path, "other")
     copied = run / "checkpoints" / "step_000004"
@@ -138,6 +141,7 @@ def test_a_checkpoint_copied_in_from_another_run_is_refused(tmp_path: Path, shor
     assert tree(run) == before and tree(other) == before_other
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_a_run_id_is_taken_as_the_runs_with_a_note(tmp_path: Path, short: Path, capsys):
     run = copy(short, tmp_path)
     ckpt = run / "checkpoints" / "step_000002"
@@ -162,6 +166,7 @@ def test_a_checkpoint_without_a_run_id_is_taken_as_the_runs_with_a_note(tmp_path
 # --------------------------------------------------------------------------- files a new run did not write
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_keeps_its_metrics(tmp_path: Path, short: Path, capsys):
     run = copy(short, tmp_path)
     shutil.rmtree(run / "checkpoints")  # what a run killed before its first checkpoint leaves
@@ -228,6 +233,7 @@ def test_a_config_yaml_of_a_run_that_left_nothing_else_is_replaced(tmp_path: Pat
 # --------------------------------------------------------------------------- resume: config.yaml, --model
 
 
+@pytest.mark.slow
 def test_an_edit_of_config_yaml_is_never_overwritten_by_a_resume(tmp_path: Path, short: Path, capsys):
     run = copy(short, tmp_path)
     path = run / "config.yaml"
@@ -264,6 +270,7 @@ def test_resume_with_the_model_directory_written_relatively_or_absolutely_is_no_
 # --------------------------------------------------------------------------- processes
 
 
+@pytest.mark.slow
 def test_a_resume_on_another_number_of_processes_is_refused(tmp_path: Path, short: Path, capsys):
     run = copy(short, tmp_path)
     ckpt = run / "checkpoints" / "step_000002"
@@ -320,6 +327,7 @@ def poison(weights: Path) -> str:
     return name
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_refused_at_load(tmp_path: Path, short: Path, capsys):
     run = copy(short, tmp_path)
     weights = run / "checkpoints" / "step_000002" / "model.safetensors"

@@ -147,6 +147,7 @@ def test_a_new_run_into_a_directory_holding_a_run_is_refused(tmp_path: Path, ref
 # --------------------------------------------------------------------------- resume keeps history
 
 
+@pytest.mark.slow
 def test_resuming_an_older_checkpoint_is_refused_and_a_branch_leaves_the_old_run_alone(
     tmp_path: Path, reference: Path, capsys
 ):
@@ -182,6 +183,7 @@ def test_resuming_an_older_checkpoint_is_refused_and_a_branch_leaves_the_old_run
     assert f"--output-dir {branch} already holds a run (checkpoints up to step_000006)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_flags_that_change_what_a_run_computes_are_refused_on_resume(tmp_path: Path, reference: Path, capsys):
     run = copy_of(reference, tmp_path)
     before = tree(run)
@@ -205,6 +207,7 @@ def test_flags_that_change_what_a_run_computes_are_refused_on_resume(tmp_path: P
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_flags_that_do_not_are_accepted_and_recorded(tmp_path: Path, reference: Path):
     run = copy_of(reference, tmp_path)
     args = ["train", "--resume", str(run), "--steps", "8", "--checkpoint-every", "1", "--keep-checkpoints", "2",
@@ -227,6 +230,7 @@ def test_flags_that_do_not_are_accepted_and_recorded(tmp_path: Path, reference: 
     assert metrics(run)[:6] == metrics(reference)
 
 
+@pytest.mark.slow
 def test_a_branch_may_change_what_the_run_computes_and_records_it(tmp_path: Path, reference: Path):
     branch = tmp_path / "branch"
     older = reference / "checkpoints" / "step_000004"
@@ -266,6 +270,7 @@ NESTED_CHANGES = {
 new value)."""
 
 
+@pytest.mark.slow
 def test_every_train_flag_is_classified_for_resume(monkeypatch):
     # every field says what a resume does with it, where it is defined; one without a class is named
     fields = dataclasses.fields(TrainConfig)

@@ -88,6 +88,7 @@ def test_bad_noise_settings_name_the_field():
         TaskConfig(noise_kind="letter")
 
 
+@pytest.mark.slow
 def test_compare_flags_reach_the_task_and_the_warm_start():
     from drgrpo.train.cli.main import build_parser, compare_config_from_args
     from drgrpo.train.train_config import WarmStartConfig

@@ -26,6 +26,7 @@ def steps_of(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in drop} for r in rows if "reward" in r]
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path: Path) -> None:
     # two micro-batches and two PPO epochs per step: old log-probs, clipping and accumulation all matter
     cfg = dict(ppo_epochs=2, micro_batch_size=8)
@@ -110,6 +111,7 @@ def test_real_model_path_with_reference_kl(
     assert read_state(result.checkpoint)["loss_config"]["beta"] == 0.04
 
 
+@pytest.mark.slow
 def test_fused_loss_path_matches_logits_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_warm_model: Path
 ) -> None:
