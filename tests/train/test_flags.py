@@ -253,3 +253,14 @@ def test_L_in_python_follows_max_new_tokens():
     for other in (16, None):  # None (no constant L) contradicts it as well
         with pytest.raises(ValueError, match=f"max_completion_length {other} .* disagrees with max_new_tokens 6"):
             TrainConfig(max_new_tokens=6, loss_overrides=(("max_completion_length", other),))
+
+
+def test_a_resume_class_outside_the_three_and_an_unknown_field_are_named():
+    from drgrpo.train.train_config import flag, on_resume
+
+    with pytest.raises(ValueError, match=r"^on_resume must be one of meaning, checkpoint, free, got 'sometimes'$"):
+        flag(1, on_resume="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^TrainConfig has no field 'lrr'$"):
+        on_resume("lrr")
+    # one flag of each class, as docs/faults.md lists them
+    assert (on_resume("lr"), on_resume("model"), on_resume("steps")) == ("meaning", "checkpoint", "free")
