@@ -1,4 +1,8 @@
-"""Shared test set-up: at most two threads for torch in the test process.
+"""Shared test set-up: torch's threads, and the collector frozen after collection.
+
+Torch gets at most two threads, and one per worker's share of the cores under pytest-xdist (``-n logical`` on 2
+cores: 2 workers of 1 thread each). ``OMP_NUM_THREADS`` says the same to the processes the tests start, unless it
+is set already: more threads than cores make them wait for each other (docs/testing.md gives the figures).
 
 The shared helpers (``tests/helpers/``, ``batches``, ``verl_env``) and the code shared with the benchmarks
 (``benchmarks/trl_harness.py``, ``gloo_ranks.py``) are importable from every folder through ``pythonpath`` in
@@ -6,10 +10,14 @@ pyproject.toml's ``[tool.pytest.ini_options]``.
 """
 
 import gc
+import os
 
 import torch
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, torch.get_num_threads(), (os.cpu_count() or 1) // WORKERS))
+torch.set_num_threads(THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 
 def pytest_collection_finish(session):

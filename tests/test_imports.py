@@ -151,6 +151,13 @@ def test_import_drgrpo_loads_no_extra(extra_module: str) -> None:
     assert import_report()["loaded"][extra_module] is False
 
 
+@pytest.mark.parametrize("extra_module", ["transformers", "tokenizers", "matplotlib", "rich", "trl"])
+def test_the_drgrpo_command_loads_no_model_library_before_it_needs_one(extra_module: str) -> None:
+    # importing transformers' Llama costs about 3 s of CPU: `drgrpo --help`, a bad flag or a missing file answer
+    # without it (the model, plot and progress code import theirs on use)
+    assert import_report()["command_loaded"][extra_module] is False
+
+
 def test_every_public_name_imports():
     import drgrpo
 

@@ -6,7 +6,9 @@ An interpreter start with torch costs seconds, so ``import_report`` runs one, on
   preset lookup (the core must not load an extra);
 - ``without_trl``: then, with every ``trl`` import made to fail, the message of the ``ImportError`` that
   ``import drgrpo.integrations.trl`` raises (``None`` if it imported);
-- ``core_version``: ``drgrpo.__version__`` read after that failure (the core still works without TRL).
+- ``core_version``: ``drgrpo.__version__`` read after that failure (the core still works without TRL);
+- ``command_loaded``: for each module of ``EXTRAS``, whether it is in ``sys.modules`` once the ``drgrpo`` command's
+  module is imported too (still without TRL): what every ``drgrpo`` process pays before it reads its arguments.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ _CODE = textwrap.dedent(
     except ImportError as error:
         without_trl = str(error)
     import drgrpo
-    print(json.dumps({"loaded": loaded, "without_trl": without_trl, "core_version": drgrpo.__version__}))
+    import drgrpo.train.cli.main
+    command_loaded = {name: name in sys.modules for name in EXTRAS}
+    report = {"loaded": loaded, "without_trl": without_trl, "core_version": drgrpo.__version__}
+    print(json.dumps({**report, "command_loaded": command_loaded}))
     """
 )
 

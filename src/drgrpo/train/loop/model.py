@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from drgrpo.train.loop.update import TrainState
 from drgrpo.train.run.checkpoint import load_optimizer_state, read_state
@@ -23,6 +22,8 @@ from drgrpo.train.train_config import TrainConfig
 
 def load_model(path: str | Path, dtype: str, device: torch.device) -> Any:
     """``AutoModelForCausalLM`` from a local directory, with parameters in ``dtype`` ('float32', 'bfloat16', ...)."""
+    from transformers import AutoModelForCausalLM  # imported on use: a command that fails first starts faster
+
     check_local_code(path)
     model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=False)
     model = model.to(device)
@@ -104,6 +105,8 @@ def weights_file(model_dir: Path, tensor: str) -> Path:
 
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer of a local model directory, left-padding (prompts end in one column) with a pad token."""
+    from transformers import AutoTokenizer
+
     check_local_code(path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     tokenizer.padding_side = "left"  # generation appends on the right: prompts end in the same column
@@ -158,6 +161,8 @@ def _json_or_empty(path: Path) -> dict[str, Any]:
 def context_length(path: str | Path) -> int | None:
     """The longest sequence (prompt + completion, in tokens) the model in ``path`` takes: ``max_position_embeddings``
     of its config (``n_positions`` for GPT-2 style configs), or None when the config does not say."""
+    from transformers import AutoConfig
+
     check_local_code(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     value = getattr(config, "max_position_embeddings", None)

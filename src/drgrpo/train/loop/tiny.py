@@ -8,12 +8,15 @@ with ``save_pretrained`` and loaded back with the ``Auto*`` classes like any loc
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from drgrpo.train.loop.task import WORK_TOKEN
 from drgrpo.train.train_config import TinyModelConfig
+
+if TYPE_CHECKING:  # imported on use: importing transformers' Llama takes about 3 s of CPU
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 VOCAB: tuple[str, ...] = (PAD, BOS, EOS, UNK, *"0123456789", "+", "-", "=", WORK_TOKEN)
@@ -26,6 +29,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     Encoding adds nothing (prompts are plain text); ``<bos>`` is unused by the task,
     ``<eos>`` ends a completion, ``<pad>`` pads a batch.
     """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {tok: i for i, tok in enumerate(VOCAB)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -36,6 +42,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_model(config: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
     """A randomly initialised ``LlamaForCausalLM`` of the given shape (float32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     hf_config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,
