@@ -69,7 +69,12 @@ def write_stand_in(bin_dir: Path, real: Path, server: Path) -> Path:
 def serve(address: str) -> None:
     """Import drgrpo's command line, then fork one child per request on the Unix socket ``address``; forever."""
     own_env = {k: v for k, v in os.environ.items() if k not in PER_COMMAND}
+    import transformers  # what every run imports on use: the model and tokenizer classes (no torch op runs)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
+
     import drgrpo.train.cli.main  # noqa: F401  (what every child would import first)
+
+    transformers.PreTrainedTokenizerFast  # noqa: B018  (a lazy attribute: this imports it)
 
     # what the imports set (torch: TORCHINDUCTOR_CACHE_DIR), as they would in a fresh process
     imported_env = {k: v for k, v in os.environ.items() if own_env.get(k) != v and k not in PER_COMMAND}
