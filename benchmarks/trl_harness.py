@@ -504,6 +504,7 @@ def _rank_main(argv: list[str]) -> None:
     at exit).
     """
     import faulthandler
+    import gc
     import json
     from datetime import timedelta
 
@@ -516,6 +517,8 @@ def _rank_main(argv: list[str]) -> None:
 
     rank, world_size, rendezvous, out_dir, model_dir = int(argv[0]), int(argv[1]), argv[2], Path(argv[3]), argv[4]
     torch.set_num_threads(1)
+    gc.collect()
+    gc.freeze()  # each job's Trainer.train() starts with a full collection: it skips what the imports made
     faulthandler.enable()
     faulthandler.dump_traceback_later(RANK_TIMEOUT_S, exit=True)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))

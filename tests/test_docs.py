@@ -87,9 +87,11 @@ SHORT = {
     "train": "--steps 2 --eval-every 1 --eval-size 8 --prompts-per-step 8 --warm-start-steps 10 "
     "--warm-start-target-accuracy 0",
     "compare": "--steps 2 --seeds 1 --eval-every 1 --eval-size 8 --prompts-per-step 8 --warm-start-steps 10 "
-    "--warm-start-target-accuracy 0",
+    "--warm-start-target-accuracy 0 --jobs 1",
 }
-"""What ``<!-- doc-test: short -->`` appends to ``drgrpo train`` and ``drgrpo compare`` commands."""
+"""What ``<!-- doc-test: short -->`` appends to ``drgrpo train`` and ``drgrpo compare`` commands. ``--jobs 1``: the
+short runs take less time than a process takes to start, so one process trains them one after the other
+(tests/train/test_compare.py runs them side by side)."""
 
 FIXTURES: dict[str, str | Callable[[Path], None]] = {
     "runs/default": f"drgrpo train --output-dir runs/default {SHORT['train']}",  # the quick start's run
