@@ -67,6 +67,7 @@ import pytest
 import torch
 
 from helpers import forked_drgrpo
+from helpers.shared_dirs import default_warm_start
 
 try:
     import tomllib
@@ -93,13 +94,15 @@ SHORT = {
 short runs take less time than a process takes to start, so one process trains them one after the other
 (tests/train/test_compare.py runs them side by side)."""
 
-FIXTURES: dict[str, str | Callable[[Path], None]] = {
+FIXTURES: dict[str, str | Callable[[Path, pytest.TempPathFactory], object]] = {
     "runs/default": f"drgrpo train --output-dir runs/default {SHORT['train']}",  # the quick start's run
-    "tiny-llama": lambda where: warm_start_default(where / "tiny-llama"),  # the TRL examples' model, made once
+    # the TRL examples' model: the default warm start, made once for the session (test_trl_trainer reads it too)
+    "tiny-llama": lambda where, factory: shutil.copytree(default_warm_start(factory), where / "tiny-llama"),
 }
 """What ``<!-- doc-test: needs PATH -->`` prepares, once per session: the command that makes PATH, or a function
-of the fixture's directory run in this process. A block whose first command is one of these commands (the same
-words) starts from the fixture instead of running it again (:func:`fixture_lines`)."""
+of the fixture's directory (and pytest's ``tmp_path_factory``) run in this process. A block whose first command
+is one of these commands (the same words) starts from the fixture instead of running it again
+(:func:`fixture_lines`)."""
 
 NOT_RUN: dict[str, str] = {}
 """Blocks that cannot run at all, by :attr:`Block.name`, with the reason."""
@@ -380,15 +383,6 @@ def run_shell(code: str, cwd: Path, venv: str = ".venv") -> subprocess.Completed
     return proc
 
 
-def warm_start_default(where: Path) -> None:
-    """The built-in model's default warm start, saved to ``where`` (made in this process, as in the TRL examples)."""
-    from drgrpo.train import TaskConfig, WarmStartConfig, warm_start
-
-    with kept_global_state():
-        torch.set_num_threads(1)  # as drgrpo train makes it
-        warm_start(where, WarmStartConfig(), TaskConfig())
-
-
 @contextlib.contextmanager
 def kept_global_state() -> Iterator[None]:
     """Run code in this process and leave torch's, numpy's and Python's global state as it was."""
@@ -463,7 +457,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, drgrpo_server: None) -> C
                 proc = run_shell(command, where)
                 assert proc.returncode == 0, f"fixture {path}: {command}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
             else:
-                command(where)
+                command(where, tmp_path_factory)
             changed = sorted(k for k, v in snapshot(where).items() if before.get(k) != v)
             assert not changed, f"fixture {path} changed the repository: {changed[:10]}"
             made[path] = where / path

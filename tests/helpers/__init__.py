@@ -9,5 +9,6 @@ test in any folder imports these as ``helpers.<module>``:
 - ``normalizer_steps``: one optimizer step's batch on a float64 output layer, split into micro-batches;
 - ``fused_batches``: hidden states and an output layer for the fused loss, and its comparison with the logits path;
 - ``trl_standin``: TRL's ``GRPOTrainer`` loss and advantage code run on a stand-in trainer;
-- ``forked_drgrpo``: the docs' ``drgrpo`` commands forked from a process that imported drgrpo once.
+- ``forked_drgrpo``: the docs' ``drgrpo`` commands forked from a process that imported drgrpo once;
+- ``shared_dirs``: directories made once per session for every pytest-xdist worker (the default warm start).
 """

@@ -466,14 +466,17 @@ def test_import_without_trl_names_the_extra():
 
 
 @pytest.mark.slow
-def test_training_on_the_addition_task_raises_held_out_accuracy(tmp_path: Path):
+def test_training_on_the_addition_task_raises_held_out_accuracy(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     from datasets import Dataset
 
-    from drgrpo.train import TaskConfig, WarmStartConfig, exact_match, make_splits, warm_start
+    from drgrpo.train import TaskConfig, exact_match, make_splits
     from drgrpo.train.loop.warmstart import probe_accuracy
+    from helpers.shared_dirs import default_warm_start
 
     task = TaskConfig()
-    start = warm_start(tmp_path / "warm", WarmStartConfig(), task)  # ~25% greedy accuracy
+    start = default_warm_start(tmp_path_factory)  # ~25% greedy accuracy (the docs' TRL examples start from it too)
     train, held_out = make_splits(task)
     tokenizer = build_tokenizer()
 

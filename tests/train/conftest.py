@@ -1,4 +1,4 @@
-"""Fixtures shared by the trainer tests."""
+"""Fixtures shared by the trainer tests, each made once per session for every xdist worker (``helpers.shared_dirs``)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     helpers/cli_runs.py), the built-in task and model. Read it, never write into it (copy it first)."""
     from drgrpo.train.cli.main import main
     from helpers.cli_runs import STEPS, TINY
+    from helpers.shared_dirs import shared_dir
 
-    run = tmp_path_factory.mktemp("reference") / "run"
-    assert main(["train", "--output-dir", str(run), *STEPS, *TINY]) == 0
-    return run
+    def make(run: Path) -> None:
+        assert main(["train", "--output-dir", str(run), *STEPS, *TINY]) == 0
+
+    return shared_dir(tmp_path_factory, "reference-run", make)
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +26,7 @@ def tiny_warm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The warm start of the tiny settings (``TINY_WARM`` on ``TINY_TASK``, helpers/tiny_configs.py), made once:
     a model directory to pass as ``model``. Read it, never write into it."""
     from drgrpo.train.loop.warmstart import warm_start
+    from helpers.shared_dirs import shared_dir
     from helpers.tiny_configs import TINY_TASK, TINY_WARM
 
-    return warm_start(tmp_path_factory.mktemp("tiny_warm_model") / "model", TINY_WARM, TINY_TASK)
+    return shared_dir(tmp_path_factory, "tiny-warm-model", lambda path: warm_start(path, TINY_WARM, TINY_TASK))
