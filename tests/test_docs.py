@@ -11,10 +11,14 @@ The convention (docs/testing.md, "Docs are tested", says the same for writers):
   ``tests/``, ``.venv``, ...) and an empty ``runs/``, so the docs' relative paths work and what a block writes
   lands in the directory, which is thrown away. A block may not write over a shipped file (a report, a result, the
   data): :func:`run_block` checks the copies. ``.venv/bin`` comes first on PATH; Hugging Face libraries are offline.
-- Its ``drgrpo`` commands run the console script's ``main`` in a child forked from a server that imported drgrpo
-  once (``helpers.forked_drgrpo``: the command's own process, arguments, directory, environment, streams and exit
-  status, without importing torch again; :func:`test_the_stand_in_drgrpo_is_the_console_script` compares the two).
-  ``DRGRPO_DOCS_FORK=0`` runs the installed console script instead.
+- Its ``drgrpo`` commands, and its ``python`` commands in ``.venv`` (``python FILE.py``, ``-m MODULE``, ``-c CODE``,
+  ``-``, and the children the scripts start with ``sys.executable``), run in a child forked from a server that
+  imported drgrpo, torch, transformers and TRL once (``helpers.forked_drgrpo``: the command's own process,
+  arguments, ``sys.path``, directory, environment, streams and exit status, without importing torch again).
+  :func:`test_the_stand_in_drgrpo_is_the_console_script` and :func:`test_the_stand_in_python_is_the_interpreter`
+  compare them with the installed console script and the interpreter. Any other ``python`` invocation, or an
+  environment that differs in a variable read at import time (a benchmark's ``OMP_NUM_THREADS`` for its
+  children), runs the real program. ``DRGRPO_DOCS_FORK=0`` runs the real ones throughout.
 - Directives, in HTML comments on the lines right above a block (the rendered page does not show them, so the
   page says in words, next to the block, when a block is shortened):
 
@@ -49,6 +53,7 @@ The convention (docs/testing.md, "Docs are tested", says the same for writers):
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -320,8 +325,9 @@ def prepare(block: Block) -> tuple[str, dict[str, Any]]:
 
 
 SERVED: dict[str, Path] = {}
-"""While the fork server runs (:func:`drgrpo_server`): ``bin``, the stand-in ``drgrpo``'s directory, and ``log``, the
-server's log (a line per command it forked, and one per command it left to the installed script)."""
+"""While the fork server runs (:func:`drgrpo_server`): ``bin``, the directory of the stand-ins ``drgrpo`` and
+``python``, and ``log``, the server's log (a line per command it forked, and one per command it left to the real
+program, saying why)."""
 
 
 NOT_INHERITED = {"PYTHONPATH", "VIRTUAL_ENV", "PYTEST_CURRENT_TEST"}
@@ -418,15 +424,18 @@ def run_python(code: str, where: Path, name: str, monkeypatch: pytest.MonkeyPatc
 
 @pytest.fixture(scope="session")
 def drgrpo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The blocks' ``drgrpo`` commands through a fork server that imported drgrpo once (``helpers.forked_drgrpo``).
+    """The blocks' ``drgrpo`` and ``python`` commands through a fork server that imported drgrpo, torch and TRL
+    once (``helpers.forked_drgrpo``).
 
-    ``DRGRPO_DOCS_FORK=0`` runs the real console script instead; so does the stand-in if the server is gone."""
+    ``DRGRPO_DOCS_FORK=0`` runs the real console script and interpreter instead; so do the stand-ins if the server
+    is gone."""
     if os.environ.get("DRGRPO_DOCS_FORK") == "0":
         yield
         return
     base = tmp_path_factory.mktemp("drgrpo-server")
     address = Path("/tmp") / f"drgrpo-docs-{os.getpid()}.sock"  # a Unix socket's path has at most 107 bytes
     SERVED["bin"] = forked_drgrpo.write_stand_in(base / "bin", ROOT / ".venv" / "bin" / "drgrpo", address).parent
+    forked_drgrpo.write_stand_in(base / "bin", ROOT / ".venv" / "bin" / "python", address, "python")
     SERVED["log"] = base / "server.log"
     server = subprocess.Popen(
         [sys.executable, forked_drgrpo.__file__, str(address)], cwd=base, env=environment(),
@@ -528,12 +537,73 @@ def test_the_stand_in_drgrpo_is_the_console_script(tmp_path: Path, drgrpo_server
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+PROBE = """\
+import json, multiprocessing.spawn, os, subprocess, sys
+
+child = [sys.executable, "-c", "import sys; print(sys.argv, repr(sys.path[0]), __name__)", "z"]
+facts = {
+    "name": __name__, "file": globals().get("__file__"), "argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd(),
+    "pythonpath": [p for p in sys.path if p.endswith("examples")], "executable": sys.executable,
+    "spawn": os.fsdecode(multiprocessing.spawn.get_executable()),  # bytes in Python 3.11
+    "child": subprocess.run(child, capture_output=True, text=True).stdout,
+}
+if sys.argv[-1] == "torch":
+    import torch
+
+    torch.manual_seed(0)
+    facts["x"] = torch.rand(3).tolist()
+with open(sys.argv[1], "w") as f:
+    json.dump(facts, f)
+if sys.argv[-1] == "fail":
+    print("before the error")
+    raise ValueError("a bad value")
+"""
+"""A block-like script: what it sees of its process, written to its first argument."""
+
+
+@pytest.mark.slow
+def test_the_stand_in_python_is_the_interpreter(tmp_path: Path, drgrpo_server: None) -> None:
+    # the blocks' python (the fork server's child) against the interpreter on each form the server runs: the same
+    # exit code, what the script sees (argv, sys.path, __name__, __file__, its own [sys.executable, ...] child),
+    # the same output (torch's numbers included), the same streams for an uncaught exception
+    if "bin" not in SERVED:
+        pytest.skip("DRGRPO_DOCS_FORK=0: the blocks run the interpreter itself")
+    where = workdir(tmp_path / "repo")
+    (where / "probe.py").write_text(PROBE)
+    real, stand_in = str(ROOT / ".venv" / "bin" / "python"), str(SERVED["bin"] / "python")
+    assert shutil.which("python", path=environment()["PATH"]) == stand_in
+    forms = {
+        "file": "{} probe.py runs/out.json torch",
+        "module": "{} -m probe runs/out.json",
+        "code": '{} -c "$(cat probe.py)" runs/out.json',
+        "stdin": "{} - runs/out.json < probe.py",
+        "fail": "{} probe.py runs/out.json fail",
+    }
+    forked_before = SERVED["log"].read_text().count("forked ")
+    for form, command in forms.items():
+        seen = []
+        for python in ("python", real):
+            proc = run_shell(f"export PYTHONPATH=examples\n{command.format(python)}", where)
+            seen.append((proc.returncode, proc.stdout, proc.stderr, json.loads((where / "runs/out.json").read_text())))
+        (forked, installed) = seen
+        assert forked[0] == installed[0] == (1 if form == "fail" else 0), (form, forked[2][-2000:])
+        assert forked[3].pop("executable") == stand_in and installed[3].pop("executable") == real
+        assert forked[3] == installed[3], form
+        assert forked[3]["spawn"] == real and forked[3]["name"] == "__main__"
+        if form == "fail":
+            assert (forked[1], forked[2]) == (installed[1], installed[2])
+            assert forked[2].endswith("ValueError: a bad value\n")
+    # each form, and the script's own child, forked; any other invocation is the interpreter's own
+    assert SERVED["log"].read_text().count("forked ") == forked_before + 2 * len(forms), SERVED["log"].read_text()
+    assert run_shell("python -I -c 'import sys; print(sys.executable)'", where).stdout == f"{real}\n"
+    assert SERVED["log"].read_text().count("forked ") == forked_before + 2 * len(forms)
+
+
 # --------------------------------------------------------------------------- the verl launch line
 
 
 def verl_launch(code: str, where: Path) -> dict[str, Any]:
     """Compose the command line's overrides with verl's config and run the loss mode they select (in .venv-verl)."""
-    import json
 
     words = shlex.split(_joined(code), comments=True)
     assert words[:3] == ["python", "-m", "verl.trainer.main_ppo"], f"not a verl launch line: {words[:3]}"
