@@ -44,14 +44,10 @@ def check(job: dict, records: list[dict], model_dir: Path) -> float:
     return worst
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sharded")
-    return {"tied": h.save_tiny_model(root / "tied"), "untied": h.save_tiny_model(root / "untied", tied=False)}
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 
-@pytest.mark.slow
-def test_fsdp2_gives_the_whole_batch_gradient(models: dict[str, Path], tmp_path: Path) -> None:
+def fsdp2_jobs() -> list[dict]:
     common = {"trainer": "drgrpo", "per_device": PER_DEVICE}
     jobs = [
         # the fused loss, lm_head sharded when the loss needs it (the adapter gathers it through its group)
@@ -64,54 +60,79 @@ def test_fsdp2_gives_the_whole_batch_gradient(models: dict[str, Path], tmp_path:
     # The check can fail: stock TRL's head takes lm_head.weight.full_tensor(), whose gradient is each
     # process's own, never averaged (K = 1: TRL's per-micro-batch dr_grpo is then the whole step's).
     stock = {"trainer": "stock", "loss_type": "dr_grpo", "k": 1, "spg": 1}
-    jobs.append({**stock, "per_device": PER_DEVICE, "fsdp2": FREE_HEAD, "model": "untied"})
-    ranks = run(jobs, models, tmp_path)
-
-    worst = 0.0
-    for j, job in enumerate(jobs[:3]):
-        records = [r[j] for r in ranks]
-        for r in records:  # every parameter a DTensor holding half the rows
-            assert r["layout"]["dtensor"] == r["layout"]["params"] > 0, r["layout"]
-        head = {state.split(" ")[0] for r in records for state in r["head"]}
-        assert head == ({"DTensor"} if job["fsdp2"] == FREE_HEAD else {"full"}), (job, head)
-        worst = max(worst, check(job, records, models[job["model"]]))
-
-    records = [r[3] for r in ranks]
-    _, grads, _ = h.whole_batch_of_ranks(records, h.preset_config("trl.dr_grpo"), models["untied"], 1)
-    rest = {n: g for n, g in grads.items() if n != "lm_head.weight"}
-    assert h.relative_difference(records[0]["grads"][0], rest) <= TOL  # the backbone is right...
-    head_diff = h.relative_difference(records[0]["grads"][0], {"lm_head.weight": grads["lm_head.weight"]})
-    assert head_diff > 0.1  # ...lm_head's gradient is not averaged over the processes
-    print(f"FSDP2, P = 2: largest relative difference {worst:.3g}; stock TRL's lm_head gradient {head_diff:.3g}")
+    return [*jobs, {**stock, "per_device": PER_DEVICE, "fsdp2": FREE_HEAD, "model": "untied"}]
 
 
-@pytest.mark.slow
-def test_deepspeed_zero3_gives_the_whole_batch_gradient(models: dict[str, Path], tmp_path: Path) -> None:
-    if importlib.util.find_spec("deepspeed") is None:  # CI installs it: a missing DeepSpeed fails, not skips
-        pytest.fail("DeepSpeed is not installed: bash scripts/setup.sh train,trl,peers,dev,verl,deepspeed")
+def zero3_jobs() -> list[dict]:
     common = {"trainer": "drgrpo", "per_device": PER_DEVICE, "zero3": True}
-    jobs = [
+    return [
         # the fused loss: lm_head's own ZeRO-3 partition is gathered for it (maybe_gather_lm_head_ctx)
         {**common, "loss_config": "dr_grpo", "k": 2, "spg": 2, "fused": True, "model": "untied"},
         # the logits path, KL to a reference model (TRL builds it as a ZeRO-3 inference engine)
         {**common, "loss_config": "grpo", "k": 2, "spg": 1, "fused": False, "model": "untied"},
     ]
-    ranks = run(jobs, models, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], dict[str, list[list[dict]]]]:
+    """One launch of two processes running both engines' jobs, FSDP2's then ZeRO-3's (each job sets up its own
+    engine, ``sharding.setup``; a launch costs two interpreter starts): the model directories and, per engine,
+    the ``[rank][job]`` records (read-only). Without DeepSpeed only FSDP2's jobs run (the ZeRO-3 test fails)."""
+    root = tmp_path_factory.mktemp("sharded")
+    models = {"tied": h.save_tiny_model(root / "tied"), "untied": h.save_tiny_model(root / "untied", tied=False)}
+    groups = {"fsdp2": fsdp2_jobs(), "zero3": zero3_jobs() if HAS_DEEPSPEED else []}
+    jobs = [
+        {**{k: v for k, v in job.items() if k != "model"}, "model_dir": str(models[job["model"]])}
+        for group in groups.values()
+        for job in group
+    ]
+    ranks = h.run_ranks(jobs, models["tied"], 2, root / "ranks")
+    records, start = {}, 0
+    for name, group in groups.items():
+        records[name] = [r[start : start + len(group)] for r in ranks]
+        start += len(group)
+    return models, records
+
+
+@pytest.mark.slow
+def test_fsdp2_gives_the_whole_batch_gradient(launch: tuple[dict[str, Path], dict[str, list[list[dict]]]]) -> None:
+    models, records = launch
+    jobs, ranks = fsdp2_jobs(), records["fsdp2"]
+    worst = 0.0
+    for j, job in enumerate(jobs[:3]):
+        job_records = [r[j] for r in ranks]
+        for r in job_records:  # every parameter a DTensor holding half the rows
+            assert r["layout"]["dtensor"] == r["layout"]["params"] > 0, r["layout"]
+        head = {state.split(" ")[0] for r in job_records for state in r["head"]}
+        assert head == ({"DTensor"} if job["fsdp2"] == FREE_HEAD else {"full"}), (job, head)
+        worst = max(worst, check(job, job_records, models[job["model"]]))
+
+    stock_records = [r[3] for r in ranks]
+    _, grads, _ = h.whole_batch_of_ranks(stock_records, h.preset_config("trl.dr_grpo"), models["untied"], 1)
+    rest = {n: g for n, g in grads.items() if n != "lm_head.weight"}
+    assert h.relative_difference(stock_records[0]["grads"][0], rest) <= TOL  # the backbone is right...
+    head_diff = h.relative_difference(stock_records[0]["grads"][0], {"lm_head.weight": grads["lm_head.weight"]})
+    assert head_diff > 0.1  # ...lm_head's gradient is not averaged over the processes
+    print(f"FSDP2, P = 2: largest relative difference {worst:.3g}; stock TRL's lm_head gradient {head_diff:.3g}")
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_gives_the_whole_batch_gradient(
+    launch: tuple[dict[str, Path], dict[str, list[list[dict]]]],
+) -> None:
+    if not HAS_DEEPSPEED:  # CI installs it: a missing DeepSpeed fails, not skips
+        pytest.fail("DeepSpeed is not installed: bash scripts/setup.sh train,trl,peers,dev,verl,deepspeed")
+    models, records = launch
+    jobs, ranks = zero3_jobs(), records["zero3"]
     worst = 0.0
     for j, job in enumerate(jobs):
-        records = [r[j] for r in ranks]
-        for r in records:  # every parameter partitioned: each process holds part of it
+        job_records = [r[j] for r in ranks]
+        for r in job_records:  # every parameter partitioned: each process holds part of it
             assert r["layout"]["zero3"] == r["layout"]["params"] > 0, r["layout"]
         if job["fused"]:  # (later calls find it gathered: ZeRO-3 fetches it with the root module from then on)
-            assert all(r["head"][0].startswith("ZeRO-3 partition") for r in records), records[0]["head"]
-        worst = max(worst, check(job, records, models[job["model"]]))
+            assert all(r["head"][0].startswith("ZeRO-3 partition") for r in job_records), job_records[0]["head"]
+        worst = max(worst, check(job, job_records, models[job["model"]]))
     print(f"DeepSpeed ZeRO-3, P = 2: largest relative difference from the whole batch {worst:.3g}")
-
-
-def run(jobs: list[dict], models: dict[str, Path], tmp_path: Path) -> list[list[dict]]:
-    """``trl_harness.run_ranks`` with each job's model directory taken from ``models``."""
-    jobs = [{**{k: v for k, v in job.items() if k != "model"}, "model_dir": str(models[job["model"]])} for job in jobs]
-    return h.run_ranks(jobs, models["tied"], 2, tmp_path / "ranks")
 
 
 def test_a_sharded_head_that_no_fsdp_group_gathers_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
