@@ -72,7 +72,7 @@ import pytest
 import torch
 
 from helpers import forked_drgrpo
-from helpers.shared_dirs import default_warm_start
+from helpers.shared_dirs import default_warm_start, shared_dir
 
 try:
     import tomllib
@@ -455,21 +455,25 @@ def drgrpo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory: pytest.TempPathFactory, drgrpo_server: None) -> Callable[[str], Path]:
-    """``prepared(path)``: a directory holding the fixture ``path`` (made on first use, once per session)."""
+    """``prepared(path)``: a directory holding the fixture ``path`` (made on first use, once per session for every
+    pytest-xdist worker: ``helpers.shared_dirs``)."""
     made: dict[str, Path] = {}
+
+    def make(path: str, where: Path) -> None:
+        workdir(where)
+        before, command = snapshot(where), FIXTURES[path]
+        if isinstance(command, str):
+            proc = run_shell(command, where)
+            assert proc.returncode == 0, f"fixture {path}: {command}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+        else:
+            command(where, tmp_path_factory)
+        changed = sorted(k for k, v in snapshot(where).items() if before.get(k) != v)
+        assert not changed, f"fixture {path} changed the repository: {changed[:10]}"
 
     def get(path: str) -> Path:
         if path not in made:
-            where = workdir(tmp_path_factory.mktemp("fixture"))
-            before, command = snapshot(where), FIXTURES[path]
-            if isinstance(command, str):
-                proc = run_shell(command, where)
-                assert proc.returncode == 0, f"fixture {path}: {command}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
-            else:
-                command(where, tmp_path_factory)
-            changed = sorted(k for k, v in snapshot(where).items() if before.get(k) != v)
-            assert not changed, f"fixture {path} changed the repository: {changed[:10]}"
-            made[path] = where / path
+            name = "docs-fixture-" + path.replace("/", "-")
+            made[path] = shared_dir(tmp_path_factory, name, lambda where: make(path, where)) / path
         return made[path]
 
     return get
