@@ -20,6 +20,21 @@ torch.set_num_threads(THREADS)
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules with the most ``slow`` tests run first, each module's tests together and in their own order.
+
+    pytest-xdist hands tests out in this order: the long ones (processes, end-to-end runs) start early and the
+    many quick ones fill both workers at the end, instead of one worker finishing a long test alone. A module's
+    tests stay together, so its module fixtures are made once. The order depends only on the collected tests,
+    the same in every worker (xdist checks that)."""
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    slow = {name: sum(item.get_closest_marker("slow") is not None for item in group) for name, group in modules.items()}
+    order = sorted(modules, key=lambda name: -slow[name])  # a stable sort: equal counts keep the collection order
+    items[:] = [item for name in order for item in modules[name]]
+
+
 def pytest_collection_finish(session):
     """Once every test module is imported: collect, then freeze what is left (``gc.freeze``).
 
