@@ -497,6 +497,19 @@ def run_ranks(jobs: list[dict[str, Any]], model_dir: Path, world_size: int, out_
     return [[torch.load(out_dir / f"rank{r}_job{j}.pt") for j in range(len(jobs))] for r in range(world_size)]
 
 
+def run_rank_groups(
+    groups: dict[str, list[dict[str, Any]]], model_dir: Path, world_size: int, out_dir: Path
+) -> dict[str, list[list[dict]]]:
+    """Every group's jobs in one :func:`run_ranks` launch (a launch costs ``world_size`` interpreter starts);
+    returns, per group, its ``[rank][job]`` records."""
+    ranks = run_ranks([job for group in groups.values() for job in group], model_dir, world_size, out_dir)
+    records, start = {}, 0
+    for name, group in groups.items():
+        records[name] = [r[start : start + len(group)] for r in ranks]
+        start += len(group)
+    return records
+
+
 def _rank_main(argv: list[str]) -> None:
     """One rank: ``rank world_size rendezvous_file out_dir model_dir``; runs every job of ``out_dir/jobs.json``.
 

@@ -55,13 +55,7 @@ def launch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, li
     root = tmp_path_factory.mktemp("ddp")
     model_dir = h.save_tiny_model(root / "tiny")
     groups = {"whole": whole_batch_jobs(), "entropy": entropy_jobs(), "estimators": estimator_jobs()}
-    jobs = [job for group in groups.values() for job in group]
-    ranks = h.run_ranks(jobs, model_dir, 2, root / "ranks")
-    records, start = {}, 0
-    for name, group in groups.items():
-        records[name] = [r[start : start + len(group)] for r in ranks]
-        start += len(group)
-    return model_dir, records
+    return model_dir, h.run_rank_groups(groups, model_dir, 2, root / "ranks")
 
 
 @pytest.mark.slow

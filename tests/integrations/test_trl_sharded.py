@@ -80,18 +80,13 @@ def launch(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], d
     the ``[rank][job]`` records (read-only). Without DeepSpeed only FSDP2's jobs run (the ZeRO-3 test fails)."""
     root = tmp_path_factory.mktemp("sharded")
     models = {"tied": h.save_tiny_model(root / "tied"), "untied": h.save_tiny_model(root / "untied", tied=False)}
-    groups = {"fsdp2": fsdp2_jobs(), "zero3": zero3_jobs() if HAS_DEEPSPEED else []}
-    jobs = [
-        {**{k: v for k, v in job.items() if k != "model"}, "model_dir": str(models[job["model"]])}
-        for group in groups.values()
-        for job in group
-    ]
-    ranks = h.run_ranks(jobs, models["tied"], 2, root / "ranks")
-    records, start = {}, 0
-    for name, group in groups.items():
-        records[name] = [r[start : start + len(group)] for r in ranks]
-        start += len(group)
-    return models, records
+
+    def on_disk(job: dict) -> dict:  # the job's model by its directory
+        return {**{k: v for k, v in job.items() if k != "model"}, "model_dir": str(models[job["model"]])}
+
+    engines = {"fsdp2": fsdp2_jobs(), "zero3": zero3_jobs() if HAS_DEEPSPEED else []}
+    groups = {name: [on_disk(job) for job in jobs] for name, jobs in engines.items()}
+    return models, h.run_rank_groups(groups, models["tied"], 2, root / "ranks")
 
 
 @pytest.mark.slow
