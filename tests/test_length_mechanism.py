@@ -245,3 +245,26 @@ def test_bad_settings_name_the_argument():
         MechanismConfig(lr=0.0)
     with pytest.raises(ValueError, match=r"MechanismConfig\.group_size must be >= 2"):
         MechanismConfig(group_size=1)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--batches", "1"], "--batches must be at least 2, got 1"),
+    ],
+)
+def test_the_figures_script_refuses_a_bad_size_before_writing(tmp_path, monkeypatch, capsys, args, message):
+    # docs/length-bias/mechanism.py: a usage error (exit 2, one line naming the flag), and no output directory
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "length-bias" / "mechanism.py"
+    out = tmp_path / "out"
+    monkeypatch.setattr("sys.argv", [str(script), "--out-dir", str(out), *args])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(script), run_name="__main__")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"mechanism.py: error: {message}"
+    assert not out.exists()

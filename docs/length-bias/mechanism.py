@@ -133,6 +133,9 @@ def main() -> int:
         "--batches", type=int, default=400, help="sampled batches for the signal and noise (default: 400)"
     )
     args = parser.parse_args()
+    for flag, value, least in (("--seeds", args.seeds, 1), ("--steps", args.steps, 1), ("--batches", args.batches, 2)):
+        if value < least:  # (a std needs two batches)
+            parser.error(f"{flag} must be at least {least}, got {value}")
     out_dir, seeds, steps = args.out_dir, args.seeds, args.steps
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
